@@ -1,0 +1,13 @@
+// The migrations, listed in code so that they run from a checkout (tsx) and from a build alike.
+import type { Knex } from 'knex';
+import * as controlSchema from './20261123000001_control_schema.ts';
+
+const migrations: Record<string, Knex.Migration> = {
+  '20261123000001_control_schema': controlSchema,
+};
+
+export const migrationSource: Knex.MigrationSource<string> = {
+  getMigrations: async () => Object.keys(migrations).sort(),
+  getMigrationName: (name) => name,
+  getMigration: async (name) => migrations[name]!,
+};

@@ -1,0 +1,30 @@
+// What the applier needs to know about a target form, read from the live catalog.
+import type pg from 'pg';
+import { describeForm, type FormInfo } from '../sql/forms.ts';
+
+export interface ColumnInfo {
+  name: string;
+  /** format_type() of the column: a valid type name to cast text values to */
+  type: string;
+  notNull: boolean;
+  hasDefault: boolean;
+}
+
+export interface FormCatalog extends FormInfo {
+  columns: ReadonlyMap<string, ColumnInfo>;
+}
+
+export async function describeFormColumns(client: pg.ClientBase, schema: string, table: string): Promise<FormCatalog> {
+  const info = await describeForm(client, schema, table);
+  const res = await client.query(
+    `SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull AS not_null,
+            (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '') AS has_default
+       FROM pg_attribute a
+      WHERE a.attrelid = format('%I.%I', $1::text, $2::text)::regclass AND a.attnum > 0 AND NOT a.attisdropped
+      ORDER BY a.attnum`,
+    [schema, table],
+  );
+  const columns = new Map<string, ColumnInfo>();
+  for (const row of res.rows) columns.set(row.name, { name: row.name, type: row.type, notNull: row.not_null, hasDefault: row.has_default });
+  return { ...info, columns };
+}

@@ -1,0 +1,157 @@
+// An apply lane: one dedicated connection to one server for one pool, with its own replication
+// origin. Work runs inside one open transaction per batch; commit records the source position
+// (the commit LSN of the last source transaction in the batch) in the same transaction through
+// pg_replication_origin_xact_setup, so a replay after a crash is skipped (exactly once).
+import pg from 'pg';
+import type { Logger } from 'pino';
+import { formatLsn, parseLsn } from '../change.ts';
+import { describeFormColumns, type FormCatalog } from './catalog.ts';
+
+/** A set of operations applied by one statement (or a few), in the lane's open transaction. */
+export interface OpGroup<F = unknown> {
+  readonly size: number;
+  /** the request keys (table + request ID) this group touches, for ordering across groups */
+  keys(): Iterable<string>;
+  execute(client: pg.ClientBase): Promise<F[]>;
+}
+
+export interface LaneOptions {
+  connection: pg.ClientConfig;
+  origin: string;
+  name: string;
+  log: Logger;
+}
+
+export class ApplyLane<F = unknown> {
+  readonly name: string;
+  /** commit LSN of the last source transaction this lane has committed */
+  progress = 0n;
+  private client: pg.Client | null = null;
+  private inTransaction = false;
+  private tail: Promise<void> = Promise.resolve();
+  private failure: Error | null = null;
+  private failures: F[] = [];
+  private queued = 0;
+  private readonly catalogs = new Map<string, Promise<FormCatalog>>();
+
+  constructor(private readonly opts: LaneOptions) {
+    this.name = opts.name;
+  }
+
+  async open(): Promise<void> {
+    const client = new pg.Client({ ...this.opts.connection, application_name: `pgdso apply ${this.opts.name}` });
+    client.on('error', (err) => {
+      this.failure ??= err;
+    });
+    await client.connect();
+    this.client = client;
+    const { origin } = this.opts;
+    const exists = await client.query('SELECT 1 FROM pg_replication_origin WHERE roname = $1', [origin]);
+    if (exists.rowCount === 0) {
+      await client.query('SELECT pg_replication_origin_create($1)', [origin]).catch((err) => {
+        if ((err as { code?: string }).code !== '23505') throw err; // created meanwhile
+      });
+    }
+    await client.query('SELECT pg_replication_origin_session_setup($1)', [origin]);
+    const progress = await client.query(`SELECT pg_replication_origin_session_progress(true)::text AS lsn`);
+    this.progress = progress.rows[0].lsn ? parseLsn(progress.rows[0].lsn) : 0n;
+    this.opts.log.debug({ lane: this.name, origin, progress: formatLsn(this.progress) }, 'apply lane open');
+  }
+
+  /** True when the source transaction with this commit LSN was already committed here. */
+  applied(finalLsn: bigint): boolean {
+    return finalLsn <= this.progress;
+  }
+
+  catalog(schema: string, table: string): Promise<FormCatalog> {
+    const key = `${schema}.${table}`;
+    let found = this.catalogs.get(key);
+    if (!found) {
+      found = describeFormColumns(this.connection(), schema, table);
+      found.catch(() => this.catalogs.delete(key));
+      this.catalogs.set(key, found);
+    }
+    return found;
+  }
+
+  get dirty(): boolean {
+    return this.inTransaction || this.queued > 0;
+  }
+
+  /** Operations submitted and not yet finished. */
+  get backlog(): number {
+    return this.queued;
+  }
+
+  /** Runs a group in the open transaction, after every group submitted before it. */
+  submit(group: OpGroup<F>): void {
+    this.queued += 1;
+    this.tail = this.tail.then(async () => {
+      try {
+        if (this.failure) return;
+        const client = this.connection();
+        if (!this.inTransaction) {
+          await client.query('BEGIN');
+          this.inTransaction = true;
+        }
+        const failed = await group.execute(client);
+        if (failed.length) this.failures.push(...failed);
+      } catch (err) {
+        this.failure ??= err instanceof Error ? err : new Error(String(err));
+      } finally {
+        this.queued -= 1;
+      }
+    });
+  }
+
+  /** Waits for the submitted groups; throws the first failure (the transaction is then lost). */
+  async settle(): Promise<void> {
+    await this.tail;
+    if (this.failure) throw this.failure;
+  }
+
+  /** Failures (rows that could not be applied) collected since the last call. */
+  takeFailures(): F[] {
+    const taken = this.failures;
+    this.failures = [];
+    return taken;
+  }
+
+  /** Commits the open transaction, recording `finalLsn` as this origin's progress. */
+  async commit(finalLsn: bigint, commitTime: Date): Promise<void> {
+    await this.settle();
+    if (!this.inTransaction) return;
+    const client = this.connection();
+    await client.query('SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, $2)', [formatLsn(finalLsn), commitTime]);
+    await client.query('COMMIT');
+    this.inTransaction = false;
+    if (finalLsn > this.progress) this.progress = finalLsn;
+  }
+
+  /** Runs one statement batch in a transaction of its own (no origin progress recorded). */
+  async runAlone<T>(work: (client: pg.ClientBase) => Promise<T>): Promise<T> {
+    await this.settle();
+    if (this.inTransaction) throw new Error(`lane ${this.name}: runAlone inside an open transaction`);
+    const client = this.connection();
+    await client.query('BEGIN');
+    try {
+      const result = await work(client);
+      await client.query('COMMIT');
+      return result;
+    } catch (err) {
+      await client.query('ROLLBACK').catch(() => {});
+      throw err;
+    }
+  }
+
+  async close(): Promise<void> {
+    const client = this.client;
+    this.client = null;
+    if (client) await client.end().catch(() => {});
+  }
+
+  private connection(): pg.Client {
+    if (!this.client) throw new Error(`lane ${this.name} is closed`);
+    return this.client;
+  }
+}

@@ -1,0 +1,58 @@
+// Which target columns a mapping writes, and from what: computed once per (mapping, source
+// relation), never per row.
+import type { MappingConfig } from '../config/types.ts';
+import { DSO_COLUMN_NAMES } from '../sql/forms.ts';
+import type { FormCatalog } from './catalog.ts';
+
+export type ColumnSource = { kind: 'column'; column: string } | { kind: 'constant'; text: string | null };
+
+export interface PlannedColumn {
+  target: string;
+  type: string;
+  from: ColumnSource;
+}
+
+export interface ColumnPlan {
+  mapping: MappingConfig;
+  target: FormCatalog;
+  /** every carried column except the key and the dso_* columns */
+  columns: readonly PlannedColumn[];
+}
+
+export class PlanError extends Error {}
+
+export function constantText(value: unknown): string | null {
+  if (value === null || value === undefined) return null;
+  if (typeof value === 'string') return value;
+  if (typeof value === 'boolean') return value ? 'true' : 'false';
+  if (typeof value === 'number' || typeof value === 'bigint') return String(value);
+  return JSON.stringify(value);
+}
+
+/** Builds the plan; throws PlanError naming every column that does not exist. */
+export function buildColumnPlan(mapping: MappingConfig, sourceColumns: readonly string[], sourceKey: string, target: FormCatalog): ColumnPlan {
+  const problems: string[] = [];
+  const source = new Set(sourceColumns);
+  const planned = new Map<string, PlannedColumn>();
+  const targetName = `${mapping.to.server}.${mapping.to.schema}.${mapping.to.table}`;
+  const skip = (name: string) => DSO_COLUMN_NAMES.has(name) || name === target.keyColumn;
+  if (mapping.fields.byName) {
+    for (const column of target.columns.values()) {
+      if (skip(column.name) || !source.has(column.name) || mapping.fields.exclude.includes(column.name) || column.name === sourceKey) continue;
+      planned.set(column.name, { target: column.name, type: column.type, from: { kind: 'column', column: column.name } });
+    }
+  }
+  for (const [targetColumn, sourceColumn] of Object.entries(mapping.fields.map)) {
+    const column = target.columns.get(targetColumn);
+    if (!column) problems.push(`column "${targetColumn}" does not exist on ${targetName}`);
+    if (!source.has(sourceColumn)) problems.push(`source column "${sourceColumn}" does not exist on ${mapping.from.server}.${mapping.from.schema}.${mapping.from.table}`);
+    if (column && source.has(sourceColumn) && !skip(targetColumn)) planned.set(targetColumn, { target: targetColumn, type: column.type, from: { kind: 'column', column: sourceColumn } });
+  }
+  for (const [targetColumn, value] of Object.entries(mapping.fields.set)) {
+    const column = target.columns.get(targetColumn);
+    if (!column) problems.push(`column "${targetColumn}" does not exist on ${targetName}`);
+    else if (!skip(targetColumn)) planned.set(targetColumn, { target: targetColumn, type: column.type, from: { kind: 'constant', text: constantText(value) } });
+  }
+  if (problems.length) throw new PlanError(`mapping "${mapping.name}": ${problems.join('; ')}`);
+  return { mapping, target, columns: [...planned.values()] };
+}

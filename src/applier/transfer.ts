@@ -1,0 +1,251 @@
+// The transfer operation, set-based. On the target: one INSERT ... SELECT FROM unnest(...)
+// ON CONFLICT DO UPDATE per group, which updates the copy of the same request (same root in its
+// mapping history) and leaves a different request with the same ID alone (a duplicate: the
+// mapping's duplicateRequestId policy). On the source: one UPDATE for the bookkeeping columns.
+// A data error isolates the bad rows by bisection under savepoints; the others are applied.
+import type pg from 'pg';
+import type { MappingConfig } from '../config/types.ts';
+import { qualified, quoteIdent } from '../sql/identifiers.ts';
+import { formatLsn } from '../change.ts';
+import { classifyError, isDataError } from './errors.ts';
+import type { OpGroup } from './lane.ts';
+import type { ColumnPlan } from './plan.ts';
+
+/** One request carried by a mapping, as text values aligned with plan.columns. */
+export interface TransferRow {
+  requestId: string;
+  values: (string | null)[];
+  /** the target copy's dso_mapping_history (JSON text) */
+  history: string;
+  /** WAL position of the source change */
+  lsn: bigint;
+}
+
+/** A row that could not be applied, for pgdso.pending_errors. */
+export interface ApplyFailure {
+  type: 'transfer';
+  mapping: MappingConfig;
+  requestId: string;
+  lsn: bigint;
+  payload: Record<string, unknown>;
+  error: string;
+  sqlstate: string | null;
+}
+
+const statements = new WeakMap<ColumnPlan, string>();
+
+function transferStatement(plan: ColumnPlan): string {
+  const cached = statements.get(plan);
+  if (cached) return cached;
+  const { mapping, target } = plan;
+  const key = quoteIdent(target.keyColumn);
+  const n = plan.columns.length;
+  const dataColumns = plan.columns.map((c) => quoteIdent(c.target));
+  const casts = plan.columns.map((c, i) => `u.c${i}::${c.type}`);
+  const arrays = plan.columns.map((_, i) => `$${i + 1}::text[]`);
+  const p = (k: number) => `$${n + k}`;
+  // $n+1 ids, $n+2 histories, $n+3 master, $n+4 current server, $n+5 current form,
+  // $n+6 from server, $n+7 from form, $n+8 mapping, $n+9 this target server
+  const dso = [
+    ['dso_master', `${p(3)}::boolean`],
+    ['dso_current_server', `${p(4)}::text`],
+    ['dso_current_form', `${p(5)}::text`],
+    ['dso_from_server', `${p(6)}::text`],
+    ['dso_from_form', `${p(7)}::text`],
+    ['dso_from_request_id', 'u.rid'],
+    ['dso_from_mapping', `${p(8)}::text`],
+    ['dso_mapping_history', 'u.hist::jsonb'],
+    ['dso_to_server', 'NULL::text'],
+    ['dso_to_form', 'NULL::text'],
+    ['dso_to_request_id', 'NULL::text'],
+    ['dso_to_mapping', 'NULL::text'],
+  ] as const;
+  const ownsTarget = mapping.transferMode !== 'data-only';
+  // A copy that stays read-only (data-only) keeps pointing nowhere; a master copy forgets where
+  // it was sent before (it is the master again).
+  const updated = [...dataColumns, ...dso.filter(([name]) => ownsTarget || !name.startsWith('dso_to_')).map(([name]) => quoteIdent(name))];
+  const sql = `INSERT INTO ${qualified(target.schema, target.table)} AS t (${key}, ${[...dataColumns, ...dso.map(([name]) => quoteIdent(name))].join(', ')})
+SELECT u.rid::${target.keyType}, ${[...casts, ...dso.map(([, value]) => value)].join(', ')}
+  FROM unnest(${[...arrays, `${p(1)}::text[]`, `${p(2)}::text[]`].join(', ')}) AS u(${[...plan.columns.map((_, i) => `c${i}`), 'rid', 'hist'].join(', ')})
+ON CONFLICT (${key}) DO UPDATE SET ${updated.map((c) => `${c} = EXCLUDED.${c}`).join(', ')}
+ WHERE coalesce(t.dso_mapping_history -> 0 ->> 'fromServer', ${p(9)}::text) = EXCLUDED.dso_mapping_history -> 0 ->> 'fromServer'
+   AND coalesce(t.dso_mapping_history -> 0 ->> 'fromRequestId', t.${key}::text) = EXCLUDED.dso_mapping_history -> 0 ->> 'fromRequestId'
+RETURNING t.${key}::text AS rid`;
+  statements.set(plan, sql);
+  return sql;
+}
+
+/** Transfers of one mapping into the lane of its target; one row per request (last wins). */
+export class TransferGroup implements OpGroup<ApplyFailure> {
+  private readonly rows = new Map<string, TransferRow>();
+
+  constructor(readonly plan: ColumnPlan) {}
+
+  get size(): number {
+    return this.rows.size;
+  }
+
+  add(row: TransferRow): void {
+    this.rows.delete(row.requestId);
+    this.rows.set(row.requestId, row);
+  }
+
+  *keys(): Iterable<string> {
+    const table = `${this.plan.target.schema}.${this.plan.target.table}`;
+    for (const id of this.rows.keys()) yield `${table}\u0000${id}`;
+  }
+
+  async execute(client: pg.ClientBase): Promise<ApplyFailure[]> {
+    return applyIsolating(client, [...this.rows.values()], (rows) => this.applyRows(client, rows), (row, err) => this.failure(row, err));
+  }
+
+  private async applyRows(client: pg.ClientBase, rows: TransferRow[]): Promise<ApplyFailure[]> {
+    const { plan } = this;
+    const { mapping } = plan;
+    const arrays: (string | null)[][] = plan.columns.map(() => new Array(rows.length));
+    const ids = new Array<string>(rows.length);
+    const histories = new Array<string>(rows.length);
+    rows.forEach((row, r) => {
+      ids[r] = row.requestId;
+      histories[r] = row.history;
+      for (let c = 0; c < arrays.length; c++) arrays[c]![r] = row.values[c]!;
+    });
+    const ownsTarget = mapping.transferMode !== 'data-only';
+    const result = await client.query(transferStatement(plan), [
+      ...arrays,
+      ids,
+      histories,
+      ownsTarget,
+      ownsTarget ? mapping.to.server : mapping.from.server,
+      ownsTarget ? mapping.to.table : mapping.from.table,
+      mapping.from.server,
+      mapping.from.table,
+      mapping.name,
+      mapping.to.server,
+    ]);
+    if (result.rowCount === rows.length) return [];
+    const written = new Set(result.rows.map((r: { rid: string }) => r.rid));
+    return rows
+      .filter((row) => !written.has(row.requestId))
+      .map((row) => this.failure(row, duplicateError(mapping, row.requestId)));
+  }
+
+  private failure(row: TransferRow, err: unknown): ApplyFailure {
+    const { mapping } = this.plan;
+    const classified = classifyError(err);
+    const payload: Record<string, unknown> = { [this.plan.target.keyColumn]: row.requestId };
+    this.plan.columns.forEach((c, i) => {
+      payload[c.target] = row.values[i];
+    });
+    return {
+      type: 'transfer',
+      mapping,
+      requestId: row.requestId,
+      lsn: row.lsn,
+      payload: { target: `${mapping.to.server}.${mapping.to.schema}.${mapping.to.table}`, values: payload, history: JSON.parse(row.history) },
+      error: `mapping "${mapping.name}": request ${row.requestId} to ${mapping.to.server}.${mapping.to.table}: ${classified.message}`,
+      sqlstate: classified.sqlstate,
+    };
+  }
+}
+
+class DuplicateRequestError extends Error {
+  readonly code = '23505';
+}
+
+function duplicateError(mapping: MappingConfig, requestId: string): DuplicateRequestError {
+  return new DuplicateRequestError(
+    `${mapping.to.server}.${mapping.to.table} already holds request ${requestId} for a different request (duplicateRequestId: ${mapping.duplicateRequestId})`,
+  );
+}
+
+/**
+ * Applies rows under a savepoint; on a data error, splits them in halves until each bad row is
+ * alone, so the good rows are applied and each bad one becomes a failure.
+ */
+async function applyIsolating<R, F>(
+  client: pg.ClientBase,
+  rows: R[],
+  apply: (rows: R[]) => Promise<F[]>,
+  fail: (row: R, err: unknown) => F,
+): Promise<F[]> {
+  if (rows.length === 0) return [];
+  await client.query('SAVEPOINT pgdso_group');
+  try {
+    const failures = await apply(rows);
+    await client.query('RELEASE SAVEPOINT pgdso_group');
+    return failures;
+  } catch (err) {
+    if (!isDataError(err)) throw err;
+    await client.query('ROLLBACK TO SAVEPOINT pgdso_group');
+    await client.query('RELEASE SAVEPOINT pgdso_group');
+    if (rows.length === 1) return [fail(rows[0]!, err)];
+    const half = Math.ceil(rows.length / 2);
+    const first = await applyIsolating(client, rows.slice(0, half), apply, fail);
+    const second = await applyIsolating(client, rows.slice(half), apply, fail);
+    return [...first, ...second];
+  }
+}
+
+/** The source copy's side of successful transfers of one mapping (dso_to_*, ownership, status). */
+export class TransferredGroup implements OpGroup<never> {
+  private readonly rows = new Map<string, bigint>();
+
+  constructor(readonly mapping: MappingConfig, readonly keyColumn: string, readonly keyType: string) {}
+
+  get size(): number {
+    return this.rows.size;
+  }
+
+  add(requestId: string, lsn: bigint): void {
+    this.rows.delete(requestId);
+    this.rows.set(requestId, lsn);
+  }
+
+  *keys(): Iterable<string> {
+    const table = `${this.mapping.from.schema}.${this.mapping.from.table}`;
+    for (const id of this.rows.keys()) yield `${table}\u0000${id}`;
+  }
+
+  async execute(client: pg.ClientBase): Promise<never[]> {
+    const { mapping } = this;
+    const key = quoteIdent(this.keyColumn);
+    const owns = mapping.transferMode === 'data+ownership';
+    const ids = [...this.rows.keys()];
+    const lsns = [...this.rows.values()].map(formatLsn);
+    // A transfer whose row failed on the target is in pending_errors: it changes nothing here.
+    await client.query(
+      `UPDATE ${qualified(mapping.from.schema, mapping.from.table)} AS s
+          SET dso_master = CASE WHEN $3 THEN false ELSE s.dso_master END,
+              dso_current_server = CASE WHEN $3 THEN $4 ELSE coalesce(s.dso_current_server, $6) END,
+              dso_current_form = CASE WHEN $3 THEN $5 ELSE coalesce(s.dso_current_form, $7) END,
+              dso_to_server = $4, dso_to_form = $5, dso_to_request_id = u.rid, dso_to_mapping = $8,
+              dso_transfer_status = 'success'
+         FROM unnest($1::text[], $2::pg_lsn[]) AS u(rid, lsn)
+        WHERE s.${key} = u.rid::${this.keyType}
+          AND NOT EXISTS (SELECT 1 FROM pgdso.pending_errors e
+                           WHERE e.source_lsn = u.lsn AND e.mapping = $8 AND e.type = 'transfer' AND e.request_id = u.rid)`,
+      [ids, lsns, owns, mapping.to.server, mapping.to.table, mapping.from.server, mapping.from.table, mapping.name],
+    );
+    return [];
+  }
+}
+
+/** Records failures in the source's pending_errors (idempotent) and marks the source copies. */
+export async function recordFailures(client: pg.ClientBase, failures: ApplyFailure[], keyOf: (m: MappingConfig) => { keyColumn: string; keyType: string }): Promise<void> {
+  for (const f of failures) {
+    const { mapping } = f;
+    await client.query(
+      `INSERT INTO pgdso.pending_errors (pool, type, mapping, form, request_id, target_server, payload, status, attempts, last_error, error, sqlstate, source_lsn)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, 'failed', 1, $8, $8, $9, $10::text::pg_lsn)
+       ON CONFLICT (source_lsn, mapping, type, request_id) WHERE source_lsn IS NOT NULL DO NOTHING`,
+      [mapping.pool, f.type, mapping.name, `${mapping.from.schema}.${mapping.from.table}`, f.requestId, mapping.to.server, JSON.stringify(f.payload), f.error, f.sqlstate, formatLsn(f.lsn)],
+    );
+    const { keyColumn, keyType } = keyOf(mapping);
+    await client.query(
+      `UPDATE ${qualified(mapping.from.schema, mapping.from.table)} SET dso_transfer_status = 'failure'
+        WHERE ${quoteIdent(keyColumn)} = $1::${keyType} AND dso_transfer_status IS DISTINCT FROM 'failure'`,
+      [f.requestId],
+    );
+  }
+}

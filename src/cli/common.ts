@@ -1,0 +1,38 @@
+// What the commands share: loading config, parsing form names, exit codes.
+import path from 'node:path';
+import type { PgdsoConfig } from '../config/types.ts';
+import { loadConfig } from '../config/load.ts';
+import { createLogger } from '../log.ts';
+
+export const EXIT = { ok: 0, runtime: 1, usage: 2 } as const;
+
+/** Bad usage, config or rules: exit 2. */
+export class UsageError extends Error {}
+
+export interface GlobalOptions {
+  config: string;
+  logLevel: string;
+}
+
+export async function configFrom(opts: GlobalOptions): Promise<PgdsoConfig> {
+  return loadConfig(path.resolve(opts.config), process.env);
+}
+
+export function loggerFrom(opts: GlobalOptions) {
+  return createLogger({ level: opts.logLevel });
+}
+
+export function serverOf(config: PgdsoConfig, name: string) {
+  const server = config.servers[name];
+  if (!server) throw new UsageError(`unknown server "${name}" (configured: ${Object.keys(config.servers).join(', ')})`);
+  return server;
+}
+
+export function parseForm(form: string): { schema: string; table: string } {
+  const dot = form.indexOf('.');
+  return dot < 0 ? { schema: 'public', table: form } : { schema: form.slice(0, dot), table: form.slice(dot + 1) };
+}
+
+export function print(text: string): void {
+  process.stdout.write(`${text}\n`);
+}

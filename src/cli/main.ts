@@ -1,0 +1,77 @@
+// The pgdso command line. Exit codes: 0 ok, 1 runtime failure, 2 bad usage, config or rules.
+// Signals are handled here only: one AbortController reaches every loop.
+import { Command, CommanderError, Option } from 'commander';
+import { ConfigError } from '../config/types.ts';
+import { maskSecrets } from '../log.ts';
+import { UsageError, EXIT } from './common.ts';
+
+const program = new Command();
+program
+  .name('pgdso')
+  .description('Distributed Server Option for PostgreSQL: rule-driven request transfer between databases')
+  .option('--config <file>', 'config file', './pgdso.config.json')
+  .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).default(process.env.PGDSO_LOG_LEVEL ?? 'info'))
+  .showHelpAfterError()
+  .exitOverride();
+
+const lazy = (path: string, name: string) => async (...args: unknown[]) => {
+  const mod = await import(path);
+  await mod[name](program.opts(), ...args);
+};
+
+program.command('migrate').description('create or upgrade the control schema on every server')
+  .option('--server <name>', 'only this server')
+  .action(lazy('./commands/admin.ts', 'migrateCommand'));
+
+const forms = program.command('forms').description('manage forms');
+forms.command('enable').description('add the distributed columns, the ownership guard and replica identity to a form; idempotent')
+  .requiredOption('--server <name>', 'server').requiredOption('--form <form>', 'form (table, or schema.table)')
+  .action(lazy('./commands/admin.ts', 'formsEnableCommand'));
+
+const rules = program.command('rules').description('check and test rules');
+rules.command('check').description('validate config and rules against the schemas and the live catalogs')
+  .action(lazy('./commands/rules.ts', 'rulesCheckCommand'));
+rules.command('test').description('print, as JSON, the filters that fire on a change and their actions')
+  .requiredOption('--server <name>').requiredOption('--form <form>')
+  .addOption(new Option('--op <op>').choices(['insert', 'update', 'delete']).makeOptionMandatory())
+  .requiredOption('--row <json>', 'the row (values after the change; before it for a delete)')
+  .option('--old <json>', 'the row before an update')
+  .option('--origin <server>', 'the server whose engine made the change (default: a user of this server)')
+  .action(lazy('./commands/rules.ts', 'rulesTestCommand'));
+
+program.command('run').description('run instances (one per configured server when none is named)')
+  .option('--server <name>', 'serve this server only')
+  .option('--instance-id <id>', 'instance id (default host-pid)')
+  .option('--rank <n>', 'failover rank of this instance (lower wins)')
+  .action(lazy('./commands/run.ts', 'runCommand'));
+
+program.command('status').description('instances, slot lag, pending, errors and conflicts per server')
+  .option('--json', 'print JSON')
+  .action(lazy('./commands/status.ts', 'statusCommand'));
+
+program.command('demo').description("DSO's use cases on embedded PostgreSQL, narrated")
+  .option('--keep', 'keep the clusters running at the end (Ctrl-C stops them)')
+  .action(lazy('./commands/demo.ts', 'demoCommand'));
+
+try {
+  await program.parseAsync(process.argv);
+} catch (err) {
+  process.exitCode = exitCodeOf(err);
+}
+
+function exitCodeOf(err: unknown): number {
+  if (err instanceof CommanderError) {
+    return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
+  }
+  if (err instanceof ConfigError) {
+    process.stderr.write(`pgdso: bad config or rules:\n${err.problems.map((p) => `  ${p.file}${p.pointer ? `#${p.pointer}` : ''}: ${p.message}`).join('\n')}\n`);
+    return EXIT.usage;
+  }
+  if (err instanceof UsageError) {
+    process.stderr.write(`pgdso: ${maskSecrets(err.message)}\n`);
+    return EXIT.usage;
+  }
+  const message = err instanceof Error ? err.message : String(err);
+  process.stderr.write(`pgdso: ${maskSecrets(message)}\n`);
+  return EXIT.runtime;
+}

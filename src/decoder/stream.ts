@@ -1,0 +1,231 @@
+// One logical replication stream of a server's slot, on a dedicated replication connection.
+//
+// - It always starts at the slot's confirmed position (START_REPLICATION ... 0/0): a new stream
+//   after a drop replays everything received but not confirmed.
+// - It confirms only what the sink says is applied (`confirm(endLsn)`), exactly that commit-end
+//   LSN, never more, monotonic.
+// - Keepalives are answered with the confirmed position.
+// - Flow control: messages are handled one at a time; while the sink's promise is pending the
+//   socket is paused, so a slow peer bounds memory instead of growing it.
+import pg from 'pg';
+import type { Logger } from 'pino';
+import type { RowChange, TxBegin, TxCommit, Relation } from '../change.ts';
+import { formatLsn } from '../change.ts';
+import { PgoutputDecoder } from './pgoutput.ts';
+import { PUBLICATION, quoteIdent } from '../sql/identifiers.ts';
+
+/** What the stream feeds. Declared here, implemented by the engine. */
+export interface ChangeSink {
+  begin(tx: TxBegin & { origin: string | null }): void | Promise<void>;
+  change(change: RowChange): void | Promise<void>;
+  commit(tx: TxCommit): void | Promise<void>;
+  /** A transactional message inside a transaction, or a non-transactional one. */
+  message?(prefix: string, content: Buffer, lsn: bigint): void | Promise<void>;
+  truncate?(relations: Relation[]): void | Promise<void>;
+  /** Called when the stream has nothing more buffered (a good moment to flush). */
+  idle(): void | Promise<void>;
+  /** True when everything handed to the sink so far is applied and confirmed. */
+  caughtUp(): boolean;
+}
+
+export interface StreamOptions {
+  connection: pg.ClientConfig;
+  slot: string;
+  publication?: string;
+  log: Logger;
+  /** Interval of unsolicited status updates, ms (the server drops silent receivers). */
+  statusIntervalMs?: number;
+}
+
+const PG_EPOCH_MS = 946_684_800_000;
+
+export class ReplicationStream {
+  private client: pg.Client | null = null;
+  private confirmed = 0n;
+  private readonly queue: Buffer[] = [];
+  private draining = false;
+  private pendingBegin: (TxBegin & { origin: string | null }) | null = null;
+  private inTransaction = false;
+  private readonly decoder = new PgoutputDecoder();
+  private statusTimer: NodeJS.Timeout | null = null;
+  private fail: (err: Error) => void = () => {};
+  private stopped = false;
+
+  constructor(private readonly opts: StreamOptions) {}
+
+  /** The position last confirmed to the server. */
+  get confirmedLsn(): bigint {
+    return this.confirmed;
+  }
+
+  /**
+   * Streams into `sink` until `stop()` (resolves) or a failure (rejects). One call per object:
+   * reconnect by creating a new ReplicationStream, which starts from the confirmed position.
+   */
+  async run(sink: ChangeSink): Promise<void> {
+    const { log } = this.opts;
+    const client = new pg.Client({ ...this.opts.connection, replication: 'database', application_name: 'pgdso decoder' } as pg.ClientConfig);
+    this.client = client;
+    const failed = new Promise<never>((_, reject) => {
+      this.fail = reject;
+    });
+    failed.catch(() => {});
+    client.on('error', (err) => this.fail(err));
+    await client.connect();
+    const connection = (client as unknown as { connection: PgConnection }).connection;
+    connection.on('copyData', ({ chunk }: { chunk: Buffer }) => {
+      this.queue.push(chunk);
+      if (!this.draining) void this.drain(sink, connection);
+    });
+    const slotRow = await client.query(`SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots WHERE slot_name = '${this.opts.slot.replace(/'/g, "''")}'`).catch(() => null);
+    log.debug({ slot: this.opts.slot, from: slotRow?.rows[0]?.lsn }, 'starting replication');
+    const publication = this.opts.publication ?? PUBLICATION;
+    const sql = `START_REPLICATION SLOT ${quoteIdent(this.opts.slot)} LOGICAL 0/0 (proto_version '1', publication_names '${quoteIdent(publication).replace(/'/g, "''")}', messages 'true')`;
+    const streaming = client.query(sql);
+    this.statusTimer = setInterval(() => this.sendStatus(false), this.opts.statusIntervalMs ?? 10_000);
+    try {
+      await Promise.race([streaming, failed]);
+      if (!this.stopped) throw new Error('replication stream ended by the server');
+    } catch (err) {
+      if (this.stopped) return;
+      throw err;
+    } finally {
+      this.cleanup();
+    }
+  }
+
+  /** Confirms `lsn` (a commit-end LSN whose transaction is applied everywhere it goes). */
+  confirm(lsn: bigint): void {
+    if (lsn <= this.confirmed) return;
+    this.confirmed = lsn;
+    this.sendStatus(false);
+  }
+
+  async stop(): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    const client = this.client;
+    this.cleanup();
+    if (client) await client.end().catch(() => {});
+  }
+
+  private cleanup(): void {
+    if (this.statusTimer) clearInterval(this.statusTimer);
+    this.statusTimer = null;
+    this.queue.length = 0;
+  }
+
+  private async drain(sink: ChangeSink, connection: PgConnection): Promise<void> {
+    this.draining = true;
+    let paused = false;
+    try {
+      while (this.queue.length > 0 && !this.stopped) {
+        const chunk = this.queue.shift()!;
+        const result = this.handle(chunk, sink);
+        if (result) {
+          if (!paused) {
+            connection.stream.pause();
+            paused = true;
+          }
+          await result;
+        }
+        if (this.queue.length === 0 && !this.stopped) {
+          if (paused) {
+            connection.stream.resume();
+            paused = false;
+            // let the socket deliver what it has before declaring the stream idle
+            await new Promise<void>((resolve) => setImmediate(resolve));
+            if (this.queue.length > 0) continue;
+          }
+          if (!this.inTransaction) {
+            const idle = sink.idle();
+            if (idle) await idle;
+          }
+        }
+      }
+    } catch (err) {
+      this.fail(err instanceof Error ? err : new Error(String(err)));
+    } finally {
+      if (paused && !this.stopped) connection.stream.resume();
+      this.draining = false;
+    }
+  }
+
+  /** Handles one CopyData message; returns a promise only when the sink returned one. */
+  private handle(chunk: Buffer, sink: ChangeSink): void | Promise<void> {
+    const type = chunk[0];
+    if (type === 0x6b /* k: primary keepalive */) {
+      const walEnd = chunk.readBigUInt64BE(1);
+      const replyRequested = chunk[17] === 1;
+      // Nothing in flight and everything handed over is applied: the sender has nothing
+      // before walEnd that we still need, so the slot may move on (keeps quiet slots moving).
+      if (!this.inTransaction && this.queue.length === 0 && sink.caughtUp() && walEnd > this.confirmed) {
+        this.confirmed = walEnd;
+      }
+      if (replyRequested) this.sendStatus(false);
+      return;
+    }
+    if (type !== 0x77 /* w: XLogData */) return;
+    const lsn = chunk.readBigUInt64BE(1);
+    const msg = this.decoder.decode(chunk.subarray(25), lsn);
+    switch (msg.kind) {
+      case 'begin':
+        this.inTransaction = true;
+        this.pendingBegin = { xid: msg.xid, finalLsn: msg.finalLsn, commitTime: msg.commitTime, origin: null };
+        return;
+      case 'origin':
+        if (this.pendingBegin) this.pendingBegin.origin = msg.name;
+        return;
+      case 'change':
+        return this.chain(this.flushBegin(sink), () => sink.change(msg.change));
+      case 'truncate':
+        return this.chain(this.flushBegin(sink), () => sink.truncate?.(msg.relations));
+      case 'message':
+        if (msg.transactional) return this.chain(this.flushBegin(sink), () => sink.message?.(msg.prefix, msg.content, msg.lsn));
+        return sink.message?.(msg.prefix, msg.content, msg.lsn);
+      case 'commit': {
+        const begun = this.flushBegin(sink);
+        this.inTransaction = false;
+        return this.chain(begun, () => sink.commit({ finalLsn: msg.finalLsn, endLsn: msg.endLsn, commitTime: msg.commitTime }));
+      }
+      default:
+        return;
+    }
+  }
+
+  private flushBegin(sink: ChangeSink): void | Promise<void> {
+    const begin = this.pendingBegin;
+    if (!begin) return;
+    this.pendingBegin = null;
+    return sink.begin(begin);
+  }
+
+  private chain(first: void | Promise<void>, next: () => void | Promise<void>): void | Promise<void> {
+    if (first) return first.then(next);
+    return next();
+  }
+
+  private sendStatus(replyRequested: boolean): void {
+    const connection = (this.client as unknown as { connection?: PgConnection } | null)?.connection;
+    if (!connection || this.stopped) return;
+    const lsn = this.confirmed;
+    const buf = Buffer.alloc(34);
+    buf[0] = 0x72; // r: standby status update
+    buf.writeBigUInt64BE(lsn, 1); // written
+    buf.writeBigUInt64BE(lsn, 9); // flushed: what the server may release
+    buf.writeBigUInt64BE(lsn, 17); // applied
+    buf.writeBigInt64BE(BigInt(Date.now() - PG_EPOCH_MS) * 1000n, 25);
+    buf[33] = replyRequested ? 1 : 0;
+    try {
+      connection.sendCopyFromChunk(buf);
+    } catch (err) {
+      this.opts.log.debug({ err, lsn: formatLsn(lsn) }, 'could not send status update');
+    }
+  }
+}
+
+interface PgConnection {
+  on(event: 'copyData', listener: (msg: { chunk: Buffer }) => void): void;
+  sendCopyFromChunk(buf: Buffer): void;
+  stream: { pause(): void; resume(): void };
+}

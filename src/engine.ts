@@ -1,0 +1,358 @@
+// The composition root of one server's engine: decoder -> rules -> applier lanes.
+//
+// Per source transaction: each change meets only the filters indexed for its (server, form, op);
+// each fired action becomes operations in apply lanes (one per target server and pool, each with
+// its own replication origin). At a transaction boundary, when enough work is buffered or the
+// stream is idle, the engine flushes: target lanes apply and commit (recording the source
+// position), rows that could not be applied are recorded in the source's pending_errors, the
+// source copies get their bookkeeping, and only then is the commit-end LSN confirmed.
+// Any other failure ends the session: everything unconfirmed is replayed by a new one, and what
+// a lane had committed is skipped by its origin's progress. Nothing is lost or applied twice.
+import pg from 'pg';
+import type { Logger } from 'pino';
+import { setTimeout as delay } from 'node:timers/promises';
+import type { ChangeSink } from './decoder/stream.ts';
+import { ReplicationStream } from './decoder/stream.ts';
+import type { Relation, RowChange, TxBegin, TxCommit } from './change.ts';
+import { formatLsn } from './change.ts';
+import type { ActionConfig, MappingConfig, PgdsoConfig } from './config/types.ts';
+import { toPgClientConfig } from './config/load.ts';
+import { RuleEvaluationError, type CompiledRules } from './rules/index.ts';
+import { buildFacts, type Facts } from './rules/facts.ts';
+import { ApplyLane } from './applier/lane.ts';
+import { LaneBuffer } from './applier/buffer.ts';
+import type { FormCatalog } from './applier/catalog.ts';
+import { buildColumnPlan, type ColumnPlan } from './applier/plan.ts';
+import { TransferGroup, TransferredGroup, recordFailures, type ApplyFailure } from './applier/transfer.ts';
+import { describeForm, ensureSlot, type FormInfo } from './sql/forms.ts';
+import { originName, slotName, writerOfOrigin } from './sql/identifiers.ts';
+import { waitForOperationLock } from './groupboard/lock.ts';
+
+export interface EngineOptions {
+  config: PgdsoConfig;
+  rules: CompiledRules;
+  server: string;
+  log: Logger;
+  /** flush at the next transaction boundary once this many operations are buffered */
+  batchRows?: number;
+  /** rows per set-based statement */
+  chunkRows?: number;
+  /** reconnect backoff bounds, ms */
+  backoff?: { minMs: number; maxMs: number };
+}
+
+export interface EngineStats {
+  transactions: number;
+  changes: number;
+  applied: number;
+  failed: number;
+  confirmedLsn: string;
+  sessions: number;
+}
+
+/** Runs one server's engine until the signal aborts, reconnecting after failures. */
+export class ServerEngine {
+  readonly stats: EngineStats = { transactions: 0, changes: 0, applied: 0, failed: 0, confirmedLsn: '0/0', sessions: 0 };
+  private readonly log: Logger;
+
+  constructor(private readonly opts: EngineOptions) {
+    this.log = opts.log.child({ server: opts.server });
+  }
+
+  async run(signal: AbortSignal): Promise<void> {
+    const { minMs, maxMs } = this.opts.backoff ?? { minMs: 200, maxMs: 30_000 };
+    let wait = minMs;
+    while (!signal.aborted) {
+      const session = new EngineSession(this.opts, this.log, this.stats);
+      const started = Date.now();
+      this.stats.sessions += 1;
+      try {
+        await session.run(signal);
+      } catch (err) {
+        if (signal.aborted) break;
+        this.log.warn({ err: errorSummary(err) }, 'engine session failed; replaying from the confirmed position');
+      } finally {
+        await session.close();
+      }
+      if (signal.aborted) break;
+      if (Date.now() - started > 60_000) wait = minMs;
+      const jittered = wait / 2 + Math.random() * (wait / 2);
+      await delay(jittered, undefined, { signal }).catch(() => {});
+      wait = Math.min(maxMs, wait * 2);
+    }
+  }
+}
+
+interface OpenTransaction {
+  finalLsn: bigint;
+  commitTime: Date;
+  /** the server whose engine wrote this transaction, or null for a user's */
+  writer: string | null;
+}
+
+class EngineSession implements ChangeSink {
+  private readonly server: string;
+  private readonly connection: pg.ClientConfig;
+  private control: pg.Client | null = null;
+  private stream: ReplicationStream | null = null;
+  private sourceLane: ApplyLane<never> | null = null;
+  private sourceBuffer: LaneBuffer<never> | null = null;
+  private readonly lanes = new Map<string, LaneBuffer<ApplyFailure>>();
+  private readonly forms = new Map<string, FormInfo>();
+  private readonly catalogs = new Map<string, FormCatalog>();
+  private readonly plans = new WeakMap<Relation, Map<string, ColumnPlan>>();
+  private tx: OpenTransaction | null = null;
+  private last: TxCommit | null = null;
+  private unflushed = 0;
+  private flushedOnce = false;
+  private readonly batchRows: number;
+  private readonly chunkRows: number;
+
+  constructor(private readonly opts: EngineOptions, private readonly log: Logger, private readonly stats: EngineStats) {
+    this.server = opts.server;
+    const server = opts.config.servers[opts.server];
+    if (!server) throw new Error(`unknown server ${opts.server}`);
+    this.connection = toPgClientConfig(server.connection);
+    this.batchRows = opts.batchRows ?? 20_000;
+    this.chunkRows = opts.chunkRows ?? 5_000;
+  }
+
+  async run(signal: AbortSignal): Promise<void> {
+    const control = new pg.Client({ ...this.connection, application_name: 'pgdso control' });
+    this.control = control;
+    control.on('error', () => {});
+    await control.connect();
+    const locked = await waitForOperationLock(control, 'dso', signal, 1000, () => this.log.info('another instance runs the dso operation of this server; waiting'));
+    if (!locked) return;
+    for (const { schema, table } of this.opts.rules.formsOf(this.server)) {
+      this.forms.set(`${schema}.${table}`, await describeForm(control, schema, table));
+    }
+    await this.openLanes();
+    await ensureSlot(control, slotName(String(this.connection.database)));
+    const stream = new ReplicationStream({ connection: this.connection, slot: slotName(String(this.connection.database)), log: this.log });
+    this.stream = stream;
+    const onAbort = () => void stream.stop();
+    signal.addEventListener('abort', onAbort, { once: true });
+    try {
+      if (!signal.aborted) await stream.run(this);
+    } finally {
+      signal.removeEventListener('abort', onAbort);
+    }
+  }
+
+  private async openLanes(): Promise<void> {
+    const database = String(this.connection.database);
+    const sourceLane = new ApplyLane<never>({ connection: this.connection, origin: originName(this.server, '~source', database), name: `${this.server}/~source`, log: this.log });
+    this.sourceLane = sourceLane;
+    await sourceLane.open();
+    this.sourceBuffer = new LaneBuffer(sourceLane, this.chunkRows, true);
+    for (const mapping of Object.values(this.opts.config.mappings)) {
+      if (mapping.from.server !== this.server) continue;
+      const buffer = await this.laneFor(mapping);
+      const catalog = await buffer.lane.catalog(mapping.to.schema, mapping.to.table);
+      this.catalogs.set(mapping.name, catalog);
+    }
+  }
+
+  private async laneFor(mapping: MappingConfig): Promise<LaneBuffer<ApplyFailure>> {
+    const key = `${mapping.to.server}/${mapping.pool}`;
+    const found = this.lanes.get(key);
+    if (found) return found;
+    const target = this.opts.config.servers[mapping.to.server]!;
+    const connection = toPgClientConfig(target.connection);
+    const lane = new ApplyLane<ApplyFailure>({
+      connection,
+      origin: originName(this.server, mapping.pool, String(connection.database)),
+      name: `${this.server}->${key}`,
+      log: this.log,
+    });
+    const buffer = new LaneBuffer(lane, this.chunkRows);
+    this.lanes.set(key, buffer);
+    await lane.open();
+    return buffer;
+  }
+
+  // ---- ChangeSink -------------------------------------------------------------------------
+
+  begin(tx: TxBegin & { origin: string | null }): void {
+    this.tx = { finalLsn: tx.finalLsn, commitTime: tx.commitTime, writer: writerOfOrigin(tx.origin) };
+  }
+
+  change(change: RowChange): void | Promise<void> {
+    const tx = this.tx;
+    if (!tx) throw new Error('change outside a transaction');
+    this.stats.changes += 1;
+    // The engine's own bookkeeping on this server (dso_* columns of source copies): no rule
+    // fires on it, or every transfer would fire its filter again.
+    if (tx.writer === this.server) return;
+    const form = this.forms.get(`${change.relation.schema}.${change.relation.table}`);
+    if (!form) return;
+    const facts = buildFacts(change, tx.writer);
+    let fired: ReturnType<CompiledRules['evaluate']>;
+    try {
+      fired = this.opts.rules.evaluate(this.server, change.relation.schema, change.relation.table, facts);
+    } catch (err) {
+      if (!(err instanceof RuleEvaluationError)) throw err;
+      // A condition json-rules-engine would reject on this row (e.g. `in` on a null): the
+      // filter does not fire, as in json-rules-engine; say so once per row.
+      this.log.warn({ filter: err.filter, lsn: formatLsn(change.lsn) }, err.message);
+      return;
+    }
+    if (fired.length === 0) return;
+    let backlog: Promise<void> | undefined;
+    for (const { filter, actions } of fired) {
+      for (const action of actions) {
+        const wait = this.perform(action, filter, change, facts, form, tx);
+        if (wait) backlog = wait;
+      }
+    }
+    return backlog;
+  }
+
+  commit(commit: TxCommit): void | Promise<void> {
+    this.tx = null;
+    this.last = commit;
+    this.stats.transactions += 1;
+    if (this.unflushed === 0) {
+      this.stream?.confirm(commit.endLsn);
+      this.stats.confirmedLsn = formatLsn(commit.endLsn);
+      return;
+    }
+    if (this.unflushed >= this.batchRows) return this.flush();
+  }
+
+  idle(): void | Promise<void> {
+    if (this.unflushed > 0 && this.tx === null) return this.flush();
+  }
+
+  caughtUp(): boolean {
+    return this.unflushed === 0 && this.tx === null;
+  }
+
+  // ---- actions ----------------------------------------------------------------------------
+
+  private perform(action: ActionConfig, filter: string, change: RowChange, facts: Facts, form: FormInfo, tx: OpenTransaction): Promise<void> | undefined {
+    switch (action.type) {
+      case 'transfer':
+        return this.transfer(this.opts.config.mappings[action.mapping]!, action.overrideLoopDetection, filter, change, facts, form, tx);
+      default:
+        this.log.warn({ filter, action: action.type }, 'action not supported yet; skipped');
+        return undefined;
+    }
+  }
+
+  private transfer(mapping: MappingConfig, override: boolean, filter: string, change: RowChange, facts: Facts, form: FormInfo, tx: OpenTransaction): Promise<void> | undefined {
+    const row = change.new;
+    if (change.op === 'delete' || !row) return undefined;
+    const requestId = row[form.keyColumn];
+    if (requestId === null || requestId === undefined) return undefined;
+    if (!facts.master) {
+      this.log.debug({ filter, mapping: mapping.name, requestId }, 'not the master copy: no transfer');
+      return undefined;
+    }
+    const historyText = row.dso_mapping_history ?? '[]';
+    if (!override && visitedServers(historyText).has(mapping.to.server)) {
+      this.log.debug({ filter, mapping: mapping.name, requestId }, 'loop detection: the request has been on the target server');
+      return undefined;
+    }
+    const buffer = this.lanes.get(`${mapping.to.server}/${mapping.pool}`)!;
+    let wait: Promise<void> | undefined;
+    if (!buffer.lane.applied(tx.finalLsn)) {
+      const plan = this.planFor(change.relation, mapping, form);
+      const values = plan.columns.map((c) => (c.from.kind === 'constant' ? c.from.text : row[c.from.column]));
+      if (values.some((v) => v === undefined)) throw new Error(`form ${form.schema}.${form.table} is not replica identity full: run pgdso forms enable`);
+      const entry = JSON.stringify({
+        at: tx.commitTime.toISOString(),
+        mapping: mapping.name,
+        transferMode: mapping.transferMode,
+        fromServer: this.server,
+        fromForm: form.table,
+        fromRequestId: requestId,
+        toServer: mapping.to.server,
+        toForm: mapping.to.table,
+      });
+      const history = historyText === '[]' ? `[${entry}]` : `${historyText.slice(0, -1)}, ${entry}]`;
+      const groupKey = `transfer:${mapping.name}`;
+      buffer.group(groupKey, `${mapping.to.schema}.${mapping.to.table}\u0000${requestId}`, () => new TransferGroup(plan)).add({ requestId, values: values as (string | null)[], history, lsn: change.lsn });
+      buffer.added(groupKey);
+      this.unflushed += 1;
+      if (buffer.lane.backlog > 2) wait = buffer.lane.settle();
+    }
+    const source = this.sourceBuffer!;
+    if (!source.lane.applied(tx.finalLsn)) {
+      const groupKey = `transferred:${mapping.name}`;
+      source.group(groupKey, `${form.schema}.${form.table}\u0000${requestId}`, () => new TransferredGroup(mapping, form.keyColumn, form.keyType)).add(requestId, change.lsn);
+      this.unflushed += 1;
+    }
+    return wait;
+  }
+
+  private planFor(relation: Relation, mapping: MappingConfig, form: FormInfo): ColumnPlan {
+    let byMapping = this.plans.get(relation);
+    if (!byMapping) {
+      byMapping = new Map();
+      this.plans.set(relation, byMapping);
+    }
+    let plan = byMapping.get(mapping.name);
+    if (!plan) {
+      plan = buildColumnPlan(mapping, relation.columns.map((c) => c.name), form.keyColumn, this.catalogs.get(mapping.name)!);
+      byMapping.set(mapping.name, plan);
+    }
+    return plan;
+  }
+
+  // ---- flush ------------------------------------------------------------------------------
+
+  private async flush(): Promise<void> {
+    const last = this.last;
+    if (!last) return;
+    const lanes = [...this.lanes.values()];
+    for (const buffer of lanes) buffer.submitAll();
+    await Promise.all(lanes.map((b) => b.lane.settle()));
+    const failures = lanes.flatMap((b) => b.lane.takeFailures());
+    const sourceLane = this.sourceLane!;
+    if (failures.length) {
+      await sourceLane.runAlone((client) => recordFailures(client, failures, (m) => this.forms.get(`${m.from.schema}.${m.from.table}`)!));
+      for (const f of failures) this.log.warn({ mapping: f.mapping.name, requestId: f.requestId, sqlstate: f.sqlstate }, f.error);
+    }
+    await Promise.all(lanes.filter((b) => b.lane.dirty).map((b) => b.lane.commit(last.finalLsn, last.commitTime)));
+    this.sourceBuffer!.submitAll();
+    await sourceLane.commit(last.finalLsn, last.commitTime);
+    this.stats.applied += this.unflushed;
+    this.stats.failed += failures.length;
+    this.unflushed = 0;
+    this.stream?.confirm(last.endLsn);
+    this.stats.confirmedLsn = formatLsn(last.endLsn);
+    if (!this.flushedOnce) {
+      this.flushedOnce = true;
+      this.log.debug({ lsn: formatLsn(last.endLsn) }, 'first flush');
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.stream?.stop();
+    await Promise.all([...this.lanes.values()].map((b) => b.lane.close()));
+    await this.sourceLane?.close();
+    await this.control?.end().catch(() => {});
+  }
+}
+
+/** Servers a request has been on, from its mapping history (JSON text). */
+function visitedServers(historyText: string): Set<string> {
+  const visited = new Set<string>();
+  if (historyText === '[]') return visited;
+  try {
+    for (const hop of JSON.parse(historyText) as { fromServer?: string; toServer?: string }[]) {
+      if (hop.fromServer) visited.add(hop.fromServer);
+      if (hop.toServer) visited.add(hop.toServer);
+    }
+  } catch {
+    /* a hand-edited history that is not JSON: no loop information */
+  }
+  return visited;
+}
+
+function errorSummary(err: unknown): { message: string; code?: string } {
+  const e = err as { message?: string; code?: string };
+  return { message: e?.message ?? String(err), code: e?.code };
+}

@@ -1,0 +1,98 @@
+// Checks of config and rules against the live catalogs: wal_level, the control schema, each form
+// (exists, enabled: replica identity full, in the publication), and each mapping's columns
+// (exist on both sides, types that convert). One finding per problem.
+import pg from 'pg';
+import type { PgdsoConfig } from './config/types.ts';
+import { toPgClientConfig, describeConnection } from './config/load.ts';
+import type { CompiledRules } from './rules/index.ts';
+import { describeFormColumns, type FormCatalog } from './applier/catalog.ts';
+import { buildColumnPlan, PlanError } from './applier/plan.ts';
+import { FormError } from './sql/forms.ts';
+import { PUBLICATION } from './sql/identifiers.ts';
+
+export interface Finding {
+  server: string;
+  /** 'problem' stops an engine from starting; 'unreachable' means the server could not be checked */
+  severity: 'problem' | 'unreachable' | 'warning';
+  message: string;
+}
+
+export async function preflight(config: PgdsoConfig, rules: CompiledRules, servers: readonly string[] = Object.keys(config.servers)): Promise<Finding[]> {
+  const findings: Finding[] = [];
+  const catalogs = new Map<string, FormCatalog | null>();
+  const clients = new Map<string, pg.Client>();
+  try {
+    for (const name of servers) {
+      const server = config.servers[name]!;
+      const client = new pg.Client({ ...toPgClientConfig(server.connection), application_name: 'pgdso preflight', connectionTimeoutMillis: 5000 });
+      client.on('error', () => {});
+      try {
+        await client.connect();
+      } catch (err) {
+        findings.push({ server: name, severity: 'unreachable', message: `cannot connect to ${describeConnection(server.connection)}: ${(err as Error).message}` });
+        continue;
+      }
+      clients.set(name, client);
+      const wal = await client.query('SHOW wal_level');
+      if (wal.rows[0].wal_level !== 'logical') findings.push({ server: name, severity: 'problem', message: `wal_level is ${wal.rows[0].wal_level}; set wal_level = logical and restart PostgreSQL` });
+      const schema = await client.query(`SELECT to_regclass('pgdso.forms') IS NOT NULL AS ok`);
+      if (!schema.rows[0].ok) findings.push({ server: name, severity: 'problem', message: 'the control schema pgdso is missing: run `pgdso migrate`' });
+      for (const { schema: s, table } of rules.formsOf(name)) {
+        try {
+          const catalog = await describeFormColumns(client, s, table);
+          catalogs.set(`${name}.${s}.${table}`, catalog);
+          const enabled = await client.query(
+            `SELECT c.relreplident = 'f' AS full_identity,
+                    EXISTS (SELECT 1 FROM pg_publication_tables p WHERE p.pubname = $3 AND p.schemaname = $1 AND p.tablename = $2) AS published,
+                    EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'dso_master' AND NOT a.attisdropped) AS has_columns
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2`,
+            [s, table, PUBLICATION],
+          );
+          const state = enabled.rows[0];
+          if (!state.has_columns || !state.full_identity || !state.published) {
+            findings.push({ server: name, severity: 'problem', message: `form ${s}.${table} is not enabled: run \`pgdso forms enable --server ${name} --form ${s === 'public' ? '' : `${s}.`}${table}\`` });
+          }
+        } catch (err) {
+          if (!(err instanceof FormError)) throw err;
+          catalogs.set(`${name}.${s}.${table}`, null);
+          findings.push({ server: name, severity: 'problem', message: err.message });
+        }
+      }
+    }
+    for (const mapping of Object.values(config.mappings)) {
+      const source = catalogs.get(`${mapping.from.server}.${mapping.from.schema}.${mapping.from.table}`);
+      const target = catalogs.get(`${mapping.to.server}.${mapping.to.schema}.${mapping.to.table}`);
+      if (!source || !target) continue;
+      try {
+        const plan = buildColumnPlan(mapping, [...source.columns.keys()], source.keyColumn, target);
+        for (const column of plan.columns) {
+          if (column.from.kind !== 'column') continue;
+          const from = source.columns.get(column.from.column)!;
+          if (from.type !== column.type && !(await typesConvert(clients.get(mapping.to.server)!, from.type, column.type))) {
+            findings.push({ server: mapping.from.server, severity: 'problem', message: `mapping "${mapping.name}": column "${column.target}" is ${column.type} on ${mapping.to.server} but "${column.from.column}" is ${from.type} on ${mapping.from.server}: the values do not convert` });
+          }
+        }
+        if (source.keyType !== target.keyType && !(await typesConvert(clients.get(mapping.to.server)!, source.keyType, target.keyType))) {
+          findings.push({ server: mapping.from.server, severity: 'problem', message: `mapping "${mapping.name}": request ID ${source.keyColumn} is ${source.keyType} but ${target.keyColumn} is ${target.keyType} on ${mapping.to.server}` });
+        }
+      } catch (err) {
+        if (!(err instanceof PlanError)) throw err;
+        findings.push({ server: mapping.from.server, severity: 'problem', message: err.message });
+      }
+    }
+  } finally {
+    await Promise.all([...clients.values()].map((c) => c.end().catch(() => {})));
+  }
+  return findings;
+}
+
+/** Two types convert when they are in the same category, or the target takes any string. */
+async function typesConvert(client: pg.Client, from: string, to: string): Promise<boolean> {
+  const res = await client.query(
+    `SELECT f.typcategory AS f, t.typcategory AS t FROM pg_type f, pg_type t WHERE f.oid = $1::regtype AND t.oid = $2::regtype`,
+    [from.replace(/\(.*\)/, ''), to.replace(/\(.*\)/, '')],
+  ).catch(() => null);
+  if (!res || res.rowCount === 0) return false;
+  const { f, t } = res.rows[0];
+  return f === t || t === 'S';
+}

@@ -1,0 +1,159 @@
+// The rules, compiled once at load into a frozen structure indexed by server, form and op, so a
+// changed row only meets the filters that can fire on it.
+
+import { ConfigError, type ActionConfig, type ConfigProblem, type Op, type PgdsoConfig } from '../config/types.ts';
+import { compileConditions, RuleEvaluationError, UnsupportedConditionError, type Predicate } from './compile.ts';
+import type { Facts } from './facts.ts';
+
+export { RuleEvaluationError } from './compile.ts';
+export type { Predicate } from './compile.ts';
+
+export interface CompiledFilter {
+  readonly name: string;
+  /** true when the filter fires; throws RuleEvaluationError where json-rules-engine's run() would reject */
+  readonly predicate: Predicate;
+  readonly actions: readonly ActionConfig[];
+}
+
+export interface CompiledEscalation {
+  readonly name: string;
+  readonly on: { readonly server: string; readonly schema: string; readonly table: string };
+  readonly schedule: { readonly cron: string; readonly timezone?: string };
+  /** true when the escalation's actions apply to a request (facts built from the current row) */
+  readonly predicate: Predicate;
+  readonly actions: readonly ActionConfig[];
+}
+
+/** A filter that fired, with its actions. */
+export interface FilterMatch {
+  filter: string;
+  actions: readonly ActionConfig[];
+}
+
+export interface FormKey {
+  readonly schema: string;
+  readonly table: string;
+}
+
+export interface CompiledRules {
+  /** The filters on that form for that op, in definition order (a precomputed lookup). */
+  filtersFor(server: string, schema: string, table: string, op: Op): readonly CompiledFilter[];
+  /** The filters that fire on these facts (facts.op selects the op), in definition order. */
+  evaluate(server: string, schema: string, table: string, facts: Facts): FilterMatch[];
+  /** Every form of that server named by a mapping's from/to, a filter or an escalation. */
+  formsOf(server: string): readonly FormKey[];
+  /** The escalations on that server, in definition order. */
+  escalationsFor(server: string): readonly CompiledEscalation[];
+  escalation(name: string): CompiledEscalation | undefined;
+}
+
+const NO_FILTERS: readonly CompiledFilter[] = Object.freeze([]);
+const NO_FORMS: readonly FormKey[] = Object.freeze([]);
+const NO_ESCALATIONS: readonly CompiledEscalation[] = Object.freeze([]);
+
+function filterKey(server: string, schema: string, table: string, op: Op): string {
+  return `${server}\u0000${schema}\u0000${table}\u0000${op}`;
+}
+
+/** Wraps a predicate so that an evaluation failure names the filter or escalation. */
+function named(name: string, predicate: Predicate): Predicate {
+  return (facts) => {
+    try {
+      return predicate(facts);
+    } catch (err) {
+      throw new RuleEvaluationError(name, err);
+    }
+  };
+}
+
+/**
+ * Compiles the filters and escalations of a loaded config. Throws ConfigError for conditions
+ * outside the supported subset (loadConfig has already reported those, so this only happens
+ * for a config built by hand).
+ */
+export function compileRules(config: PgdsoConfig): CompiledRules {
+  const problems: ConfigProblem[] = [];
+  const compile = (name: string, conditions: PgdsoConfig['filters'][number]['conditions'], source: { file: string; pointer: string }): Predicate => {
+    try {
+      return named(name, compileConditions(conditions));
+    } catch (err) {
+      if (!(err instanceof UnsupportedConditionError)) throw err;
+      for (const p of err.problems) problems.push({ file: source.file, pointer: `${source.pointer}/conditions${p.pointer}`, message: p.message });
+      return () => false;
+    }
+  };
+
+  const filtersByKey = new Map<string, CompiledFilter[]>();
+  for (const filter of config.filters) {
+    const compiled: CompiledFilter = Object.freeze({
+      name: filter.name,
+      predicate: compile(filter.name, filter.conditions, filter.source),
+      actions: filter.actions,
+    });
+    for (const op of new Set(filter.on.ops)) {
+      const key = filterKey(filter.on.server, filter.on.schema, filter.on.table, op);
+      const list = filtersByKey.get(key) ?? [];
+      list.push(compiled);
+      filtersByKey.set(key, list);
+    }
+  }
+
+  const escalationsByServer = new Map<string, CompiledEscalation[]>();
+  const escalationsByName = new Map<string, CompiledEscalation>();
+  for (const escalation of config.escalations) {
+    const compiled: CompiledEscalation = Object.freeze({
+      name: escalation.name,
+      on: escalation.on,
+      schedule: escalation.schedule,
+      predicate: compile(escalation.name, escalation.conditions, escalation.source),
+      actions: escalation.actions,
+    });
+    const list = escalationsByServer.get(escalation.on.server) ?? [];
+    list.push(compiled);
+    escalationsByServer.set(escalation.on.server, list);
+    escalationsByName.set(escalation.name, compiled);
+  }
+  if (problems.length > 0) throw new ConfigError(problems);
+
+  const formsByServer = collectForms(config);
+  const frozenFilters = new Map([...filtersByKey].map(([key, list]) => [key, Object.freeze(list)] as const));
+  const frozenEscalations = new Map([...escalationsByServer].map(([server, list]) => [server, Object.freeze(list)] as const));
+
+  const filtersFor = (server: string, schema: string, table: string, op: Op): readonly CompiledFilter[] =>
+    frozenFilters.get(filterKey(server, schema, table, op)) ?? NO_FILTERS;
+
+  return Object.freeze({
+    filtersFor,
+    evaluate(server: string, schema: string, table: string, facts: Facts): FilterMatch[] {
+      const matches: FilterMatch[] = [];
+      for (const filter of filtersFor(server, schema, table, facts.op)) {
+        if (filter.predicate(facts)) matches.push({ filter: filter.name, actions: filter.actions });
+      }
+      return matches;
+    },
+    formsOf: (server: string): readonly FormKey[] => formsByServer.get(server) ?? NO_FORMS,
+    escalationsFor: (server: string): readonly CompiledEscalation[] => frozenEscalations.get(server) ?? NO_ESCALATIONS,
+    escalation: (name: string): CompiledEscalation | undefined => escalationsByName.get(name),
+  });
+}
+
+/** Forms per server, each once, in order of first mention (mappings, then filters, then escalations). */
+function collectForms(config: PgdsoConfig): Map<string, readonly FormKey[]> {
+  const seen = new Set<string>();
+  const forms = new Map<string, FormKey[]>();
+  const add = (server: string, schema: string, table: string): void => {
+    const key = `${server}\u0000${schema}\u0000${table}`;
+    if (seen.has(key)) return;
+    seen.add(key);
+    const list = forms.get(server) ?? [];
+    list.push(Object.freeze({ schema, table }));
+    forms.set(server, list);
+  };
+  for (const mapping of Object.values(config.mappings)) {
+    add(mapping.from.server, mapping.from.schema, mapping.from.table);
+    add(mapping.to.server, mapping.to.schema, mapping.to.table);
+  }
+  for (const filter of config.filters) add(filter.on.server, filter.on.schema, filter.on.table);
+  for (const escalation of config.escalations) add(escalation.on.server, escalation.on.schema, escalation.on.table);
+  return new Map([...forms].map(([server, list]) => [server, Object.freeze(list)] as const));
+}

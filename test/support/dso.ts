@@ -1,0 +1,163 @@
+// A DSO test environment: servers (one database each) on the harness's clusters, the control
+// schema and forms enabled, a config and rule files on disk, and the real `pgdso` command line
+// run as a child process (so tests can kill -9 it).
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtemp, rm, writeFile, mkdir } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import pg from 'pg';
+import { migrateServer } from '../../src/sql/migrate.ts';
+import { enableForm } from '../../src/sql/forms.ts';
+import type { TestCluster } from './servers.ts';
+
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+export const PGDSO_BIN = path.join(ROOT, 'bin/pgdso');
+
+export const REPAIR_REQUEST_SQL = `
+CREATE TABLE repair_request (
+  id text PRIMARY KEY,
+  item text NOT NULL,
+  needs_upholstery boolean NOT NULL DEFAULT false,
+  status text NOT NULL DEFAULT 'new',
+  site text,
+  description text,
+  internal_note text
+)`;
+
+let counter = 0;
+
+export interface DsoEnvOptions {
+  clusters: readonly TestCluster[];
+  servers: readonly string[];
+  /** SQL run on every server before the forms are enabled */
+  schemaSql?: string;
+  /** forms enabled on every server */
+  forms?: readonly string[];
+  rules: Record<string, unknown>;
+  /** place server i on cluster (i % clusters.length) unless given */
+  placement?: Record<string, number>;
+}
+
+export interface CliResult { code: number | null; stdout: string; stderr: string }
+
+export class DsoEnv {
+  readonly pools = new Map<string, pg.Pool>();
+  private readonly engines = new Set<EngineProcess>();
+
+  constructor(readonly dir: string, readonly configPath: string, readonly urls: Record<string, string>) {
+    for (const [name, url] of Object.entries(urls)) this.pools.set(name, new pg.Pool({ connectionString: url, max: 3, application_name: 'test' }));
+  }
+
+  async query<T extends pg.QueryResultRow = Record<string, unknown>>(server: string, sql: string, params: unknown[] = []): Promise<T[]> {
+    const pool = this.pools.get(server);
+    if (!pool) throw new Error(`no server ${server}`);
+    return (await pool.query<T>(sql, params)).rows;
+  }
+
+  async writeRules(rules: Record<string, unknown>, file = 'rules/main.json'): Promise<void> {
+    await writeFile(path.join(this.dir, file), JSON.stringify(rules, null, 2));
+  }
+
+  /** Runs `pgdso ARGS --config <this config>` to completion. */
+  cli(args: readonly string[], env: NodeJS.ProcessEnv = {}): Promise<CliResult> {
+    return runCli([...args, '--config', this.configPath], env);
+  }
+
+  /** Starts `pgdso run` as a child process. */
+  engine(args: readonly string[] = []): EngineProcess {
+    const engine = new EngineProcess([...args, '--config', this.configPath]);
+    this.engines.add(engine);
+    return engine;
+  }
+
+  async close(): Promise<void> {
+    await Promise.all([...this.engines].map((e) => e.kill9()));
+    await Promise.all([...this.pools.values()].map((p) => p.end()));
+    await rm(this.dir, { recursive: true, force: true });
+  }
+}
+
+export function runCli(args: readonly string[], env: NodeJS.ProcessEnv = {}): Promise<CliResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(PGDSO_BIN, args, { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d) => (stdout += d));
+    child.stderr.on('data', (d) => (stderr += d));
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+export class EngineProcess {
+  readonly child: ChildProcess;
+  private out = '';
+  readonly exited: Promise<number | null>;
+
+  constructor(args: readonly string[]) {
+    this.child = spawn(PGDSO_BIN, ['run', ...args], { env: { ...process.env, PGDSO_LOG_LEVEL: process.env.PGDSO_LOG_LEVEL ?? 'info' }, stdio: ['ignore', 'pipe', 'pipe'] });
+    this.child.stdout!.on('data', (d) => (this.out += d));
+    this.child.stderr!.on('data', (d) => (this.out += d));
+    this.exited = new Promise((resolve) => this.child.on('exit', (code) => resolve(code)));
+  }
+
+  get output(): string {
+    return this.out;
+  }
+
+  get running(): boolean {
+    return this.child.exitCode === null && this.child.signalCode === null;
+  }
+
+  /** SIGTERM and wait for a clean exit. */
+  async stop(): Promise<number | null> {
+    if (this.running) this.child.kill('SIGTERM');
+    return this.exited;
+  }
+
+  async kill9(): Promise<void> {
+    if (this.running) this.child.kill('SIGKILL');
+    await this.exited;
+  }
+}
+
+/** Creates the databases, schema, control schema, forms, config and rule files. */
+export async function createDsoEnv(opts: DsoEnvOptions): Promise<DsoEnv> {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'pgdso-test-'));
+  await mkdir(path.join(dir, 'rules'));
+  const tag = `${process.pid}_${++counter}_${Math.random().toString(36).slice(2, 6)}`;
+  const urls: Record<string, string> = {};
+  await Promise.all(
+    opts.servers.map(async (server, i) => {
+      const cluster = opts.clusters[(opts.placement?.[server] ?? i) % opts.clusters.length]!;
+      const url = await cluster.createDatabase(`${server}_${tag}`);
+      urls[server] = url;
+      if (opts.schemaSql) {
+        const client = new pg.Client({ connectionString: url });
+        await client.connect();
+        await client.query(opts.schemaSql);
+        await client.end();
+      }
+      await migrateServer({ connectionString: url });
+      for (const form of opts.forms ?? []) await enableForm({ connectionString: url }, 'public', form);
+    }),
+  );
+  const configPath = path.join(dir, 'pgdso.config.json');
+  const config = { servers: Object.fromEntries(Object.entries(urls).map(([name, url]) => [name, { connection: url }])), rules: ['rules/*.json'] };
+  await writeFile(configPath, JSON.stringify(config, null, 2));
+  const env = new DsoEnv(dir, configPath, urls);
+  await env.writeRules(opts.rules);
+  return env;
+}
+
+/** A mapping of the contract's shape, with defaults filled by the loader. */
+export function mapping(name: string, from: string, to: string, extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return { name, from: { server: from, form: 'repair_request' }, to: { server: to, form: 'repair_request' }, ...extra };
+}
+
+export function filter(name: string, server: string, conditions: Record<string, unknown> | null, actions: Record<string, unknown>[], ops = ['insert', 'update']): Record<string, unknown> {
+  return { name, on: { server, form: 'repair_request', ops }, ...(conditions ? { conditions } : {}), actions };
+}
+
+export const is = (column: string, value: unknown) => ({ fact: 'row', path: `$.${column}`, operator: 'equal', value });
