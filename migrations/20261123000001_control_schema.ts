@@ -4,9 +4,10 @@ import type { Knex } from 'knex';
 
 export async function up(knex: Knex): Promise<void> {
   await knex.raw('CREATE SCHEMA IF NOT EXISTS pgdso');
-  const s = knex.schema.withSchema('pgdso');
+  // a fresh builder per statement: a schema builder accumulates, and awaiting it runs them all
+  const s = () => knex.schema.withSchema('pgdso');
 
-  await s.createTable('servgrp_board', (t) => {
+  await s().createTable('servgrp_board', (t) => {
     t.text('instance_id').primary();
     t.text('server_name').notNullable();
     t.text('host').notNullable();
@@ -21,7 +22,7 @@ export async function up(knex: Knex): Promise<void> {
   await knex.raw(`ALTER TABLE pgdso.servgrp_board ADD CONSTRAINT servgrp_board_state_check
     CHECK (state IN ('online', 'delinquent', 'stopped'))`);
 
-  await s.createTable('servgrp_ranking', (t) => {
+  await s().createTable('servgrp_ranking', (t) => {
     t.text('operation').notNullable();
     t.text('instance_id').notNullable();
     t.integer('rank');
@@ -31,7 +32,7 @@ export async function up(knex: Knex): Promise<void> {
   await knex.raw(`ALTER TABLE pgdso.servgrp_ranking ADD CONSTRAINT servgrp_ranking_operation_check
     CHECK (operation IN ('dso', 'escalation', 'admin'))`);
 
-  await s.createTable('servgrp_events', (t) => {
+  await s().createTable('servgrp_events', (t) => {
     t.bigIncrements('id');
     t.smallint('type').notNullable();
     t.text('operation').notNullable();
@@ -56,8 +57,8 @@ export async function up(knex: Knex): Promise<void> {
     t.specificType('source_lsn', 'pg_lsn');
     t.timestamp('created_at', { useTz: true }).notNullable().defaultTo(knex.fn.now());
   };
-  await s.createTable('pending', queueColumns);
-  await s.createTable('pending_errors', (t) => {
+  await s().createTable('pending', queueColumns);
+  await s().createTable('pending_errors', (t) => {
     queueColumns(t);
     t.text('error').notNullable();
     t.text('sqlstate');
@@ -68,7 +69,7 @@ export async function up(knex: Knex): Promise<void> {
     ON pgdso.pending_errors (source_lsn, mapping, type, request_id) WHERE source_lsn IS NOT NULL`);
   await knex.raw('CREATE INDEX pending_request ON pgdso.pending (request_id, id)');
 
-  await s.createTable('conflicts', (t) => {
+  await s().createTable('conflicts', (t) => {
     t.bigIncrements('id');
     t.text('mapping').notNullable();
     t.text('form').notNullable();
@@ -79,7 +80,7 @@ export async function up(knex: Knex): Promise<void> {
     t.timestamp('at', { useTz: true }).notNullable().defaultTo(knex.fn.now());
   });
 
-  await s.createTable('forms', (t) => {
+  await s().createTable('forms', (t) => {
     t.text('schema_name').notNullable();
     t.text('table_name').notNullable();
     t.text('key_column').notNullable();

@@ -17,7 +17,7 @@ import type { Relation, RowChange, TxBegin, TxCommit } from './change.ts';
 import { formatLsn } from './change.ts';
 import type { ActionConfig, MappingConfig, PgdsoConfig } from './config/types.ts';
 import { toPgClientConfig } from './config/load.ts';
-import { RuleEvaluationError, type CompiledRules } from './rules/index.ts';
+import type { CompiledRules } from './rules/index.ts';
 import { buildFacts, type Facts } from './rules/facts.ts';
 import { ApplyLane } from './applier/lane.ts';
 import { LaneBuffer } from './applier/buffer.ts';
@@ -188,16 +188,9 @@ class EngineSession implements ChangeSink {
     const form = this.forms.get(`${change.relation.schema}.${change.relation.table}`);
     if (!form) return;
     const facts = buildFacts(change, tx.writer);
-    let fired: ReturnType<CompiledRules['evaluate']>;
-    try {
-      fired = this.opts.rules.evaluate(this.server, change.relation.schema, change.relation.table, facts);
-    } catch (err) {
-      if (!(err instanceof RuleEvaluationError)) throw err;
-      // A condition json-rules-engine would reject on this row (e.g. `in` on a null): the
-      // filter does not fire, as in json-rules-engine; say so once per row.
-      this.log.warn({ filter: err.filter, lsn: formatLsn(change.lsn) }, err.message);
-      return;
-    }
+    const fired = this.opts.rules.evaluate(this.server, change.relation.schema, change.relation.table, facts, (err) =>
+      this.log.warn({ filter: err.filter, lsn: formatLsn(change.lsn) }, err.message),
+    );
     if (fired.length === 0) return;
     let backlog: Promise<void> | undefined;
     for (const { filter, actions } of fired) {

@@ -283,18 +283,20 @@ class EmbeddedCluster implements LocalCluster {
         stdio: logHandle ? ['ignore', logHandle.fd, logHandle.fd] : ['ignore', 'pipe', 'pipe'],
         ...this.runtime.runAs,
       });
-    } finally {
+    } catch (err) {
       await logHandle?.close();
+      throw err;
     }
-    if (!logHandle) {
-      for (const stream of [child.stdout, child.stderr]) if (stream) this.forwardLines(stream);
-    }
-
+    // Listen before any await: 'spawn' and 'error' are emitted on the next tick.
     const spawned = new Promise<void>((resolve, reject) => {
       child.once('spawn', resolve);
       child.once('error', reject);
     });
     const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+    if (!logHandle) {
+      for (const stream of [child.stdout, child.stderr]) if (stream) this.forwardLines(stream);
+    }
+    await logHandle?.close(); // the child has its own copy of the descriptor
     try {
       await spawned;
     } catch (err) {
@@ -362,6 +364,7 @@ class EmbeddedCluster implements LocalCluster {
     const server = this.server;
     if (!server) return;
     server.expectingExit = true;
+    server.child.ref(); // keep Node alive until the exit is seen
     signalQuietly(server.pid, 'SIGINT'); // fast shutdown
     try {
       await withTimeout(server.exited, STOP_TIMEOUT_MS);
@@ -384,6 +387,7 @@ class EmbeddedCluster implements LocalCluster {
     const server = this.server;
     if (!server) return;
     server.expectingExit = true;
+    server.child.ref(); // keep Node alive until the exit is seen
     signalQuietly(server.pid, 'SIGSTOP');
     const children = await childPidsOf(server.pid);
     signalQuietly(server.pid, 'SIGKILL');

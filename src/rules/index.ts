@@ -39,7 +39,7 @@ export interface CompiledRules {
   /** The filters on that form for that op, in definition order (a precomputed lookup). */
   filtersFor(server: string, schema: string, table: string, op: Op): readonly CompiledFilter[];
   /** The filters that fire on these facts (facts.op selects the op), in definition order. */
-  evaluate(server: string, schema: string, table: string, facts: Facts): FilterMatch[];
+  evaluate(server: string, schema: string, table: string, facts: Facts, onError?: (err: RuleEvaluationError) => void): FilterMatch[];
   /** Every form of that server named by a mapping's from/to, a filter or an escalation. */
   formsOf(server: string): readonly FormKey[];
   /** The escalations on that server, in definition order. */
@@ -124,10 +124,17 @@ export function compileRules(config: PgdsoConfig): CompiledRules {
 
   return Object.freeze({
     filtersFor,
-    evaluate(server: string, schema: string, table: string, facts: Facts): FilterMatch[] {
+    evaluate(server: string, schema: string, table: string, facts: Facts, onError?: (err: RuleEvaluationError) => void): FilterMatch[] {
       const matches: FilterMatch[] = [];
       for (const filter of filtersFor(server, schema, table, facts.op)) {
-        if (filter.predicate(facts)) matches.push({ filter: filter.name, actions: filter.actions });
+        try {
+          if (filter.predicate(facts)) matches.push({ filter: filter.name, actions: filter.actions });
+        } catch (err) {
+          // json-rules-engine rejects on this row (e.g. `in` against null): this filter does not
+          // fire; the others are still evaluated.
+          if (!onError || !(err instanceof RuleEvaluationError)) throw err;
+          onError(err);
+        }
       }
       return matches;
     },
