@@ -42,7 +42,7 @@ test('routing: a desk stays on sf, a chair moves to chicago with ownership, a ch
   const engine = e.engine();
   await e.query('sf', `INSERT INTO repair_request (id, item, needs_upholstery, description, internal_note)
                        VALUES ('SF-1', 'desk', false, 'wobbly leg', 'n1'), ('SF-2', 'chair', false, 'squeaks', 'n2'), ('SF-3', 'chair', true, 'torn seat', 'n3')`);
-  await waitFor(async () => (await copyOf(e, 'chicago_uph', 'SF-3')) && (await copyOf(e, 'chicago', 'SF-3'))?.dso_master === false && (await copyOf(e, 'sf', 'SF-2'))?.dso_master === false && (await copyOf(e, 'sf', 'SF-3'))?.dso_master === false, { message: `routing did not complete; engine output:\n${engine.output}` });
+  await waitFor(async () => (await copyOf(e, 'chicago_uph', 'SF-3')) && (await copyOf(e, 'chicago', 'SF-3'))?.dso_master === false && (await copyOf(e, 'sf', 'SF-2'))?.dso_master === false && (await copyOf(e, 'sf', 'SF-3'))?.dso_master === false, { message: () => `routing did not complete; engine output:\n${engine.output}` });
 
   // The desk stays where it was submitted, untouched.
   const desk = await copyOf(e, 'sf', 'SF-1');
@@ -83,7 +83,7 @@ test('a non-master copy refuses UPDATE and DELETE with P0001 naming the owner, w
   const e = await env(['sf', 'chicago'], { mappings: [routingRules.mappings[0]], filters: [routingRules.filters[0]] });
   const engine = e.engine();
   await e.query('sf', `INSERT INTO repair_request (id, item) VALUES ('G-1', 'chair')`);
-  await waitFor(async () => (await copyOf(e, 'sf', 'G-1'))?.dso_master === false, { message: `no transfer; engine output:\n${engine.output}` });
+  await waitFor(async () => (await copyOf(e, 'sf', 'G-1'))?.dso_master === false, { message: () => `no transfer; engine output:\n${engine.output}` });
   await engine.stop();
 
   // The table owner (a superuser here) in a normal session.
@@ -135,7 +135,7 @@ test('data-only transfer: the source stays master, the target copy is read-only 
   });
   const engine = e.engine();
   await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ('D-1', 'chair', 'v1')`);
-  await waitFor(async () => (await copyOf(e, 'sf', 'D-1'))?.dso_transfer_status === 'success', { message: engine.output });
+  await waitFor(async () => (await copyOf(e, 'sf', 'D-1'))?.dso_transfer_status === 'success', { message: () => engine.output });
   const [source, target] = [await copyOf(e, 'sf', 'D-1'), await copyOf(e, 'chicago', 'D-1')];
   assert.deepEqual([source?.dso_master, source?.dso_to_server, source?.dso_current_server], [true, 'chicago', 'sf']);
   assert.deepEqual([target?.dso_master, target?.dso_from_server, target?.dso_current_server, target?.description], [false, 'sf', 'sf', 'v1']);
@@ -143,7 +143,7 @@ test('data-only transfer: the source stays master, the target copy is read-only 
 
   // The master changes; the engine's write passes the guard of the read-only copy.
   await e.query('sf', `UPDATE repair_request SET description = 'v2' WHERE id = 'D-1'`);
-  await waitFor(async () => (await copyOf(e, 'chicago', 'D-1'))?.description === 'v2', { message: engine.output });
+  await waitFor(async () => (await copyOf(e, 'chicago', 'D-1'))?.description === 'v2', { message: () => engine.output });
   assert.equal((await copyOf(e, 'chicago', 'D-1'))?.dso_master, false);
   assert.equal((await copyOf(e, 'sf', 'D-1'))?.dso_master, true);
   await engine.stop();
@@ -156,7 +156,7 @@ test('independent-copy transfer: both copies are masters and the target copy is 
   });
   const engine = e.engine();
   await e.query('sf', `INSERT INTO repair_request (id, item, status, internal_note, site) VALUES ('K-1', 'desk', 'closed', 'secret', 'sf'), ('K-2', 'desk', 'open', null, 'sf')`);
-  await waitFor(async () => (await copyOf(e, 'sf', 'K-1'))?.dso_transfer_status === 'success', { message: engine.output });
+  await waitFor(async () => (await copyOf(e, 'sf', 'K-1'))?.dso_transfer_status === 'success', { message: () => engine.output });
   const [source, target] = [await copyOf(e, 'sf', 'K-1'), await copyOf(e, 'chicago', 'K-1')];
   assert.deepEqual([source?.dso_master, source?.dso_to_server, source?.dso_current_server], [true, 'chicago', 'sf']);
   assert.deepEqual([target?.dso_master, target?.dso_current_server, target?.dso_from_server, target?.internal_note, target?.site], [true, 'chicago', 'sf', null, 'kb']);

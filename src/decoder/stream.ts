@@ -11,7 +11,7 @@ import pg from 'pg';
 import type { Logger } from 'pino';
 import type { RowChange, TxBegin, TxCommit, Relation } from '../change.ts';
 import { formatLsn } from '../change.ts';
-import { PgoutputDecoder } from './pgoutput.ts';
+import { PgoutputDecoder, type DecodedMessage } from './pgoutput.ts';
 import { PUBLICATION, quoteIdent } from '../sql/identifiers.ts';
 
 /** What the stream feeds. Declared here, implemented by the engine. */
@@ -42,7 +42,9 @@ const PG_EPOCH_MS = 946_684_800_000;
 export class ReplicationStream {
   private client: pg.Client | null = null;
   private confirmed = 0n;
-  private readonly queue: Buffer[] = [];
+  /** Decoded messages waiting for the sink. Decoded on arrival: pg's parser reuses its buffer. */
+  private readonly queue: QueueItem[] = [];
+  private head = 0;
   private draining = false;
   private pendingBegin: (TxBegin & { origin: string | null }) | null = null;
   private inTransaction = false;
@@ -74,7 +76,14 @@ export class ReplicationStream {
     await client.connect();
     const connection = (client as unknown as { connection: PgConnection }).connection;
     connection.on('copyData', ({ chunk }: { chunk: Buffer }) => {
-      this.queue.push(chunk);
+      try {
+        const item = this.read(chunk);
+        if (!item) return;
+        this.queue.push(item);
+      } catch (err) {
+        this.fail(err instanceof Error ? err : new Error(String(err)));
+        return;
+      }
       if (!this.draining) void this.drain(sink, connection);
     });
     const slotRow = await client.query(`SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots WHERE slot_name = '${this.opts.slot.replace(/'/g, "''")}'`).catch(() => null);
@@ -113,15 +122,43 @@ export class ReplicationStream {
     if (this.statusTimer) clearInterval(this.statusTimer);
     this.statusTimer = null;
     this.queue.length = 0;
+    this.head = 0;
+  }
+
+  private get queued(): number {
+    return this.queue.length - this.head;
+  }
+
+  private shift(): QueueItem {
+    const item = this.queue[this.head]!;
+    this.head += 1;
+    if (this.head === this.queue.length) {
+      this.queue.length = 0;
+      this.head = 0;
+    } else if (this.head > 4096) {
+      this.queue.splice(0, this.head);
+      this.head = 0;
+    }
+    return item;
+  }
+
+  /** Decodes one CopyData message at once (its buffer is only valid during the event). */
+  private read(chunk: Buffer): QueueItem | null {
+    const type = chunk[0];
+    if (type === 0x6b /* k: primary keepalive */) {
+      return { kind: 'keepalive', walEnd: chunk.readBigUInt64BE(1), replyRequested: chunk[17] === 1 };
+    }
+    if (type !== 0x77 /* w: XLogData */) return null;
+    const msg = this.decoder.decode(chunk.subarray(25), chunk.readBigUInt64BE(1));
+    return msg.kind === 'ignored' || msg.kind === 'relation' ? null : msg;
   }
 
   private async drain(sink: ChangeSink, connection: PgConnection): Promise<void> {
     this.draining = true;
     let paused = false;
     try {
-      while (this.queue.length > 0 && !this.stopped) {
-        const chunk = this.queue.shift()!;
-        const result = this.handle(chunk, sink);
+      while (this.queued > 0 && !this.stopped) {
+        const result = this.handle(this.shift(), sink);
         if (result) {
           if (!paused) {
             connection.stream.pause();
@@ -129,13 +166,13 @@ export class ReplicationStream {
           }
           await result;
         }
-        if (this.queue.length === 0 && !this.stopped) {
+        if (this.queued === 0 && !this.stopped) {
           if (paused) {
             connection.stream.resume();
             paused = false;
             // let the socket deliver what it has before declaring the stream idle
             await new Promise<void>((resolve) => setImmediate(resolve));
-            if (this.queue.length > 0) continue;
+            if (this.queued > 0) continue;
           }
           if (!this.inTransaction) {
             const idle = sink.idle();
@@ -151,23 +188,17 @@ export class ReplicationStream {
     }
   }
 
-  /** Handles one CopyData message; returns a promise only when the sink returned one. */
-  private handle(chunk: Buffer, sink: ChangeSink): void | Promise<void> {
-    const type = chunk[0];
-    if (type === 0x6b /* k: primary keepalive */) {
-      const walEnd = chunk.readBigUInt64BE(1);
-      const replyRequested = chunk[17] === 1;
+  /** Handles one message; returns a promise only when the sink returned one. */
+  private handle(msg: QueueItem, sink: ChangeSink): void | Promise<void> {
+    if (msg.kind === 'keepalive') {
       // Nothing in flight and everything handed over is applied: the sender has nothing
       // before walEnd that we still need, so the slot may move on (keeps quiet slots moving).
-      if (!this.inTransaction && this.queue.length === 0 && sink.caughtUp() && walEnd > this.confirmed) {
-        this.confirmed = walEnd;
+      if (!this.inTransaction && this.queued === 0 && sink.caughtUp() && msg.walEnd > this.confirmed) {
+        this.confirmed = msg.walEnd;
       }
-      if (replyRequested) this.sendStatus(false);
+      if (msg.replyRequested) this.sendStatus(false);
       return;
     }
-    if (type !== 0x77 /* w: XLogData */) return;
-    const lsn = chunk.readBigUInt64BE(1);
-    const msg = this.decoder.decode(chunk.subarray(25), lsn);
     switch (msg.kind) {
       case 'begin':
         this.inTransaction = true;
@@ -223,6 +254,8 @@ export class ReplicationStream {
     }
   }
 }
+
+type QueueItem = Exclude<DecodedMessage, { kind: 'ignored' } | { kind: 'relation' }> | { kind: 'keepalive'; walEnd: bigint; replyRequested: boolean };
 
 interface PgConnection {
   on(event: 'copyData', listener: (msg: { chunk: Buffer }) => void): void;

@@ -60,16 +60,24 @@ export interface StartLocalClusterOptions {
   log?: (line: string) => void;
 }
 
-/** Settings every cluster gets (fsync stays on: the tests check crash safety). */
-const DEFAULT_SETTINGS: Readonly<Record<string, string>> = {
-  listen_addresses: '127.0.0.1',
-  unix_socket_permissions: '0700',
+/** Server settings pgdso's tests and demo need on any PostgreSQL 18 (local or not). */
+export const REPLICATION_SETTINGS: Readonly<Record<string, string>> = Object.freeze({
   wal_level: 'logical',
   max_replication_slots: '64',
   max_wal_senders: '64',
   max_active_replication_origins: '64',
   max_connections: '200',
+});
+
+/** Settings every local cluster gets (fsync stays on: the tests check crash safety). */
+const DEFAULT_SETTINGS: Readonly<Record<string, string>> = {
+  listen_addresses: '127.0.0.1',
+  unix_socket_permissions: '0700',
+  ...REPLICATION_SETTINGS,
 };
+
+/** Chosen by startLocalCluster itself: the URL, the password setup and the tests rely on them. */
+const MANAGED_SETTINGS = new Set(['port', 'listen_addresses', 'unix_socket_directories', 'unix_socket_permissions']);
 
 /** Bump when the template's content changes (initdb flags, pg_hba.conf, ...). */
 const TEMPLATE_FORMAT = 1;
@@ -131,10 +139,11 @@ export async function startLocalCluster(opts: StartLocalClusterOptions = {}): Pr
       `cluster directory ${dataDir} is too long for a unix socket path; set PGDSO_PG_CACHE_DIR to a shorter directory`,
     );
   }
-  const settings = { ...DEFAULT_SETTINGS, unix_socket_directories: dataDir, ...opts.settings };
-  for (const key of Object.keys(settings)) {
+  for (const key of Object.keys(opts.settings ?? {})) {
     if (!/^[A-Za-z_][A-Za-z0-9_.]*$/.test(key)) throw new Error(`invalid PostgreSQL setting name: ${JSON.stringify(key)}`);
+    if (MANAGED_SETTINGS.has(key.toLowerCase())) throw new Error(`setting ${key} is managed by startLocalCluster`);
   }
+  const settings = { ...DEFAULT_SETTINGS, unix_socket_directories: dataDir, ...opts.settings };
 
   const cluster = new EmbeddedCluster(runtime, dataDir, settings, opts.log);
   try {
@@ -207,7 +216,9 @@ class EmbeddedCluster implements LocalCluster {
           if (!(err instanceof PortInUseError) || attempt >= PORT_ATTEMPTS) throw err;
         }
       }
-      await withClient({ ...this.socketClientConfig(), database: 'postgres' }, async (client) => {
+      // Over the owner-only unix socket (trust): TCP has no password to accept yet.
+      const socketConfig = { host: this.dataDir, port: this.port, user: SUPERUSER, database: 'postgres', application_name: 'local-cluster-admin' };
+      await withClient(socketConfig, async (client) => {
         // Keep the statement out of the server log even if it fails.
         await client.query(`SET log_min_error_statement = panic`);
         await client.query(`SET log_statement = 'none'`);
@@ -248,10 +259,6 @@ class EmbeddedCluster implements LocalCluster {
 
   private tcpClientConfig(database: string): pg.ClientConfig {
     return { host: LOOPBACK, port: this.port, user: SUPERUSER, password: this.password, database, application_name: 'local-cluster-admin' };
-  }
-
-  private socketClientConfig(): pg.ClientConfig {
-    return { host: this.dataDir, port: this.port, user: SUPERUSER, application_name: 'local-cluster-admin' };
   }
 
   private async writeSettings(): Promise<void> {
@@ -333,11 +340,13 @@ class EmbeddedCluster implements LocalCluster {
     }
 
     this.server = server;
-    process.setMaxListeners(process.getMaxListeners() + 1);
+    // One listener per running cluster: raise the limit so many clusters do not warn.
+    const limited = process.getMaxListeners() > 0;
+    if (limited) process.setMaxListeners(process.getMaxListeners() + 1);
     process.on('exit', server.onNodeExit);
     void exited.then(() => {
       process.off('exit', server.onNodeExit);
-      process.setMaxListeners(Math.max(10, process.getMaxListeners() - 1));
+      if (limited) process.setMaxListeners(Math.max(1, process.getMaxListeners() - 1));
       if (this.server === server) this.server = undefined;
       if (!server.expectingExit) {
         this.emitPgdsoLine(`postmaster ${pid} exited unexpectedly (${child.exitCode ?? child.signalCode})`);
