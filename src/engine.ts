@@ -102,6 +102,7 @@ class EngineSession implements ChangeSink {
   private readonly catalogs = new Map<string, FormCatalog>();
   private readonly plans = new WeakMap<Relation, Map<string, ColumnPlan>>();
   private tx: OpenTransaction | null = null;
+  private readonly hops = new Map<string, { finalLsn: bigint; template: [string, string] }>();
   private last: TxCommit | null = null;
   private unflushed = 0;
   private flushedOnce = false;
@@ -187,8 +188,11 @@ class EngineSession implements ChangeSink {
     if (tx.writer === this.server) return;
     const form = this.forms.get(`${change.relation.schema}.${change.relation.table}`);
     if (!form) return;
-    const facts = buildFacts(change, tx.writer);
-    const fired = this.opts.rules.evaluate(this.server, change.relation.schema, change.relation.table, facts, (err) =>
+    const { rules } = this.opts;
+    const { schema, table } = change.relation;
+    if (rules.filtersFor(this.server, schema, table, change.op).length === 0) return;
+    const facts = buildFacts(change, tx.writer, rules.columnsFor(this.server, schema, table, change.op));
+    const fired = rules.evaluate(this.server, change.relation.schema, change.relation.table, facts, (err) =>
       this.log.warn({ filter: err.filter, lsn: formatLsn(change.lsn) }, err.message),
     );
     if (fired.length === 0) return;
@@ -254,30 +258,43 @@ class EngineSession implements ChangeSink {
       const plan = this.planFor(change.relation, mapping, form);
       const values = plan.columns.map((c) => (c.from.kind === 'constant' ? c.from.text : row[c.from.column]));
       if (values.some((v) => v === undefined)) throw new Error(`form ${form.schema}.${form.table} is not replica identity full: run pgdso forms enable`);
-      const entry = JSON.stringify({
-        at: tx.commitTime.toISOString(),
-        mapping: mapping.name,
-        transferMode: mapping.transferMode,
-        fromServer: this.server,
-        fromForm: form.table,
-        fromRequestId: requestId,
-        toServer: mapping.to.server,
-        toForm: mapping.to.table,
-      });
-      const history = historyText === '[]' ? `[${entry}]` : `${historyText.slice(0, -1)}, ${entry}]`;
+      const history = appendHop(historyText, this.hopTemplate(mapping, form, tx), requestId);
       const groupKey = `transfer:${mapping.name}`;
-      buffer.group(groupKey, `${mapping.to.schema}.${mapping.to.table}\u0000${requestId}`, () => new TransferGroup(plan)).add({ requestId, values: values as (string | null)[], history, lsn: change.lsn });
+      buffer
+        .group(groupKey, `${mapping.to.schema}.${mapping.to.table}`, requestId, () => new TransferGroup(plan))
+        .add({ requestId, values: values as (string | null)[], history, lsn: change.lsn });
       buffer.added(groupKey);
       this.unflushed += 1;
-      if (buffer.lane.backlog > 2) wait = buffer.lane.settle();
+      if (buffer.lane.backlog > 2) wait = buffer.lane.drainTo(1);
     }
     const source = this.sourceBuffer!;
     if (!source.lane.applied(tx.finalLsn)) {
       const groupKey = `transferred:${mapping.name}`;
-      source.group(groupKey, `${form.schema}.${form.table}\u0000${requestId}`, () => new TransferredGroup(mapping, form.keyColumn, form.keyType)).add(requestId, change.lsn);
+      source.group(groupKey, `${form.schema}.${form.table}`, requestId, () => new TransferredGroup(mapping, form.keyColumn, form.keyType)).add(requestId, change.lsn);
       this.unflushed += 1;
     }
     return wait;
+  }
+
+  /** The hop's JSON around its request ID, the same for every request of a mapping in a transaction. */
+  private hopTemplate(mapping: MappingConfig, form: FormInfo, tx: OpenTransaction): [string, string] {
+    const cached = this.hops.get(mapping.name);
+    if (cached && cached.finalLsn === tx.finalLsn) return cached.template;
+    const marker = '\u0000request\u0000';
+    const json = JSON.stringify({
+      at: tx.commitTime.toISOString(),
+      mapping: mapping.name,
+      transferMode: mapping.transferMode,
+      fromServer: this.server,
+      fromForm: form.table,
+      fromRequestId: marker,
+      toServer: mapping.to.server,
+      toForm: mapping.to.table,
+    });
+    const at = json.indexOf(JSON.stringify(marker));
+    const template: [string, string] = [json.slice(0, at), json.slice(at + JSON.stringify(marker).length)];
+    this.hops.set(mapping.name, { finalLsn: tx.finalLsn, template });
+    return template;
   }
 
   private planFor(relation: Relation, mapping: MappingConfig, form: FormInfo): ColumnPlan {
@@ -328,6 +345,12 @@ class EngineSession implements ChangeSink {
     await this.sourceLane?.close();
     await this.control?.end().catch(() => {});
   }
+}
+
+/** The request's mapping history (jsonb text) with one more hop. */
+function appendHop(historyText: string, [before, after]: [string, string], requestId: string): string {
+  const hop = `${before}${JSON.stringify(requestId)}${after}`;
+  return historyText === '[]' ? `[${hop}]` : `${historyText.slice(0, -1)}, ${hop}]`;
 }
 
 /** Servers a request has been on, from its mapping history (JSON text). */

@@ -5,20 +5,25 @@ import type { ApplyLane, OpGroup } from './lane.ts';
 
 export class LaneBuffer<F> {
   private readonly open = new Map<string, OpGroup<F>>();
-  private readonly ownerOf = new Map<string, string>();
 
   constructor(readonly lane: ApplyLane<F>, private readonly chunkRows: number, private readonly hold = false) {}
 
-  /** The open group `groupKey` (created if needed), ready to take an operation on `requestKey`. */
-  group<G extends OpGroup<F>>(groupKey: string, requestKey: string, create: () => G): G {
-    const owner = this.ownerOf.get(requestKey);
-    if (owner !== undefined && owner !== groupKey) this.submitAll();
+  /** The open group `groupKey` (created if needed), ready to take an operation on a request. */
+  group<G extends OpGroup<F>>(groupKey: string, table: string, requestId: string, create: () => G): G {
     let group = this.open.get(groupKey);
+    if (this.open.size > (group ? 1 : 0)) {
+      for (const [key, other] of this.open) {
+        if (key !== groupKey && other.has(table, requestId)) {
+          this.submitAll();
+          group = undefined;
+          break;
+        }
+      }
+    }
     if (!group) {
       group = create();
       this.open.set(groupKey, group);
     }
-    this.ownerOf.set(requestKey, groupKey);
     return group as G;
   }
 
@@ -26,22 +31,14 @@ export class LaneBuffer<F> {
   added(groupKey: string): void {
     if (this.hold) return;
     const group = this.open.get(groupKey);
-    if (group && group.size >= this.chunkRows) this.submit(groupKey, group);
-  }
-
-  get pending(): number {
-    let n = 0;
-    for (const group of this.open.values()) n += group.size;
-    return n;
+    if (group && group.size >= this.chunkRows) {
+      this.open.delete(groupKey);
+      this.lane.submit(group);
+    }
   }
 
   submitAll(): void {
-    for (const [key, group] of [...this.open]) this.submit(key, group);
-  }
-
-  private submit(groupKey: string, group: OpGroup<F>): void {
-    this.open.delete(groupKey);
-    for (const key of group.keys()) if (this.ownerOf.get(key) === groupKey) this.ownerOf.delete(key);
-    this.lane.submit(group);
+    for (const group of this.open.values()) this.lane.submit(group);
+    this.open.clear();
   }
 }

@@ -10,8 +10,8 @@ import { describeFormColumns, type FormCatalog } from './catalog.ts';
 /** A set of operations applied by one statement (or a few), in the lane's open transaction. */
 export interface OpGroup<F = unknown> {
   readonly size: number;
-  /** the request keys (table + request ID) this group touches, for ordering across groups */
-  keys(): Iterable<string>;
+  /** true when the group holds an operation on that request of that table (schema.table) */
+  has(table: string, requestId: string): boolean;
   execute(client: pg.ClientBase): Promise<F[]>;
 }
 
@@ -32,6 +32,7 @@ export class ApplyLane<F = unknown> {
   private failure: Error | null = null;
   private failures: F[] = [];
   private queued = 0;
+  private readonly inFlight: Promise<void>[] = [];
   private readonly catalogs = new Map<string, Promise<FormCatalog>>();
 
   constructor(private readonly opts: LaneOptions) {
@@ -86,7 +87,7 @@ export class ApplyLane<F = unknown> {
   /** Runs a group in the open transaction, after every group submitted before it. */
   submit(group: OpGroup<F>): void {
     this.queued += 1;
-    this.tail = this.tail.then(async () => {
+    const done = this.tail.then(async () => {
       try {
         if (this.failure) return;
         const client = this.connection();
@@ -100,8 +101,17 @@ export class ApplyLane<F = unknown> {
         this.failure ??= err instanceof Error ? err : new Error(String(err));
       } finally {
         this.queued -= 1;
+        this.inFlight.shift();
       }
     });
+    this.inFlight.push(done);
+    this.tail = done;
+  }
+
+  /** Waits until at most `n` submitted groups are unfinished (backpressure). */
+  async drainTo(n: number): Promise<void> {
+    while (this.inFlight.length > n) await this.inFlight[0];
+    if (this.failure) throw this.failure;
   }
 
   /** Waits for the submitted groups; throws the first failure (the transaction is then lost). */

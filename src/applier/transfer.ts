@@ -85,14 +85,17 @@ export class TransferGroup implements OpGroup<ApplyFailure> {
     return this.rows.size;
   }
 
+  /** Adds a request; a later change of the same request replaces the earlier (one statement). */
   add(row: TransferRow): void {
-    this.rows.delete(row.requestId);
     this.rows.set(row.requestId, row);
   }
 
-  *keys(): Iterable<string> {
-    const table = `${this.plan.target.schema}.${this.plan.target.table}`;
-    for (const id of this.rows.keys()) yield `${table}\u0000${id}`;
+  has(table: string, requestId: string): boolean {
+    return table === this.table && this.rows.has(requestId);
+  }
+
+  private get table(): string {
+    return `${this.plan.target.schema}.${this.plan.target.table}`;
   }
 
   async execute(client: pg.ClientBase): Promise<ApplyFailure[]> {
@@ -112,9 +115,9 @@ export class TransferGroup implements OpGroup<ApplyFailure> {
     });
     const ownsTarget = mapping.transferMode !== 'data-only';
     const result = await client.query(transferStatement(plan), [
-      ...arrays,
-      ids,
-      histories,
+      ...arrays.map(textArrayLiteral),
+      textArrayLiteral(ids),
+      textArrayLiteral(histories),
       ownsTarget,
       ownsTarget ? mapping.to.server : mapping.from.server,
       ownsTarget ? mapping.to.table : mapping.from.table,
@@ -147,6 +150,22 @@ export class TransferGroup implements OpGroup<ApplyFailure> {
       sqlstate: classified.sqlstate,
     };
   }
+}
+
+const NEEDS_ESCAPE = /["\\]/;
+
+/**
+ * A text[] literal built directly ('{"a","b",NULL}'): several times cheaper than pg's generic
+ * array serialisation for the large arrays of set-based statements.
+ */
+export function textArrayLiteral(values: readonly (string | null)[]): string {
+  const parts = new Array<string>(values.length);
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    if (v === null || v === undefined) parts[i] = 'NULL';
+    else parts[i] = NEEDS_ESCAPE.test(v) ? `"${v.replace(/[\\"]/g, '\\$&')}"` : `"${v}"`;
+  }
+  return `{${parts.join(',')}}`;
 }
 
 class DuplicateRequestError extends Error {
@@ -198,13 +217,11 @@ export class TransferredGroup implements OpGroup<never> {
   }
 
   add(requestId: string, lsn: bigint): void {
-    this.rows.delete(requestId);
     this.rows.set(requestId, lsn);
   }
 
-  *keys(): Iterable<string> {
-    const table = `${this.mapping.from.schema}.${this.mapping.from.table}`;
-    for (const id of this.rows.keys()) yield `${table}\u0000${id}`;
+  has(table: string, requestId: string): boolean {
+    return table === `${this.mapping.from.schema}.${this.mapping.from.table}` && this.rows.has(requestId);
   }
 
   async execute(client: pg.ClientBase): Promise<never[]> {

@@ -325,3 +325,33 @@ export function compileConditions(conditions: Conditions | null | undefined): Pr
   if (conditions === null || conditions === undefined) return () => true;
   return compileNode(conditions);
 }
+
+/**
+ * The columns of the `row` and `old` facts that conditions read, or null when a condition reads a
+ * whole row (a fact without a path). Lets the engine convert only those columns per change.
+ */
+export function columnsRead(conditions: Conditions | null | undefined): Set<string> | null {
+  const columns = new Set<string>();
+  let whole = false;
+  const visitLeaf = (fact: unknown, path: unknown) => {
+    if (fact !== 'row' && fact !== 'old') return;
+    const segments = typeof path === 'string' ? parsePath(path) : null;
+    if (!segments || segments.length === 0) whole = true;
+    else columns.add(segments[0]!);
+  };
+  const visit = (node: unknown): void => {
+    if (!node || typeof node !== 'object') return;
+    const n = node as Record<string, unknown>;
+    for (const kind of BOOLEAN_KEYS) {
+      if (!Object.hasOwn(n, kind)) continue;
+      const child = n[kind];
+      if (Array.isArray(child)) child.forEach(visit);
+      else visit(child);
+      return;
+    }
+    visitLeaf(n.fact, n.path);
+    if (isFactReference(n.value)) visitLeaf(n.value.fact, n.value.path);
+  };
+  visit(conditions);
+  return whole ? null : columns;
+}

@@ -118,15 +118,40 @@ export function convertRow(row: TextRow, typeOfColumn: ReadonlyMap<string, numbe
   return converted;
 }
 
+const typesOfRelation = new WeakMap<RowChange['relation'], ReadonlyMap<string, number>>();
+
+function typesOf(relation: RowChange['relation']): ReadonlyMap<string, number> {
+  let types = typesOfRelation.get(relation);
+  if (!types) {
+    types = new Map(relation.columns.map((c) => [c.name, c.typeOid] as const));
+    typesOfRelation.set(relation, types);
+  }
+  return types;
+}
+
+/** Converts only `columns` of a text row (the ones conditions read). */
+function convertColumns(row: TextRow, types: ReadonlyMap<string, number>, columns: ReadonlySet<string>): Record<string, unknown> {
+  const converted: Record<string, unknown> = {};
+  for (const column of columns) {
+    if (!Object.hasOwn(row, column)) continue;
+    const oid = types.get(column);
+    const text = row[column];
+    converted[column] = oid === undefined ? text : factValue(oid, text);
+  }
+  return converted;
+}
+
 /**
  * The facts for one decoded change. `origin` is the server whose engine wrote the change (from
  * the transaction's replication origin), null for a change made by a user of this server.
+ * With `columns`, `row` and `old` hold only those columns (the ones the conditions read).
  */
-export function buildFacts(change: RowChange, originServer: string | null): Facts {
-  const typeOfColumn = new Map(change.relation.columns.map((c) => [c.name, c.typeOid] as const));
+export function buildFacts(change: RowChange, originServer: string | null, columns?: ReadonlySet<string> | null): Facts {
+  const types = typesOf(change.relation);
+  const convert = (r: TextRow) => (columns ? convertColumns(r, types, columns) : convertRow(r, types));
   const sourceRow = change.op === 'delete' ? change.old : change.new;
-  const row = sourceRow ? convertRow(sourceRow, typeOfColumn) : {};
-  const old = change.op === 'update' && change.old ? convertRow(change.old, typeOfColumn) : null;
+  const row = sourceRow ? convert(sourceRow) : {};
+  const old = change.op === 'update' && change.old ? convert(change.old) : null;
   return {
     row,
     old,

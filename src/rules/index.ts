@@ -2,7 +2,7 @@
 // changed row only meets the filters that can fire on it.
 
 import { ConfigError, type ActionConfig, type ConfigProblem, type Op, type PgdsoConfig } from '../config/types.ts';
-import { compileConditions, RuleEvaluationError, UnsupportedConditionError, type Predicate } from './compile.ts';
+import { columnsRead, compileConditions, RuleEvaluationError, UnsupportedConditionError, type Predicate } from './compile.ts';
 import type { Facts } from './facts.ts';
 
 export { RuleEvaluationError } from './compile.ts';
@@ -38,6 +38,11 @@ export interface FormKey {
 export interface CompiledRules {
   /** The filters on that form for that op, in definition order (a precomputed lookup). */
   filtersFor(server: string, schema: string, table: string, op: Op): readonly CompiledFilter[];
+  /**
+   * The columns the filters on that form for that op read from `row`/`old` (plus dso_master),
+   * or null when one reads whole rows: build facts with only these.
+   */
+  columnsFor(server: string, schema: string, table: string, op: Op): ReadonlySet<string> | null;
   /** The filters that fire on these facts (facts.op selects the op), in definition order. */
   evaluate(server: string, schema: string, table: string, facts: Facts, onError?: (err: RuleEvaluationError) => void): FilterMatch[];
   /** Every form of that server named by a mapping's from/to, a filter or an escalation. */
@@ -84,7 +89,14 @@ export function compileRules(config: PgdsoConfig): CompiledRules {
   };
 
   const filtersByKey = new Map<string, CompiledFilter[]>();
+  const columnsByKey = new Map<string, Set<string> | null>();
   for (const filter of config.filters) {
+    const read = columnsRead(filter.conditions);
+    for (const op of new Set(filter.on.ops)) {
+      const key = filterKey(filter.on.server, filter.on.schema, filter.on.table, op);
+      const known = columnsByKey.has(key) ? columnsByKey.get(key)! : new Set<string>(['dso_master']);
+      columnsByKey.set(key, known === null || read === null ? null : new Set([...known, ...read]));
+    }
     const compiled: CompiledFilter = Object.freeze({
       name: filter.name,
       predicate: compile(filter.name, filter.conditions, filter.source),
@@ -124,6 +136,8 @@ export function compileRules(config: PgdsoConfig): CompiledRules {
 
   return Object.freeze({
     filtersFor,
+    columnsFor: (server: string, schema: string, table: string, op: Op): ReadonlySet<string> | null =>
+      columnsByKey.get(filterKey(server, schema, table, op)) ?? null,
     evaluate(server: string, schema: string, table: string, facts: Facts, onError?: (err: RuleEvaluationError) => void): FilterMatch[] {
       const matches: FilterMatch[] = [];
       for (const filter of filtersFor(server, schema, table, facts.op)) {
