@@ -77,7 +77,7 @@ async function native(source: LocalCluster, target: LocalCluster): Promise<numbe
   return times;
 }
 
-async function pgdso(source: LocalCluster, target: LocalCluster): Promise<{ times: number[]; peakRssMb: number }> {
+async function pgdso(source: LocalCluster, target: LocalCluster): Promise<{ times: number[]; settled: number[]; peakRssMb: number }> {
   const src = await source.createDatabase('bench_pgdso');
   const dst = await target.createDatabase('bench_pgdso');
   for (const url of [src, dst]) {
@@ -107,13 +107,17 @@ async function pgdso(source: LocalCluster, target: LocalCluster): Promise<{ time
   }, 200);
   try {
     const times: number[] = [];
+    const settled: number[] = [];
     for (let run = 0; run < RUNS; run++) {
       const { committedAt, lastId } = await loadOnce(src, run * ROWS + 1);
       times.push(await Promise.race([waitVisible(dst, lastId, committedAt), exited]));
-      // let the engine finish the source copies' bookkeeping before the next run
-      await waitBookkept(src, run * ROWS + ROWS);
+      // the source copies' bookkeeping (dso_to_*, status) and the engine reading it back from
+      // the WAL: the next run starts on an idle engine
+      await Promise.race([waitBookkept(src, run * ROWS + ROWS), exited]);
+      await Promise.race([waitSlotIdle(src), exited]);
+      settled.push(Date.now() - committedAt);
     }
-    return { times, peakRssMb: Math.round(peakRssKb / 1024) };
+    return { times, settled, peakRssMb: Math.round(peakRssKb / 1024) };
   } catch (err) {
     throw new Error(`${(err as Error).message}\nengine stderr:\n${stderr}`);
   } finally {
@@ -136,6 +140,18 @@ async function waitBookkept(url: string, expected: number): Promise<void> {
   throw new Error('bookkeeping did not finish');
 }
 
+/** Waits until the source slot has confirmed everything written so far. */
+async function waitSlotIdle(url: string): Promise<void> {
+  const target = (await sql(url, 'SELECT pg_current_wal_lsn()::text AS lsn')).rows[0].lsn;
+  const deadline = Date.now() + 600_000;
+  while (Date.now() < deadline) {
+    const r = await sql(url, `SELECT confirmed_flush_lsn >= $1::pg_lsn AS done FROM pg_replication_slots WHERE slot_name LIKE 'pgdso_%' AND database = current_database()`, [target]);
+    if (r.rows[0]?.done) return;
+    await delay(100);
+  }
+  throw new Error('the engine did not catch up');
+}
+
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
 async function main(): Promise<void> {
@@ -146,10 +162,10 @@ async function main(): Promise<void> {
     const nativeTimes = await native(source, target);
     const ours = await pgdso(source, target);
     const rate = (ms: number) => Math.round(ROWS / (ms / 1000)).toLocaleString('en-US');
-    console.log(`\n| ${ROWS.toLocaleString('en-US')}-row single-transaction insert, commit to visible on the peer | median | runs (ms) | rows/s (median) | engine peak RSS |`);
-    console.log('|---|---|---|---|---|');
-    console.log(`| PostgreSQL publication/subscription | ${median(nativeTimes)} ms | ${nativeTimes.join(', ')} | ${rate(median(nativeTimes))} | (in the server) |`);
-    console.log(`| pgdso (data-only mapping, one filter) | ${median(ours.times)} ms | ${ours.times.join(', ')} | ${rate(median(ours.times))} | ${ours.peakRssMb} MB |`);
+    console.log(`\n| ${ROWS.toLocaleString('en-US')}-row single-transaction insert | commit to visible on the peer (median) | runs (ms) | rows/s (median) | until idle again (median) | engine peak RSS |`);
+    console.log('|---|---|---|---|---|---|');
+    console.log(`| PostgreSQL publication/subscription | ${median(nativeTimes)} ms | ${nativeTimes.join(', ')} | ${rate(median(nativeTimes))} | ${median(nativeTimes)} ms | (in the server) |`);
+    console.log(`| pgdso (data-only mapping, one filter) | ${median(ours.times)} ms | ${ours.times.join(', ')} | ${rate(median(ours.times))} | ${median(ours.settled)} ms (source copies marked) | ${ours.peakRssMb} MB |`);
   } finally {
     await source.destroy();
     await target.destroy();

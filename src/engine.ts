@@ -262,7 +262,7 @@ class EngineSession implements ChangeSink {
       const groupKey = `transfer:${mapping.name}`;
       buffer
         .group(groupKey, `${mapping.to.schema}.${mapping.to.table}`, requestId, () => new TransferGroup(plan))
-        .add({ requestId, values: values as (string | null)[], history, lsn: change.lsn });
+        .add({ requestId, values: values as (string | null)[], history, lsn: change.lsn }, change.op === 'insert');
       buffer.added(groupKey);
       this.unflushed += 1;
       if (buffer.lane.backlog > 2) wait = buffer.lane.drainTo(1);

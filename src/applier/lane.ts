@@ -6,6 +6,7 @@ import pg from 'pg';
 import type { Logger } from 'pino';
 import { formatLsn, parseLsn } from '../change.ts';
 import { describeFormColumns, type FormCatalog } from './catalog.ts';
+import { withCanonicalText } from '../sql/session.ts';
 
 /** A set of operations applied by one statement (or a few), in the lane's open transaction. */
 export interface OpGroup<F = unknown> {
@@ -40,7 +41,7 @@ export class ApplyLane<F = unknown> {
   }
 
   async open(): Promise<void> {
-    const client = new pg.Client({ ...this.opts.connection, application_name: `pgdso apply ${this.opts.name}` });
+    const client = new pg.Client({ ...withCanonicalText(this.opts.connection), application_name: `pgdso apply ${this.opts.name}` });
     client.on('error', (err) => {
       this.failure ??= err;
     });

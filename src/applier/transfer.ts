@@ -7,7 +7,7 @@ import type pg from 'pg';
 import type { MappingConfig } from '../config/types.ts';
 import { qualified, quoteIdent } from '../sql/identifiers.ts';
 import { formatLsn } from '../change.ts';
-import { classifyError, isDataError } from './errors.ts';
+import { classifyError, isDataError, sqlstateOf } from './errors.ts';
 import type { OpGroup } from './lane.ts';
 import type { ColumnPlan } from './plan.ts';
 
@@ -32,20 +32,30 @@ export interface ApplyFailure {
   sqlstate: string | null;
 }
 
-const statements = new WeakMap<ColumnPlan, string>();
+interface TransferStatements {
+  /** INSERT only: the fast path when none of the requests is on the target yet */
+  insert: string;
+  /** INSERT ... ON CONFLICT DO UPDATE of the same request; returns how many rows it wrote */
+  upsert: string;
+  /** the request IDs held on the target by a different request (duplicates) */
+  duplicates: string;
+}
 
-function transferStatement(plan: ColumnPlan): string {
+const statements = new WeakMap<ColumnPlan, TransferStatements>();
+
+// Parameters after the column arrays: +1 ids, +2 histories, +3 master, +4 current server,
+// +5 current form, +6 from server, +7 from form, +8 mapping, +9 this target server.
+function transferStatements(plan: ColumnPlan): TransferStatements {
   const cached = statements.get(plan);
   if (cached) return cached;
   const { mapping, target } = plan;
   const key = quoteIdent(target.keyColumn);
+  const table = qualified(target.schema, target.table);
   const n = plan.columns.length;
+  const p = (k: number) => `$${n + k}`;
   const dataColumns = plan.columns.map((c) => quoteIdent(c.target));
   const casts = plan.columns.map((c, i) => `u.c${i}::${c.type}`);
   const arrays = plan.columns.map((_, i) => `$${i + 1}::text[]`);
-  const p = (k: number) => `$${n + k}`;
-  // $n+1 ids, $n+2 histories, $n+3 master, $n+4 current server, $n+5 current form,
-  // $n+6 from server, $n+7 from form, $n+8 mapping, $n+9 this target server
   const dso = [
     ['dso_master', `${p(3)}::boolean`],
     ['dso_current_server', `${p(4)}::text`],
@@ -61,23 +71,33 @@ function transferStatement(plan: ColumnPlan): string {
     ['dso_to_mapping', 'NULL::text'],
   ] as const;
   const ownsTarget = mapping.transferMode !== 'data-only';
-  // A copy that stays read-only (data-only) keeps pointing nowhere; a master copy forgets where
-  // it was sent before (it is the master again).
+  // A copy that stays read-only (data-only) keeps its dso_to_*; a master copy forgets where it
+  // was sent before (it is the master again).
   const updated = [...dataColumns, ...dso.filter(([name]) => ownsTarget || !name.startsWith('dso_to_')).map(([name]) => quoteIdent(name))];
-  const sql = `INSERT INTO ${qualified(target.schema, target.table)} AS t (${key}, ${[...dataColumns, ...dso.map(([name]) => quoteIdent(name))].join(', ')})
+  const insert = `INSERT INTO ${table} AS t (${key}, ${[...dataColumns, ...dso.map(([name]) => quoteIdent(name))].join(', ')})
 SELECT u.rid::${target.keyType}, ${[...casts, ...dso.map(([, value]) => value)].join(', ')}
-  FROM unnest(${[...arrays, `${p(1)}::text[]`, `${p(2)}::text[]`].join(', ')}) AS u(${[...plan.columns.map((_, i) => `c${i}`), 'rid', 'hist'].join(', ')})
+  FROM unnest(${[...arrays, `${p(1)}::text[]`, `${p(2)}::text[]`].join(', ')}) AS u(${[...plan.columns.map((_, i) => `c${i}`), 'rid', 'hist'].join(', ')})`;
+  // The same request: the target copy's root (first hop, or itself) is the incoming one's.
+  const sameRequest = (incoming: string, thisServer: string) => `coalesce(t.dso_mapping_history -> 0 ->> 'fromServer', ${thisServer}::text) = ${incoming} -> 0 ->> 'fromServer'
+   AND coalesce(t.dso_mapping_history -> 0 ->> 'fromRequestId', t.${key}::text) = ${incoming} -> 0 ->> 'fromRequestId'`;
+  const upsert = `WITH written AS (${insert}
 ON CONFLICT (${key}) DO UPDATE SET ${updated.map((c) => `${c} = EXCLUDED.${c}`).join(', ')}
- WHERE coalesce(t.dso_mapping_history -> 0 ->> 'fromServer', ${p(9)}::text) = EXCLUDED.dso_mapping_history -> 0 ->> 'fromServer'
-   AND coalesce(t.dso_mapping_history -> 0 ->> 'fromRequestId', t.${key}::text) = EXCLUDED.dso_mapping_history -> 0 ->> 'fromRequestId'
-RETURNING t.${key}::text AS rid`;
-  statements.set(plan, sql);
-  return sql;
+ WHERE ${mapping.duplicateRequestId === 'overwrite' ? 'true' : sameRequest('EXCLUDED.dso_mapping_history', p(9))}
+RETURNING 1) SELECT count(*)::int AS n FROM written`;
+  // parameters: $1 ids, $2 histories, $3 this target server
+  const duplicates = `SELECT u.rid FROM unnest($1::text[], $2::text[]) AS u(rid, hist)
+  JOIN ${table} AS t ON t.${key} = u.rid::${target.keyType}
+ WHERE NOT (${sameRequest('u.hist::jsonb', '$3')})`;
+  const built = { insert, upsert, duplicates };
+  statements.set(plan, built);
+  return built;
 }
 
 /** Transfers of one mapping into the lane of its target; one row per request (last wins). */
 export class TransferGroup implements OpGroup<ApplyFailure> {
   private readonly rows = new Map<string, TransferRow>();
+  /** every request came from a source insert: try a plain INSERT before the upsert */
+  private plainInsert = true;
 
   constructor(readonly plan: ColumnPlan) {}
 
@@ -86,7 +106,8 @@ export class TransferGroup implements OpGroup<ApplyFailure> {
   }
 
   /** Adds a request; a later change of the same request replaces the earlier (one statement). */
-  add(row: TransferRow): void {
+  add(row: TransferRow, fromInsert: boolean): void {
+    if (!fromInsert || this.rows.has(row.requestId)) this.plainInsert = false;
     this.rows.set(row.requestId, row);
   }
 
@@ -114,7 +135,7 @@ export class TransferGroup implements OpGroup<ApplyFailure> {
       for (let c = 0; c < arrays.length; c++) arrays[c]![r] = row.values[c]!;
     });
     const ownsTarget = mapping.transferMode !== 'data-only';
-    const result = await client.query(transferStatement(plan), [
+    const params = [
       ...arrays.map(textArrayLiteral),
       textArrayLiteral(ids),
       textArrayLiteral(histories),
@@ -125,12 +146,30 @@ export class TransferGroup implements OpGroup<ApplyFailure> {
       mapping.from.table,
       mapping.name,
       mapping.to.server,
-    ]);
-    if (result.rowCount === rows.length) return [];
-    const written = new Set(result.rows.map((r: { rid: string }) => r.rid));
-    return rows
-      .filter((row) => !written.has(row.requestId))
-      .map((row) => this.failure(row, duplicateError(mapping, row.requestId)));
+    ];
+    const sql = transferStatements(plan);
+    const n = plan.columns.length;
+    // the plain INSERT does not use the last parameter (this target server)
+    if (this.plainInsert && (await this.tryInsert(client, sql.insert, params.slice(0, -1)))) return [];
+    const result = await client.query(sql.upsert, params);
+    if (result.rows[0].n === rows.length) return [];
+    const duplicates = await client.query(sql.duplicates, [params[n], params[n + 1], mapping.to.server]);
+    return duplicates.rows.map((r: { rid: string }) => this.failure(rows.find((row) => row.requestId === r.rid)!, duplicateError(mapping, r.rid)));
+  }
+
+  /** A plain INSERT under a savepoint; false (and nothing written) if a request is already there. */
+  private async tryInsert(client: pg.ClientBase, sql: string, params: unknown[]): Promise<boolean> {
+    await client.query('SAVEPOINT pgdso_insert');
+    try {
+      await client.query(sql, params);
+      await client.query('RELEASE SAVEPOINT pgdso_insert');
+      return true;
+    } catch (err) {
+      await client.query('ROLLBACK TO SAVEPOINT pgdso_insert');
+      await client.query('RELEASE SAVEPOINT pgdso_insert');
+      if (sqlstateOf(err) === '23505') return false;
+      throw err;
+    }
   }
 
   private failure(row: TransferRow, err: unknown): ApplyFailure {

@@ -13,6 +13,7 @@ import type { RowChange, TxBegin, TxCommit, Relation } from '../change.ts';
 import { formatLsn } from '../change.ts';
 import { PgoutputDecoder, type DecodedMessage } from './pgoutput.ts';
 import { PUBLICATION, quoteIdent } from '../sql/identifiers.ts';
+import { withCanonicalText } from '../sql/session.ts';
 
 /** What the stream feeds. Declared here, implemented by the engine. */
 export interface ChangeSink {
@@ -66,7 +67,7 @@ export class ReplicationStream {
    */
   async run(sink: ChangeSink): Promise<void> {
     const { log } = this.opts;
-    const client = new pg.Client({ ...this.opts.connection, replication: 'database', application_name: 'pgdso decoder' } as pg.ClientConfig);
+    const client = new pg.Client({ ...withCanonicalText(this.opts.connection), replication: 'database', application_name: 'pgdso decoder' } as pg.ClientConfig);
     this.client = client;
     const failed = new Promise<never>((_, reject) => {
       this.fail = reject;

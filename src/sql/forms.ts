@@ -28,6 +28,8 @@ const KEY_TYPES = new Set(['text', 'character varying', 'integer', 'bigint', 'sm
 
 /**
  * The guard. Non-master copies refuse UPDATE and DELETE from every session except the engine's.
+ * It also raises dso_version and sets dso_modified_at on every update (inserts take the column
+ * defaults: no trigger on INSERT, which keeps bulk transfers fast).
  * The engine is recognised by an active replication origin session, which needs EXECUTE on
  * pg_replication_origin_session_setup(): a privilege ordinary roles do not have, and no
  * setting a session can change grants it. SECURITY DEFINER lets any role call the check.
@@ -36,7 +38,7 @@ const GUARD_FUNCTION = `
 CREATE OR REPLACE FUNCTION pgdso.row_guard() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $guard$
 BEGIN
-  IF TG_OP <> 'INSERT' AND NOT OLD.dso_master AND NOT pg_replication_origin_session_is_setup() THEN
+  IF NOT OLD.dso_master AND NOT pg_replication_origin_session_is_setup() THEN
     RAISE EXCEPTION USING
       ERRCODE = 'P0001',
       MESSAGE = format('pgdso: request %s of %s is owned by %s',
@@ -105,7 +107,7 @@ export async function enableForm(connection: pg.ClientConfig, schema: string, ta
     await client.query(GUARD_FUNCTION);
     await client.query(`DROP TRIGGER IF EXISTS pgdso_guard ON ${target}`);
     await client.query(
-      `CREATE TRIGGER pgdso_guard BEFORE INSERT OR UPDATE OR DELETE ON ${target}
+      `CREATE TRIGGER pgdso_guard BEFORE UPDATE OR DELETE ON ${target}
        FOR EACH ROW EXECUTE FUNCTION pgdso.row_guard(${quoteLiteral(form.keyColumn)})`,
     );
     await client.query(`ALTER TABLE ${target} REPLICA IDENTITY FULL`);

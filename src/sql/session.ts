@@ -1,0 +1,11 @@
+// Session settings every pgdso connection that reads or writes form values uses, so that the
+// text of a value means the same on every server whatever the databases' own settings
+// (datestyle DMY, sql_standard intervals, rounded floats would otherwise change values).
+import type pg from 'pg';
+
+const CANONICAL_TEXT = '-c datestyle=ISO,MDY -c intervalstyle=postgres -c extra_float_digits=3 -c bytea_output=hex';
+
+export function withCanonicalText(config: pg.ClientConfig): pg.ClientConfig {
+  const options = (config as { options?: string }).options;
+  return { ...config, options: options ? `${options} ${CANONICAL_TEXT}` : CANONICAL_TEXT } as pg.ClientConfig;
+}
