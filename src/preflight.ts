@@ -2,7 +2,7 @@
 // (exists, enabled: replica identity full, in the publication), and each mapping's columns
 // (exist on both sides, types that convert). One finding per problem.
 import pg from 'pg';
-import type { PgdsoConfig } from './config/types.ts';
+import { ConfigError, type PgdsoConfig } from './config/types.ts';
 import { toPgClientConfig, describeConnection } from './config/load.ts';
 import type { CompiledRules } from './rules/index.ts';
 import { describeFormColumns, type FormCatalog } from './applier/catalog.ts';
@@ -12,6 +12,9 @@ import { PUBLICATION } from './sql/identifiers.ts';
 
 export interface Finding {
   server: string;
+  /** the rule file and JSON pointer the finding is about, when it is about a rule */
+  file?: string;
+  pointer?: string;
   /** 'problem' stops an engine from starting; 'unreachable' means the server could not be checked */
   severity: 'problem' | 'unreachable' | 'warning';
   message: string;
@@ -50,12 +53,12 @@ export async function preflight(config: PgdsoConfig, rules: CompiledRules, serve
           );
           const state = enabled.rows[0];
           if (!state.has_columns || !state.full_identity || !state.published) {
-            findings.push({ server: name, severity: 'problem', message: `form ${s}.${table} is not enabled: run \`pgdso forms enable --server ${name} --form ${s === 'public' ? '' : `${s}.`}${table}\`` });
+            findings.push({ server: name, severity: 'problem', ...whereNamed(config, name, s, table), message: `form ${s}.${table} is not enabled: run \`pgdso forms enable --server ${name} --form ${s === 'public' ? '' : `${s}.`}${table}\`` });
           }
         } catch (err) {
           if (!(err instanceof FormError)) throw err;
           catalogs.set(`${name}.${s}.${table}`, null);
-          findings.push({ server: name, severity: 'problem', message: err.message });
+          findings.push({ server: name, severity: 'problem', ...whereNamed(config, name, s, table), message: `${name}: ${err.message}` });
         }
       }
     }
@@ -69,21 +72,42 @@ export async function preflight(config: PgdsoConfig, rules: CompiledRules, serve
           if (column.from.kind !== 'column') continue;
           const from = source.columns.get(column.from.column)!;
           if (from.type !== column.type && !(await typesConvert(clients.get(mapping.to.server)!, from.type, column.type))) {
-            findings.push({ server: mapping.from.server, severity: 'problem', message: `mapping "${mapping.name}": column "${column.target}" is ${column.type} on ${mapping.to.server} but "${column.from.column}" is ${from.type} on ${mapping.from.server}: the values do not convert` });
+            findings.push({ server: mapping.to.server, severity: 'problem', file: mapping.source.file, pointer: mapping.source.pointer, message: `mapping "${mapping.name}": column "${column.target}" is ${column.type} on ${mapping.to.server} but "${column.from.column}" is ${from.type} on ${mapping.from.server}: the values do not convert` });
           }
         }
         if (source.keyType !== target.keyType && !(await typesConvert(clients.get(mapping.to.server)!, source.keyType, target.keyType))) {
-          findings.push({ server: mapping.from.server, severity: 'problem', message: `mapping "${mapping.name}": request ID ${source.keyColumn} is ${source.keyType} but ${target.keyColumn} is ${target.keyType} on ${mapping.to.server}` });
+          findings.push({ server: mapping.to.server, severity: 'problem', file: mapping.source.file, pointer: mapping.source.pointer, message: `mapping "${mapping.name}": request ID ${source.keyColumn} is ${source.keyType} but ${target.keyColumn} is ${target.keyType} on ${mapping.to.server}` });
         }
       } catch (err) {
         if (!(err instanceof PlanError)) throw err;
-        findings.push({ server: mapping.from.server, severity: 'problem', message: err.message });
+        for (const p of err.problems) {
+          findings.push({ server: mapping.to.server, severity: 'problem', file: mapping.source.file, pointer: `${mapping.source.pointer}${p.pointer}`, message: `mapping "${mapping.name}": ${p.message}` });
+        }
       }
     }
   } finally {
     await Promise.all([...clients.values()].map((c) => c.end().catch(() => {})));
   }
   return findings;
+}
+
+/** Where the rules first name a form: the mapping or filter that does, for findings. */
+function whereNamed(config: PgdsoConfig, server: string, schema: string, table: string): { file?: string; pointer?: string } {
+  for (const m of Object.values(config.mappings)) {
+    if (m.from.server === server && m.from.schema === schema && m.from.table === table) return { file: m.source.file, pointer: `${m.source.pointer}/from/form` };
+    if (m.to.server === server && m.to.schema === schema && m.to.table === table) return { file: m.source.file, pointer: `${m.source.pointer}/to/form` };
+  }
+  for (const f of [...config.filters, ...config.escalations]) {
+    if (f.on.server === server && f.on.schema === schema && f.on.table === table) return { file: f.source.file, pointer: `${f.source.pointer}/on/form` };
+  }
+  return {};
+}
+
+/** The findings that stop an engine, as the one format bad config and rules are reported in. */
+export function findingsAsConfigError(findings: readonly Finding[], configFile: string): ConfigError | null {
+  const problems = findings.filter((f) => f.severity === 'problem');
+  if (problems.length === 0) return null;
+  return new ConfigError(problems.map((f) => ({ file: f.file ?? configFile, pointer: f.pointer ?? `/servers/${f.server}`, message: f.message })));
 }
 
 /** Two types convert when they are in the same category, or the target takes any string. */

@@ -19,7 +19,12 @@ export interface ColumnPlan {
   columns: readonly PlannedColumn[];
 }
 
-export class PlanError extends Error {}
+/** Columns a mapping names that do not exist; `pointer` is relative to the mapping. */
+export class PlanError extends Error {
+  constructor(readonly mappingName: string, readonly problems: readonly { pointer: string; message: string }[]) {
+    super(`mapping "${mappingName}": ${problems.map((p) => p.message).join('; ')}`);
+  }
+}
 
 export function constantText(value: unknown): string | null {
   if (value === null || value === undefined) return null;
@@ -31,7 +36,7 @@ export function constantText(value: unknown): string | null {
 
 /** Builds the plan; throws PlanError naming every column that does not exist. */
 export function buildColumnPlan(mapping: MappingConfig, sourceColumns: readonly string[], sourceKey: string, target: FormCatalog): ColumnPlan {
-  const problems: string[] = [];
+  const problems: { pointer: string; message: string }[] = [];
   const source = new Set(sourceColumns);
   const planned = new Map<string, PlannedColumn>();
   const targetName = `${mapping.to.server}.${mapping.to.schema}.${mapping.to.table}`;
@@ -44,15 +49,20 @@ export function buildColumnPlan(mapping: MappingConfig, sourceColumns: readonly 
   }
   for (const [targetColumn, sourceColumn] of Object.entries(mapping.fields.map)) {
     const column = target.columns.get(targetColumn);
-    if (!column) problems.push(`column "${targetColumn}" does not exist on ${targetName}`);
-    if (!source.has(sourceColumn)) problems.push(`source column "${sourceColumn}" does not exist on ${mapping.from.server}.${mapping.from.schema}.${mapping.from.table}`);
+    const pointer = `/fields/map/${escapePointer(targetColumn)}`;
+    if (!column) problems.push({ pointer, message: `column "${targetColumn}" does not exist on ${targetName}` });
+    if (!source.has(sourceColumn)) problems.push({ pointer, message: `source column "${sourceColumn}" does not exist on ${mapping.from.server}.${mapping.from.schema}.${mapping.from.table}` });
     if (column && source.has(sourceColumn) && !skip(targetColumn)) planned.set(targetColumn, { target: targetColumn, type: column.type, from: { kind: 'column', column: sourceColumn } });
   }
   for (const [targetColumn, value] of Object.entries(mapping.fields.set)) {
     const column = target.columns.get(targetColumn);
-    if (!column) problems.push(`column "${targetColumn}" does not exist on ${targetName}`);
+    if (!column) problems.push({ pointer: `/fields/set/${escapePointer(targetColumn)}`, message: `column "${targetColumn}" does not exist on ${targetName}` });
     else if (!skip(targetColumn)) planned.set(targetColumn, { target: targetColumn, type: column.type, from: { kind: 'constant', text: constantText(value) } });
   }
-  if (problems.length) throw new PlanError(`mapping "${mapping.name}": ${problems.join('; ')}`);
+  if (problems.length) throw new PlanError(mapping.name, problems);
   return { mapping, target, columns: [...planned.values()] };
+}
+
+function escapePointer(token: string): string {
+  return token.replace(/~/g, '~0').replace(/\//g, '~1');
 }

@@ -1,18 +1,23 @@
 import { compileRules } from '../../rules/index.ts';
 import type { Facts } from '../../rules/facts.ts';
-import { preflight } from '../../preflight.ts';
-import { configFrom, parseForm, print, serverOf, UsageError, type GlobalOptions } from '../common.ts';
+import { findingsAsConfigError, preflight } from '../../preflight.ts';
+import { configFrom, EXIT, parseForm, print, serverOf, UsageError, type GlobalOptions } from '../common.ts';
 
 export async function rulesCheckCommand(opts: GlobalOptions): Promise<void> {
   const config = await configFrom(opts);
   const rules = compileRules(config);
   const findings = await preflight(config, rules);
-  const counts = `${Object.keys(config.mappings).length} mappings, ${config.filters.length} filters, ${config.escalations.length} escalations in ${config.ruleFiles.length} files`;
-  for (const f of findings) print(`${f.severity === 'problem' ? 'problem' : f.severity}: ${f.server}: ${f.message}`);
-  if (findings.some((f) => f.severity === 'problem')) {
-    throw new UsageError(`rules check failed (${findings.filter((f) => f.severity === 'problem').length} problems; ${counts})`);
+  const counts = `${Object.keys(config.mappings).length} mappings, ${config.filters.length} filters, ${config.escalations.length} escalations in ${config.ruleFiles.length} rule files`;
+  const invalid = findingsAsConfigError(findings, config.file);
+  if (invalid) throw invalid;
+  const unchecked = findings.filter((f) => f.severity === 'unreachable');
+  for (const f of findings) print(`${f.severity}: ${f.server}: ${f.message}`);
+  if (unchecked.length) {
+    print(`not checked: ${unchecked.length} of ${Object.keys(config.servers).length} servers could not be reached (${counts})`);
+    process.exitCode = EXIT.runtime;
+    return;
   }
-  print(`ok: ${counts}${findings.length ? ` (${findings.length} servers not checked)` : ''}`);
+  print(`ok: ${counts}`);
 }
 
 function parseJsonOption(name: string, text: string | undefined): Record<string, unknown> | null {

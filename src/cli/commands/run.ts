@@ -1,7 +1,7 @@
 import { compileRules } from '../../rules/index.ts';
 import { ServerEngine } from '../../engine.ts';
-import { preflight } from '../../preflight.ts';
-import { configFrom, loggerFrom, serverOf, UsageError, type GlobalOptions } from '../common.ts';
+import { findingsAsConfigError, preflight } from '../../preflight.ts';
+import { configFrom, loggerFrom, serverOf, type GlobalOptions } from '../common.ts';
 
 export async function runCommand(opts: GlobalOptions, cmd: { server?: string; instanceId?: string; rank?: string }): Promise<void> {
   const config = await configFrom(opts);
@@ -10,9 +10,9 @@ export async function runCommand(opts: GlobalOptions, cmd: { server?: string; in
   const servers = cmd.server ? [serverOf(config, cmd.server).name] : Object.keys(config.servers).filter((s) => config.filters.some((f) => f.on.server === s));
   // Bad rules never start an engine: the live catalogs must agree with the mappings.
   const findings = await preflight(config, rules);
-  const problems = findings.filter((f) => f.severity === 'problem');
-  for (const f of findings.filter((f) => f.severity !== 'problem')) log.warn({ server: f.server }, f.message);
-  if (problems.length) throw new UsageError(`rules do not match the databases:\n${problems.map((p) => `  ${p.server}: ${p.message}`).join('\n')}`);
+  const invalid = findingsAsConfigError(findings, config.file);
+  if (invalid) throw invalid;
+  for (const f of findings) log.warn({ server: f.server }, f.message);
 
   const controller = new AbortController();
   const stop = (signal: string) => {
