@@ -4,8 +4,15 @@ import { describeForm, type FormInfo } from '../sql/forms.ts';
 
 export interface ColumnInfo {
   name: string;
-  /** format_type() of the column: a valid type name to cast text values to */
+  /** format_type() of the column, with its modifier (varchar(40)) */
   type: string;
+  /**
+   * The type without its modifier, to cast text values to: an explicit cast to varchar(40)
+   * would silently truncate; the assignment to the column then checks the modifier as an
+   * INSERT by a user would (value too long is an error, not a truncation). char and bit cast
+   * to bpchar and varbit: without a length, `character` and `bit` mean length 1.
+   */
+  castType: string;
   notNull: boolean;
   hasDefault: boolean;
 }
@@ -17,7 +24,10 @@ export interface FormCatalog extends FormInfo {
 export async function describeFormColumns(client: pg.ClientBase, schema: string, table: string): Promise<FormCatalog> {
   const info = await describeForm(client, schema, table);
   const res = await client.query(
-    `SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull AS not_null,
+    `SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type, CASE a.atttypid
+              WHEN 'bpchar'::regtype THEN 'bpchar' WHEN 'bpchar[]'::regtype THEN 'bpchar[]'
+              WHEN 'bit'::regtype THEN 'varbit' WHEN 'bit[]'::regtype THEN 'varbit[]'
+              ELSE format_type(a.atttypid, NULL) END AS cast_type, a.attnotnull AS not_null,
             (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '') AS has_default
        FROM pg_attribute a
       WHERE a.attrelid = format('%I.%I', $1::text, $2::text)::regclass AND a.attnum > 0 AND NOT a.attisdropped
@@ -25,6 +35,6 @@ export async function describeFormColumns(client: pg.ClientBase, schema: string,
     [schema, table],
   );
   const columns = new Map<string, ColumnInfo>();
-  for (const row of res.rows) columns.set(row.name, { name: row.name, type: row.type, notNull: row.not_null, hasDefault: row.has_default });
+  for (const row of res.rows) columns.set(row.name, { name: row.name, type: row.type, castType: row.cast_type, notNull: row.not_null, hasDefault: row.has_default });
   return { ...info, columns };
 }

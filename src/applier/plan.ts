@@ -8,7 +8,10 @@ export type ColumnSource = { kind: 'column'; column: string } | { kind: 'constan
 
 export interface PlannedColumn {
   target: string;
+  /** the column's type, with its modifier */
   type: string;
+  /** what text values are cast to (no modifier: the assignment checks it) */
+  castType: string;
   from: ColumnSource;
 }
 
@@ -44,7 +47,7 @@ export function buildColumnPlan(mapping: MappingConfig, sourceColumns: readonly 
   if (mapping.fields.byName) {
     for (const column of target.columns.values()) {
       if (skip(column.name) || !source.has(column.name) || mapping.fields.exclude.includes(column.name) || column.name === sourceKey) continue;
-      planned.set(column.name, { target: column.name, type: column.type, from: { kind: 'column', column: column.name } });
+      planned.set(column.name, { target: column.name, type: column.type, castType: column.castType, from: { kind: 'column', column: column.name } });
     }
   }
   for (const [targetColumn, sourceColumn] of Object.entries(mapping.fields.map)) {
@@ -52,12 +55,12 @@ export function buildColumnPlan(mapping: MappingConfig, sourceColumns: readonly 
     const pointer = `/fields/map/${escapePointer(targetColumn)}`;
     if (!column) problems.push({ pointer, message: `column "${targetColumn}" does not exist on ${targetName}` });
     if (!source.has(sourceColumn)) problems.push({ pointer, message: `source column "${sourceColumn}" does not exist on ${mapping.from.server}.${mapping.from.schema}.${mapping.from.table}` });
-    if (column && source.has(sourceColumn) && !skip(targetColumn)) planned.set(targetColumn, { target: targetColumn, type: column.type, from: { kind: 'column', column: sourceColumn } });
+    if (column && source.has(sourceColumn) && !skip(targetColumn)) planned.set(targetColumn, { target: targetColumn, type: column.type, castType: column.castType, from: { kind: 'column', column: sourceColumn } });
   }
   for (const [targetColumn, value] of Object.entries(mapping.fields.set)) {
     const column = target.columns.get(targetColumn);
     if (!column) problems.push({ pointer: `/fields/set/${escapePointer(targetColumn)}`, message: `column "${targetColumn}" does not exist on ${targetName}` });
-    else if (!skip(targetColumn)) planned.set(targetColumn, { target: targetColumn, type: column.type, from: { kind: 'constant', text: constantText(value) } });
+    else if (!skip(targetColumn)) planned.set(targetColumn, { target: targetColumn, type: column.type, castType: column.castType, from: { kind: 'constant', text: constantText(value) } });
   }
   if (problems.length) throw new PlanError(mapping.name, problems);
   return { mapping, target, columns: [...planned.values()] };

@@ -54,7 +54,7 @@ function transferStatements(plan: ColumnPlan): TransferStatements {
   const n = plan.columns.length;
   const p = (k: number) => `$${n + k}`;
   const dataColumns = plan.columns.map((c) => quoteIdent(c.target));
-  const casts = plan.columns.map((c, i) => `u.c${i}::${c.type}`);
+  const casts = plan.columns.map((c, i) => `u.c${i}::${c.castType}`);
   const arrays = plan.columns.map((_, i) => `$${i + 1}::text[]`);
   const dso = [
     ['dso_master', `${p(3)}::boolean`],

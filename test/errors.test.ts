@@ -1,0 +1,79 @@
+// A row that cannot be applied goes to pgdso.pending_errors with its payload and the reason;
+// the stream goes on.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { provideClusters, type TestCluster } from './support/servers.ts';
+import { waitFor } from './support/wait.ts';
+import { createDsoEnv, REPAIR_REQUEST_SQL, mapping, filter, is, type DsoEnv } from './support/dso.ts';
+
+let clusters: TestCluster[];
+const envs: DsoEnv[] = [];
+
+before(async () => {
+  clusters = await provideClusters(2);
+});
+after(async () => {
+  await Promise.all(envs.map((e) => e.close()));
+  await Promise.all(clusters.map((c) => c.destroy()));
+});
+
+interface PendingError { mapping: string; request_id: string; type: string; error: string; sqlstate: string; payload: { target: string; values: Record<string, unknown> }; target_server: string }
+
+test('a value the target cannot take goes to pending_errors with its payload and reason; the rows around it arrive', async () => {
+  const e = await createDsoEnv({ clusters, servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: {
+    mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
+    filters: [filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }])],
+  } });
+  envs.push(e);
+  await e.query('chicago', 'ALTER TABLE repair_request ALTER COLUMN description TYPE varchar(10)');
+  const engine = e.engine();
+  await e.query('sf', `INSERT INTO repair_request (id, item, description) SELECT 'E-' || g, 'chair', CASE WHEN g = 50 THEN 'this description is far too long' ELSE 'ok ' || g END FROM generate_series(1, 100) g`);
+  await waitFor(async () => (await e.query('sf', `SELECT 1 FROM repair_request WHERE dso_transfer_status IS NOT NULL`)).length === 100, { message: () => engine.output });
+  // later changes go on too
+  await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ('E-101', 'chair', 'after')`);
+  await waitFor(async () => (await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'E-101'`)).length === 1, { message: () => engine.output });
+
+  assert.equal((await e.query<{ n: number }>("chicago", "SELECT count(*)::int AS n FROM repair_request"))[0]!.n, 100, "99 of the first 100 and E-101");
+  assert.equal((await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'E-50'`)).length, 0);
+  const errors = await e.query<PendingError>('sf', 'SELECT * FROM pgdso.pending_errors');
+  assert.equal(errors.length, 1);
+  const [error] = errors;
+  assert.deepEqual([error!.mapping, error!.request_id, error!.type, error!.sqlstate, error!.target_server], ['sf-to-chicago', 'E-50', 'transfer', '22001', 'chicago']);
+  assert.match(error!.error, /mapping "sf-to-chicago": request E-50 to chicago\.repair_request: value too long for type character varying\(10\)/);
+  assert.equal(error!.payload.values.description, 'this description is far too long');
+  // the source copy failed: it keeps ownership and says so
+  const [source] = await e.query<{ dso_master: boolean; dso_transfer_status: string }>('sf', `SELECT dso_master, dso_transfer_status FROM repair_request WHERE id = 'E-50'`);
+  assert.deepEqual(source, { dso_master: true, dso_transfer_status: 'failure' });
+  const [moved] = await e.query<{ dso_master: boolean; dso_transfer_status: string }>('sf', `SELECT dso_master, dso_transfer_status FROM repair_request WHERE id = 'E-49'`);
+  assert.deepEqual(moved, { dso_master: false, dso_transfer_status: 'success' });
+
+  // the failure is recorded once, even when the engine replays after a kill -9
+  await engine.kill9();
+  const again = e.engine();
+  await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ('E-102', 'chair', 'last')`);
+  await waitFor(async () => (await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'E-102'`)).length === 1, { message: () => again.output });
+  assert.equal((await e.query('sf', 'SELECT 1 FROM pgdso.pending_errors')).length, 1);
+  await again.stop();
+});
+
+test('duplicateRequestId error: a different request with the same ID on the target goes to pending_errors naming both', async () => {
+  const e = await createDsoEnv({ clusters, servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: {
+    mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
+    filters: [filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }])],
+  } });
+  envs.push(e);
+  await e.query('chicago', `INSERT INTO repair_request (id, item, description) VALUES ('DUP-1', 'lamp', 'chicago''s own request')`);
+  const engine = e.engine();
+  await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ('DUP-1', 'chair', 'from sf'), ('DUP-2', 'chair', 'from sf')`);
+  await waitFor(async () => (await e.query('sf', `SELECT 1 FROM repair_request WHERE dso_transfer_status IS NOT NULL`)).length === 2, { message: () => engine.output });
+  const [chicagoCopy] = await e.query<{ item: string; description: string }>('chicago', `SELECT item, description FROM repair_request WHERE id = 'DUP-1'`);
+  assert.deepEqual(chicagoCopy, { item: 'lamp', description: "chicago's own request" }, 'the other request was overwritten');
+  assert.equal((await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'DUP-2'`)).length, 1);
+  const errors = await e.query<PendingError>('sf', 'SELECT * FROM pgdso.pending_errors');
+  assert.equal(errors.length, 1);
+  assert.equal(errors[0]!.request_id, 'DUP-1');
+  assert.match(errors[0]!.error, /chicago\.repair_request already holds request DUP-1 for a different request/);
+  const [source] = await e.query<{ dso_master: boolean; dso_transfer_status: string }>('sf', `SELECT dso_master, dso_transfer_status FROM repair_request WHERE id = 'DUP-1'`);
+  assert.deepEqual(source, { dso_master: true, dso_transfer_status: 'failure' });
+  await engine.stop();
+});
