@@ -1,5 +1,6 @@
 // `pgdso demo`: DSO's use cases on embedded PostgreSQL, narrated. Real clusters, the real engine.
-import { mkdtemp, mkdir, writeFile, rm } from 'node:fs/promises';
+import { copyFile, mkdtemp, mkdir, writeFile, rm } from 'node:fs/promises';
+import { fileURLToPath } from 'node:url';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
@@ -17,20 +18,8 @@ const FORM_SQL = `CREATE TABLE repair_request (
   id text PRIMARY KEY, item text NOT NULL, needs_upholstery boolean NOT NULL DEFAULT false,
   status text NOT NULL DEFAULT 'new', site text, description text)`;
 
-const ROUTING_RULES = {
-  mappings: [
-    { name: 'sf-to-chicago', from: { server: 'sf', form: 'repair_request' }, to: { server: 'chicago', form: 'repair_request' }, transferMode: 'data+ownership' },
-    { name: 'chicago-to-upholstery', from: { server: 'chicago', form: 'repair_request' }, to: { server: 'chicago_uph', form: 'repair_request' }, transferMode: 'data+ownership' },
-  ],
-  filters: [
-    { name: 'route-chairs', on: { server: 'sf', form: 'repair_request', ops: ['insert', 'update'] },
-      conditions: { all: [{ fact: 'row', path: '$.item', operator: 'equal', value: 'chair' }] },
-      actions: [{ type: 'transfer', mapping: 'sf-to-chicago' }] },
-    { name: 'route-upholstery', on: { server: 'chicago', form: 'repair_request', ops: ['insert', 'update'] },
-      conditions: { all: [{ fact: 'row', path: '$.needs_upholstery', operator: 'equal', value: true }] },
-      actions: [{ type: 'transfer', mapping: 'chicago-to-upholstery' }] },
-  ],
-};
+/** The demo runs the rule files of examples/ as they are, the ones the README walks through. */
+const EXAMPLES = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../examples');
 
 async function until(check: () => Promise<boolean>, timeoutMs = 30_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
@@ -62,15 +51,16 @@ export async function demoCommand(opts: GlobalOptions, cmd: { keep?: boolean }):
     }
     await mkdir(path.join(dir, 'rules'));
     await writeFile(path.join(dir, 'pgdso.config.json'), JSON.stringify({ servers: Object.fromEntries(Object.entries(urls).map(([n, u]) => [n, { connection: u }])), rules: ['rules/*.json'] }, null, 2));
-    await writeFile(path.join(dir, 'rules', 'routing.json'), JSON.stringify(ROUTING_RULES, null, 2));
+    await copyFile(path.join(EXAMPLES, 'routing/rules/routing.json'), path.join(dir, 'rules', 'routing.json'));
     const config = await loadConfig(path.join(dir, 'pgdso.config.json'), {});
     const rules = compileRules(config);
     say('Control schema migrated and form repair_request enabled on each server (distributed columns, ownership guard, publication, slot).\n');
 
     const log = createLogger({ level: opts.logLevel === 'info' ? 'warn' : opts.logLevel });
     for (const server of ['sf', 'chicago']) engines.push(new ServerEngine({ config, rules, server, log }).run(controller.signal));
-    say('Use 1, routing. Rules: chairs submitted in San Francisco go to Chicago with ownership;');
-    say('in Chicago, a chair that needs an upholsterer goes on to the upholstery server.\n');
+    say('Use 1, routing (rules: examples/routing/rules/routing.json). Chairs submitted in San Francisco');
+    say('go to Chicago with ownership; in Chicago, a chair that needs an upholsterer goes on to the');
+    say('upholstery server (a chained transfer: filters see the changes the engine makes too).\n');
     const sf = pools.get('sf')!;
     say("sf> INSERT repair requests: SF-1 desk, SF-2 chair, SF-3 chair that needs upholstery");
     await sf.query(`INSERT INTO repair_request (id, item, needs_upholstery, description) VALUES
