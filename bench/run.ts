@@ -9,6 +9,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as delay } from 'node:timers/promises';
 import pg from 'pg';
+import { withClient } from '../src/sql/client.ts';
 import { startLocalCluster, type LocalCluster } from '../src/embedded/cluster.ts';
 import { migrateServer } from '../src/sql/migrate.ts';
 import { enableForm } from '../src/sql/forms.ts';
@@ -25,14 +26,8 @@ const LOAD_SQL = `INSERT INTO repair_request (id, item, quantity, price, created
          timestamptz '2026-01-01' + g * interval '1 second', md5(g::text)
     FROM generate_series($1::bigint, $2::bigint) g`;
 
-async function sql(url: string, text: string, params: unknown[] = []): Promise<pg.QueryResult> {
-  const client = new pg.Client({ connectionString: url });
-  await client.connect();
-  try {
-    return await client.query(text, params);
-  } finally {
-    await client.end();
-  }
+function sql(url: string, text: string, params: unknown[] = []): Promise<pg.QueryResult> {
+  return withClient(url, (client) => client.query(text, params));
 }
 
 /** Polls the peer until the row with `lastId` is there; returns ms since `since`. */

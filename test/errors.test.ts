@@ -1,30 +1,19 @@
 // A row that cannot be applied goes to pgdso.pending_errors with its payload and the reason;
 // the stream goes on.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { provideClusters, type TestCluster } from './support/servers.ts';
 import { waitFor } from './support/wait.ts';
-import { createDsoEnv, REPAIR_REQUEST_SQL, mapping, filter, is, type DsoEnv } from './support/dso.ts';
+import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, is } from './support/dso.ts';
 
-let clusters: TestCluster[];
-const envs: DsoEnv[] = [];
-
-before(async () => {
-  clusters = await provideClusters(2);
-});
-after(async () => {
-  await Promise.all(envs.map((e) => e.close()));
-  await Promise.all(clusters.map((c) => c.destroy()));
-});
+const suite = dsoSuite(2);
 
 interface PendingError { mapping: string; request_id: string; type: string; error: string; sqlstate: string; payload: { target: string; values: Record<string, unknown> }; target_server: string }
 
 test('a value the target cannot take goes to pending_errors with its payload and reason; the rows around it arrive', async () => {
-  const e = await createDsoEnv({ clusters, servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: {
+  const e = await suite.env({ servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: {
     mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
     filters: [filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }])],
   } });
-  envs.push(e);
   await e.query('chicago', 'ALTER TABLE repair_request ALTER COLUMN description TYPE varchar(10)');
   const engine = e.engine();
   await e.query('sf', `INSERT INTO repair_request (id, item, description) SELECT 'E-' || g, 'chair', CASE WHEN g = 50 THEN 'this description is far too long' ELSE 'ok ' || g END FROM generate_series(1, 100) g`);
@@ -57,11 +46,10 @@ test('a value the target cannot take goes to pending_errors with its payload and
 });
 
 test('duplicateRequestId error: a different request with the same ID on the target goes to pending_errors naming both', async () => {
-  const e = await createDsoEnv({ clusters, servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: {
+  const e = await suite.env({ servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: {
     mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
     filters: [filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }])],
   } });
-  envs.push(e);
   await e.query('chicago', `INSERT INTO repair_request (id, item, description) VALUES ('DUP-1', 'lamp', 'chicago''s own request')`);
   const engine = e.engine();
   await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ('DUP-1', 'chair', 'from sf'), ('DUP-2', 'chair', 'from sf')`);

@@ -1,26 +1,15 @@
 // kill -9 of `pgdso run` in the middle of a load, then a restart: every row arrives exactly once.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { provideClusters, type TestCluster } from './support/servers.ts';
 import { waitFor } from './support/wait.ts';
-import { createDsoEnv, REPAIR_REQUEST_SQL, mapping, filter, type DsoEnv } from './support/dso.ts';
+import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter } from './support/dso.ts';
 
-let clusters: TestCluster[];
-let env: DsoEnv | undefined;
-
-before(async () => {
-  clusters = await provideClusters(2);
-});
-after(async () => {
-  await env?.close();
-  await Promise.all(clusters.map((c) => c.destroy()));
-});
+const suite = dsoSuite(2);
 
 const CHECKSUM = `SELECT count(*)::int AS n, md5(string_agg(id || ':' || item || ':' || coalesce(description, '~'), ',' ORDER BY id)) AS sum FROM repair_request`;
 
 test('kill -9 of the engine in the middle of a 50k-row load, then a restart: every row arrives exactly once', async () => {
-  env = await createDsoEnv({
-    clusters,
+  const env = await suite.env({
     servers: ['sf', 'chicago'],
     schemaSql: REPAIR_REQUEST_SQL,
     forms: ['repair_request'],

@@ -1,26 +1,14 @@
 // DSO use 1, routing, on three servers; the ownership guard; the transfer modes.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import pg from 'pg';
-import { provideClusters, type TestCluster } from './support/servers.ts';
 import { waitFor } from './support/wait.ts';
-import { createDsoEnv, REPAIR_REQUEST_SQL, mapping, filter, is, type DsoEnv } from './support/dso.ts';
+import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, is, type DsoEnv } from './support/dso.ts';
 
-let clusters: TestCluster[];
-const envs: DsoEnv[] = [];
+const suite = dsoSuite(3);
 
-before(async () => {
-  clusters = await provideClusters(3);
-});
-after(async () => {
-  await Promise.all(envs.map((e) => e.close()));
-  await Promise.all(clusters.map((c) => c.destroy()));
-});
-
-async function env(servers: string[], rules: Record<string, unknown>): Promise<DsoEnv> {
-  const created = await createDsoEnv({ clusters, servers, schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules });
-  envs.push(created);
-  return created;
+function env(servers: string[], rules: Record<string, unknown>): Promise<DsoEnv> {
+  return suite.env({ servers, schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules });
 }
 
 const routingRules = {

@@ -4,27 +4,16 @@
 // - an unchanged TOAST value is neither lost nor nulled by an update of another column;
 // - fields.byName / map / exclude / set, a target form with another name and key type;
 // - filters on `changed`, `old`, `origin`, and numeric comparisons of int8/numeric columns.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import pg from 'pg';
-import { provideClusters, type TestCluster } from './support/servers.ts';
 import { waitFor } from './support/wait.ts';
-import { createDsoEnv, REPAIR_REQUEST_SQL, type DsoEnv, type EngineProcess } from './support/dso.ts';
+import { dsoSuite, REPAIR_REQUEST_SQL, type DsoEnv, type EngineProcess } from './support/dso.ts';
 
-let clusters: TestCluster[];
-const envs: DsoEnv[] = [];
-
-before(async () => {
-  clusters = await provideClusters(2);
-});
-after(async () => {
-  await Promise.all(envs.map((e) => e.close()));
-  await Promise.all(clusters.map((c) => c.destroy()));
-});
+const suite = dsoSuite(2);
 
 async function makeEnv(servers: string[], schemaSql: string, forms: string[], rules: Record<string, unknown>): Promise<DsoEnv> {
-  const created = await createDsoEnv({ clusters, servers, schemaSql, forms, rules });
-  envs.push(created);
+  const created = await suite.env({ servers, schemaSql, forms, rules });
   return created;
 }
 

@@ -22,6 +22,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import pg from 'pg';
+import { withClient } from '../sql/client.ts';
+import { quoteIdent } from '../sql/identifiers.ts';
 
 const execFileAsync = promisify(execFile);
 
@@ -806,20 +808,6 @@ function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
-async function withClient<T>(config: pg.ClientConfig, use: (client: pg.Client) => Promise<T>): Promise<T> {
-  const client = new pg.Client(config);
-  client.on('error', () => undefined); // reported through the failing query instead
-  await client.connect();
-  try {
-    return await use(client);
-  } finally {
-    await client.end().catch(() => undefined);
-  }
-}
-
-function quoteIdent(name: string): string {
-  return `"${name.replace(/"/g, '""')}"`;
-}
 
 function quoteLiteral(value: string): string {
   return `'${value.replace(/'/g, "''")}'`;

@@ -9,7 +9,9 @@ import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import { migrateServer } from '../../src/sql/migrate.ts';
 import { enableForm } from '../../src/sql/forms.ts';
-import type { TestCluster } from './servers.ts';
+import { before, after } from 'node:test';
+import { provideClusters, type TestCluster } from './servers.ts';
+import { leakCheck } from './leaks.ts';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const PGDSO_BIN = path.join(ROOT, 'bin/pgdso');
@@ -46,7 +48,11 @@ export class DsoEnv {
   private readonly engines = new Set<EngineProcess>();
 
   constructor(readonly dir: string, readonly configPath: string, readonly urls: Record<string, string>) {
-    for (const [name, url] of Object.entries(urls)) this.pools.set(name, new pg.Pool({ connectionString: url, max: 3, application_name: 'test' }));
+    for (const [name, url] of Object.entries(urls)) {
+      const pool = new pg.Pool({ connectionString: url, max: 3, application_name: 'test' });
+      pool.on('error', () => undefined); // an idle connection cut by a cluster stop or kill; queries report their own errors
+      this.pools.set(name, pool);
+    }
   }
 
   async query<T extends pg.QueryResultRow = Record<string, unknown>>(server: string, sql: string, params: unknown[] = []): Promise<T[]> {
@@ -161,3 +167,30 @@ export function filter(name: string, server: string, conditions: Record<string, 
 }
 
 export const is = (column: string, value: unknown) => ({ fact: 'row', path: `$.${column}`, operator: 'equal', value });
+
+/**
+ * A test file's clusters and DSO environments: clusters started before the file's tests, every
+ * environment and cluster closed after them, and a leak check (no pgdso child process left).
+ */
+export function dsoSuite(clusterCount: number) {
+  let clusters: TestCluster[] = [];
+  const envs: DsoEnv[] = [];
+  before(async () => {
+    clusters = await provideClusters(clusterCount);
+  });
+  after(async () => {
+    await Promise.all(envs.map((e) => e.close()));
+    await leakCheck({ allowPids: () => clusters.flatMap((c) => c.ownedPids()) })();
+    await Promise.all(clusters.map((c) => c.destroy()));
+  });
+  return {
+    get clusters(): readonly TestCluster[] {
+      return clusters;
+    },
+    async env(opts: Omit<DsoEnvOptions, 'clusters'>): Promise<DsoEnv> {
+      const created = await createDsoEnv({ clusters, ...opts });
+      envs.push(created);
+      return created;
+    },
+  };
+}

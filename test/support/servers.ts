@@ -9,6 +9,8 @@
  */
 import crypto from 'node:crypto';
 import pg from 'pg';
+import { withClient as withPgClient } from '../../src/sql/client.ts';
+import { quoteIdent } from '../../src/sql/identifiers.ts';
 import { REPLICATION_SETTINGS, startLocalCluster, type LocalCluster } from '../../src/embedded/cluster.ts';
 
 export type ProviderName = 'embedded' | 'testcontainers' | 'urls';
@@ -210,20 +212,10 @@ async function dropDatabase(adminUrl: string, database: string): Promise<void> {
   throw lastError;
 }
 
-async function withClient<T>(url: string, use: (client: pg.Client) => Promise<T>): Promise<T> {
-  const client = new pg.Client({ connectionString: url, application_name: 'test-harness' });
-  client.on('error', () => undefined); // surfaced by the failing query
-  await client.connect();
-  try {
-    return await use(client);
-  } finally {
-    await client.end().catch(() => undefined);
-  }
+function withClient<T>(url: string, use: (client: pg.Client) => Promise<T>): Promise<T> {
+  return withPgClient({ connectionString: url, application_name: 'test-harness' }, use);
 }
 
-function quoteIdent(name: string): string {
-  return `"${name.replace(/"/g, '""')}"`;
-}
 
 /** The URL without its password, for messages. */
 export function redactUrl(url: string): string {
