@@ -7,7 +7,9 @@ export async function runCommand(opts: GlobalOptions, cmd: { server?: string; in
   const config = await configFrom(opts);
   const rules = compileRules(config);
   const log = loggerFrom(opts);
-  const servers = cmd.server ? [serverOf(config, cmd.server).name] : Object.keys(config.servers).filter((s) => config.filters.some((f) => f.on.server === s));
+  // Every server with a form in the rules has a slot (forms enable made it): each gets an
+  // engine, which confirms what no filter wants, so no slot holds WAL for nothing.
+  const servers = cmd.server ? [serverOf(config, cmd.server).name] : Object.keys(config.servers).filter((s) => rules.formsOf(s).length > 0);
   // Bad rules never start an engine: the live catalogs must agree with the mappings.
   const findings = await preflight(config, rules);
   const invalid = findingsAsConfigError(findings, config.file);
