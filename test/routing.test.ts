@@ -64,6 +64,13 @@ test('routing: a desk stays on sf, a chair moves to chicago with ownership, a ch
   assert.deepEqual([uph3?.dso_master, uph3?.dso_from_server, uph3?.dso_from_request_id, uph3?.dso_current_server, uph3?.description, uph3?.needs_upholstery], [true, 'chicago', 'SF-3', 'chicago_uph', 'torn seat', true]);
   assert.deepEqual(uph3?.dso_mapping_history.map((h) => `${h.fromServer}->${h.toServer}`), ['sf->chicago', 'chicago->chicago_uph']);
   assert.equal(uph3?.dso_mapping_history[1]?.fromRequestId, 'SF-3');
+
+  // Every server's slot moves on, also where no filter runs (chicago_uph only receives): no
+  // slot keeps WAL for nothing.
+  for (const server of ['sf', 'chicago', 'chicago_uph']) {
+    const [{ lsn }] = (await e.query<{ lsn: string }>(server, 'SELECT pg_current_wal_lsn()::text AS lsn')) as [{ lsn: string }];
+    await waitFor(async () => (await e.query<{ done: boolean }>(server, `SELECT confirmed_flush_lsn >= $1::pg_lsn AS done FROM pg_replication_slots WHERE database = current_database()`, [lsn]))[0]?.done, { message: () => `the slot of ${server} does not move:\n${engine.output}` });
+  }
   await engine.stop();
 });
 
