@@ -1,9 +1,11 @@
 // The migrations, listed in code so that they run from a checkout (tsx) and from a build alike.
 import type { Knex } from 'knex';
 import * as controlSchema from './20261123000001_control_schema.ts';
+import * as applyProgress from './20261123000002_apply_progress.ts';
 
 const migrations: Record<string, Knex.Migration> = {
   '20261123000001_control_schema': controlSchema,
+  '20261123000002_apply_progress': applyProgress,
 };
 
 export const migrationSource: Knex.MigrationSource<string> = {

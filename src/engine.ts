@@ -23,7 +23,7 @@ import { ApplyLane } from './applier/lane.ts';
 import { LaneBuffer } from './applier/buffer.ts';
 import type { FormCatalog } from './applier/catalog.ts';
 import { buildColumnPlan, type ColumnPlan } from './applier/plan.ts';
-import { TransferGroup, TransferredGroup, recordFailures, type ApplyFailure } from './applier/transfer.ts';
+import { TransferGroup, TransferredGroup, changeKey, recordFailures, type ApplyFailure } from './applier/transfer.ts';
 import { describeForm, ensureSlot, type FormInfo } from './sql/forms.ts';
 import { originName, slotName, writerOfOrigin } from './sql/identifiers.ts';
 import { waitForOperationLock } from './groupboard/lock.ts';
@@ -103,6 +103,8 @@ class EngineSession implements ChangeSink {
   private readonly plans = new WeakMap<Relation, Map<string, ColumnPlan>>();
   private tx: OpenTransaction | null = null;
   private readonly hops = new Map<string, { finalLsn: bigint; template: [string, string] }>();
+  /** changes refused before reaching a lane (recorded in pending_errors at the next flush) */
+  private rejected: ApplyFailure[] = [];
   private last: TxCommit | null = null;
   private unflushed = 0;
   private flushedOnce = false;
@@ -196,14 +198,15 @@ class EngineSession implements ChangeSink {
       this.log.warn({ filter: err.filter, lsn: formatLsn(change.lsn) }, err.message),
     );
     if (fired.length === 0) return;
-    let backlog: Promise<void> | undefined;
+    const waits: Promise<void>[] = [];
     for (const { filter, actions } of fired) {
       for (const action of actions) {
         const wait = this.perform(action, filter, change, facts, form, tx);
-        if (wait) backlog = wait;
+        if (wait) waits.push(wait);
       }
     }
-    return backlog;
+    if (waits.length === 0) return;
+    return waits.length === 1 ? waits[0] : Promise.all(waits).then(() => undefined);
   }
 
   commit(commit: TxCommit): void | Promise<void> {
@@ -233,8 +236,8 @@ class EngineSession implements ChangeSink {
       case 'transfer':
         return this.transfer(this.opts.config.mappings[action.mapping]!, action.overrideLoopDetection, filter, change, facts, form, tx);
       default:
-        this.log.warn({ filter, action: action.type }, 'action not supported yet; skipped');
-        return undefined;
+        // refused at start by unsupportedOptions(): never confirm past an operation not carried out
+        throw new Error(`filter "${filter}": the "${action.type}" action is not supported by this version`);
     }
   }
 
@@ -248,13 +251,25 @@ class EngineSession implements ChangeSink {
       return undefined;
     }
     const historyText = row.dso_mapping_history ?? '[]';
-    if (!override && visitedServers(historyText).has(mapping.to.server)) {
+    const visited = visitedServers(historyText);
+    if (visited === null) {
+      // a history edited into something else: no loop information, no chain to extend
+      this.rejected.push({
+        type: 'transfer', mapping, requestId, lsn: change.lsn, sqlstate: null,
+        payload: { target: `${mapping.to.server}.${mapping.to.schema}.${mapping.to.table}`, history: historyText },
+        error: `mapping "${mapping.name}": request ${requestId}: dso_mapping_history is not a list of hops with fromServer and fromRequestId: ${historyText.slice(0, 200)}`,
+      });
+      this.unflushed += 1;
+      return undefined;
+    }
+    if (!override && visited.has(mapping.to.server)) {
       this.log.debug({ filter, mapping: mapping.name, requestId }, 'loop detection: the request has been on the target server');
       return undefined;
     }
     const buffer = this.lanes.get(`${mapping.to.server}/${mapping.pool}`)!;
     let wait: Promise<void> | undefined;
-    if (!buffer.lane.applied(tx.finalLsn)) {
+    const runs = !buffer.lane.applied(tx.finalLsn);
+    if (runs) {
       const plan = this.planFor(change.relation, mapping, form);
       const values = plan.columns.map((c) => (c.from.kind === 'constant' ? c.from.text : row[c.from.column]));
       if (values.some((v) => v === undefined)) throw new Error(`form ${form.schema}.${form.table} is not replica identity full: run pgdso forms enable`);
@@ -270,7 +285,7 @@ class EngineSession implements ChangeSink {
     const source = this.sourceBuffer!;
     if (!source.lane.applied(tx.finalLsn)) {
       const groupKey = `transferred:${mapping.name}`;
-      source.group(groupKey, `${form.schema}.${form.table}`, requestId, () => new TransferredGroup(mapping, form.keyColumn, form.keyType)).add(requestId, change.lsn);
+      source.group(groupKey, `${form.schema}.${form.table}`, requestId, () => new TransferredGroup(mapping, form.keyColumn, form.keyType)).add(requestId, change.lsn, runs);
       this.unflushed += 1;
     }
     return wait;
@@ -319,13 +334,16 @@ class EngineSession implements ChangeSink {
     const lanes = [...this.lanes.values()];
     for (const buffer of lanes) buffer.submitAll();
     await Promise.all(lanes.map((b) => b.lane.settle()));
-    const failures = lanes.flatMap((b) => b.lane.takeFailures());
+    const failures = [...this.rejected, ...lanes.flatMap((b) => b.lane.takeFailures())];
+    this.rejected = [];
     const sourceLane = this.sourceLane!;
     if (failures.length) {
       await sourceLane.runAlone((client) => recordFailures(client, failures, (m) => this.forms.get(`${m.from.schema}.${m.from.table}`)!));
       for (const f of failures) this.log.warn({ mapping: f.mapping.name, requestId: f.requestId, sqlstate: f.sqlstate }, f.error);
     }
     await Promise.all(lanes.filter((b) => b.lane.dirty).map((b) => b.lane.commit(last.finalLsn, last.commitTime)));
+    const failed = new Set(failures.map((f) => changeKey(f.mapping.name, f.requestId, f.lsn)));
+    for (const group of this.sourceBuffer!.pendingGroups()) if (group instanceof TransferredGroup) group.dropFailed(failed);
     this.sourceBuffer!.submitAll();
     await sourceLane.commit(last.finalLsn, last.commitTime);
     this.stats.applied += this.unflushed;
@@ -353,17 +371,21 @@ function appendHop(historyText: string, [before, after]: [string, string], reque
   return historyText === '[]' ? `[${hop}]` : `${historyText.slice(0, -1)}, ${hop}]`;
 }
 
-/** Servers a request has been on, from its mapping history (JSON text). */
-function visitedServers(historyText: string): Set<string> {
+/** Servers a request has been on, from its mapping history (JSON text); null if malformed. */
+function visitedServers(historyText: string): Set<string> | null {
   const visited = new Set<string>();
   if (historyText === '[]') return visited;
+  let hops: unknown;
   try {
-    for (const hop of JSON.parse(historyText) as { fromServer?: string; toServer?: string }[]) {
-      if (hop.fromServer) visited.add(hop.fromServer);
-      if (hop.toServer) visited.add(hop.toServer);
-    }
+    hops = JSON.parse(historyText);
   } catch {
-    /* a hand-edited history that is not JSON: no loop information */
+    return null;
+  }
+  if (!Array.isArray(hops)) return null;
+  for (const hop of hops as { fromServer?: unknown; toServer?: unknown; fromRequestId?: unknown }[]) {
+    if (!hop || typeof hop.fromServer !== 'string' || typeof hop.fromRequestId !== 'string') return null;
+    visited.add(hop.fromServer);
+    if (typeof hop.toServer === 'string') visited.add(hop.toServer);
   }
   return visited;
 }

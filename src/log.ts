@@ -2,7 +2,8 @@
 // string that looks like a connection URL has its password masked (messages and errors too).
 import pino, { type Logger } from 'pino';
 
-const URL_PASSWORD = /(\b[a-z][a-z0-9+.-]*:\/\/[^:/?#@\s]*:)([^@\s]*)@/gi;
+// greedy up to the last '@' of the word: a password may hold a raw '@'
+const URL_PASSWORD = /(\b[a-z][a-z0-9+.-]*:\/\/[^:/?#@\s]*:)(\S*)@/gi;
 const KEY_VALUE_PASSWORD = /(\bpassword\s*=\s*)('[^']*'|\S+)/gi;
 
 /** Masks passwords in connection URLs and `password=...` pairs inside any text. */
@@ -12,6 +13,7 @@ export function maskSecrets(text: string): string {
 
 function maskDeep(value: unknown, depth = 0): unknown {
   if (typeof value === 'string') return maskSecrets(value);
+  if (value instanceof Error) return errorSerializer(value);
   if (depth > 6 || value === null || typeof value !== 'object') return value;
   if (Array.isArray(value)) return value.map((v) => maskDeep(v, depth + 1));
   const out: Record<string, unknown> = {};

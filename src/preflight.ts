@@ -103,6 +103,30 @@ function whereNamed(config: PgdsoConfig, server: string, schema: string, table: 
   return {};
 }
 
+/**
+ * Options of the contract this version does not carry out yet. They are refused, with their
+ * file and pointer, rather than accepted and ignored.
+ */
+export function unsupportedOptions(config: PgdsoConfig): Finding[] {
+  const findings: Finding[] = [];
+  const refuse = (server: string, source: { file: string; pointer: string }, pointer: string, what: string) =>
+    findings.push({ server, severity: 'problem', file: source.file, pointer: `${source.pointer}${pointer}`, message: `${what} is not supported by this version of pgdso yet` });
+  for (const m of Object.values(config.mappings)) {
+    if (m.whenToUpdate !== 'immediately') refuse(m.from.server, m.source, '/whenToUpdate', `whenToUpdate "${m.whenToUpdate}"`);
+    if (m.duplicateRequestId === 'new-id') refuse(m.from.server, m.source, '/duplicateRequestId', 'duplicateRequestId "new-id"');
+    if (m.match !== 'request-id') refuse(m.from.server, m.source, '/match', 'match by fields');
+    if (m.afterTransfer !== 'keep') refuse(m.from.server, m.source, '/afterTransfer', `afterTransfer "${m.afterTransfer}"`);
+    if (m.conflict !== 'source-wins') refuse(m.from.server, m.source, '/conflict', `conflict "${m.conflict}"`);
+  }
+  const actions = (owner: { on: { server: string }; actions: readonly { type: string }[]; source: { file: string; pointer: string } }) =>
+    owner.actions.forEach((a, i) => {
+      if (a.type !== 'transfer') refuse(owner.on.server, owner.source, `/actions/${i}/type`, `the "${a.type}" action`);
+    });
+  config.filters.forEach(actions);
+  for (const e of config.escalations) refuse(e.on.server, e.source, '', `escalation "${e.name}" (escalations)`);
+  return findings;
+}
+
 /** The findings that stop an engine, as the one format bad config and rules are reported in. */
 export function findingsAsConfigError(findings: readonly Finding[], configFile: string): ConfigError | null {
   const problems = findings.filter((f) => f.severity === 'problem');

@@ -22,7 +22,7 @@ const routingRules = {
   mappings: [mapping('sf-to-chicago', 'sf', 'chicago'), mapping('chicago-to-upholstery', 'chicago', 'chicago_uph')],
   filters: [
     filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }]),
-    filter('route-lamps', 'sf', { all: [is('item', 'lamp')] }, [{ type: 'update', mapping: 'sf-to-chicago' }]),
+    filter('route-lamps', 'sf', { all: [is('item', 'lamp')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }]),
     filter('route-upholstery', 'chicago', { all: [is('needs_upholstery', true)] }, [{ type: 'transfer', mapping: 'chicago-to-upholstery' }]),
   ],
 };
@@ -206,6 +206,23 @@ test('contract guarantee 7: a rule that does not match the live catalog is repor
   const out = r.stdout + r.stderr;
   assert.ok(out.includes(ruleFile('main.json')), `the output names the rule file ${ruleFile('main.json')}\n${show(r)}`);
   assert.ok(out.includes('/mappings/0/fields/map/location'), `the output names the JSON pointer /mappings/0/fields/map/location\n${show(r)}`);
+});
+
+test('an option this version does not carry out yet is refused with its file and pointer, never accepted and ignored', async () => {
+  const { configPath, ruleFile } = await variant({
+    'main.json': {
+      mappings: [mapping('sf-to-chicago', 'sf', 'chicago', { afterTransfer: 'delete', conflict: 'newer-wins' })],
+      filters: [filter('give-back', 'sf', { all: [is('item', 'chair')] }, [{ type: 'return' }])],
+    },
+  });
+  for (const command of [['rules', 'check'], ['run']]) {
+    const r = await cli(configPath, command);
+    assert.equal(r.code, 2, show(r));
+    for (const where of ['#/mappings/0/afterTransfer', '#/mappings/0/conflict', '#/filters/0/actions/0/type']) {
+      assert.ok(r.stderr.includes(`${ruleFile('main.json')}${where}`), `${command.join(' ')} reports ${where}\n${show(r)}`);
+    }
+    assert.match(r.stderr, /not supported by this version/);
+  }
 });
 
 test('several problems at once are all reported in one run', async () => {

@@ -65,3 +65,62 @@ test('duplicateRequestId error: a different request with the same ID on the targ
   assert.deepEqual(source, { dso_master: true, dso_transfer_status: 'failure' });
   await engine.stop();
 });
+
+test('one filter, two transfers, one target refuses the row: the other target gets it, the refusal is recorded, the stream goes on', async () => {
+  const e = await suite.env({ servers: ['sf', 'chicago', 'tokyo'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: {
+    mappings: [mapping('sf-to-chicago', 'sf', 'chicago', { transferMode: 'data-only' }), mapping('sf-to-tokyo', 'sf', 'tokyo', { transferMode: 'data-only' })],
+    filters: [filter('fan-out', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }, { type: 'transfer', mapping: 'sf-to-tokyo' }])],
+  } });
+  await e.query('tokyo', `ALTER TABLE repair_request ADD CONSTRAINT short_description CHECK (length(description) < 10)`);
+  const engine = e.engine();
+  await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ('F-1', 'chair', 'much too long for tokyo'), ('F-2', 'chair', 'short')`);
+  await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ('F-3', 'chair', 'later')`);
+  await waitFor(async () => (await e.query('tokyo', `SELECT 1 FROM repair_request WHERE id = 'F-3'`)).length === 1 && (await e.query('chicago', `SELECT 1 FROM repair_request`)).length === 3, { message: () => engine.output });
+  assert.deepEqual((await e.query<{ id: string }>('tokyo', 'SELECT id FROM repair_request ORDER BY id')).map((r) => r.id), ['F-2', 'F-3']);
+  const errors = await e.query<PendingError>('sf', 'SELECT * FROM pgdso.pending_errors');
+  assert.deepEqual(errors.map((r) => [r.mapping, r.request_id, r.sqlstate]), [['sf-to-tokyo', 'F-1', '23514']]);
+  await engine.stop();
+});
+
+test('a request applied early in a batch and refused later in it: ownership moved, so the source copy is not a second master', async () => {
+  const e = await suite.env({ servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: {
+    mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
+    filters: [filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }])],
+  } });
+  await e.query('chicago', 'ALTER TABLE repair_request ALTER COLUMN description TYPE varchar(10)');
+  const engine = e.engine();
+  // one source transaction: R-1 fits, 6,000 other rows (more than one statement's worth), then
+  // R-1 changes to a value chicago refuses
+  await e.query('sf', `BEGIN;
+    INSERT INTO repair_request (id, item, description) VALUES ('R-1', 'chair', 'fits');
+    INSERT INTO repair_request (id, item, description) SELECT 'B-' || g, 'chair', 'ok' FROM generate_series(1, 6000) g;
+    UPDATE repair_request SET description = 'this one is far too long' WHERE id = 'R-1';
+    COMMIT`);
+  await waitFor(async () => (await e.query('sf', `SELECT 1 FROM repair_request WHERE dso_transfer_status IS NOT NULL`)).length === 6001, { timeoutMs: 60_000, message: () => engine.output });
+  const masters = [
+    ...(await e.query<{ m: boolean }>('sf', `SELECT dso_master AS m FROM repair_request WHERE id = 'R-1'`)),
+    ...(await e.query<{ m: boolean }>('chicago', `SELECT dso_master AS m FROM repair_request WHERE id = 'R-1'`)),
+  ].filter((r) => r.m);
+  assert.equal(masters.length, 1, 'exactly one master copy of R-1');
+  assert.equal((await e.query<{ d: string }>('chicago', `SELECT description AS d FROM repair_request WHERE id = 'R-1'`))[0]?.d, 'fits');
+  assert.equal((await e.query('sf', `SELECT 1 FROM pgdso.pending_errors WHERE request_id = 'R-1'`)).length, 1);
+  await engine.stop();
+});
+
+test('a deferred constraint on the target fails its row, not the whole batch', async () => {
+  const e = await suite.env({ servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: {
+    mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
+    filters: [filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }])],
+  } });
+  await e.query('chicago', `ALTER TABLE repair_request ADD CONSTRAINT one_per_description UNIQUE (description) DEFERRABLE INITIALLY DEFERRED`);
+  await e.query('chicago', `INSERT INTO repair_request (id, item, description) VALUES ('LOCAL-1', 'lamp', 'taken')`);
+  const engine = e.engine();
+  await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ('X-1', 'chair', 'taken'), ('X-2', 'chair', 'free')`);
+  await waitFor(async () => (await e.query('sf', `SELECT 1 FROM repair_request WHERE dso_transfer_status IS NOT NULL`)).length === 2, { message: () => engine.output });
+  assert.deepEqual((await e.query<{ id: string }>('chicago', 'SELECT id FROM repair_request ORDER BY id')).map((r) => r.id), ['LOCAL-1', 'X-2']);
+  assert.deepEqual(await e.query('sf', `SELECT id, dso_master, dso_transfer_status FROM repair_request ORDER BY id`), [
+    { id: 'X-1', dso_master: true, dso_transfer_status: 'failure' },
+    { id: 'X-2', dso_master: false, dso_transfer_status: 'success' },
+  ]);
+  await engine.stop();
+});

@@ -388,7 +388,7 @@ test('a request of repair_request on sf becomes a work_order on chicago: dso_fro
 
 test('a filter on update only, with changed contains "status" and old status not closed: closing a request transfers it once; inserting a closed one or editing a closed one does not', async () => {
   const e = await makeEnv(['sf', 'chicago'], REPAIR_REQUEST_SQL, ['repair_request'], {
-    mappings: [transferMapping('closed-to-chicago', ['sf', 'repair_request'], ['chicago', 'repair_request'], { transferMode: 'data-only', whenToUpdate: 'never' })],
+    mappings: [transferMapping('closed-to-chicago', ['sf', 'repair_request'], ['chicago', 'repair_request'], { transferMode: 'data-only' })],
     filters: [
       {
         name: 'on-closing',
@@ -455,8 +455,8 @@ test('origin: a chicago filter on origin "sf" routes requests that came from sf\
     {
       mappings: [
         transferMapping('sf-to-chicago', ['sf', 'repair_request'], ['chicago', 'repair_request']),
-        transferMapping('relay-to-tokyo', ['chicago', 'repair_request'], ['tokyo', 'repair_request'], { transferMode: 'data-only', whenToUpdate: 'never' }),
-        transferMapping('local-to-tokyo', ['chicago', 'repair_request'], ['tokyo', 'local_request'], { transferMode: 'data-only', whenToUpdate: 'never' }),
+        transferMapping('relay-to-tokyo', ['chicago', 'repair_request'], ['tokyo', 'repair_request'], { transferMode: 'data-only' }),
+        transferMapping('local-to-tokyo', ['chicago', 'repair_request'], ['tokyo', 'local_request'], { transferMode: 'data-only' }),
       ],
       filters: [
         { name: 'all-to-chicago', on: on('sf', 'repair_request', ['insert']), actions: [{ type: 'transfer', mapping: 'sf-to-chicago' }] },

@@ -5,6 +5,8 @@ import type { ApplyLane, OpGroup } from './lane.ts';
 
 export class LaneBuffer<F> {
   private readonly open = new Map<string, OpGroup<F>>();
+  /** groups closed in order but not submitted, in a buffer that holds everything until flush */
+  private readonly held: OpGroup<F>[] = [];
 
   constructor(readonly lane: ApplyLane<F>, private readonly chunkRows: number, private readonly hold = false) {}
 
@@ -14,7 +16,7 @@ export class LaneBuffer<F> {
     if (this.open.size > (group ? 1 : 0)) {
       for (const [key, other] of this.open) {
         if (key !== groupKey && other.has(table, requestId)) {
-          this.submitAll();
+          this.closeAll();
           group = undefined;
           break;
         }
@@ -37,8 +39,23 @@ export class LaneBuffer<F> {
     }
   }
 
-  submitAll(): void {
-    for (const group of this.open.values()) this.lane.submit(group);
+  /** Closes the open groups in order: submitted now, or kept in order until flush. */
+  private closeAll(): void {
+    if (this.hold) this.held.push(...this.open.values());
+    else for (const group of this.open.values()) this.lane.submit(group);
     this.open.clear();
+  }
+
+  submitAll(): void {
+    for (const group of this.held) this.lane.submit(group);
+    this.held.length = 0;
+    this.closeAll();
+    for (const group of this.held) this.lane.submit(group);
+    this.held.length = 0;
+  }
+
+  /** Every group not submitted yet, held or open, in order. */
+  pendingGroups(): OpGroup<F>[] {
+    return [...this.held, ...this.open.values()];
   }
 }

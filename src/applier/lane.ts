@@ -1,12 +1,15 @@
 // An apply lane: one dedicated connection to one server for one pool, with its own replication
-// origin. Work runs inside one open transaction per batch; commit records the source position
-// (the commit LSN of the last source transaction in the batch) in the same transaction through
-// pg_replication_origin_xact_setup, so a replay after a crash is skipped (exactly once).
+// origin (the origin tags the lane's writes in the server's WAL: the decoder tells the engine's
+// changes from users' by it, and the ownership guard lets the session through). Work runs in
+// one open transaction per batch; the commit records the source position (the commit LSN of the
+// last source transaction in the batch) in pgdso.apply_progress in that same transaction, so a
+// replay after a crash skips exactly what was committed. (The origin's own progress is not used:
+// PostgreSQL advances it even when the transaction aborts.)
 import pg from 'pg';
 import type { Logger } from 'pino';
 import { formatLsn, parseLsn } from '../change.ts';
 import { describeFormColumns, type FormCatalog } from './catalog.ts';
-import { withCanonicalText } from '../sql/session.ts';
+import { forApplying } from '../sql/session.ts';
 
 /** A set of operations applied by one statement (or a few), in the lane's open transaction. */
 export interface OpGroup<F = unknown> {
@@ -41,7 +44,7 @@ export class ApplyLane<F = unknown> {
   }
 
   async open(): Promise<void> {
-    const client = new pg.Client({ ...withCanonicalText(this.opts.connection), application_name: `pgdso apply ${this.opts.name}` });
+    const client = new pg.Client({ ...forApplying(this.opts.connection), application_name: `pgdso apply ${this.opts.name}` });
     client.on('error', (err) => {
       this.failure ??= err;
     });
@@ -55,8 +58,8 @@ export class ApplyLane<F = unknown> {
       });
     }
     await client.query('SELECT pg_replication_origin_session_setup($1)', [origin]);
-    const progress = await client.query(`SELECT pg_replication_origin_session_progress(true)::text AS lsn`);
-    this.progress = progress.rows[0].lsn ? parseLsn(progress.rows[0].lsn) : 0n;
+    const progress = await client.query(`SELECT source_lsn::text AS lsn FROM pgdso.apply_progress WHERE origin = $1`, [origin]);
+    this.progress = progress.rowCount ? parseLsn(progress.rows[0].lsn) : 0n;
     this.opts.log.debug({ lane: this.name, origin, progress: formatLsn(this.progress) }, 'apply lane open');
   }
 
@@ -93,8 +96,7 @@ export class ApplyLane<F = unknown> {
         if (this.failure) return;
         const client = this.connection();
         if (!this.inTransaction) {
-          await client.query('BEGIN');
-          this.inTransaction = true;
+          await this.begin(client);
         }
         const failed = await group.execute(client);
         if (failed.length) this.failures.push(...failed);
@@ -128,12 +130,24 @@ export class ApplyLane<F = unknown> {
     return taken;
   }
 
-  /** Commits the open transaction, recording `finalLsn` as this origin's progress. */
+  private async begin(client: pg.Client): Promise<void> {
+    await client.query('BEGIN');
+    // a deferred constraint must fail its statement (where the bad row can be isolated), not
+    // the commit
+    await client.query('SET CONSTRAINTS ALL IMMEDIATE');
+    this.inTransaction = true;
+  }
+
+  /** Commits the open transaction, recording `finalLsn` as this lane's progress in it. */
   async commit(finalLsn: bigint, commitTime: Date): Promise<void> {
     await this.settle();
     if (!this.inTransaction) return;
     const client = this.connection();
-    await client.query('SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, $2)', [formatLsn(finalLsn), commitTime]);
+    await client.query(
+      `INSERT INTO pgdso.apply_progress (origin, source_lsn, source_commit_time, updated_at) VALUES ($1, $2::text::pg_lsn, $3, now())
+       ON CONFLICT (origin) DO UPDATE SET source_lsn = EXCLUDED.source_lsn, source_commit_time = EXCLUDED.source_commit_time, updated_at = now()`,
+      [this.opts.origin, formatLsn(finalLsn), commitTime],
+    );
     await client.query('COMMIT');
     this.inTransaction = false;
     if (finalLsn > this.progress) this.progress = finalLsn;
@@ -144,13 +158,15 @@ export class ApplyLane<F = unknown> {
     await this.settle();
     if (this.inTransaction) throw new Error(`lane ${this.name}: runAlone inside an open transaction`);
     const client = this.connection();
-    await client.query('BEGIN');
+    await this.begin(client);
     try {
       const result = await work(client);
       await client.query('COMMIT');
+      this.inTransaction = false;
       return result;
     } catch (err) {
       await client.query('ROLLBACK').catch(() => {});
+      this.inTransaction = false;
       throw err;
     }
   }

@@ -35,10 +35,8 @@ export interface ApplyFailure {
 interface TransferStatements {
   /** INSERT only: the fast path when none of the requests is on the target yet */
   insert: string;
-  /** INSERT ... ON CONFLICT DO UPDATE of the same request; returns how many rows it wrote */
+  /** INSERT ... ON CONFLICT DO UPDATE of the same request; returns the request IDs it wrote */
   upsert: string;
-  /** the request IDs held on the target by a different request (duplicates) */
-  duplicates: string;
 }
 
 const statements = new WeakMap<ColumnPlan, TransferStatements>();
@@ -78,17 +76,13 @@ function transferStatements(plan: ColumnPlan): TransferStatements {
 SELECT u.rid::${target.keyType}, ${[...casts, ...dso.map(([, value]) => value)].join(', ')}
   FROM unnest(${[...arrays, `${p(1)}::text[]`, `${p(2)}::text[]`].join(', ')}) AS u(${[...plan.columns.map((_, i) => `c${i}`), 'rid', 'hist'].join(', ')})`;
   // The same request: the target copy's root (first hop, or itself) is the incoming one's.
-  const sameRequest = (incoming: string, thisServer: string) => `coalesce(t.dso_mapping_history -> 0 ->> 'fromServer', ${thisServer}::text) = ${incoming} -> 0 ->> 'fromServer'
-   AND coalesce(t.dso_mapping_history -> 0 ->> 'fromRequestId', t.${key}::text) = ${incoming} -> 0 ->> 'fromRequestId'`;
-  const upsert = `WITH written AS (${insert}
+  const sameRequest = (incoming: string, thisServer: string) => `coalesce(t.dso_mapping_history -> 0 ->> 'fromServer', ${thisServer}::text) IS NOT DISTINCT FROM ${incoming} -> 0 ->> 'fromServer'
+   AND coalesce(t.dso_mapping_history -> 0 ->> 'fromRequestId', t.${key}::text) IS NOT DISTINCT FROM ${incoming} -> 0 ->> 'fromRequestId'`;
+  const upsert = `${insert}
 ON CONFLICT (${key}) DO UPDATE SET ${updated.map((c) => `${c} = EXCLUDED.${c}`).join(', ')}
  WHERE ${mapping.duplicateRequestId === 'overwrite' ? 'true' : sameRequest('EXCLUDED.dso_mapping_history', p(9))}
-RETURNING 1) SELECT count(*)::int AS n FROM written`;
-  // parameters: $1 ids, $2 histories, $3 this target server
-  const duplicates = `SELECT u.rid FROM unnest($1::text[], $2::text[]) AS u(rid, hist)
-  JOIN ${table} AS t ON t.${key} = u.rid::${target.keyType}
- WHERE NOT (${sameRequest('u.hist::jsonb', '$3')})`;
-  const built = { insert, upsert, duplicates };
+RETURNING t.${key}::text AS rid`;
+  const built = { insert, upsert };
   statements.set(plan, built);
   return built;
 }
@@ -148,13 +142,13 @@ export class TransferGroup implements OpGroup<ApplyFailure> {
       mapping.to.server,
     ];
     const sql = transferStatements(plan);
-    const n = plan.columns.length;
     // the plain INSERT does not use the last parameter (this target server)
     if (this.plainInsert && (await this.tryInsert(client, sql.insert, params.slice(0, -1)))) return [];
     const result = await client.query(sql.upsert, params);
-    if (result.rows[0].n === rows.length) return [];
-    const duplicates = await client.query(sql.duplicates, [params[n], params[n + 1], mapping.to.server]);
-    return duplicates.rows.map((r: { rid: string }) => this.failure(rows.find((row) => row.requestId === r.rid)!, duplicateError(mapping, r.rid)));
+    if (result.rowCount === rows.length) return [];
+    // not written: the target holds that ID for a different request
+    const written = new Set(result.rows.map((r: { rid: string }) => r.rid));
+    return rows.filter((row) => !written.has(row.requestId)).map((row) => this.failure(row, duplicateError(mapping, row.requestId)));
   }
 
   /** A plain INSERT under a savepoint; false (and nothing written) if a request is already there. */
@@ -184,7 +178,7 @@ export class TransferGroup implements OpGroup<ApplyFailure> {
       mapping,
       requestId: row.requestId,
       lsn: row.lsn,
-      payload: { target: `${mapping.to.server}.${mapping.to.schema}.${mapping.to.table}`, values: payload, history: JSON.parse(row.history) },
+      payload: { target: `${mapping.to.server}.${mapping.to.schema}.${mapping.to.table}`, values: payload, history: parseJsonOr(row.history) },
       error: `mapping "${mapping.name}": request ${row.requestId} to ${mapping.to.server}.${mapping.to.table}: ${classified.message}`,
       sqlstate: classified.sqlstate,
     };
@@ -205,6 +199,14 @@ export function textArrayLiteral(values: readonly (string | null)[]): string {
     else parts[i] = NEEDS_ESCAPE.test(v) ? `"${v.replace(/[\\"]/g, '\\$&')}"` : `"${v}"`;
   }
   return `{${parts.join(',')}}`;
+}
+
+function parseJsonOr(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return text;
+  }
 }
 
 class DuplicateRequestError extends Error {
@@ -245,43 +247,78 @@ async function applyIsolating<R, F>(
   }
 }
 
-/** The source copy's side of successful transfers of one mapping (dso_to_*, ownership, status). */
+/** The key of one transferred change, to match failures with bookkeeping. */
+export function changeKey(mapping: string, requestId: string, lsn: bigint): string {
+  return `${mapping}\u0000${requestId}\u0000${lsn}`;
+}
+
+interface TransferredChange {
+  requestId: string;
+  lsn: bigint;
+  /** applied by a lane in this session (its outcome is known); else replayed past a lane's progress */
+  ran: boolean;
+}
+
+/**
+ * The source copy's side of the transfers of one mapping (dso_to_*, ownership, status), applied
+ * once the targets have committed. A request counts as transferred when any of its changes in
+ * the batch reached the target: one that ran in this session and did not fail, or one a lane had
+ * committed before (replay) and that has no pending_errors row. Error rows of changes that did
+ * apply in this session are stale (left by an attempt that never committed) and are removed.
+ */
 export class TransferredGroup implements OpGroup<never> {
-  private readonly rows = new Map<string, bigint>();
+  private readonly changes: TransferredChange[] = [];
+  private readonly requests = new Set<string>();
 
   constructor(readonly mapping: MappingConfig, readonly keyColumn: string, readonly keyType: string) {}
 
   get size(): number {
-    return this.rows.size;
+    return this.changes.length;
   }
 
-  add(requestId: string, lsn: bigint): void {
-    this.rows.set(requestId, lsn);
+  add(requestId: string, lsn: bigint, ran: boolean): void {
+    this.changes.push({ requestId, lsn, ran });
+    this.requests.add(requestId);
   }
 
   has(table: string, requestId: string): boolean {
-    return table === `${this.mapping.from.schema}.${this.mapping.from.table}` && this.rows.has(requestId);
+    return table === `${this.mapping.from.schema}.${this.mapping.from.table}` && this.requests.has(requestId);
+  }
+
+  /** Forgets the changes that failed on the target in this session. */
+  dropFailed(failed: ReadonlySet<string>): void {
+    if (failed.size === 0) return;
+    const kept = this.changes.filter((c) => !(c.ran && failed.has(changeKey(this.mapping.name, c.requestId, c.lsn))));
+    this.changes.length = 0;
+    this.changes.push(...kept);
   }
 
   async execute(client: pg.ClientBase): Promise<never[]> {
+    if (this.changes.length === 0) return [];
     const { mapping } = this;
     const key = quoteIdent(this.keyColumn);
     const owns = mapping.transferMode === 'data+ownership';
-    const ids = [...this.rows.keys()];
-    const lsns = [...this.rows.values()].map(formatLsn);
-    // A transfer whose row failed on the target is in pending_errors: it changes nothing here.
     await client.query(
-      `UPDATE ${qualified(mapping.from.schema, mapping.from.table)} AS s
-          SET dso_master = CASE WHEN $3 THEN false ELSE s.dso_master END,
-              dso_current_server = CASE WHEN $3 THEN $4 ELSE coalesce(s.dso_current_server, $6) END,
-              dso_current_form = CASE WHEN $3 THEN $5 ELSE coalesce(s.dso_current_form, $7) END,
-              dso_to_server = $4, dso_to_form = $5, dso_to_request_id = u.rid, dso_to_mapping = $8,
+      `WITH change AS (SELECT * FROM unnest($1::text[], $2::pg_lsn[], $3::boolean[]) AS c(rid, lsn, ran)),
+            stale AS (DELETE FROM pgdso.pending_errors e USING change c
+                       WHERE c.ran AND e.source_lsn = c.lsn AND e.mapping = $9 AND e.type = 'transfer' AND e.request_id = c.rid),
+            transferred AS (SELECT DISTINCT c.rid FROM change c
+                             WHERE c.ran OR NOT EXISTS (SELECT 1 FROM pgdso.pending_errors e
+                                                         WHERE e.source_lsn = c.lsn AND e.mapping = $9 AND e.type = 'transfer' AND e.request_id = c.rid))
+       UPDATE ${qualified(mapping.from.schema, mapping.from.table)} AS s
+          SET dso_master = CASE WHEN $4 THEN false ELSE s.dso_master END,
+              dso_current_server = CASE WHEN $4 THEN $5 ELSE coalesce(s.dso_current_server, $7) END,
+              dso_current_form = CASE WHEN $4 THEN $6 ELSE coalesce(s.dso_current_form, $8) END,
+              dso_to_server = $5, dso_to_form = $6, dso_to_request_id = t.rid, dso_to_mapping = $9,
               dso_transfer_status = 'success'
-         FROM unnest($1::text[], $2::pg_lsn[]) AS u(rid, lsn)
-        WHERE s.${key} = u.rid::${this.keyType}
-          AND NOT EXISTS (SELECT 1 FROM pgdso.pending_errors e
-                           WHERE e.source_lsn = u.lsn AND e.mapping = $8 AND e.type = 'transfer' AND e.request_id = u.rid)`,
-      [ids, lsns, owns, mapping.to.server, mapping.to.table, mapping.from.server, mapping.from.table, mapping.name],
+         FROM transferred t
+        WHERE s.${key} = t.rid::${this.keyType}`,
+      [
+        textArrayLiteral(this.changes.map((c) => c.requestId)),
+        textArrayLiteral(this.changes.map((c) => formatLsn(c.lsn))),
+        `{${this.changes.map((c) => (c.ran ? 't' : 'f')).join(',')}}`,
+        owns, mapping.to.server, mapping.to.table, mapping.from.server, mapping.from.table, mapping.name,
+      ],
     );
     return [];
   }

@@ -157,29 +157,37 @@ export class ReplicationStream {
   private async drain(sink: ChangeSink, connection: PgConnection): Promise<void> {
     this.draining = true;
     let paused = false;
+    const pause = () => {
+      if (!paused) connection.stream.pause();
+      paused = true;
+    };
     try {
-      while (this.queued > 0 && !this.stopped) {
-        const result = this.handle(this.shift(), sink);
-        if (result) {
-          if (!paused) {
-            connection.stream.pause();
-            paused = true;
+      while (!this.stopped) {
+        if (this.queued > 0) {
+          const result = this.handle(this.shift(), sink);
+          if (result) {
+            pause();
+            await result;
           }
-          await result;
+          continue;
         }
-        if (this.queued === 0 && !this.stopped) {
-          if (paused) {
-            connection.stream.resume();
-            paused = false;
-            // let the socket deliver what it has before declaring the stream idle
-            await new Promise<void>((resolve) => setImmediate(resolve));
-            if (this.queued > 0) continue;
-          }
-          if (!this.inTransaction) {
-            const idle = sink.idle();
-            if (idle) await idle;
+        if (paused) {
+          // let the socket deliver what it has before declaring the stream idle
+          connection.stream.resume();
+          paused = false;
+          await new Promise<void>((resolve) => setImmediate(resolve));
+          continue;
+        }
+        if (!this.inTransaction) {
+          const idle = sink.idle();
+          if (idle) {
+            // the socket stays paused while the sink flushes: memory stays bounded
+            pause();
+            await idle;
+            continue;
           }
         }
+        break;
       }
     } catch (err) {
       this.fail(err instanceof Error ? err : new Error(String(err)));

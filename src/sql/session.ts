@@ -4,8 +4,19 @@
 import type pg from 'pg';
 
 const CANONICAL_TEXT = '-c datestyle=ISO,MDY -c intervalstyle=postgres -c extra_float_digits=3 -c bytea_output=hex';
+/** Apply connections also commit durably: a source position is confirmed once COMMIT returns. */
+const DURABLE = '-c synchronous_commit=on';
+
+function withOptions(config: pg.ClientConfig, extra: string): pg.ClientConfig {
+  const options = (config as { options?: string }).options;
+  return { ...config, options: options ? `${options} ${extra}` : extra } as pg.ClientConfig;
+}
 
 export function withCanonicalText(config: pg.ClientConfig): pg.ClientConfig {
-  const options = (config as { options?: string }).options;
-  return { ...config, options: options ? `${options} ${CANONICAL_TEXT}` : CANONICAL_TEXT } as pg.ClientConfig;
+  return withOptions(config, CANONICAL_TEXT);
+}
+
+/** For connections that apply changes: canonical text and durable commits. */
+export function forApplying(config: pg.ClientConfig): pg.ClientConfig {
+  return withOptions(config, `${CANONICAL_TEXT} ${DURABLE}`);
 }

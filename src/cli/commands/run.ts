@@ -1,6 +1,6 @@
 import { compileRules } from '../../rules/index.ts';
 import { ServerEngine } from '../../engine.ts';
-import { findingsAsConfigError, preflight } from '../../preflight.ts';
+import { findingsAsConfigError, preflight, unsupportedOptions } from '../../preflight.ts';
 import { configFrom, loggerFrom, serverOf, type GlobalOptions } from '../common.ts';
 
 export async function runCommand(opts: GlobalOptions, cmd: { server?: string; instanceId?: string; rank?: string }): Promise<void> {
@@ -11,7 +11,7 @@ export async function runCommand(opts: GlobalOptions, cmd: { server?: string; in
   // engine, which confirms what no filter wants, so no slot holds WAL for nothing.
   const servers = cmd.server ? [serverOf(config, cmd.server).name] : Object.keys(config.servers).filter((s) => rules.formsOf(s).length > 0);
   // Bad rules never start an engine: the live catalogs must agree with the mappings.
-  const findings = await preflight(config, rules);
+  const findings = [...unsupportedOptions(config), ...(await preflight(config, rules))];
   const invalid = findingsAsConfigError(findings, config.file);
   if (invalid) throw invalid;
   for (const f of findings) log.warn({ server: f.server }, f.message);
