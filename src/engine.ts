@@ -131,7 +131,10 @@ class EngineSession implements ChangeSink {
       this.forms.set(`${schema}.${table}`, await describeForm(control, schema, table));
     }
     await this.openLanes();
-    await ensureSlot(control, slotName(String(this.connection.database)));
+    if (await ensureSlot(control, slotName(String(this.connection.database)))) {
+      // forms enable creates the slot; one that is gone (dropped by hand) lost what happened meanwhile
+      this.log.error({ slot: slotName(String(this.connection.database)) }, 'the replication slot was missing and has been created: changes made to the forms of this server before now were not captured');
+    }
     const stream = new ReplicationStream({ connection: this.connection, slot: slotName(String(this.connection.database)), log: this.log });
     this.stream = stream;
     const onAbort = () => void stream.stop();

@@ -19,16 +19,14 @@ SELECT current_database() AS dbname \gset
 GRANT CREATE ON DATABASE :"dbname" TO pgdso;
 
 -- Replication origins (PostgreSQL 14+: revoked from PUBLIC, grantable; before 14 superuser
--- only). pgdso's apply lanes create an origin, bind their session to it, read its progress
--- and record each commit's source position. The ownership guard (pgdso.row_guard(), SECURITY
+-- only). pgdso's apply lanes create an origin and bind their session to it (the origin tags
+-- the engine's writes; the lane's position is kept in pgdso.apply_progress). The ownership guard (pgdso.row_guard(), SECURITY
 -- DEFINER, owned by pgdso) asks pg_replication_origin_session_is_setup(): without it every
 -- UPDATE and DELETE of an enabled form fails. Never grant these to application roles: an
 -- origin session is what lets the engine past the guard on read-only copies.
 GRANT EXECUTE ON FUNCTION
   pg_catalog.pg_replication_origin_create(text),
   pg_catalog.pg_replication_origin_session_setup(text),
-  pg_catalog.pg_replication_origin_session_progress(boolean),
-  pg_catalog.pg_replication_origin_xact_setup(pg_lsn, timestamp with time zone),
   pg_catalog.pg_replication_origin_session_is_setup()
 TO pgdso;
 
