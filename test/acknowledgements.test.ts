@@ -8,7 +8,7 @@ import pino from 'pino';
 import { provideClusters, type TestCluster } from './support/servers.ts';
 import { waitFor } from './support/wait.ts';
 import { ReplicationStream, type ChangeSink } from '../src/decoder/stream.ts';
-import type { RowChange, TxBegin, TxCommit } from '../src/change.ts';
+import { formatLsn, type RowChange, type TxBegin, type TxCommit } from '../src/change.ts';
 import { migrateServer } from '../src/sql/migrate.ts';
 import { ensureSlot } from '../src/sql/forms.ts';
 import { slotName } from '../src/sql/identifiers.ts';
@@ -93,7 +93,8 @@ test('two interleaved transactions committing back to back, a restart between th
       const [tx1, tx2] = first.transactions.filter((t) => t.ids.some((id) => ids.includes(id)));
       assert.ok(tx1 && tx2 && tx1.endLsn <= tx2.finalLsn, 'transactions out of commit order');
       if (tx2.finalLsn === tx1.endLsn) adjacent += 1;
-      await waitFor(async () => (await admin.query('SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots WHERE slot_name = $1', [slot])).rows[0].lsn !== null);
+      // the server has recorded exactly the first transaction's end before the restart
+      await waitFor(async () => (await admin.query('SELECT confirmed_flush_lsn >= $2::text::pg_lsn AS done FROM pg_replication_slots WHERE slot_name = $1', [slot, formatLsn(tx1.endLsn)])).rows[0].done);
       await s1.stream.stop();
       await s1.done;
 

@@ -39,6 +39,7 @@ export interface StreamOptions {
 }
 
 const PG_EPOCH_MS = 946_684_800_000;
+const STATUS_THROTTLE_MS = 100;
 
 export class ReplicationStream {
   private client: pg.Client | null = null;
@@ -52,6 +53,8 @@ export class ReplicationStream {
   private readonly decoder = new PgoutputDecoder();
   private statusTimer: NodeJS.Timeout | null = null;
   private fail: (err: Error) => void = () => {};
+  private lastStatusAt = 0;
+  private statusDue: NodeJS.Timeout | null = null;
   private stopped = false;
 
   constructor(private readonly opts: StreamOptions) {}
@@ -108,11 +111,20 @@ export class ReplicationStream {
   confirm(lsn: bigint): void {
     if (lsn <= this.confirmed) return;
     this.confirmed = lsn;
-    this.sendStatus(false);
+    // at most one status update per STATUS_THROTTLE_MS: many small transactions in a row
+    // would otherwise send one each
+    const since = Date.now() - this.lastStatusAt;
+    if (since >= STATUS_THROTTLE_MS) this.sendStatus(false);
+    else this.statusDue ??= setTimeout(() => {
+      this.statusDue = null;
+      this.sendStatus(false);
+    }, STATUS_THROTTLE_MS - since);
   }
 
   async stop(): Promise<void> {
     if (this.stopped) return;
+    // the last confirmation reaches the server before the connection ends
+    if (this.statusDue) this.sendStatus(false);
     this.stopped = true;
     const client = this.client;
     this.cleanup();
@@ -122,6 +134,8 @@ export class ReplicationStream {
   private cleanup(): void {
     if (this.statusTimer) clearInterval(this.statusTimer);
     this.statusTimer = null;
+    if (this.statusDue) clearTimeout(this.statusDue);
+    this.statusDue = null;
     this.queue.length = 0;
     this.head = 0;
   }
@@ -249,6 +263,7 @@ export class ReplicationStream {
     const connection = (this.client as unknown as { connection?: PgConnection } | null)?.connection;
     if (!connection || this.stopped) return;
     const lsn = this.confirmed;
+    this.lastStatusAt = Date.now();
     const buf = Buffer.alloc(34);
     buf[0] = 0x72; // r: standby status update
     buf.writeBigUInt64BE(lsn, 1); // written
