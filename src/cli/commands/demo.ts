@@ -44,6 +44,7 @@ export async function demoCommand(opts: GlobalOptions, cmd: { keep?: boolean }):
     for (const name of ['sf', 'chicago', 'chicago_uph']) {
       urls[name] = await cluster.createDatabase(name);
       const pool = new pg.Pool({ connectionString: urls[name], max: 2 });
+      pool.on('error', () => undefined); // an idle connection cut when the cluster stops at the end
       pools.set(name, pool);
       await pool.query(FORM_SQL);
       await migrateServer({ connectionString: urls[name] });
