@@ -53,10 +53,18 @@ export interface EngineStats {
 /** Runs one server's engine until the signal aborts, reconnecting after failures. */
 export class ServerEngine {
   readonly stats: EngineStats = { transactions: 0, changes: 0, applied: 0, failed: 0, confirmedLsn: '0/0', sessions: 0 };
+  readonly server: string;
   private readonly log: Logger;
+  private session: EngineSession | null = null;
 
   constructor(private readonly opts: EngineOptions) {
+    this.server = opts.server;
     this.log = opts.log.child({ server: opts.server });
+  }
+
+  /** True while a session streams the server's slot. */
+  streaming(): boolean {
+    return this.session?.streaming ?? false;
   }
 
   async run(signal: AbortSignal): Promise<void> {
@@ -64,6 +72,7 @@ export class ServerEngine {
     let wait = minMs;
     while (!signal.aborted) {
       const session = new EngineSession(this.opts, this.log, this.stats);
+      this.session = session;
       const started = Date.now();
       this.stats.sessions += 1;
       try {
@@ -72,6 +81,7 @@ export class ServerEngine {
         if (signal.aborted) break;
         this.log.warn({ err: errorSummary(err) }, 'engine session failed; replaying from the confirmed position');
       } finally {
+        this.session = null;
         await session.close();
       }
       if (signal.aborted) break;
@@ -91,6 +101,8 @@ interface OpenTransaction {
 }
 
 class EngineSession implements ChangeSink {
+  /** true while the replication stream runs */
+  streaming = false;
   private readonly server: string;
   private readonly connection: pg.ClientConfig;
   private control: pg.Client | null = null;
@@ -140,8 +152,10 @@ class EngineSession implements ChangeSink {
     const onAbort = () => void stream.stop();
     signal.addEventListener('abort', onAbort, { once: true });
     try {
+      this.streaming = true;
       if (!signal.aborted) await stream.run(this);
     } finally {
+      this.streaming = false;
       signal.removeEventListener('abort', onAbort);
     }
   }

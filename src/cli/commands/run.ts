@@ -1,5 +1,6 @@
 import { compileRules } from '../../rules/index.ts';
 import { ServerEngine } from '../../engine.ts';
+import { startHttpServer } from '../../http/server.ts';
 import { findingsAsConfigError, preflight, unsupportedOptions } from '../../preflight.ts';
 import { configFrom, loggerFrom, serverOf, type GlobalOptions } from '../common.ts';
 
@@ -24,8 +25,13 @@ export async function runCommand(opts: GlobalOptions, cmd: { server?: string; in
   process.once('SIGINT', () => stop('SIGINT'));
   process.once('SIGTERM', () => stop('SIGTERM'));
   const engines = servers.map((server) => new ServerEngine({ config, rules, server, log }));
-  log.info({ servers, instance: cmd.instanceId ?? `${process.pid}` }, 'pgdso running');
-  await Promise.all(engines.map((engine) => engine.run(controller.signal)));
+  const httpServer = config.http.port === null ? null : await startHttpServer(config.http.port, engines);
+  log.info({ servers, instance: cmd.instanceId ?? `${process.pid}`, httpPort: httpServer?.port }, 'pgdso running');
+  try {
+    await Promise.all(engines.map((engine) => engine.run(controller.signal)));
+  } finally {
+    await httpServer?.close();
+  }
   log.info('stopped');
   log.flush();
 }

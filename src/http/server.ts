@@ -1,0 +1,80 @@
+// What a running instance serves on `http.port`: GET /healthz (JSON, 200 while every engine has
+// a live session, 503 otherwise) and GET /metrics (Prometheus text, names start with pgdso_).
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+import type { EngineStats } from '../engine.ts';
+
+export interface EngineView {
+  server: string;
+  stats: EngineStats;
+  /** true while a session streams (false between a failure and the reconnect) */
+  streaming(): boolean;
+}
+
+/** Metrics read from the engines' counters at scrape time (nothing on the per-row path). */
+function registry(engines: readonly EngineView[]): Registry {
+  const registry = new Registry();
+  collectDefaultMetrics({ register: registry, prefix: 'pgdso_' });
+  const counter = (name: string, help: string, read: (s: EngineStats) => number) =>
+    new Counter({
+      name, help, labelNames: ['server'], registers: [registry],
+      collect() {
+        this.reset();
+        for (const e of engines) this.inc({ server: e.server }, read(e.stats));
+      },
+    });
+  counter('pgdso_transactions_total', 'Source transactions decoded', (s) => s.transactions);
+  counter('pgdso_changes_total', 'Row changes decoded', (s) => s.changes);
+  counter('pgdso_operations_applied_total', 'Operations applied on peers and source copies', (s) => s.applied);
+  counter('pgdso_operations_failed_total', 'Operations recorded in pending_errors', (s) => s.failed);
+  counter('pgdso_sessions_total', 'Engine sessions started (a new one after each failure)', (s) => s.sessions);
+  new Gauge({
+    name: 'pgdso_streaming', help: '1 while the engine of a server streams its slot', labelNames: ['server'], registers: [registry],
+    collect() {
+      for (const e of engines) this.set({ server: e.server }, e.streaming() ? 1 : 0);
+    },
+  });
+  return registry;
+}
+
+export interface HttpServer {
+  port: number;
+  close(): Promise<void>;
+}
+
+export async function startHttpServer(port: number, engines: readonly EngineView[]): Promise<HttpServer> {
+  const metrics = registry(engines);
+  const server = http.createServer((req, res) => {
+    if (req.method === 'GET' && req.url === '/healthz') {
+      const servers = Object.fromEntries(engines.map((e) => [e.server, { streaming: e.streaming(), confirmedLsn: e.stats.confirmedLsn, sessions: e.stats.sessions }]));
+      const healthy = engines.every((e) => e.streaming());
+      res.writeHead(healthy ? 200 : 503, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ status: healthy ? 'ok' : 'degraded', servers }));
+      return;
+    }
+    if (req.method === 'GET' && req.url === '/metrics') {
+      metrics.metrics().then(
+        (text) => {
+          res.writeHead(200, { 'content-type': metrics.contentType });
+          res.end(text);
+        },
+        (err: Error) => {
+          res.writeHead(500);
+          res.end(err.message);
+        },
+      );
+      return;
+    }
+    res.writeHead(404);
+    res.end();
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, '0.0.0.0', () => resolve());
+  });
+  return {
+    port: (server.address() as AddressInfo).port,
+    close: () => new Promise((resolve) => server.close(() => resolve())),
+  };
+}
