@@ -115,6 +115,8 @@ class EngineSession implements ChangeSink {
   private readonly plans = new WeakMap<Relation, Map<string, ColumnPlan>>();
   private tx: OpenTransaction | null = null;
   private readonly hops = new Map<string, { finalLsn: bigint; template: [string, string] }>();
+  /** domain type OID -> its base type's, for the facts */
+  private baseTypes = new Map<number, number>();
   /** changes refused before reaching a lane (recorded in pending_errors at the next flush) */
   private rejected: ApplyFailure[] = [];
   private last: TxCommit | null = null;
@@ -142,6 +144,7 @@ class EngineSession implements ChangeSink {
     for (const { schema, table } of this.opts.rules.formsOf(this.server)) {
       this.forms.set(`${schema}.${table}`, await describeForm(control, schema, table));
     }
+    this.baseTypes = await domainBaseTypes(control);
     await this.openLanes();
     if (await ensureSlot(control, slotName(String(this.connection.database)))) {
       // forms enable creates the slot; one that is gone (dropped by hand) lost what happened meanwhile
@@ -210,7 +213,7 @@ class EngineSession implements ChangeSink {
     const { rules } = this.opts;
     const { schema, table } = change.relation;
     if (rules.filtersFor(this.server, schema, table, change.op).length === 0) return;
-    const facts = buildFacts(change, tx.writer, rules.columnsFor(this.server, schema, table, change.op));
+    const facts = buildFacts(change, tx.writer, rules.columnsFor(this.server, schema, table, change.op), this.baseTypes);
     const fired = rules.evaluate(this.server, change.relation.schema, change.relation.table, facts, (err) =>
       this.log.warn({ filter: err.filter, lsn: formatLsn(change.lsn) }, err.message),
     );
@@ -380,6 +383,19 @@ class EngineSession implements ChangeSink {
     await this.sourceLane?.close();
     await this.control?.end().catch(() => {});
   }
+}
+
+/** Every domain of the database with its (ultimate) base type. */
+async function domainBaseTypes(client: pg.ClientBase): Promise<Map<number, number>> {
+  const res = await client.query(`SELECT oid::int AS oid, typbasetype::int AS base FROM pg_type WHERE typtype = 'd'`);
+  const direct = new Map<number, number>(res.rows.map((r: { oid: number; base: number }) => [r.oid, r.base]));
+  const resolved = new Map<number, number>();
+  for (const oid of direct.keys()) {
+    let base = direct.get(oid)!;
+    for (let depth = 0; direct.has(base) && depth < 32; depth++) base = direct.get(base)!;
+    resolved.set(oid, base);
+  }
+  return resolved;
 }
 
 /** The request's mapping history (jsonb text) with one more hop. */

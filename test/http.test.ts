@@ -15,7 +15,7 @@ test('a running instance serves /healthz and Prometheus /metrics with pgdso_ nam
   const config = JSON.parse(await readFile(e.configPath, 'utf8'));
   await writeFile(e.configPath, JSON.stringify({ ...config, http: { port: 0 } }));
   const engine = e.engine();
-  const port = await waitFor(() => /"httpPort":(\d+)/.exec(engine.output)?.[1], { message: () => engine.output });
+  const port = (await waitFor(() => /"httpPort":(\d+)/.exec(engine.output)?.[1], { message: () => engine.output }))!;
   const base = `http://127.0.0.1:${port}`;
   const health = await waitFor(async () => {
     const res = await fetch(`${base}/healthz`);
@@ -27,11 +27,11 @@ test('a running instance serves /healthz and Prometheus /metrics with pgdso_ nam
   await e.query('sf', `INSERT INTO repair_request (id, item) VALUES ('M-1', 'chair'), ('M-2', 'chair'), ('M-3', 'desk')`);
   await waitFor(async () => (await e.query('chicago', 'SELECT 1 FROM repair_request')).length === 2, { message: () => engine.output });
   let body = '';
-  const text = await waitFor(async () => {
+  const text = (await waitFor(async () => {
     body = await (await fetch(`${base}/metrics`)).text();
     // 2 transfers applied on chicago and their 2 bookkeeping operations on sf
     return /pgdso_operations_applied_total\{server="sf"\} 4\b/.test(body) ? body : undefined;
-  }, { message: () => `${engine.output}\n${body.split('\n').filter((l) => l.startsWith('pgdso_') && !l.startsWith('pgdso_process')).join('\n')}` });
+  }, { message: () => `${engine.output}\n${body.split('\n').filter((l) => l.startsWith('pgdso_') && !l.startsWith('pgdso_process')).join('\n')}` }))!;
   assert.match(text, /^# TYPE pgdso_operations_applied_total counter$/m);
   // 3 inserts, and the 2 bookkeeping updates the engine read back from the WAL
   assert.match(text, /pgdso_changes_total\{server="sf"\} 5\b/);

@@ -548,3 +548,23 @@ test('int8 and numeric columns compare as numbers: greaterThan a constant, great
   assert.equal((await rowOf(e, 'chicago', 'over_100', 'A'))?.qty, '1000');
   await engine.stop();
 });
+
+test('a column whose type is a domain compares as its base type (a domain over bigint gives numbers)', async () => {
+  const e = await makeEnv(
+    ['sf', 'chicago'],
+    `CREATE DOMAIN quantity AS bigint CHECK (VALUE >= 0); CREATE DOMAIN big_quantity AS quantity;
+     CREATE TABLE stock (id text PRIMARY KEY, qty big_quantity); CREATE TABLE plenty (id text PRIMARY KEY, qty big_quantity)`,
+    ['stock', 'plenty'],
+    {
+      mappings: [transferMapping('to-plenty', ['sf', 'stock'], ['chicago', 'plenty'], { transferMode: 'data-only' })],
+      // `in` is strict: it matches only if the domain's values arrive as numbers, not text
+      filters: [{ name: 'listed', on: on('sf', 'stock'), conditions: { all: [{ fact: 'row', path: '$.qty', operator: 'in', value: [101, 1000] }] }, actions: [{ type: 'transfer', mapping: 'to-plenty' }] }],
+    },
+  );
+  const engine = e.engine();
+  await e.query('sf', `INSERT INTO stock VALUES ('small', 9), ('large', 101)`);
+  await e.query('sf', `INSERT INTO stock VALUES ('barrier', 1000)`);
+  await waitFor(async () => (await e.query('chicago', `SELECT 1 FROM plenty WHERE id = 'barrier'`)).length === 1, { message: () => engine.output });
+  assert.deepEqual((await e.query<{ id: string }>('chicago', 'SELECT id FROM plenty ORDER BY id')).map((r) => r.id), ['barrier', 'large']);
+  await engine.stop();
+});

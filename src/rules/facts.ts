@@ -120,10 +120,11 @@ export function convertRow(row: TextRow, typeOfColumn: ReadonlyMap<string, numbe
 
 const typesOfRelation = new WeakMap<RowChange['relation'], ReadonlyMap<string, number>>();
 
-function typesOf(relation: RowChange['relation']): ReadonlyMap<string, number> {
+function typesOf(relation: RowChange['relation'], baseTypes?: ReadonlyMap<number, number>): ReadonlyMap<string, number> {
   let types = typesOfRelation.get(relation);
   if (!types) {
-    types = new Map(relation.columns.map((c) => [c.name, c.typeOid] as const));
+    // a domain's values compare as its base type's (a domain over bigint gives numbers)
+    types = new Map(relation.columns.map((c) => [c.name, baseTypes?.get(c.typeOid) ?? c.typeOid] as const));
     typesOfRelation.set(relation, types);
   }
   return types;
@@ -145,9 +146,10 @@ function convertColumns(row: TextRow, types: ReadonlyMap<string, number>, column
  * The facts for one decoded change. `origin` is the server whose engine wrote the change (from
  * the transaction's replication origin), null for a change made by a user of this server.
  * With `columns`, `row` and `old` hold only those columns (the ones the conditions read).
+ * `baseTypes` maps domain type OIDs to their base types' (see domainBaseTypes in the engine).
  */
-export function buildFacts(change: RowChange, originServer: string | null, columns?: ReadonlySet<string> | null): Facts {
-  const types = typesOf(change.relation);
+export function buildFacts(change: RowChange, originServer: string | null, columns?: ReadonlySet<string> | null, baseTypes?: ReadonlyMap<number, number>): Facts {
+  const types = typesOf(change.relation, baseTypes);
   const convert = (r: TextRow) => (columns ? convertColumns(r, types, columns) : convertRow(r, types));
   const sourceRow = change.op === 'delete' ? change.old : change.new;
   const row = sourceRow ? convert(sourceRow) : {};
