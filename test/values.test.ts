@@ -84,7 +84,7 @@ INSERT INTO sample VALUES
  'NaN', '-Infinity', '-0', '1.17549435e-38',
  'infinity', '-infinity', '0044-03-15 BC', '00:00:00', '00:00:00+14', '-178000000 years',
  NULL, '[]', 'null',
- ' ', E'\\\\', '"', '{}', 'x',
+ E'\\uFEFFstarts with a byte order mark', E'\\\\', '"', '{}', 'x',
  '{}', '{}', '{}',
  ''::bytea, true, '::1', '::/0', 'ff:ff:ff:ff:ff:ff',
  0.01, 'sad', '{}'),

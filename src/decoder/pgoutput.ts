@@ -35,12 +35,55 @@ interface LibraryParser {
 
 const keepText = (raw: unknown) => raw;
 
-/** Parser whose column parsers keep the text PostgreSQL sent. */
+/** The library's reader: its buffer and position (read directly on the per-value path). */
+interface LibraryReader {
+  _b: Buffer;
+  _p: number;
+}
+
+/**
+ * Parser that keeps the text PostgreSQL sent, read straight from the message buffer: the
+ * library decodes each value through a subarray and TextDecoder, which is slower and drops a
+ * leading U+FEFF from a value (TextDecoder consumes a byte order mark).
+ */
 class TextPgoutputParser extends PgoutputParser {
   override readRelationColumn(reader: unknown) {
     const column = super.readRelationColumn(reader);
     column.parser = keepText;
     return column;
+  }
+
+  readTuple(reader: LibraryReader, relation: LibraryRelation, unchangedToastFallback?: TextRow | null): TextRow {
+    const b = reader._b;
+    let p = reader._p;
+    const end = (n: number) => {
+      if (p + n > b.length) throw new Error('unexpected end of message');
+      return p + n;
+    };
+    const fields = b.readUInt16BE(p);
+    p += 2;
+    const tuple: TextRow = Object.create(null);
+    const { columns } = relation;
+    for (let i = 0; i < fields; i++) {
+      const name = columns[i]!.name;
+      const kind = b[p++];
+      if (kind === 0x74 /* t: text */) {
+        const length = b.readInt32BE(p);
+        p += 4;
+        const stop = end(length);
+        tuple[name] = b.toString('utf8', p, stop);
+        p = stop;
+      } else if (kind === 0x6e /* n: null */) {
+        tuple[name] = null;
+      } else if (kind === 0x75 /* u: unchanged TOAST value, not sent */) {
+        tuple[name] = unchangedToastFallback?.[name];
+      } else {
+        // 'b' (binary) is never requested
+        throw new Error(`unexpected tuple value kind ${String.fromCharCode(kind ?? 0)}`);
+      }
+    }
+    reader._p = p;
+    return tuple;
   }
 }
 
