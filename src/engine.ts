@@ -7,7 +7,8 @@
 // position), rows that could not be applied are recorded in the source's pending_errors, the
 // source copies get their bookkeeping, and only then is the commit-end LSN confirmed.
 // Any other failure ends the session: everything unconfirmed is replayed by a new one, and what
-// a lane had committed is skipped by its origin's progress. Nothing is lost or applied twice.
+// a lane had committed is skipped by its progress (pgdso.apply_progress). Nothing is lost or
+// applied twice.
 import pg from 'pg';
 import type { Logger } from 'pino';
 import { setTimeout as delay } from 'node:timers/promises';
@@ -79,7 +80,7 @@ export class ServerEngine {
         await session.run(signal);
       } catch (err) {
         if (signal.aborted) break;
-        this.log.warn({ err: errorSummary(err) }, 'engine session failed; replaying from the confirmed position');
+        this.log.warn({ err }, 'engine session failed; replaying from the confirmed position');
       } finally {
         this.session = null;
         await session.close();
@@ -121,7 +122,6 @@ class EngineSession implements ChangeSink {
   private rejected: ApplyFailure[] = [];
   private last: TxCommit | null = null;
   private unflushed = 0;
-  private flushedOnce = false;
   private readonly batchRows: number;
   private readonly chunkRows: number;
 
@@ -146,11 +146,12 @@ class EngineSession implements ChangeSink {
     }
     this.baseTypes = await domainBaseTypes(control);
     await this.openLanes();
-    if (await ensureSlot(control, slotName(String(this.connection.database)))) {
+    const slot = slotName(String(this.connection.database));
+    if (await ensureSlot(control, slot)) {
       // forms enable creates the slot; one that is gone (dropped by hand) lost what happened meanwhile
-      this.log.error({ slot: slotName(String(this.connection.database)) }, 'the replication slot was missing and has been created: changes made to the forms of this server before now were not captured');
+      this.log.error({ slot }, 'the replication slot was missing and has been created: changes made to the forms of this server before now were not captured');
     }
-    const stream = new ReplicationStream({ connection: this.connection, slot: slotName(String(this.connection.database)), log: this.log });
+    const stream = new ReplicationStream({ connection: this.connection, slot, log: this.log });
     this.stream = stream;
     const onAbort = () => void stream.stop();
     signal.addEventListener('abort', onAbort, { once: true });
@@ -172,7 +173,7 @@ class EngineSession implements ChangeSink {
     for (const mapping of Object.values(this.opts.config.mappings)) {
       if (mapping.from.server !== this.server) continue;
       const buffer = await this.laneFor(mapping);
-      const catalog = await buffer.lane.catalog(mapping.to.schema, mapping.to.table);
+      const catalog = await buffer.lane.describe(mapping.to.schema, mapping.to.table);
       this.catalogs.set(mapping.name, catalog);
     }
   }
@@ -371,10 +372,6 @@ class EngineSession implements ChangeSink {
     this.unflushed = 0;
     this.stream?.confirm(last.endLsn);
     this.stats.confirmedLsn = formatLsn(last.endLsn);
-    if (!this.flushedOnce) {
-      this.flushedOnce = true;
-      this.log.debug({ lsn: formatLsn(last.endLsn) }, 'first flush');
-    }
   }
 
   async close(): Promise<void> {
@@ -421,9 +418,4 @@ function visitedServers(historyText: string): Set<string> | null {
     if (typeof hop.toServer === 'string') visited.add(hop.toServer);
   }
   return visited;
-}
-
-function errorSummary(err: unknown): { message: string; code?: string } {
-  const e = err as { message?: string; code?: string };
-  return { message: e?.message ?? String(err), code: e?.code };
 }

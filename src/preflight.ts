@@ -71,7 +71,7 @@ export async function preflight(config: PgdsoConfig, rules: CompiledRules, serve
         for (const column of plan.columns) {
           if (column.from.kind !== 'column') continue;
           const from = source.columns.get(column.from.column)!;
-          if (from.type !== column.type && !(await typesConvert(clients.get(mapping.to.server)!, from.type, column.type))) {
+          if (from.type !== column.type && !(await typesConvert(clients.get(mapping.to.server)!, from.castType, column.castType))) {
             findings.push({ server: mapping.to.server, severity: 'problem', file: mapping.source.file, pointer: mapping.source.pointer, message: `mapping "${mapping.name}": column "${column.target}" is ${column.type} on ${mapping.to.server} but "${column.from.column}" is ${from.type} on ${mapping.from.server}: the values do not convert` });
           }
         }
@@ -134,11 +134,11 @@ export function findingsAsConfigError(findings: readonly Finding[], configFile: 
   return new ConfigError(problems.map((f) => ({ file: f.file ?? configFile, pointer: f.pointer ?? `/servers/${f.server}`, message: f.message })));
 }
 
-/** Two types convert when they are in the same category, or the target takes any string. */
+/** Two types (without modifiers) convert when they are in the same category, or the target takes any string. */
 async function typesConvert(client: pg.Client, from: string, to: string): Promise<boolean> {
   const res = await client.query(
     `SELECT f.typcategory AS f, t.typcategory AS t FROM pg_type f, pg_type t WHERE f.oid = $1::regtype AND t.oid = $2::regtype`,
-    [from.replace(/\(.*\)/, ''), to.replace(/\(.*\)/, '')],
+    [from, to],
   ).catch(() => null);
   if (!res || res.rowCount === 0) return false;
   const { f, t } = res.rows[0];

@@ -7,13 +7,18 @@ import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, is } from './support/dso
 
 const suite = dsoSuite(2);
 
-interface PendingError { mapping: string; request_id: string; type: string; error: string; sqlstate: string; payload: { target: string; values: Record<string, unknown> }; target_server: string }
-
-test('a value the target cannot take goes to pending_errors with its payload and reason; the rows around it arrive', async () => {
-  const e = await suite.env({ servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: {
+/** sf and chicago with repair_request; chairs transfer from sf to chicago with ownership. */
+function chairsToChicago() {
+  return suite.env({ servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: {
     mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
     filters: [filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }])],
   } });
+}
+
+interface PendingError { mapping: string; request_id: string; type: string; error: string; sqlstate: string; payload: { target: string; values: Record<string, unknown> }; target_server: string }
+
+test('a value the target cannot take goes to pending_errors with its payload and reason; the rows around it arrive', async () => {
+  const e = await chairsToChicago();
   await e.query('chicago', 'ALTER TABLE repair_request ALTER COLUMN description TYPE varchar(10)');
   const engine = e.engine();
   await e.query('sf', `INSERT INTO repair_request (id, item, description) SELECT 'E-' || g, 'chair', CASE WHEN g = 50 THEN 'this description is far too long' ELSE 'ok ' || g END FROM generate_series(1, 100) g`);
@@ -46,10 +51,7 @@ test('a value the target cannot take goes to pending_errors with its payload and
 });
 
 test('duplicateRequestId error: a different request with the same ID on the target goes to pending_errors naming both', async () => {
-  const e = await suite.env({ servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: {
-    mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
-    filters: [filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }])],
-  } });
+  const e = await chairsToChicago();
   await e.query('chicago', `INSERT INTO repair_request (id, item, description) VALUES ('DUP-1', 'lamp', 'chicago''s own request')`);
   const engine = e.engine();
   await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ('DUP-1', 'chair', 'from sf'), ('DUP-2', 'chair', 'from sf')`);
@@ -83,10 +85,7 @@ test('one filter, two transfers, one target refuses the row: the other target ge
 });
 
 test('a request applied early in a batch and refused later in it: ownership moved, so the source copy is not a second master', async () => {
-  const e = await suite.env({ servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: {
-    mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
-    filters: [filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }])],
-  } });
+  const e = await chairsToChicago();
   await e.query('chicago', 'ALTER TABLE repair_request ALTER COLUMN description TYPE varchar(10)');
   const engine = e.engine();
   // one source transaction: R-1 fits, 6,000 other rows (more than one statement's worth), then
@@ -108,10 +107,7 @@ test('a request applied early in a batch and refused later in it: ownership move
 });
 
 test('a deferred constraint on the target fails its row, not the whole batch', async () => {
-  const e = await suite.env({ servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: {
-    mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
-    filters: [filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }])],
-  } });
+  const e = await chairsToChicago();
   await e.query('chicago', `ALTER TABLE repair_request ADD CONSTRAINT one_per_description UNIQUE (description) DEFERRABLE INITIALLY DEFERRED`);
   await e.query('chicago', `INSERT INTO repair_request (id, item, description) VALUES ('LOCAL-1', 'lamp', 'taken')`);
   const engine = e.engine();

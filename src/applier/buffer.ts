@@ -46,12 +46,11 @@ export class LaneBuffer<F> {
     this.open.clear();
   }
 
+  /** Submits every group not submitted yet, held ones first. */
   submitAll(): void {
-    for (const group of this.held) this.lane.submit(group);
+    for (const group of this.pendingGroups()) this.lane.submit(group);
     this.held.length = 0;
-    this.closeAll();
-    for (const group of this.held) this.lane.submit(group);
-    this.held.length = 0;
+    this.open.clear();
   }
 
   /** Every group not submitted yet, held or open, in order. */

@@ -37,7 +37,6 @@ export class ApplyLane<F = unknown> {
   private failures: F[] = [];
   private queued = 0;
   private readonly inFlight: Promise<void>[] = [];
-  private readonly catalogs = new Map<string, Promise<FormCatalog>>();
 
   constructor(private readonly opts: LaneOptions) {
     this.name = opts.name;
@@ -68,15 +67,9 @@ export class ApplyLane<F = unknown> {
     return finalLsn <= this.progress;
   }
 
-  catalog(schema: string, table: string): Promise<FormCatalog> {
-    const key = `${schema}.${table}`;
-    let found = this.catalogs.get(key);
-    if (!found) {
-      found = describeFormColumns(this.connection(), schema, table);
-      found.catch(() => this.catalogs.delete(key));
-      this.catalogs.set(key, found);
-    }
-    return found;
+  /** A form of this lane's server, read from its catalog. */
+  describe(schema: string, table: string): Promise<FormCatalog> {
+    return describeFormColumns(this.connection(), schema, table);
   }
 
   get dirty(): boolean {

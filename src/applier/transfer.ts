@@ -1,7 +1,8 @@
-// The transfer operation, set-based. On the target: one INSERT ... SELECT FROM unnest(...)
-// ON CONFLICT DO UPDATE per group, which updates the copy of the same request (same root in its
-// mapping history) and leaves a different request with the same ID alone (a duplicate: the
-// mapping's duplicateRequestId policy). On the source: one UPDATE for the bookkeeping columns.
+// The transfer operation, set-based. On the target, per group: a plain INSERT ... SELECT FROM
+// unnest(...) when every request is new, else an INSERT ... ON CONFLICT DO UPDATE that updates the
+// copy of the same request (same root in its mapping history) and leaves a different request with
+// the same ID alone (a duplicate: the mapping's duplicateRequestId policy). On the source: one
+// UPDATE for the bookkeeping columns.
 // A data error isolates the bad rows by bisection under savepoints; the others are applied.
 import type pg from 'pg';
 import type { MappingConfig } from '../config/types.ts';
@@ -92,8 +93,11 @@ export class TransferGroup implements OpGroup<ApplyFailure> {
   private readonly rows = new Map<string, TransferRow>();
   /** every request came from a source insert: try a plain INSERT before the upsert */
   private plainInsert = true;
+  private readonly table: string;
 
-  constructor(readonly plan: ColumnPlan) {}
+  constructor(readonly plan: ColumnPlan) {
+    this.table = `${plan.target.schema}.${plan.target.table}`;
+  }
 
   get size(): number {
     return this.rows.size;
@@ -107,10 +111,6 @@ export class TransferGroup implements OpGroup<ApplyFailure> {
 
   has(table: string, requestId: string): boolean {
     return table === this.table && this.rows.has(requestId);
-  }
-
-  private get table(): string {
-    return `${this.plan.target.schema}.${this.plan.target.table}`;
   }
 
   async execute(client: pg.ClientBase): Promise<ApplyFailure[]> {
@@ -153,14 +153,10 @@ export class TransferGroup implements OpGroup<ApplyFailure> {
 
   /** A plain INSERT under a savepoint; false (and nothing written) if a request is already there. */
   private async tryInsert(client: pg.ClientBase, sql: string, params: unknown[]): Promise<boolean> {
-    await client.query('SAVEPOINT pgdso_insert');
     try {
-      await client.query(sql, params);
-      await client.query('RELEASE SAVEPOINT pgdso_insert');
+      await underSavepoint(client, 'pgdso_insert', () => client.query(sql, params));
       return true;
     } catch (err) {
-      await client.query('ROLLBACK TO SAVEPOINT pgdso_insert');
-      await client.query('RELEASE SAVEPOINT pgdso_insert');
       if (sqlstateOf(err) === '23505') return false;
       throw err;
     }
@@ -230,20 +226,32 @@ async function applyIsolating<R, F>(
   fail: (row: R, err: unknown) => F,
 ): Promise<F[]> {
   if (rows.length === 0) return [];
-  await client.query('SAVEPOINT pgdso_group');
   try {
-    const failures = await apply(rows);
-    await client.query('RELEASE SAVEPOINT pgdso_group');
-    return failures;
+    return await underSavepoint(client, 'pgdso_group', () => apply(rows));
   } catch (err) {
     if (!isDataError(err)) throw err;
-    await client.query('ROLLBACK TO SAVEPOINT pgdso_group');
-    await client.query('RELEASE SAVEPOINT pgdso_group');
     if (rows.length === 1) return [fail(rows[0]!, err)];
     const half = Math.ceil(rows.length / 2);
     const first = await applyIsolating(client, rows.slice(0, half), apply, fail);
     const second = await applyIsolating(client, rows.slice(half), apply, fail);
     return [...first, ...second];
+  }
+}
+
+/**
+ * Runs `work` under a savepoint: released when it succeeds, rolled back when it throws (the
+ * error is rethrown; if the rollback itself fails, the transaction is lost and the first error
+ * is the one that tells why).
+ */
+async function underSavepoint<T>(client: pg.ClientBase, name: string, work: () => Promise<T>): Promise<T> {
+  await client.query(`SAVEPOINT ${name}`);
+  try {
+    const result = await work();
+    await client.query(`RELEASE SAVEPOINT ${name}`);
+    return result;
+  } catch (err) {
+    await client.query(`ROLLBACK TO SAVEPOINT ${name}; RELEASE SAVEPOINT ${name}`).catch(() => undefined);
+    throw err;
   }
 }
 
@@ -269,8 +277,11 @@ interface TransferredChange {
 export class TransferredGroup implements OpGroup<never> {
   private readonly changes: TransferredChange[] = [];
   private readonly requests = new Set<string>();
+  private readonly table: string;
 
-  constructor(readonly mapping: MappingConfig, readonly keyColumn: string, readonly keyType: string) {}
+  constructor(readonly mapping: MappingConfig, readonly keyColumn: string, readonly keyType: string) {
+    this.table = `${mapping.from.schema}.${mapping.from.table}`;
+  }
 
   get size(): number {
     return this.changes.length;
@@ -282,7 +293,7 @@ export class TransferredGroup implements OpGroup<never> {
   }
 
   has(table: string, requestId: string): boolean {
-    return table === `${this.mapping.from.schema}.${this.mapping.from.table}` && this.requests.has(requestId);
+    return table === this.table && this.requests.has(requestId);
   }
 
   /** Forgets the changes that failed on the target in this session. */
@@ -324,21 +335,35 @@ export class TransferredGroup implements OpGroup<never> {
   }
 }
 
-/** Records failures in the source's pending_errors (idempotent) and marks the source copies. */
+/**
+ * Records failures in the source's pending_errors (idempotent: a replay records nothing twice)
+ * and marks their source copies failed: one statement for the errors, one per mapping for the
+ * copies.
+ */
 export async function recordFailures(client: pg.ClientBase, failures: ApplyFailure[], keyOf: (m: MappingConfig) => { keyColumn: string; keyType: string }): Promise<void> {
+  const rows = failures.map((f) => ({
+    pool: f.mapping.pool, type: f.type, mapping: f.mapping.name, form: `${f.mapping.from.schema}.${f.mapping.from.table}`,
+    request_id: f.requestId, target_server: f.mapping.to.server, payload: f.payload, error: f.error, sqlstate: f.sqlstate, source_lsn: formatLsn(f.lsn),
+  }));
+  await client.query(
+    `INSERT INTO pgdso.pending_errors (pool, type, mapping, form, request_id, target_server, payload, status, attempts, last_error, error, sqlstate, source_lsn)
+     SELECT f.pool, f.type, f.mapping, f.form, f.request_id, f.target_server, f.payload, 'failed', 1, f.error, f.error, f.sqlstate, f.source_lsn::pg_lsn
+       FROM jsonb_to_recordset($1::jsonb) AS f(pool text, type text, mapping text, form text, request_id text, target_server text, payload jsonb, error text, sqlstate text, source_lsn text)
+     ON CONFLICT (source_lsn, mapping, type, request_id) WHERE source_lsn IS NOT NULL DO NOTHING`,
+    [JSON.stringify(rows)],
+  );
+  const byMapping = new Map<MappingConfig, string[]>();
   for (const f of failures) {
-    const { mapping } = f;
-    await client.query(
-      `INSERT INTO pgdso.pending_errors (pool, type, mapping, form, request_id, target_server, payload, status, attempts, last_error, error, sqlstate, source_lsn)
-       VALUES ($1, $2, $3, $4, $5, $6, $7, 'failed', 1, $8, $8, $9, $10::text::pg_lsn)
-       ON CONFLICT (source_lsn, mapping, type, request_id) WHERE source_lsn IS NOT NULL DO NOTHING`,
-      [mapping.pool, f.type, mapping.name, `${mapping.from.schema}.${mapping.from.table}`, f.requestId, mapping.to.server, JSON.stringify(f.payload), f.error, f.sqlstate, formatLsn(f.lsn)],
-    );
+    const ids = byMapping.get(f.mapping);
+    if (ids) ids.push(f.requestId);
+    else byMapping.set(f.mapping, [f.requestId]);
+  }
+  for (const [mapping, ids] of byMapping) {
     const { keyColumn, keyType } = keyOf(mapping);
     await client.query(
       `UPDATE ${qualified(mapping.from.schema, mapping.from.table)} SET dso_transfer_status = 'failure'
-        WHERE ${quoteIdent(keyColumn)} = $1::${keyType} AND dso_transfer_status IS DISTINCT FROM 'failure'`,
-      [f.requestId],
+        WHERE ${quoteIdent(keyColumn)} = ANY ($1::text[]::${keyType}[]) AND dso_transfer_status IS DISTINCT FROM 'failure'`,
+      [textArrayLiteral(ids)],
     );
   }
 }

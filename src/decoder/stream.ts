@@ -59,11 +59,6 @@ export class ReplicationStream {
 
   constructor(private readonly opts: StreamOptions) {}
 
-  /** The position last confirmed to the server. */
-  get confirmedLsn(): bigint {
-    return this.confirmed;
-  }
-
   /**
    * Streams into `sink` until `stop()` (resolves) or a failure (rejects). One call per object:
    * reconnect by creating a new ReplicationStream, which starts from the confirmed position.
@@ -90,12 +85,11 @@ export class ReplicationStream {
       }
       if (!this.draining) void this.drain(sink, connection);
     });
-    const slotRow = await client.query(`SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots WHERE slot_name = '${this.opts.slot.replace(/'/g, "''")}'`).catch(() => null);
-    log.debug({ slot: this.opts.slot, from: slotRow?.rows[0]?.lsn }, 'starting replication');
+    log.debug({ slot: this.opts.slot }, 'starting replication from the confirmed position');
     const publication = this.opts.publication ?? PUBLICATION;
     const sql = `START_REPLICATION SLOT ${quoteIdent(this.opts.slot)} LOGICAL 0/0 (proto_version '1', publication_names '${quoteIdent(publication).replace(/'/g, "''")}', messages 'true')`;
     const streaming = client.query(sql);
-    this.statusTimer = setInterval(() => this.sendStatus(false), this.opts.statusIntervalMs ?? 10_000);
+    this.statusTimer = setInterval(() => this.sendStatus(), this.opts.statusIntervalMs ?? 10_000);
     try {
       await Promise.race([streaming, failed]);
       if (!this.stopped) throw new Error('replication stream ended by the server');
@@ -114,17 +108,17 @@ export class ReplicationStream {
     // at most one status update per STATUS_THROTTLE_MS: many small transactions in a row
     // would otherwise send one each
     const since = Date.now() - this.lastStatusAt;
-    if (since >= STATUS_THROTTLE_MS) this.sendStatus(false);
+    if (since >= STATUS_THROTTLE_MS) this.sendStatus();
     else this.statusDue ??= setTimeout(() => {
       this.statusDue = null;
-      this.sendStatus(false);
+      this.sendStatus();
     }, STATUS_THROTTLE_MS - since);
   }
 
   async stop(): Promise<void> {
     if (this.stopped) return;
     // the last confirmation reaches the server before the connection ends
-    if (this.statusDue) this.sendStatus(false);
+    if (this.statusDue) this.sendStatus();
     this.stopped = true;
     const client = this.client;
     this.cleanup();
@@ -219,7 +213,7 @@ export class ReplicationStream {
       if (!this.inTransaction && this.queued === 0 && sink.caughtUp() && msg.walEnd > this.confirmed) {
         this.confirmed = msg.walEnd;
       }
-      if (msg.replyRequested) this.sendStatus(false);
+      if (msg.replyRequested) this.sendStatus();
       return;
     }
     switch (msg.kind) {
@@ -259,7 +253,7 @@ export class ReplicationStream {
     return next();
   }
 
-  private sendStatus(replyRequested: boolean): void {
+  private sendStatus(): void {
     const connection = (this.client as unknown as { connection?: PgConnection } | null)?.connection;
     if (!connection || this.stopped) return;
     const lsn = this.confirmed;
@@ -270,7 +264,7 @@ export class ReplicationStream {
     buf.writeBigUInt64BE(lsn, 9); // flushed: what the server may release
     buf.writeBigUInt64BE(lsn, 17); // applied
     buf.writeBigInt64BE(BigInt(Date.now() - PG_EPOCH_MS) * 1000n, 25);
-    buf[33] = replyRequested ? 1 : 0;
+    buf[33] = 0; // no reply requested
     try {
       connection.sendCopyFromChunk(buf);
     } catch (err) {
