@@ -2,10 +2,12 @@
 import type { Knex } from 'knex';
 import * as controlSchema from './20261123000001_control_schema.ts';
 import * as applyProgress from './20261123000002_apply_progress.ts';
+import * as conflictPolicy from './20261123000003_conflict_policy.ts';
 
 const migrations: Record<string, Knex.Migration> = {
   '20261123000001_control_schema': controlSchema,
   '20261123000002_apply_progress': applyProgress,
+  '20261123000003_conflict_policy': conflictPolicy,
 };
 
 export const migrationSource: Knex.MigrationSource<string> = {

@@ -14,7 +14,7 @@ import type { Logger } from 'pino';
 import { setTimeout as delay } from 'node:timers/promises';
 import type { ChangeSink } from './decoder/stream.ts';
 import { ReplicationStream } from './decoder/stream.ts';
-import type { Relation, RowChange, TxBegin, TxCommit } from './change.ts';
+import type { Relation, RowChange, TextRow, TxBegin, TxCommit } from './change.ts';
 import { formatLsn } from './change.ts';
 import type { ActionConfig, MappingConfig, PgdsoConfig } from './config/types.ts';
 import { toPgClientConfig } from './config/load.ts';
@@ -22,9 +22,12 @@ import type { CompiledRules } from './rules/index.ts';
 import { buildFacts, type Facts } from './rules/facts.ts';
 import { ApplyLane } from './applier/lane.ts';
 import { LaneBuffer } from './applier/buffer.ts';
-import type { FormCatalog } from './applier/catalog.ts';
+import { describeFormColumns, type FormCatalog } from './applier/catalog.ts';
 import { buildColumnPlan, type ColumnPlan } from './applier/plan.ts';
-import { TransferGroup, TransferredGroup, changeKey, recordFailures, type ApplyFailure } from './applier/transfer.ts';
+import { TransferGroup } from './applier/transfer.ts';
+import { SourceBookkeeping, recordFailures, type Outcome } from './applier/bookkeeping.ts';
+import { CopyDeleteGroup, CopyUpdateGroup, reversePlan, type CopyDelete, type CopyUpdate, type Link, type UpdateKind } from './applier/chain.ts';
+import { changeKey, type ApplyFailure } from './applier/sets.ts';
 import { describeForm, ensureSlot, type FormInfo } from './sql/forms.ts';
 import { originName, slotName, writerOfOrigin } from './sql/identifiers.ts';
 import { waitForOperationLock } from './groupboard/lock.ts';
@@ -101,6 +104,24 @@ interface OpenTransaction {
   writer: string | null;
 }
 
+/** One decoded change on its way through the actions. */
+interface ChangeContext {
+  change: RowChange;
+  form: FormInfo;
+  tx: OpenTransaction;
+  /** servers an action of this change already carried the request's values to */
+  sentTo: Set<string>;
+  /** the data+ownership mapping that already moved ownership in this change */
+  ownership: string | null;
+  /** backpressure: lanes to wait for before taking the next change */
+  waits: Promise<void>[];
+}
+
+/** A mapping keeps the copies of its chain in step when its master's changes reach them at once. */
+export function keptInStep(m: MappingConfig): boolean {
+  return m.transferMode !== 'independent-copy' && m.whenToUpdate === 'immediately' && m.afterTransfer === 'keep';
+}
+
 class EngineSession implements ChangeSink {
   /** true while the replication stream runs */
   streaming = false;
@@ -111,9 +132,18 @@ class EngineSession implements ChangeSink {
   private sourceLane: ApplyLane<never> | null = null;
   private sourceBuffer: LaneBuffer<never> | null = null;
   private readonly lanes = new Map<string, LaneBuffer<ApplyFailure>>();
+  /** target servers served by more than one pool: their requests are pinned to one lane per batch */
+  private readonly pooledServers = new Set<string>();
+  private readonly pinned = new Map<string, LaneBuffer<ApplyFailure>>();
   private readonly forms = new Map<string, FormInfo>();
+  /** forms with a mapping that keeps its chain in step (their updates and deletes are relayed) */
+  private readonly chainForms = new Set<string>();
   private readonly catalogs = new Map<string, FormCatalog>();
+  /** `${mapping}>` forward (to its target), `${mapping}<` backward (to its source) */
+  private readonly links = new Map<string, Link>();
   private readonly plans = new WeakMap<Relation, Map<string, ColumnPlan>>();
+  /** target keys taken under new-id in this batch, per mapping */
+  private readonly assigned = new Map<string, Map<string, string>>();
   private tx: OpenTransaction | null = null;
   private readonly hops = new Map<string, { finalLsn: bigint; template: [string, string] }>();
   /** domain type OID -> its base type's, for the facts */
@@ -145,7 +175,7 @@ class EngineSession implements ChangeSink {
       this.forms.set(`${schema}.${table}`, await describeForm(control, schema, table));
     }
     this.baseTypes = await domainBaseTypes(control);
-    await this.openLanes();
+    await this.openLanes(control);
     const slot = slotName(String(this.connection.database));
     if (await ensureSlot(control, slot)) {
       // forms enable creates the slot; one that is gone (dropped by hand) lost what happened meanwhile
@@ -164,29 +194,55 @@ class EngineSession implements ChangeSink {
     }
   }
 
-  private async openLanes(): Promise<void> {
+  /**
+   * A lane for every (neighbour, pool) a mapping of this server's forms leads to, in either
+   * direction, and each mapping's links: forward for the mappings from this server (transfers,
+   * updates, deletes, the chain kept in step), backward for the mappings to it (returns, the
+   * chain kept in step towards the request's origin).
+   */
+  private async openLanes(control: pg.Client): Promise<void> {
     const database = String(this.connection.database);
     const sourceLane = new ApplyLane<never>({ connection: this.connection, origin: originName(this.server, '~source', database), name: `${this.server}/~source`, log: this.log });
     this.sourceLane = sourceLane;
     await sourceLane.open();
     this.sourceBuffer = new LaneBuffer(sourceLane, this.chunkRows, true);
+    const local = new Map<string, FormCatalog>();
+    const localCatalog = async (ref: { schema: string; table: string }) => {
+      const key = `${ref.schema}.${ref.table}`;
+      let found = local.get(key);
+      if (!found) local.set(key, (found = await describeFormColumns(control, ref.schema, ref.table)));
+      return found;
+    };
     for (const mapping of Object.values(this.opts.config.mappings)) {
-      if (mapping.from.server !== this.server) continue;
-      const buffer = await this.laneFor(mapping);
-      const catalog = await buffer.lane.describe(mapping.to.schema, mapping.to.table);
-      this.catalogs.set(mapping.name, catalog);
+      if (mapping.from.server === this.server) {
+        const buffer = await this.laneFor(mapping.to.server, mapping.pool);
+        const target = await buffer.lane.describe(mapping.to.schema, mapping.to.table);
+        this.catalogs.set(mapping.name, target);
+        const source = await localCatalog(mapping.from);
+        const plan = buildColumnPlan(mapping, [...source.columns.keys()], source.keyColumn, target);
+        this.links.set(`${mapping.name}>`, { mapping, forward: true, server: mapping.to.server, plan });
+        if (keptInStep(mapping)) this.chainForms.add(`${mapping.from.schema}.${mapping.from.table}`);
+      }
+      if (mapping.to.server === this.server) {
+        const buffer = await this.laneFor(mapping.from.server, mapping.pool);
+        const source = await buffer.lane.describe(mapping.from.schema, mapping.from.table);
+        const forward = buildColumnPlan(mapping, [...source.columns.keys()], source.keyColumn, await localCatalog(mapping.to));
+        this.links.set(`${mapping.name}<`, { mapping, forward: false, server: mapping.from.server, plan: reversePlan(forward, source) });
+        if (keptInStep(mapping)) this.chainForms.add(`${mapping.to.schema}.${mapping.to.table}`);
+      }
     }
   }
 
-  private async laneFor(mapping: MappingConfig): Promise<LaneBuffer<ApplyFailure>> {
-    const key = `${mapping.to.server}/${mapping.pool}`;
+  private async laneFor(server: string, pool: string): Promise<LaneBuffer<ApplyFailure>> {
+    const key = `${server}/${pool}`;
     const found = this.lanes.get(key);
     if (found) return found;
-    const target = this.opts.config.servers[mapping.to.server]!;
+    if ([...this.lanes.keys()].some((k) => k.startsWith(`${server}/`))) this.pooledServers.add(server);
+    const target = this.opts.config.servers[server]!;
     const connection = toPgClientConfig(target.connection);
     const lane = new ApplyLane<ApplyFailure>({
       connection,
-      origin: originName(this.server, mapping.pool, String(connection.database)),
+      origin: originName(this.server, pool, String(connection.database)),
       name: `${this.server}->${key}`,
       log: this.log,
     });
@@ -194,6 +250,43 @@ class EngineSession implements ChangeSink {
     this.lanes.set(key, buffer);
     await lane.open();
     return buffer;
+  }
+
+  /**
+   * The lane of (server, pool) for an operation on a request. A server served by several pools
+   * keeps each request in the lane that took its first operation of the batch: the order of one
+   * request's operations is kept across pools.
+   */
+  private bufferFor(server: string, pool: string, table: string, key: string): LaneBuffer<ApplyFailure> {
+    const buffer = this.lanes.get(`${server}/${pool}`)!;
+    if (!this.pooledServers.has(server)) return buffer;
+    const pin = `${server}\u0000${table}\u0000${key}`;
+    const pinned = this.pinned.get(pin);
+    if (pinned) return pinned;
+    this.pinned.set(pin, buffer);
+    return buffer;
+  }
+
+  /** Counts an operation buffered in a lane, and waits for the lane when it falls behind. */
+  private enqueued(ctx: ChangeContext, buffer: LaneBuffer<ApplyFailure>, groupKey: string): void {
+    buffer.added(groupKey);
+    this.unflushed += 1;
+    if (buffer.lane.backlog > 2) ctx.waits.push(buffer.lane.drainTo(1));
+  }
+
+  private bookkeeping(ctx: ChangeContext, outcome: Outcome, mapping: MappingConfig, requestId: string, ran: boolean): void {
+    const source = this.sourceBuffer!;
+    if (source.lane.applied(ctx.tx.finalLsn)) return;
+    const { form } = ctx;
+    source
+      .group(`${outcome.op}:${mapping.name}`, `${form.schema}.${form.table}`, requestId, () => new SourceBookkeeping(outcome, mapping, form, this.assigned.get(mapping.name)))
+      .add(requestId, ctx.change.lsn, ran);
+    this.unflushed += 1;
+  }
+
+  private reject(ctx: ChangeContext, type: ApplyFailure['type'], mapping: MappingConfig, requestId: string, targetServer: string, error: string, payload: Record<string, unknown>): void {
+    this.rejected.push({ type, mapping, source: ctx.form, targetServer, requestId, lsn: ctx.change.lsn, sqlstate: null, payload, error });
+    this.unflushed += 1;
   }
 
   // ---- ChangeSink -------------------------------------------------------------------------
@@ -209,25 +302,25 @@ class EngineSession implements ChangeSink {
     // The engine's own bookkeeping on this server (dso_* columns of source copies): no rule
     // fires on it, or every transfer would fire its filter again.
     if (tx.writer === this.server) return;
-    const form = this.forms.get(`${change.relation.schema}.${change.relation.table}`);
+    const { schema, table } = change.relation;
+    const formKey = `${schema}.${table}`;
+    const form = this.forms.get(formKey);
     if (!form) return;
     const { rules } = this.opts;
-    const { schema, table } = change.relation;
-    if (rules.filtersFor(this.server, schema, table, change.op).length === 0) return;
-    const facts = buildFacts(change, tx.writer, rules.columnsFor(this.server, schema, table, change.op), this.baseTypes);
-    const fired = rules.evaluate(this.server, change.relation.schema, change.relation.table, facts, (err) =>
-      this.log.warn({ filter: err.filter, lsn: formatLsn(change.lsn) }, err.message),
-    );
-    if (fired.length === 0) return;
-    const waits: Promise<void>[] = [];
-    for (const { filter, actions } of fired) {
-      for (const action of actions) {
-        const wait = this.perform(action, filter, change, facts, form, tx);
-        if (wait) waits.push(wait);
+    const filtered = rules.filtersFor(this.server, schema, table, change.op).length > 0;
+    const chained = change.op !== 'insert' && this.chainForms.has(formKey);
+    if (!filtered && !chained) return;
+    const ctx: ChangeContext = { change, form, tx, sentTo: new Set(), ownership: null, waits: [] };
+    if (filtered) {
+      const facts = buildFacts(change, tx.writer, rules.columnsFor(this.server, schema, table, change.op), this.baseTypes);
+      const fired = rules.evaluate(this.server, schema, table, facts, (err) => this.log.warn({ filter: err.filter, lsn: formatLsn(change.lsn) }, err.message));
+      for (const { filter, actions } of fired) {
+        for (const action of actions) this.perform(action, filter, ctx, facts);
       }
     }
-    if (waits.length === 0) return;
-    return waits.length === 1 ? waits[0] : Promise.all(waits).then(() => undefined);
+    if (chained) this.keepInStep(ctx);
+    if (ctx.waits.length === 0) return;
+    return Promise.all(ctx.waits).then(() => undefined);
   }
 
   commit(commit: TxCommit): void | Promise<void> {
@@ -252,43 +345,52 @@ class EngineSession implements ChangeSink {
 
   // ---- actions ----------------------------------------------------------------------------
 
-  private perform(action: ActionConfig, filter: string, change: RowChange, facts: Facts, form: FormInfo, tx: OpenTransaction): Promise<void> | undefined {
+  private perform(action: ActionConfig, filter: string, ctx: ChangeContext, facts: Facts): void {
+    const { mappings } = this.opts.config;
     switch (action.type) {
       case 'transfer':
-        return this.transfer(this.opts.config.mappings[action.mapping]!, action.overrideLoopDetection, filter, change, facts, form, tx);
-      default:
-        // refused at start by unsupportedOptions(): never confirm past an operation not carried out
-        throw new Error(`filter "${filter}": the "${action.type}" action is not supported by this version`);
+        return this.transfer(mappings[action.mapping]!, action.overrideLoopDetection, filter, ctx, facts);
+      case 'update':
+        return this.update(mappings[action.mapping]!, filter, ctx, facts);
+      case 'return':
+        return this.return(action.mapping, action.overrideLoopDetection, filter, ctx, facts);
+      case 'delete':
+        return this.deleteCopy(mappings[action.mapping]!, ctx);
     }
   }
 
-  private transfer(mapping: MappingConfig, override: boolean, filter: string, change: RowChange, facts: Facts, form: FormInfo, tx: OpenTransaction): Promise<void> | undefined {
+  private transfer(mapping: MappingConfig, override: boolean, filter: string, ctx: ChangeContext, facts: Facts): void {
+    const { change, form, tx } = ctx;
     const row = change.new;
-    if (change.op === 'delete' || !row) return undefined;
+    if (change.op === 'delete' || !row) return;
     const requestId = row[form.keyColumn];
-    if (requestId === null || requestId === undefined) return undefined;
+    if (requestId === null || requestId === undefined) return;
     if (!facts.master) {
       this.log.debug({ filter, mapping: mapping.name, requestId }, 'not the master copy: no transfer');
-      return undefined;
+      return;
     }
+    const target = `${mapping.to.server}.${mapping.to.schema}.${mapping.to.table}`;
     const historyText = row.dso_mapping_history ?? '[]';
     const visited = visitedServers(historyText);
     if (visited === null) {
       // a history edited into something else: no loop information, no chain to extend
-      this.rejected.push({
-        type: 'transfer', mapping, requestId, lsn: change.lsn, sqlstate: null,
-        payload: { target: `${mapping.to.server}.${mapping.to.schema}.${mapping.to.table}`, history: historyText },
-        error: `mapping "${mapping.name}": request ${requestId}: dso_mapping_history is not a list of hops with fromServer and fromRequestId: ${historyText.slice(0, 200)}`,
-      });
-      this.unflushed += 1;
-      return undefined;
+      this.reject(ctx, 'transfer', mapping, requestId, mapping.to.server, `mapping "${mapping.name}": request ${requestId}: dso_mapping_history is not a list of hops with fromServer and fromRequestId: ${historyText.slice(0, 200)}`, { target, history: historyText });
+      return;
     }
     if (!override && visited.has(mapping.to.server)) {
       this.log.debug({ filter, mapping: mapping.name, requestId }, 'loop detection: the request has been on the target server');
-      return undefined;
+      return;
     }
-    const buffer = this.lanes.get(`${mapping.to.server}/${mapping.pool}`)!;
-    let wait: Promise<void> | undefined;
+    const owns = mapping.transferMode === 'data+ownership';
+    if (owns && ctx.ownership !== null && ctx.ownership !== mapping.name) {
+      // DSO: ownership cannot be broadcast; the first transfer with ownership took it
+      this.reject(ctx, 'transfer', mapping, requestId, mapping.to.server, `mapping "${mapping.name}": request ${requestId}: ownership cannot be broadcast: filter "${filter}" already transferred it with ownership by mapping "${ctx.ownership}" in the same change; use data-only or independent-copy for the other copies`, { target });
+      return;
+    }
+    if (owns) ctx.ownership = mapping.name;
+    ctx.sentTo.add(mapping.to.server);
+    const targetKey = row.dso_to_mapping === mapping.name && row.dso_to_request_id ? row.dso_to_request_id : requestId;
+    const buffer = this.bufferFor(mapping.to.server, mapping.pool, `${mapping.to.schema}.${mapping.to.table}`, targetKey);
     const runs = !buffer.lane.applied(tx.finalLsn);
     if (runs) {
       const plan = this.planFor(change.relation, mapping, form);
@@ -297,19 +399,159 @@ class EngineSession implements ChangeSink {
       const history = appendHop(historyText, this.hopTemplate(mapping, form, tx), requestId);
       const groupKey = `transfer:${mapping.name}`;
       buffer
-        .group(groupKey, `${mapping.to.schema}.${mapping.to.table}`, requestId, () => new TransferGroup(plan))
-        .add({ requestId, values: values as (string | null)[], history, lsn: change.lsn }, change.op === 'insert');
-      buffer.added(groupKey);
-      this.unflushed += 1;
-      if (buffer.lane.backlog > 2) wait = buffer.lane.drainTo(1);
+        .group(groupKey, `${mapping.to.schema}.${mapping.to.table}`, targetKey, () => new TransferGroup(plan, form, this.assignedFor(mapping)))
+        .add({ requestId, targetKey, values: values as (string | null)[], history, modifiedAt: row.dso_modified_at ?? null, lsn: change.lsn }, change.op === 'insert');
+      this.enqueued(ctx, buffer, groupKey);
     }
-    const source = this.sourceBuffer!;
-    if (!source.lane.applied(tx.finalLsn)) {
-      const groupKey = `transferred:${mapping.name}`;
-      source.group(groupKey, `${form.schema}.${form.table}`, requestId, () => new TransferredGroup(mapping, form.keyColumn, form.keyType)).add(requestId, change.lsn, runs);
-      this.unflushed += 1;
+    this.bookkeeping(ctx, { op: 'transfer' }, mapping, requestId, runs);
+    // the copies behind this one learn where the master is now
+    if (owns) this.relay(ctx, row, 'from', { current: [mapping.to.server, mapping.to.table], values: false });
+  }
+
+  private assignedFor(mapping: MappingConfig): Map<string, string> {
+    let found = this.assigned.get(mapping.name);
+    if (!found) this.assigned.set(mapping.name, (found = new Map()));
+    return found;
+  }
+
+  /** The update action: the master's current values to the copy on the mapping's target, now. */
+  private update(mapping: MappingConfig, filter: string, ctx: ChangeContext, facts: Facts): void {
+    const row = ctx.change.new;
+    if (ctx.change.op === 'delete' || !row) return;
+    const requestId = row[ctx.form.keyColumn];
+    if (requestId === null || requestId === undefined) return;
+    if (!facts.master) {
+      this.log.debug({ filter, mapping: mapping.name, requestId }, 'not the master copy: no update');
+      return;
     }
-    return wait;
+    const link = this.links.get(`${mapping.name}>`)!;
+    const targetKey = row.dso_to_mapping === mapping.name && row.dso_to_request_id ? row.dso_to_request_id : requestId;
+    ctx.sentTo.add(link.server);
+    const ran = this.updateCopy(ctx, link, 'update', true, { requestId, targetKey, history: row.dso_mapping_history ?? '[]', values: this.valuesFor(link, row), current: null, master: null, newHistory: null, lsn: ctx.change.lsn });
+    this.bookkeeping(ctx, { op: 'update' }, mapping, requestId, ran);
+  }
+
+  /**
+   * The return action: ownership back to the server the request came from (by the mapping that
+   * brought it, or the one named), with the current values unless the mapping never updates.
+   * Loop detection: a request is not returned twice to the same server unless overridden.
+   */
+  private return(named: string | undefined, override: boolean, filter: string, ctx: ChangeContext, facts: Facts): void {
+    const { change, form, tx } = ctx;
+    const row = change.new;
+    if (change.op === 'delete' || !row) return;
+    const requestId = row[form.keyColumn];
+    if (requestId === null || requestId === undefined) return;
+    if (!facts.master) {
+      this.log.debug({ filter, requestId }, 'not the master copy: no return');
+      return;
+    }
+    const name = named ?? row.dso_from_mapping;
+    const mapping = name ? this.opts.config.mappings[name] : undefined;
+    const link = name ? this.links.get(`${name}<`) : undefined;
+    const fromKey = row.dso_from_request_id;
+    if (!mapping || !link || !fromKey || mapping.to.schema !== form.schema || mapping.to.table !== form.table) {
+      const anyMapping = mapping ?? Object.values(this.opts.config.mappings).find((m) => m.to.server === this.server && m.to.schema === form.schema && m.to.table === form.table);
+      if (!anyMapping) throw new Error(`filter "${filter}": a return action on ${form.schema}.${form.table} without a mapping to it`); // refused by the config check
+      this.reject(ctx, 'return', anyMapping, requestId, row.dso_from_server ?? '(none)', `filter "${filter}": request ${requestId} has nowhere to return to: it was not transferred here${name ? ` by mapping "${name}"` : ''} (dso_from_mapping ${row.dso_from_mapping ?? 'is empty'})`, { from: { server: row.dso_from_server ?? null, requestId: fromKey ?? null, mapping: row.dso_from_mapping ?? null } });
+      return;
+    }
+    const historyText = row.dso_mapping_history ?? '[]';
+    if (!override && returnedBefore(historyText, link.server)) {
+      this.log.debug({ filter, mapping: mapping.name, requestId }, 'loop detection: the request was returned to that server before');
+      return;
+    }
+    const hop = JSON.stringify({
+      at: tx.commitTime.toISOString(), mapping: mapping.name, operation: 'return',
+      fromServer: this.server, fromForm: form.table, fromRequestId: requestId, toServer: link.server, toForm: mapping.from.table,
+    });
+    const newHistory = historyText === '[]' ? `[${hop}]` : `${historyText.slice(0, -1)}, ${hop}]`;
+    const current = [mapping.from.server, mapping.from.table] as const;
+    ctx.sentTo.add(link.server);
+    const withValues = mapping.whenToUpdate !== 'never';
+    const ran = this.updateCopy(ctx, link, 'return', withValues, { requestId, targetKey: fromKey, history: historyText, values: withValues ? this.valuesFor(link, row) : [], current, master: true, newHistory, lsn: change.lsn });
+    this.bookkeeping(ctx, { op: 'return' }, mapping, requestId, ran);
+    this.relay(ctx, row, 'to', { current, values: false });
+  }
+
+  /** The delete action: the copy on the mapping's target goes. */
+  private deleteCopy(mapping: MappingConfig, ctx: ChangeContext): void {
+    const row = ctx.change.op === 'delete' ? ctx.change.old : ctx.change.new;
+    const requestId = row?.[ctx.form.keyColumn];
+    if (!row || requestId === null || requestId === undefined) return;
+    const link = this.links.get(`${mapping.name}>`)!;
+    const targetKey = row.dso_to_mapping === mapping.name && row.dso_to_request_id ? row.dso_to_request_id : requestId;
+    this.deleteOn(ctx, link, { requestId, targetKey, history: row.dso_mapping_history ?? '[]', lsn: ctx.change.lsn });
+  }
+
+  /**
+   * Keeps the chain in step: a change of the master copy (by a user, or relayed by a
+   * neighbour's engine) goes to the copies linked to this one by mappings that update
+   * immediately, except the neighbour it came from and any server an action already carried
+   * it to; a deleted master deletes them.
+   */
+  private keepInStep(ctx: ChangeContext): void {
+    const { change, tx } = ctx;
+    const row = change.op === 'delete' ? change.old : change.new;
+    if (!row) return;
+    if (tx.writer === null && row.dso_master !== 't') return;
+    for (const side of ['from', 'to'] as const) {
+      if (change.op === 'delete') {
+        const link = this.chainLink(ctx, row, side);
+        const targetKey = row[`dso_${side}_request_id`];
+        if (!link || !targetKey) continue;
+        this.deleteOn(ctx, link, { requestId: row[ctx.form.keyColumn]!, targetKey, history: row.dso_mapping_history ?? '[]', lsn: change.lsn });
+      } else {
+        this.relay(ctx, row, side, { current: row.dso_current_server && row.dso_current_form ? [row.dso_current_server, row.dso_current_form] : null, values: true });
+      }
+    }
+  }
+
+  /** The link on that side of the copy when it keeps the chain in step and is not where the change came from. */
+  private chainLink(ctx: ChangeContext, row: TextRow, side: 'from' | 'to'): Link | undefined {
+    const name = row[`dso_${side}_mapping`];
+    const mapping = name ? this.opts.config.mappings[name] : undefined;
+    if (!mapping || !keptInStep(mapping)) return undefined;
+    const here = side === 'to' ? mapping.from : mapping.to;
+    if (here.server !== this.server || here.schema !== ctx.form.schema || here.table !== ctx.form.table) return undefined;
+    const link = this.links.get(`${mapping.name}${side === 'to' ? '>' : '<'}`);
+    if (!link || link.server === ctx.tx.writer) return undefined;
+    return link;
+  }
+
+  /** An update of the linked copy on that side (values and/or where the master is). */
+  private relay(ctx: ChangeContext, row: TextRow, side: 'from' | 'to', what: { current: readonly [string, string] | null; values: boolean }): void {
+    const link = this.chainLink(ctx, row, side);
+    const targetKey = row[`dso_${side}_request_id`];
+    const requestId = row[ctx.form.keyColumn];
+    if (!link || !targetKey || !requestId || ctx.sentTo.has(link.server)) return;
+    this.updateCopy(ctx, link, 'chain', what.values, { requestId, targetKey, history: row.dso_mapping_history ?? '[]', values: what.values ? this.valuesFor(link, row) : [], current: what.current, master: null, newHistory: null, lsn: ctx.change.lsn });
+  }
+
+  private valuesFor(link: Link, row: TextRow): (string | null)[] {
+    const values = link.plan.columns.map((c) => (c.from.kind === 'constant' ? c.from.text : row[c.from.column]));
+    if (values.some((v) => v === undefined)) throw new Error(`form ${link.plan.mapping.from.table} is not replica identity full: run pgdso forms enable`);
+    return values as (string | null)[];
+  }
+
+  /** Buffers an update of a copy on a link's server; false when the lane had already applied it (replay). */
+  private updateCopy(ctx: ChangeContext, link: Link, kind: UpdateKind, withValues: boolean, row: CopyUpdate): boolean {
+    const table = `${link.plan.target.schema}.${link.plan.target.table}`;
+    const buffer = this.bufferFor(link.server, link.mapping.pool, table, row.targetKey);
+    if (buffer.lane.applied(ctx.tx.finalLsn)) return false;
+    const groupKey = `${kind}:${link.mapping.name}${link.forward ? '>' : '<'}:${withValues}`;
+    buffer.group(groupKey, table, row.targetKey, () => new CopyUpdateGroup(link, kind, withValues, ctx.form, this.server)).add(row);
+    this.enqueued(ctx, buffer, groupKey);
+    return true;
+  }
+
+  private deleteOn(ctx: ChangeContext, link: Link, row: CopyDelete): void {
+    const table = `${link.plan.target.schema}.${link.plan.target.table}`;
+    const buffer = this.bufferFor(link.server, link.mapping.pool, table, row.targetKey);
+    if (buffer.lane.applied(ctx.tx.finalLsn)) return;
+    const groupKey = `delete:${link.mapping.name}${link.forward ? '>' : '<'}`;
+    buffer.group(groupKey, table, row.targetKey, () => new CopyDeleteGroup(link, ctx.form, this.server)).add(row);
+    this.enqueued(ctx, buffer, groupKey);
   }
 
   /** The hop's JSON around its request ID, the same for every request of a mapping in a transaction. */
@@ -359,17 +601,19 @@ class EngineSession implements ChangeSink {
     this.rejected = [];
     const sourceLane = this.sourceLane!;
     if (failures.length) {
-      await sourceLane.runAlone((client) => recordFailures(client, failures, (m) => this.forms.get(`${m.from.schema}.${m.from.table}`)!));
-      for (const f of failures) this.log.warn({ mapping: f.mapping.name, requestId: f.requestId, sqlstate: f.sqlstate }, f.error);
+      await sourceLane.runAlone((client) => recordFailures(client, failures));
+      for (const f of failures) this.log.warn({ mapping: f.mapping.name, type: f.type, requestId: f.requestId, sqlstate: f.sqlstate }, f.error);
     }
     await Promise.all(lanes.filter((b) => b.lane.dirty).map((b) => b.lane.commit(last.finalLsn, last.commitTime)));
-    const failed = new Set(failures.map((f) => changeKey(f.mapping.name, f.requestId, f.lsn)));
-    for (const group of this.sourceBuffer!.pendingGroups()) if (group instanceof TransferredGroup) group.dropFailed(failed);
+    const failed = new Set(failures.map((f) => changeKey(f.type, f.mapping.name, f.requestId, f.lsn)));
+    for (const group of this.sourceBuffer!.pendingGroups()) if (group instanceof SourceBookkeeping) group.dropFailed(failed);
     this.sourceBuffer!.submitAll();
     await sourceLane.commit(last.finalLsn, last.commitTime);
     this.stats.applied += this.unflushed;
     this.stats.failed += failures.length;
     this.unflushed = 0;
+    this.pinned.clear();
+    for (const ids of this.assigned.values()) ids.clear();
     this.stream?.confirm(last.endLsn);
     this.stats.confirmedLsn = formatLsn(last.endLsn);
   }
@@ -399,6 +643,17 @@ async function domainBaseTypes(client: pg.ClientBase): Promise<Map<number, numbe
 function appendHop(historyText: string, [before, after]: [string, string], requestId: string): string {
   const hop = `${before}${JSON.stringify(requestId)}${after}`;
   return historyText === '[]' ? `[${hop}]` : `${historyText.slice(0, -1)}, ${hop}]`;
+}
+
+/** True when the history holds a return to that server. */
+function returnedBefore(historyText: string, server: string): boolean {
+  if (historyText === '[]') return false;
+  try {
+    const hops = JSON.parse(historyText) as { operation?: unknown; toServer?: unknown }[];
+    return Array.isArray(hops) && hops.some((h) => h?.operation === 'return' && h.toServer === server);
+  } catch {
+    return false;
+  }
 }
 
 /** Servers a request has been on, from its mapping history (JSON text); null if malformed. */

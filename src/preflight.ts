@@ -75,6 +75,16 @@ export async function preflight(config: PgdsoConfig, rules: CompiledRules, serve
             findings.push({ server: mapping.to.server, severity: 'problem', file: mapping.source.file, pointer: mapping.source.pointer, message: `mapping "${mapping.name}": column "${column.target}" is ${column.type} on ${mapping.to.server} but "${column.from.column}" is ${from.type} on ${mapping.from.server}: the values do not convert` });
           }
         }
+        if (mapping.match !== 'request-id') {
+          mapping.match.fields.forEach((field, i) => {
+            if (!plan.columns.some((c) => c.target === field)) {
+              findings.push({ server: mapping.to.server, severity: 'problem', file: mapping.source.file, pointer: `${mapping.source.pointer}/match/fields/${i}`, message: `mapping "${mapping.name}": match field "${field}" is not a column the mapping carries to ${mapping.to.server}.${mapping.to.table}` });
+            }
+          });
+        }
+        if (mapping.duplicateRequestId === 'new-id' && !target.columns.get(target.keyColumn)?.hasDefault) {
+          findings.push({ server: mapping.to.server, severity: 'problem', file: mapping.source.file, pointer: `${mapping.source.pointer}/duplicateRequestId`, message: `mapping "${mapping.name}": duplicateRequestId "new-id" needs a default for the request ID ${target.keyColumn} of ${mapping.to.server}.${mapping.to.table} (a sequence, an identity or a generated value)` });
+        }
         if (source.keyType !== target.keyType && !(await typesConvert(clients.get(mapping.to.server)!, source.keyType, target.keyType))) {
           findings.push({ server: mapping.to.server, severity: 'problem', file: mapping.source.file, pointer: mapping.source.pointer, message: `mapping "${mapping.name}": request ID ${source.keyColumn} is ${source.keyType} but ${target.keyColumn} is ${target.keyType} on ${mapping.to.server}` });
         }
@@ -104,27 +114,14 @@ function whereNamed(config: PgdsoConfig, server: string, schema: string, table: 
 }
 
 /**
- * Options of the contract this version does not carry out yet. They are refused, with their
- * file and pointer, rather than accepted and ignored.
+ * Options of the contract this version does not carry out yet (escalations). They are refused,
+ * with their file and pointer, rather than accepted and ignored.
  */
 export function unsupportedOptions(config: PgdsoConfig): Finding[] {
-  const findings: Finding[] = [];
-  const refuse = (server: string, source: { file: string; pointer: string }, pointer: string, what: string) =>
-    findings.push({ server, severity: 'problem', file: source.file, pointer: `${source.pointer}${pointer}`, message: `${what} is not supported by this version of pgdso yet` });
-  for (const m of Object.values(config.mappings)) {
-    if (m.whenToUpdate !== 'immediately') refuse(m.from.server, m.source, '/whenToUpdate', `whenToUpdate "${m.whenToUpdate}"`);
-    if (m.duplicateRequestId === 'new-id') refuse(m.from.server, m.source, '/duplicateRequestId', 'duplicateRequestId "new-id"');
-    if (m.match !== 'request-id') refuse(m.from.server, m.source, '/match', 'match by fields');
-    if (m.afterTransfer !== 'keep') refuse(m.from.server, m.source, '/afterTransfer', `afterTransfer "${m.afterTransfer}"`);
-    if (m.conflict !== 'source-wins') refuse(m.from.server, m.source, '/conflict', `conflict "${m.conflict}"`);
-  }
-  const actions = (owner: { on: { server: string }; actions: readonly { type: string }[]; source: { file: string; pointer: string } }) =>
-    owner.actions.forEach((a, i) => {
-      if (a.type !== 'transfer') refuse(owner.on.server, owner.source, `/actions/${i}/type`, `the "${a.type}" action`);
-    });
-  config.filters.forEach(actions);
-  for (const e of config.escalations) refuse(e.on.server, e.source, '', `escalation "${e.name}" (escalations)`);
-  return findings;
+  return config.escalations.map((e) => ({
+    server: e.on.server, severity: 'problem' as const, file: e.source.file, pointer: e.source.pointer,
+    message: `escalation "${e.name}" (escalations) is not supported by this version of pgdso yet`,
+  }));
 }
 
 /** The findings that stop an engine, as the one format bad config and rules are reported in. */

@@ -314,7 +314,7 @@ function configWith(partial: Partial<PgdsoConfig>): PgdsoConfig {
 const baseFacts: Facts = { row: {}, old: null, op: 'insert', changed: [], origin: null, master: true };
 
 test('compileRules indexes filters by server, form and op, and evaluates them in definition order', () => {
-  const on = (ops: ('insert' | 'update' | 'delete')[]) => ({ server: 'sf', schema: 'public', table: 'repair_request', ops });
+  const on = (ops: ('insert' | 'update' | 'delete')[]) => ({ server: 'sf', schema: 'public', table: 'repair_request', ops, transitions: false });
   const rules = compileRules(
     configWith({
       filters: [
@@ -341,7 +341,7 @@ test('compileRules indexes filters by server, form and op, and evaluates them in
 test('a filter whose conditions fail to evaluate raises RuleEvaluationError naming it', () => {
   const rules = compileRules(
     configWith({
-      filters: [{ name: 'broken', on: { server: 'sf', schema: 'public', table: 't', ops: ['insert'] }, conditions: { all: [{ fact: 'op', operator: 'in', value: { fact: 'origin' } }] }, actions: [], source }],
+      filters: [{ name: 'broken', on: { server: 'sf', schema: 'public', table: 't', ops: ['insert'], transitions: false }, conditions: { all: [{ fact: 'op', operator: 'in', value: { fact: 'origin' } }] }, actions: [], source }],
     }),
   );
   assert.throws(() => rules.evaluate('sf', 'public', 't', baseFacts), (err: unknown) => err instanceof RuleEvaluationError && err.filter === 'broken');
@@ -365,7 +365,7 @@ test('formsOf lists every form a server takes part in, from mappings, filters an
   const rules = compileRules(
     configWith({
       mappings: { a: mapping('a', ['sf', 'repair_request'], ['chicago', 'repair_request']), b: mapping('b', ['chicago', 'repair_request'], ['sf', 'archive']) },
-      filters: [{ name: 'f', on: { server: 'sf', schema: 'ops', table: 'tickets', ops: ['insert'] }, conditions: null, actions: [], source }],
+      filters: [{ name: 'f', on: { server: 'sf', schema: 'ops', table: 'tickets', ops: ['insert'], transitions: false }, conditions: null, actions: [], source }],
       escalations: [{ name: 'e', on: { server: 'tokyo', schema: 'public', table: 'support_case' }, schedule: { cron: '0 17 * * 1-5', timezone: 'Asia/Tokyo' }, conditions: null, actions: [], source }],
     }),
   );

@@ -1,49 +1,49 @@
 // The transfer operation, set-based. On the target, per group: a plain INSERT ... SELECT FROM
-// unnest(...) when every request is new, else an INSERT ... ON CONFLICT DO UPDATE that updates the
-// copy of the same request (same root in its mapping history) and leaves a different request with
-// the same ID alone (a duplicate: the mapping's duplicateRequestId policy). On the source: one
-// UPDATE for the bookkeeping columns.
+// unnest(...) when every request is new; otherwise one statement that finds each request's copy
+// (by request ID and mapping history, by the match fields, or by ID alone under overwrite),
+// logs and settles conflicts (a copy changed locally since the last sync) by the mapping's
+// policy, updates the copies it found and inserts the others. A request ID held by a different
+// request is a duplicate: an error, or (new-id) a new row with the target's own key.
 // A data error isolates the bad rows by bisection under savepoints; the others are applied.
 import type pg from 'pg';
 import type { MappingConfig } from '../config/types.ts';
+import type { FormInfo } from '../sql/forms.ts';
 import { qualified, quoteIdent } from '../sql/identifiers.ts';
-import { formatLsn } from '../change.ts';
-import { classifyError, isDataError, sqlstateOf } from './errors.ts';
+import { classifyError, sqlstateOf } from './errors.ts';
 import type { OpGroup } from './lane.ts';
 import type { ColumnPlan } from './plan.ts';
+import { applyIsolating, parseJsonOr, sameRequestSql, textArrayLiteral, underSavepoint, type ApplyFailure } from './sets.ts';
 
 /** One request carried by a mapping, as text values aligned with plan.columns. */
 export interface TransferRow {
   requestId: string;
+  /** the request ID of the target copy, when the source copy knows it (new-id); else requestId */
+  targetKey: string;
   values: (string | null)[];
   /** the target copy's dso_mapping_history (JSON text) */
   history: string;
+  /** the source copy's dso_modified_at (newer-wins) */
+  modifiedAt: string | null;
   /** WAL position of the source change */
   lsn: bigint;
-}
-
-/** A row that could not be applied, for pgdso.pending_errors. */
-export interface ApplyFailure {
-  type: 'transfer';
-  mapping: MappingConfig;
-  requestId: string;
-  lsn: bigint;
-  payload: Record<string, unknown>;
-  error: string;
-  sqlstate: string | null;
 }
 
 interface TransferStatements {
   /** INSERT only: the fast path when none of the requests is on the target yet */
   insert: string;
-  /** INSERT ... ON CONFLICT DO UPDATE of the same request; returns the request IDs it wrote */
+  /** INSERT with the target's own key (new-id); returns the keys it took */
+  insertNewId: string;
+  /** find, settle conflicts, update, insert; returns the request IDs written or kept */
   upsert: string;
 }
 
 const statements = new WeakMap<ColumnPlan, TransferStatements>();
 
-// Parameters after the column arrays: +1 ids, +2 histories, +3 master, +4 current server,
-// +5 current form, +6 from server, +7 from form, +8 mapping, +9 this target server.
+// The plain INSERT's parameters after the column arrays: +1 ids, +2 histories, +3 master,
+// +4 current server, +5 current form, +6 from server, +7 from form, +8 mapping.
+// The upsert's: +1 ids, +2 histories, +3 target keys, +4 source modification times, +5 master,
+// +6 current server, +7 current form, +8 from server, +9 from form, +10 mapping,
+// +11 this target server, +12 the target form (schema.table), +13 column names.
 function transferStatements(plan: ColumnPlan): TransferStatements {
   const cached = statements.get(plan);
   if (cached) return cached;
@@ -51,41 +51,87 @@ function transferStatements(plan: ColumnPlan): TransferStatements {
   const key = quoteIdent(target.keyColumn);
   const table = qualified(target.schema, target.table);
   const n = plan.columns.length;
-  const p = (k: number) => `$${n + k}`;
   const dataColumns = plan.columns.map((c) => quoteIdent(c.target));
   const casts = plan.columns.map((c, i) => `u.c${i}::${c.castType}`);
   const arrays = plan.columns.map((_, i) => `$${i + 1}::text[]`);
-  const dso = [
-    ['dso_master', `${p(3)}::boolean`],
-    ['dso_current_server', `${p(4)}::text`],
-    ['dso_current_form', `${p(5)}::text`],
-    ['dso_from_server', `${p(6)}::text`],
-    ['dso_from_form', `${p(7)}::text`],
+  const cols = plan.columns.map((_, i) => `c${i}`);
+  const dsoValues = (p: (k: number) => string) => [
+    ['dso_master', `${p(1)}::boolean`],
+    ['dso_current_server', `${p(2)}::text`],
+    ['dso_current_form', `${p(3)}::text`],
+    ['dso_from_server', `${p(4)}::text`],
+    ['dso_from_form', `${p(5)}::text`],
     ['dso_from_request_id', 'u.rid'],
-    ['dso_from_mapping', `${p(8)}::text`],
+    ['dso_from_mapping', `${p(6)}::text`],
     ['dso_mapping_history', 'u.hist::jsonb'],
     ['dso_to_server', 'NULL::text'],
     ['dso_to_form', 'NULL::text'],
     ['dso_to_request_id', 'NULL::text'],
     ['dso_to_mapping', 'NULL::text'],
   ] as const;
+  const insertInto = (withKey: boolean, dso: ReturnType<typeof dsoValues>) =>
+    `INSERT INTO ${table} AS t (${[...(withKey ? [key] : []), ...dataColumns, ...dso.map(([name]) => quoteIdent(name)), 'dso_synced_version'].join(', ')})
+SELECT ${[...(withKey ? [`u.rid::${target.keyType}`] : []), ...casts, ...dso.map(([, value]) => value), '1'].join(', ')}`;
+  // plain INSERT and new-id: scalars from +3
+  const plainDso = dsoValues((k) => `$${n + 2 + k}`);
+  const unnestPlain = `unnest(${[...arrays, `$${n + 1}::text[]`, `$${n + 2}::text[]`].join(', ')}) AS u(${[...cols, 'rid', 'hist'].join(', ')})`;
+  const insert = `${insertInto(true, plainDso)}
+  FROM ${unnestPlain}`;
+  const insertNewId = `${insertInto(false, plainDso)}
+  FROM ${unnestPlain}
+RETURNING t.${key}::text AS key, t.dso_from_request_id AS rid`;
+
+  // upsert: scalars from +5
+  const p = (k: number) => `$${n + k}`;
+  const upsertDso = dsoValues((k) => p(4 + k));
   const ownsTarget = mapping.transferMode !== 'data-only';
   // A copy that stays read-only (data-only) keeps its dso_to_*; a master copy forgets where it
   // was sent before (it is the master again).
-  const updated = [...dataColumns, ...dso.filter(([name]) => ownsTarget || !name.startsWith('dso_to_')).map(([name]) => quoteIdent(name))];
-  const insert = `INSERT INTO ${table} AS t (${key}, ${[...dataColumns, ...dso.map(([name]) => quoteIdent(name))].join(', ')})
-SELECT u.rid::${target.keyType}, ${[...casts, ...dso.map(([, value]) => value)].join(', ')}
-  FROM unnest(${[...arrays, `${p(1)}::text[]`, `${p(2)}::text[]`].join(', ')}) AS u(${[...plan.columns.map((_, i) => `c${i}`), 'rid', 'hist'].join(', ')})`;
-  // The same request: the target copy's root (first hop, or itself) is the incoming one's.
-  const sameRequest = (incoming: string, thisServer: string) => `coalesce(t.dso_mapping_history -> 0 ->> 'fromServer', ${thisServer}::text) IS NOT DISTINCT FROM ${incoming} -> 0 ->> 'fromServer'
-   AND coalesce(t.dso_mapping_history -> 0 ->> 'fromRequestId', t.${key}::text) IS NOT DISTINCT FROM ${incoming} -> 0 ->> 'fromRequestId'`;
-  const upsert = `${insert}
-ON CONFLICT (${key}) DO UPDATE SET ${updated.map((c) => `${c} = EXCLUDED.${c}`).join(', ')}
- WHERE ${mapping.duplicateRequestId === 'overwrite' ? 'true' : sameRequest('EXCLUDED.dso_mapping_history', p(9))}
-RETURNING t.${key}::text AS rid`;
-  const built = { insert, upsert };
+  const updatedDso = upsertDso.filter(([name]) => ownsTarget || !name.startsWith('dso_to_'));
+  const sameRequest = sameRequestSql(target.keyColumn, `${p(11)}`, `(u.hist::jsonb -> 0 ->> 'fromServer')`, `(u.hist::jsonb -> 0 ->> 'fromRequestId')`);
+  let match: string;
+  let conflicted = 't.dso_synced_version IS NOT NULL AND t.dso_version <> t.dso_synced_version';
+  if (mapping.match !== 'request-id') {
+    match = mapping.match.fields
+      .map((field) => {
+        const i = plan.columns.findIndex((c) => c.target === field);
+        if (i < 0) throw new Error(`mapping "${mapping.name}": match field "${field}" is not a column the mapping carries`);
+        return `t.${quoteIdent(field)} IS NOT DISTINCT FROM u.c${i}::${plan.columns[i]!.castType}`;
+      })
+      .join(' AND ');
+  } else if (mapping.duplicateRequestId === 'overwrite') {
+    match = `t.${key} = u.tkey::${target.keyType}`;
+    conflicted = `(${conflicted}) OR NOT (${sameRequest})`;
+  } else {
+    match = `t.${key} = u.tkey::${target.keyType} AND ${sameRequest}`;
+  }
+  const kept = mapping.conflict === 'target-wins' ? 'true' : mapping.conflict === 'newer-wins' ? `t.dso_modified_at > coalesce(u.mods::timestamptz, '-infinity')` : 'false';
+  const upsert = `WITH u AS (SELECT * FROM unnest(${[...arrays, ...[1, 2, 3, 4].map((k) => `${p(k)}::text[]`)].join(', ')}) AS u(${[...cols, 'rid', 'hist', 'tkey', 'mods'].join(', ')})),
+f AS (SELECT u.rid, t.ctid AS tid, c.conflicted, c.conflicted AND (${kept}) AS kept, CASE WHEN c.conflicted THEN to_jsonb(t) END AS local
+        FROM u JOIN ${table} t ON ${match}
+        CROSS JOIN LATERAL (SELECT (${conflicted}) AS conflicted) c),
+logged AS (INSERT INTO pgdso.conflicts (mapping, form, request_id, local, incoming, resolution, policy, from_server)
+           SELECT ${p(10)}, ${p(12)}, f.rid, f.local,
+                  json_object(${p(13)}::text[], ARRAY[${cols.map((c) => `u.${c}`).join(', ') || 'NULL::text'}]::text[])::jsonb
+                    || jsonb_build_object(${quoteLiteral(target.keyColumn)}, u.rid, 'dso_modified_at', u.mods),
+                  CASE WHEN f.kept THEN 'kept-local' ELSE 'applied-incoming' END, ${quoteLiteral(mapping.conflict)}, ${p(8)}
+             FROM f JOIN u ON u.rid = f.rid WHERE f.conflicted),
+upd AS (UPDATE ${table} t SET ${[...dataColumns.map((c, i) => `${c} = ${casts[i]}`), ...updatedDso.map(([name, value]) => `${quoteIdent(name)} = ${value}`), 'dso_synced_version = t.dso_version + 1'].join(', ')}
+          FROM f JOIN u ON u.rid = f.rid
+         WHERE t.ctid = f.tid AND NOT f.kept
+        RETURNING u.rid),
+ins AS (${insertInto(true, upsertDso)}
+          FROM u WHERE NOT EXISTS (SELECT 1 FROM f WHERE f.rid = u.rid)
+        ON CONFLICT (${key}) DO NOTHING
+        RETURNING t.${key}::text AS rid)
+SELECT rid FROM upd UNION ALL SELECT rid FROM ins UNION ALL SELECT rid FROM f WHERE kept`;
+  const built = { insert, insertNewId, upsert };
   statements.set(plan, built);
   return built;
+}
+
+function quoteLiteral(value: string): string {
+  return `'${value.replace(/'/g, "''")}'`;
 }
 
 /** Transfers of one mapping into the lane of its target; one row per request (last wins). */
@@ -95,7 +141,11 @@ export class TransferGroup implements OpGroup<ApplyFailure> {
   private plainInsert = true;
   private readonly table: string;
 
-  constructor(readonly plan: ColumnPlan) {
+  /**
+   * `assigned` receives the target keys taken under new-id (source request ID -> target key),
+   * for the source copy's dso_to_request_id.
+   */
+  constructor(readonly plan: ColumnPlan, private readonly source: FormInfo, private readonly assigned: Map<string, string>) {
     this.table = `${plan.target.schema}.${plan.target.table}`;
   }
 
@@ -117,38 +167,68 @@ export class TransferGroup implements OpGroup<ApplyFailure> {
     return applyIsolating(client, [...this.rows.values()], (rows) => this.applyRows(client, rows), (row, err) => this.failure(row, err));
   }
 
+  private columnArrays(rows: TransferRow[]): string[] {
+    const arrays: (string | null)[][] = this.plan.columns.map(() => new Array(rows.length));
+    rows.forEach((row, r) => {
+      for (let c = 0; c < arrays.length; c++) arrays[c]![r] = row.values[c]!;
+    });
+    return arrays.map(textArrayLiteral);
+  }
+
   private async applyRows(client: pg.ClientBase, rows: TransferRow[]): Promise<ApplyFailure[]> {
     const { plan } = this;
     const { mapping } = plan;
-    const arrays: (string | null)[][] = plan.columns.map(() => new Array(rows.length));
-    const ids = new Array<string>(rows.length);
-    const histories = new Array<string>(rows.length);
-    rows.forEach((row, r) => {
-      ids[r] = row.requestId;
-      histories[r] = row.history;
-      for (let c = 0; c < arrays.length; c++) arrays[c]![r] = row.values[c]!;
-    });
     const ownsTarget = mapping.transferMode !== 'data-only';
-    const params = [
-      ...arrays.map(textArrayLiteral),
-      textArrayLiteral(ids),
-      textArrayLiteral(histories),
+    const arrays = this.columnArrays(rows);
+    const ids = textArrayLiteral(rows.map((r) => r.requestId));
+    const histories = textArrayLiteral(rows.map((r) => r.history));
+    const scalars = [
       ownsTarget,
       ownsTarget ? mapping.to.server : mapping.from.server,
       ownsTarget ? mapping.to.table : mapping.from.table,
       mapping.from.server,
       mapping.from.table,
       mapping.name,
-      mapping.to.server,
     ];
     const sql = transferStatements(plan);
-    // the plain INSERT does not use the last parameter (this target server)
-    if (this.plainInsert && (await this.tryInsert(client, sql.insert, params.slice(0, -1)))) return [];
-    const result = await client.query(sql.upsert, params);
-    if (result.rowCount === rows.length) return [];
-    // not written: the target holds that ID for a different request
+    if (this.plainInsert && (await this.tryInsert(client, sql.insert, [...arrays, ids, histories, ...scalars]))) return [];
+    const result = await client.query(sql.upsert, [
+      ...arrays, ids, histories,
+      textArrayLiteral(rows.map((r) => r.targetKey)),
+      textArrayLiteral(rows.map((r) => r.modifiedAt)),
+      ...scalars,
+      mapping.to.server,
+      `${plan.target.schema}.${plan.target.table}`,
+      textArrayLiteral(plan.columns.map((c) => c.target)),
+    ]);
     const written = new Set(result.rows.map((r: { rid: string }) => r.rid));
-    return rows.filter((row) => !written.has(row.requestId)).map((row) => this.failure(row, duplicateError(mapping, row.requestId)));
+    if (written.size === rows.length) return [];
+    // not written: the target holds that ID for a different request
+    const duplicates = rows.filter((row) => !written.has(row.requestId));
+    if (mapping.duplicateRequestId !== 'new-id') {
+      const holders = await this.holders(client, duplicates);
+      return duplicates.map((row) => this.failure(row, duplicateError(mapping, row, holders.get(row.targetKey))));
+    }
+    const inserted = await client.query(sql.insertNewId, [
+      ...this.columnArrays(duplicates),
+      textArrayLiteral(duplicates.map((r) => r.requestId)),
+      textArrayLiteral(duplicates.map((r) => r.history)),
+      ...scalars,
+    ]);
+    for (const { key, rid } of inserted.rows as { key: string; rid: string }[]) this.assigned.set(rid, key);
+    return [];
+  }
+
+  /** The request each duplicate ID is held by on the target, as "server:request ID" of its root. */
+  private async holders(client: pg.ClientBase, rows: TransferRow[]): Promise<Map<string, string>> {
+    const { target, mapping } = this.plan;
+    const key = quoteIdent(target.keyColumn);
+    const res = await client.query(
+      `SELECT t.${key}::text AS key, coalesce(t.dso_mapping_history -> 0 ->> 'fromServer', $2) || ':' || coalesce(t.dso_mapping_history -> 0 ->> 'fromRequestId', t.${key}::text) AS root
+         FROM ${qualified(target.schema, target.table)} t WHERE t.${key} = ANY ($1::text[]::${target.keyType}[])`,
+      [textArrayLiteral(rows.map((r) => r.targetKey)), mapping.to.server],
+    );
+    return new Map(res.rows.map((r: { key: string; root: string }) => [r.key, r.root]));
   }
 
   /** A plain INSERT under a savepoint; false (and nothing written) if a request is already there. */
@@ -172,6 +252,8 @@ export class TransferGroup implements OpGroup<ApplyFailure> {
     return {
       type: 'transfer',
       mapping,
+      source: this.source,
+      targetServer: mapping.to.server,
       requestId: row.requestId,
       lsn: row.lsn,
       payload: { target: `${mapping.to.server}.${mapping.to.schema}.${mapping.to.table}`, values: payload, history: parseJsonOr(row.history) },
@@ -181,189 +263,19 @@ export class TransferGroup implements OpGroup<ApplyFailure> {
   }
 }
 
-const NEEDS_ESCAPE = /["\\]/;
-
-/**
- * A text[] literal built directly ('{"a","b",NULL}'): several times cheaper than pg's generic
- * array serialisation for the large arrays of set-based statements.
- */
-export function textArrayLiteral(values: readonly (string | null)[]): string {
-  const parts = new Array<string>(values.length);
-  for (let i = 0; i < values.length; i++) {
-    const v = values[i];
-    if (v === null || v === undefined) parts[i] = 'NULL';
-    else parts[i] = NEEDS_ESCAPE.test(v) ? `"${v.replace(/[\\"]/g, '\\$&')}"` : `"${v}"`;
-  }
-  return `{${parts.join(',')}}`;
-}
-
-function parseJsonOr(text: string): unknown {
-  try {
-    return JSON.parse(text);
-  } catch {
-    return text;
-  }
-}
-
 class DuplicateRequestError extends Error {
   readonly code = '23505';
 }
 
-function duplicateError(mapping: MappingConfig, requestId: string): DuplicateRequestError {
+function duplicateError(mapping: MappingConfig, row: TransferRow, holder: string | undefined): DuplicateRequestError {
+  let incoming = `${mapping.from.server}:${row.requestId}`;
+  try {
+    const first = (JSON.parse(row.history) as { fromServer?: string; fromRequestId?: string }[])[0];
+    if (first?.fromServer && first.fromRequestId) incoming = `${first.fromServer}:${first.fromRequestId}`;
+  } catch {
+    // the history was checked before it was sent
+  }
   return new DuplicateRequestError(
-    `${mapping.to.server}.${mapping.to.table} already holds request ${requestId} for a different request (duplicateRequestId: ${mapping.duplicateRequestId})`,
+    `duplicate request ID: ${mapping.to.server}.${mapping.to.table} already holds request ID ${row.targetKey} for request ${holder ?? '(unknown)'}, a different request from the incoming ${incoming} (duplicateRequestId: ${mapping.duplicateRequestId})`,
   );
-}
-
-/**
- * Applies rows under a savepoint; on a data error, splits them in halves until each bad row is
- * alone, so the good rows are applied and each bad one becomes a failure.
- */
-async function applyIsolating<R, F>(
-  client: pg.ClientBase,
-  rows: R[],
-  apply: (rows: R[]) => Promise<F[]>,
-  fail: (row: R, err: unknown) => F,
-): Promise<F[]> {
-  if (rows.length === 0) return [];
-  try {
-    return await underSavepoint(client, 'pgdso_group', () => apply(rows));
-  } catch (err) {
-    if (!isDataError(err)) throw err;
-    if (rows.length === 1) return [fail(rows[0]!, err)];
-    const half = Math.ceil(rows.length / 2);
-    const first = await applyIsolating(client, rows.slice(0, half), apply, fail);
-    const second = await applyIsolating(client, rows.slice(half), apply, fail);
-    return [...first, ...second];
-  }
-}
-
-/**
- * Runs `work` under a savepoint: released when it succeeds, rolled back when it throws (the
- * error is rethrown; if the rollback itself fails, the transaction is lost and the first error
- * is the one that tells why).
- */
-async function underSavepoint<T>(client: pg.ClientBase, name: string, work: () => Promise<T>): Promise<T> {
-  await client.query(`SAVEPOINT ${name}`);
-  try {
-    const result = await work();
-    await client.query(`RELEASE SAVEPOINT ${name}`);
-    return result;
-  } catch (err) {
-    await client.query(`ROLLBACK TO SAVEPOINT ${name}; RELEASE SAVEPOINT ${name}`).catch(() => undefined);
-    throw err;
-  }
-}
-
-/** The key of one transferred change, to match failures with bookkeeping. */
-export function changeKey(mapping: string, requestId: string, lsn: bigint): string {
-  return `${mapping}\u0000${requestId}\u0000${lsn}`;
-}
-
-interface TransferredChange {
-  requestId: string;
-  lsn: bigint;
-  /** applied by a lane in this session (its outcome is known); else replayed past a lane's progress */
-  ran: boolean;
-}
-
-/**
- * The source copy's side of the transfers of one mapping (dso_to_*, ownership, status), applied
- * once the targets have committed. A request counts as transferred when any of its changes in
- * the batch reached the target: one that ran in this session and did not fail, or one a lane had
- * committed before (replay) and that has no pending_errors row. Error rows of changes that did
- * apply in this session are stale (left by an attempt that never committed) and are removed.
- */
-export class TransferredGroup implements OpGroup<never> {
-  private readonly changes: TransferredChange[] = [];
-  private readonly requests = new Set<string>();
-  private readonly table: string;
-
-  constructor(readonly mapping: MappingConfig, readonly keyColumn: string, readonly keyType: string) {
-    this.table = `${mapping.from.schema}.${mapping.from.table}`;
-  }
-
-  get size(): number {
-    return this.changes.length;
-  }
-
-  add(requestId: string, lsn: bigint, ran: boolean): void {
-    this.changes.push({ requestId, lsn, ran });
-    this.requests.add(requestId);
-  }
-
-  has(table: string, requestId: string): boolean {
-    return table === this.table && this.requests.has(requestId);
-  }
-
-  /** Forgets the changes that failed on the target in this session. */
-  dropFailed(failed: ReadonlySet<string>): void {
-    if (failed.size === 0) return;
-    const kept = this.changes.filter((c) => !(c.ran && failed.has(changeKey(this.mapping.name, c.requestId, c.lsn))));
-    this.changes.length = 0;
-    this.changes.push(...kept);
-  }
-
-  async execute(client: pg.ClientBase): Promise<never[]> {
-    if (this.changes.length === 0) return [];
-    const { mapping } = this;
-    const key = quoteIdent(this.keyColumn);
-    const owns = mapping.transferMode === 'data+ownership';
-    await client.query(
-      `WITH change AS (SELECT * FROM unnest($1::text[], $2::pg_lsn[], $3::boolean[]) AS c(rid, lsn, ran)),
-            stale AS (DELETE FROM pgdso.pending_errors e USING change c
-                       WHERE c.ran AND e.source_lsn = c.lsn AND e.mapping = $9 AND e.type = 'transfer' AND e.request_id = c.rid),
-            transferred AS (SELECT DISTINCT c.rid FROM change c
-                             WHERE c.ran OR NOT EXISTS (SELECT 1 FROM pgdso.pending_errors e
-                                                         WHERE e.source_lsn = c.lsn AND e.mapping = $9 AND e.type = 'transfer' AND e.request_id = c.rid))
-       UPDATE ${qualified(mapping.from.schema, mapping.from.table)} AS s
-          SET dso_master = CASE WHEN $4 THEN false ELSE s.dso_master END,
-              dso_current_server = CASE WHEN $4 THEN $5 ELSE coalesce(s.dso_current_server, $7) END,
-              dso_current_form = CASE WHEN $4 THEN $6 ELSE coalesce(s.dso_current_form, $8) END,
-              dso_to_server = $5, dso_to_form = $6, dso_to_request_id = t.rid, dso_to_mapping = $9,
-              dso_transfer_status = 'success'
-         FROM transferred t
-        WHERE s.${key} = t.rid::${this.keyType}`,
-      [
-        textArrayLiteral(this.changes.map((c) => c.requestId)),
-        textArrayLiteral(this.changes.map((c) => formatLsn(c.lsn))),
-        `{${this.changes.map((c) => (c.ran ? 't' : 'f')).join(',')}}`,
-        owns, mapping.to.server, mapping.to.table, mapping.from.server, mapping.from.table, mapping.name,
-      ],
-    );
-    return [];
-  }
-}
-
-/**
- * Records failures in the source's pending_errors (idempotent: a replay records nothing twice)
- * and marks their source copies failed: one statement for the errors, one per mapping for the
- * copies.
- */
-export async function recordFailures(client: pg.ClientBase, failures: ApplyFailure[], keyOf: (m: MappingConfig) => { keyColumn: string; keyType: string }): Promise<void> {
-  const rows = failures.map((f) => ({
-    pool: f.mapping.pool, type: f.type, mapping: f.mapping.name, form: `${f.mapping.from.schema}.${f.mapping.from.table}`,
-    request_id: f.requestId, target_server: f.mapping.to.server, payload: f.payload, error: f.error, sqlstate: f.sqlstate, source_lsn: formatLsn(f.lsn),
-  }));
-  await client.query(
-    `INSERT INTO pgdso.pending_errors (pool, type, mapping, form, request_id, target_server, payload, status, attempts, last_error, error, sqlstate, source_lsn)
-     SELECT f.pool, f.type, f.mapping, f.form, f.request_id, f.target_server, f.payload, 'failed', 1, f.error, f.error, f.sqlstate, f.source_lsn::pg_lsn
-       FROM jsonb_to_recordset($1::jsonb) AS f(pool text, type text, mapping text, form text, request_id text, target_server text, payload jsonb, error text, sqlstate text, source_lsn text)
-     ON CONFLICT (source_lsn, mapping, type, request_id) WHERE source_lsn IS NOT NULL DO NOTHING`,
-    [JSON.stringify(rows)],
-  );
-  const byMapping = new Map<MappingConfig, string[]>();
-  for (const f of failures) {
-    const ids = byMapping.get(f.mapping);
-    if (ids) ids.push(f.requestId);
-    else byMapping.set(f.mapping, [f.requestId]);
-  }
-  for (const [mapping, ids] of byMapping) {
-    const { keyColumn, keyType } = keyOf(mapping);
-    await client.query(
-      `UPDATE ${qualified(mapping.from.schema, mapping.from.table)} SET dso_transfer_status = 'failure'
-        WHERE ${quoteIdent(keyColumn)} = ANY ($1::text[]::${keyType}[]) AND dso_transfer_status IS DISTINCT FROM 'failure'`,
-      [textArrayLiteral(ids)],
-    );
-  }
 }

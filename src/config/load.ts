@@ -807,7 +807,13 @@ function checkAcrossFiles(documents: readonly RuleDocument[], serverNames: reado
         problems.add(file, actionPointer, `unknown mapping "${action.mapping}"${suggestion ? ` (did you mean "${suggestion}"?)` : ''}`);
         return;
       }
-      if (action.type === 'return') return;
+      if (action.type === 'return') {
+        const to = rawFormRef(mapping.item.to);
+        if (on && to && to.label !== on.label) {
+          problems.add(file, actionPointer, `mapping "${action.mapping}" carries requests to ${to.label}, but ${kindWord} "${String(item.name)}" is on ${on.label}: a return action names the mapping that brought the request to the ${kindWord}'s server and form`);
+        }
+        return;
+      }
       const from = rawFormRef(mapping.item.from);
       if (on && from && from.label !== on.label) {
         problems.add(
@@ -903,7 +909,7 @@ function resolveConfig(
     const form = parseForm(on.form as string)!;
     return {
       name: item.name as string,
-      on: { server: on.server as string, ...form, ops: (on.ops as Op[] | undefined) ?? [...DEFAULT_FILTER_OPS] },
+      on: { server: on.server as string, ...form, ops: (on.ops as Op[] | undefined) ?? [...DEFAULT_FILTER_OPS], transitions: on.transitions === true },
       conditions: (item.conditions as Record<string, unknown> | null | undefined) ?? null,
       actions: (item.actions as JsonObject[]).map(resolveAction),
       source: { file: source, pointer },

@@ -67,7 +67,7 @@ export type Conditions = Record<string, unknown>;
 
 export interface FilterConfig {
   name: string;
-  on: { server: string; schema: string; table: string; ops: readonly Op[] };
+  on: { server: string; schema: string; table: string; ops: readonly Op[]; transitions: boolean };
   conditions: Conditions | null;
   actions: readonly ActionConfig[];
   source: { file: string; pointer: string };

@@ -13,6 +13,10 @@ export interface CompiledFilter {
   /** true when the filter fires; throws RuleEvaluationError where json-rules-engine's run() would reject */
   readonly predicate: Predicate;
   readonly actions: readonly ActionConfig[];
+  /** the ops the filter names */
+  readonly ops: readonly Op[];
+  /** see updates as PostgreSQL's row filters do (entering: insert, leaving: delete) */
+  readonly transitions: boolean;
 }
 
 export interface CompiledEscalation {
@@ -92,7 +96,9 @@ export function compileRules(config: PgdsoConfig): CompiledRules {
   const columnsByKey = new Map<string, Set<string> | null>();
   for (const filter of config.filters) {
     const read = columnsRead(filter.conditions);
-    for (const op of new Set(filter.on.ops)) {
+    // with transitions, every op the filter names can come from an update
+    const indexedOps = new Set<Op>(filter.on.transitions ? [...filter.on.ops, 'update'] : filter.on.ops);
+    for (const op of indexedOps) {
       const key = filterKey(filter.on.server, filter.on.schema, filter.on.table, op);
       const known = columnsByKey.has(key) ? columnsByKey.get(key)! : new Set<string>(['dso_master']);
       columnsByKey.set(key, known === null || read === null ? null : new Set([...known, ...read]));
@@ -101,8 +107,10 @@ export function compileRules(config: PgdsoConfig): CompiledRules {
       name: filter.name,
       predicate: compile(filter.name, filter.conditions, filter.source),
       actions: filter.actions,
+      ops: filter.on.ops,
+      transitions: filter.on.transitions,
     });
-    for (const op of new Set(filter.on.ops)) {
+    for (const op of indexedOps) {
       const key = filterKey(filter.on.server, filter.on.schema, filter.on.table, op);
       const list = filtersByKey.get(key) ?? [];
       list.push(compiled);
@@ -142,7 +150,7 @@ export function compileRules(config: PgdsoConfig): CompiledRules {
       const matches: FilterMatch[] = [];
       for (const filter of filtersFor(server, schema, table, facts.op)) {
         try {
-          if (filter.predicate(facts)) matches.push({ filter: filter.name, actions: filter.actions });
+          if (fires(filter, facts)) matches.push({ filter: filter.name, actions: filter.actions });
         } catch (err) {
           // json-rules-engine rejects on this row (e.g. `in` against null): this filter does not
           // fire; the others are still evaluated.
@@ -156,6 +164,19 @@ export function compileRules(config: PgdsoConfig): CompiledRules {
     escalationsFor: (server: string): readonly CompiledEscalation[] => frozenEscalations.get(server) ?? NO_ESCALATIONS,
     escalation: (name: string): CompiledEscalation | undefined => escalationsByName.get(name),
   });
+}
+
+/**
+ * Whether a filter fires on these facts. With transitions, an update is seen as PostgreSQL's row
+ * filters see it: the conditions are evaluated on the old row and on the new one; entering
+ * them is an insert, leaving them a delete, staying in them an update.
+ */
+function fires(filter: CompiledFilter, facts: Facts): boolean {
+  if (!filter.transitions || facts.op !== 'update') return filter.predicate(facts);
+  const now = filter.predicate(facts);
+  const before = facts.old !== null && filter.predicate({ ...facts, row: facts.old, old: null });
+  const seenAs: Op | null = now ? (before ? 'update' : 'insert') : before ? 'delete' : null;
+  return seenAs !== null && filter.ops.includes(seenAs);
 }
 
 /** Forms per server, each once, in order of first mention (mappings, then filters, then escalations). */

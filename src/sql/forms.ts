@@ -21,6 +21,10 @@ export const DSO_COLUMNS: ReadonlyArray<readonly [string, string]> = [
   ['dso_mapping_history', "jsonb NOT NULL DEFAULT '[]'::jsonb"],
   ['dso_version', 'bigint NOT NULL DEFAULT 1'],
   ['dso_modified_at', 'timestamptz NOT NULL DEFAULT now()'],
+  // not in DSO: the dso_version this copy had right after the engine last wrote it (null: never
+  // written by the engine). A copy whose dso_version has moved past it changed locally since
+  // the last sync: a conflict for an incoming transfer.
+  ['dso_synced_version', 'bigint'],
 ];
 export const DSO_COLUMN_NAMES: ReadonlySet<string> = new Set(DSO_COLUMNS.map(([n]) => n));
 

@@ -1,0 +1,160 @@
+// The source copy's side of an operation, written once the targets have committed: where the
+// request went (dso_to_*), ownership and statuses, or the copy's deletion (archiving); and the
+// record of the operations that could not be applied.
+import type pg from 'pg';
+import type { MappingConfig } from '../config/types.ts';
+import type { FormInfo } from '../sql/forms.ts';
+import { qualified, quoteIdent } from '../sql/identifiers.ts';
+import { formatLsn } from '../change.ts';
+import type { OpGroup } from './lane.ts';
+import { KEEP_SYNC, boolArrayLiteral, changeKey, textArrayLiteral, type ApplyFailure, type OpType } from './sets.ts';
+
+interface SourceChange {
+  requestId: string;
+  lsn: bigint;
+  /** applied by a lane in this session (its outcome is known); else replayed past a lane's progress */
+  ran: boolean;
+}
+
+/** What the bookkeeping records on the source copy. */
+export type Outcome =
+  /** transferred by `mapping`: dso_to_*, ownership (data+ownership), status; or deleted (afterTransfer delete) */
+  | { op: 'transfer' }
+  /** returned along `mapping` to its from server: read-only, the master is there */
+  | { op: 'return' }
+  /** pushed by the update action */
+  | { op: 'update' };
+
+/**
+ * The bookkeeping of one mapping's operations of one kind. A request counts as done when any of
+ * its changes in the batch reached the target: one that ran in this session and did not fail,
+ * or one a lane had committed before (replay) and that has no pending_errors row. Error rows of
+ * changes that did apply in this session are stale (left by an attempt that never committed) and
+ * are removed.
+ */
+export class SourceBookkeeping implements OpGroup<never> {
+  private readonly changes: SourceChange[] = [];
+  private readonly requests = new Set<string>();
+  private readonly table: string;
+
+  /** `assigned`: target keys taken under new-id (source request ID -> target key) */
+  constructor(
+    readonly outcome: Outcome,
+    readonly mapping: MappingConfig,
+    readonly form: FormInfo,
+    private readonly assigned?: ReadonlyMap<string, string>,
+  ) {
+    this.table = `${form.schema}.${form.table}`;
+  }
+
+  get size(): number {
+    return this.changes.length;
+  }
+
+  add(requestId: string, lsn: bigint, ran: boolean): void {
+    this.changes.push({ requestId, lsn, ran });
+    this.requests.add(requestId);
+  }
+
+  has(table: string, requestId: string): boolean {
+    return table === this.table && this.requests.has(requestId);
+  }
+
+  /** Forgets the changes whose operation failed on the target in this session. */
+  dropFailed(failed: ReadonlySet<string>): void {
+    if (failed.size === 0) return;
+    const kept = this.changes.filter((c) => !(c.ran && failed.has(changeKey(this.outcome.op, this.mapping.name, c.requestId, c.lsn))));
+    this.changes.length = 0;
+    this.changes.push(...kept);
+  }
+
+  async execute(client: pg.ClientBase): Promise<never[]> {
+    if (this.changes.length === 0) return [];
+    const { mapping, form } = this;
+    const key = quoteIdent(form.keyColumn);
+    const table = qualified(form.schema, form.table);
+    const done = `WITH change AS (SELECT * FROM unnest($1::text[], $2::pg_lsn[], $3::boolean[], $4::text[]) AS c(rid, lsn, ran, tid)),
+            stale AS (DELETE FROM pgdso.pending_errors e USING change c
+                       WHERE c.ran AND e.source_lsn = c.lsn AND e.mapping = $5 AND e.type = $6 AND e.request_id = c.rid),
+            done AS (SELECT c.rid, max(c.tid) AS tid FROM change c
+                      WHERE c.ran OR NOT EXISTS (SELECT 1 FROM pgdso.pending_errors e
+                                                  WHERE e.source_lsn = c.lsn AND e.mapping = $5 AND e.type = $6 AND e.request_id = c.rid)
+                      GROUP BY c.rid)`;
+    const params: unknown[] = [
+      textArrayLiteral(this.changes.map((c) => c.requestId)),
+      textArrayLiteral(this.changes.map((c) => formatLsn(c.lsn))),
+      boolArrayLiteral(this.changes.map((c) => c.ran)),
+      textArrayLiteral(this.changes.map((c) => this.assigned?.get(c.requestId) ?? null)),
+      mapping.name,
+      this.outcome.op,
+    ];
+    const match = `FROM done t WHERE s.${key} = t.rid::${form.keyType}`;
+    if (this.outcome.op === 'transfer' && mapping.afterTransfer === 'delete') {
+      await client.query(`${done} DELETE FROM ${table} AS s USING done t WHERE s.${key} = t.rid::${form.keyType}`, params);
+    } else if (this.outcome.op === 'transfer') {
+      const owns = mapping.transferMode === 'data+ownership';
+      await client.query(
+        `${done} UPDATE ${table} AS s
+            SET dso_master = CASE WHEN $7 THEN false ELSE s.dso_master END,
+                dso_current_server = CASE WHEN $7 THEN $8 ELSE coalesce(s.dso_current_server, $10) END,
+                dso_current_form = CASE WHEN $7 THEN $9 ELSE coalesce(s.dso_current_form, $11) END,
+                dso_to_server = $8, dso_to_form = $9,
+                dso_to_request_id = coalesce(t.tid, CASE WHEN s.dso_to_mapping = $5 THEN s.dso_to_request_id END, t.rid),
+                dso_to_mapping = $5, dso_transfer_status = 'success', ${KEEP_SYNC}
+          ${match}`,
+        [...params, owns, mapping.to.server, mapping.to.table, mapping.from.server, mapping.from.table],
+      );
+    } else if (this.outcome.op === 'return') {
+      await client.query(
+        `${done} UPDATE ${table} AS s
+            SET dso_master = false, dso_current_server = $7, dso_current_form = $8, dso_transfer_status = 'success', ${KEEP_SYNC}
+          ${match}`,
+        [...params, mapping.from.server, mapping.from.table],
+      );
+    } else {
+      await client.query(
+        `${done} UPDATE ${table} AS s SET dso_update_status = 'success', ${KEEP_SYNC}
+          ${match} AND s.dso_update_status IS DISTINCT FROM 'success'`,
+        params,
+      );
+    }
+    return [];
+  }
+}
+
+const STATUS_COLUMN: Readonly<Record<OpType, string | null>> = { transfer: 'dso_transfer_status', return: 'dso_transfer_status', update: 'dso_update_status', delete: null };
+
+/**
+ * Records failures in the source's pending_errors (idempotent: a replay records nothing twice)
+ * and marks their source copies failed: one statement for the errors, one per form and status
+ * column for the copies.
+ */
+export async function recordFailures(client: pg.ClientBase, failures: ApplyFailure[]): Promise<void> {
+  const rows = failures.map((f) => ({
+    pool: f.mapping.pool, type: f.type, mapping: f.mapping.name, form: `${f.source.schema}.${f.source.table}`,
+    request_id: f.requestId, target_server: f.targetServer, payload: f.payload, error: f.error, sqlstate: f.sqlstate, source_lsn: formatLsn(f.lsn),
+  }));
+  await client.query(
+    `INSERT INTO pgdso.pending_errors (pool, type, mapping, form, request_id, target_server, payload, status, attempts, last_error, error, sqlstate, source_lsn)
+     SELECT f.pool, f.type, f.mapping, f.form, f.request_id, f.target_server, f.payload, 'failed', 1, f.error, f.error, f.sqlstate, f.source_lsn::pg_lsn
+       FROM jsonb_to_recordset($1::jsonb) AS f(pool text, type text, mapping text, form text, request_id text, target_server text, payload jsonb, error text, sqlstate text, source_lsn text)
+     ON CONFLICT (source_lsn, mapping, type, request_id) WHERE source_lsn IS NOT NULL DO NOTHING`,
+    [JSON.stringify(rows)],
+  );
+  const byCopy = new Map<string, { form: FormInfo; column: string; ids: string[] }>();
+  for (const f of failures) {
+    const column = STATUS_COLUMN[f.type];
+    if (!column) continue;
+    const key = `${f.source.schema}.${f.source.table}\u0000${column}`;
+    const entry = byCopy.get(key);
+    if (entry) entry.ids.push(f.requestId);
+    else byCopy.set(key, { form: f.source, column, ids: [f.requestId] });
+  }
+  for (const { form, column, ids } of byCopy.values()) {
+    await client.query(
+      `UPDATE ${qualified(form.schema, form.table)} AS s SET ${column} = 'failure', ${KEEP_SYNC}
+        WHERE ${quoteIdent(form.keyColumn)} = ANY ($1::text[]::${form.keyType}[]) AND ${column} IS DISTINCT FROM 'failure'`,
+      [textArrayLiteral(ids)],
+    );
+  }
+}
