@@ -508,20 +508,23 @@ class EngineSession implements ChangeSink {
   }
 
   /** The link on that side of the copy when it keeps the chain in step and is not where the change came from. */
-  private chainLink(ctx: ChangeContext, row: TextRow, side: 'from' | 'to'): Link | undefined {
+  private chainLink(ctx: ChangeContext, row: TextRow, side: 'from' | 'to', evenToWriter = false): Link | undefined {
     const name = row[`dso_${side}_mapping`];
     const mapping = name ? this.opts.config.mappings[name] : undefined;
     if (!mapping || !keptInStep(mapping)) return undefined;
     const here = side === 'to' ? mapping.from : mapping.to;
     if (here.server !== this.server || here.schema !== ctx.form.schema || here.table !== ctx.form.table) return undefined;
     const link = this.links.get(`${mapping.name}${side === 'to' ? '>' : '<'}`);
-    if (!link || link.server === ctx.tx.writer) return undefined;
+    if (!link || (!evenToWriter && link.server === ctx.tx.writer)) return undefined;
     return link;
   }
 
-  /** An update of the linked copy on that side (values and/or where the master is). */
+  /**
+   * An update of the linked copy on that side: values and where the master is, or only where
+   * the master is now (that news goes to the writer's server too: it does not know yet).
+   */
   private relay(ctx: ChangeContext, row: TextRow, side: 'from' | 'to', what: { current: readonly [string, string] | null; values: boolean }): void {
-    const link = this.chainLink(ctx, row, side);
+    const link = this.chainLink(ctx, row, side, !what.values);
     const targetKey = row[`dso_${side}_request_id`];
     const requestId = row[ctx.form.keyColumn];
     if (!link || !targetKey || !requestId || ctx.sentTo.has(link.server)) return;

@@ -62,7 +62,7 @@ test('duplicateRequestId error: a different request with the same ID on the targ
   const errors = await e.query<PendingError>('sf', 'SELECT * FROM pgdso.pending_errors');
   assert.equal(errors.length, 1);
   assert.equal(errors[0]!.request_id, 'DUP-1');
-  assert.match(errors[0]!.error, /chicago\.repair_request already holds request DUP-1 for a different request/);
+  assert.match(errors[0]!.error, /chicago\.repair_request already holds request ID DUP-1 for request chicago:DUP-1, a different request from the incoming sf:DUP-1/);
   const [source] = await e.query<{ dso_master: boolean; dso_transfer_status: string }>('sf', `SELECT dso_master, dso_transfer_status FROM repair_request WHERE id = 'DUP-1'`);
   assert.deepEqual(source, { dso_master: true, dso_transfer_status: 'failure' });
   await engine.stop();
