@@ -274,13 +274,13 @@ class EngineSession implements ChangeSink {
     if (buffer.lane.backlog > 2) ctx.waits.push(buffer.lane.drainTo(1));
   }
 
-  private bookkeeping(ctx: ChangeContext, outcome: Outcome, mapping: MappingConfig, requestId: string, ran: boolean): void {
+  private bookkeeping(ctx: ChangeContext, outcome: Outcome, mapping: MappingConfig, requestId: string, ran: boolean, version: string | null | undefined): void {
     const source = this.sourceBuffer!;
     if (source.lane.applied(ctx.tx.finalLsn)) return;
     const { form } = ctx;
     source
       .group(`${outcome.op}:${mapping.name}`, `${form.schema}.${form.table}`, requestId, () => new SourceBookkeeping(outcome, mapping, form, this.assigned.get(mapping.name)))
-      .add(requestId, ctx.change.lsn, ran);
+      .add(requestId, ctx.change.lsn, ran, version ?? null);
     this.unflushed += 1;
   }
 
@@ -403,7 +403,7 @@ class EngineSession implements ChangeSink {
         .add({ requestId, targetKey, values: values as (string | null)[], history, modifiedAt: row.dso_modified_at ?? null, lsn: change.lsn }, change.op === 'insert');
       this.enqueued(ctx, buffer, groupKey);
     }
-    this.bookkeeping(ctx, { op: 'transfer' }, mapping, requestId, runs);
+    this.bookkeeping(ctx, { op: 'transfer' }, mapping, requestId, runs, row.dso_version);
     // the copies behind this one learn where the master is now
     if (owns) this.relay(ctx, row, 'from', { current: [mapping.to.server, mapping.to.table], values: false });
   }
@@ -428,7 +428,7 @@ class EngineSession implements ChangeSink {
     const targetKey = row.dso_to_mapping === mapping.name && row.dso_to_request_id ? row.dso_to_request_id : requestId;
     ctx.sentTo.add(link.server);
     const ran = this.updateCopy(ctx, link, 'update', true, { requestId, targetKey, history: row.dso_mapping_history ?? '[]', values: this.valuesFor(link, row), current: null, master: null, newHistory: null, lsn: ctx.change.lsn });
-    this.bookkeeping(ctx, { op: 'update' }, mapping, requestId, ran);
+    this.bookkeeping(ctx, { op: 'update' }, mapping, requestId, ran, row.dso_version);
   }
 
   /**
@@ -470,7 +470,7 @@ class EngineSession implements ChangeSink {
     ctx.sentTo.add(link.server);
     const withValues = mapping.whenToUpdate !== 'never';
     const ran = this.updateCopy(ctx, link, 'return', withValues, { requestId, targetKey: fromKey, history: historyText, values: withValues ? this.valuesFor(link, row) : [], current, master: true, newHistory, lsn: change.lsn });
-    this.bookkeeping(ctx, { op: 'return' }, mapping, requestId, ran);
+    this.bookkeeping(ctx, { op: 'return' }, mapping, requestId, ran, row.dso_version);
     this.relay(ctx, row, 'to', { current, values: false });
   }
 
@@ -607,6 +607,11 @@ class EngineSession implements ChangeSink {
       await sourceLane.runAlone((client) => recordFailures(client, failures));
       for (const f of failures) this.log.warn({ mapping: f.mapping.name, type: f.type, requestId: f.requestId, sqlstate: f.sqlstate }, f.error);
     }
+    // Targets commit first, then the source copies' bookkeeping: no transaction of this engine
+    // stays open while it waits for another engine (two engines writing each other's rows would
+    // wait for each other forever, unseen by PostgreSQL's deadlock detector). Meanwhile a target's
+    // engine may already act on its new copy and write back (a return, a transfer back): the
+    // bookkeeping leaves ownership alone on a copy another engine wrote since (SourceBookkeeping).
     await Promise.all(lanes.filter((b) => b.lane.dirty).map((b) => b.lane.commit(last.finalLsn, last.commitTime)));
     const failed = new Set(failures.map((f) => changeKey(f.type, f.mapping.name, f.requestId, f.lsn)));
     for (const group of this.sourceBuffer!.pendingGroups()) if (group instanceof SourceBookkeeping) group.dropFailed(failed);

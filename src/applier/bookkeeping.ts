@@ -14,6 +14,8 @@ interface SourceChange {
   lsn: bigint;
   /** applied by a lane in this session (its outcome is known); else replayed past a lane's progress */
   ran: boolean;
+  /** the source copy's dso_version in the change */
+  version: string | null;
 }
 
 /** What the bookkeeping records on the source copy. */
@@ -51,8 +53,8 @@ export class SourceBookkeeping implements OpGroup<never> {
     return this.changes.length;
   }
 
-  add(requestId: string, lsn: bigint, ran: boolean): void {
-    this.changes.push({ requestId, lsn, ran });
+  add(requestId: string, lsn: bigint, ran: boolean, version: string | null): void {
+    this.changes.push({ requestId, lsn, ran, version });
     this.requests.add(requestId);
   }
 
@@ -73,10 +75,10 @@ export class SourceBookkeeping implements OpGroup<never> {
     const { mapping, form } = this;
     const key = quoteIdent(form.keyColumn);
     const table = qualified(form.schema, form.table);
-    const done = `WITH change AS (SELECT * FROM unnest($1::text[], $2::pg_lsn[], $3::boolean[], $4::text[]) AS c(rid, lsn, ran, tid)),
+    const done = `WITH change AS (SELECT * FROM unnest($1::text[], $2::pg_lsn[], $3::boolean[], $4::text[], $7::bigint[]) AS c(rid, lsn, ran, tid, ver)),
             stale AS (DELETE FROM pgdso.pending_errors e USING change c
                        WHERE c.ran AND e.source_lsn = c.lsn AND e.mapping = $5 AND e.type = $6 AND e.request_id = c.rid),
-            done AS (SELECT c.rid, max(c.tid) AS tid FROM change c
+            done AS (SELECT c.rid, max(c.tid) AS tid, max(c.ver) AS ver FROM change c
                       WHERE c.ran OR NOT EXISTS (SELECT 1 FROM pgdso.pending_errors e
                                                   WHERE e.source_lsn = c.lsn AND e.mapping = $5 AND e.type = $6 AND e.request_id = c.rid)
                       GROUP BY c.rid)`;
@@ -87,7 +89,13 @@ export class SourceBookkeeping implements OpGroup<never> {
       textArrayLiteral(this.changes.map((c) => this.assigned?.get(c.requestId) ?? null)),
       mapping.name,
       this.outcome.op,
+      `{${this.changes.map((c) => c.version ?? 'NULL').join(',')}}`,
     ];
+    // Another engine wrote the copy after the change this bookkeeping is for: the target's
+    // engine acted on its new copy before this step ran. Its news stands: the master's place,
+    // and the ownership when it gave it back (the copy says the master is here).
+    const superseded = '(s.dso_version > t.ver AND s.dso_synced_version = s.dso_version)';
+    const ownedAgain = (here: string) => `(${superseded} AND s.dso_current_server = ${here})`;
     const match = `FROM done t WHERE s.${key} = t.rid::${form.keyType}`;
     if (this.outcome.op === 'transfer' && mapping.afterTransfer === 'delete') {
       await client.query(`${done} DELETE FROM ${table} AS s USING done t WHERE s.${key} = t.rid::${form.keyType}`, params);
@@ -95,10 +103,10 @@ export class SourceBookkeeping implements OpGroup<never> {
       const owns = mapping.transferMode === 'data+ownership';
       await client.query(
         `${done} UPDATE ${table} AS s
-            SET dso_master = CASE WHEN $7 THEN false ELSE s.dso_master END,
-                dso_current_server = CASE WHEN $7 THEN $8 ELSE coalesce(s.dso_current_server, $10) END,
-                dso_current_form = CASE WHEN $7 THEN $9 ELSE coalesce(s.dso_current_form, $11) END,
-                dso_to_server = $8, dso_to_form = $9,
+            SET dso_master = CASE WHEN $8 AND NOT ${ownedAgain('$11')} THEN false ELSE s.dso_master END,
+                dso_current_server = CASE WHEN ${superseded} THEN s.dso_current_server WHEN $8 THEN $9 ELSE coalesce(s.dso_current_server, $11) END,
+                dso_current_form = CASE WHEN ${superseded} THEN s.dso_current_form WHEN $8 THEN $10 ELSE coalesce(s.dso_current_form, $12) END,
+                dso_to_server = $9, dso_to_form = $10,
                 dso_to_request_id = coalesce(t.tid, CASE WHEN s.dso_to_mapping = $5 THEN s.dso_to_request_id END, t.rid),
                 dso_to_mapping = $5, dso_transfer_status = 'success', ${KEEP_SYNC}
           ${match}`,
@@ -107,9 +115,12 @@ export class SourceBookkeeping implements OpGroup<never> {
     } else if (this.outcome.op === 'return') {
       await client.query(
         `${done} UPDATE ${table} AS s
-            SET dso_master = false, dso_current_server = $7, dso_current_form = $8, dso_transfer_status = 'success', ${KEEP_SYNC}
+            SET dso_master = CASE WHEN ${ownedAgain('$10')} THEN s.dso_master ELSE false END,
+                dso_current_server = CASE WHEN ${superseded} THEN s.dso_current_server ELSE $8 END,
+                dso_current_form = CASE WHEN ${superseded} THEN s.dso_current_form ELSE $9 END,
+                dso_transfer_status = 'success', ${KEEP_SYNC}
           ${match}`,
-        [...params, mapping.from.server, mapping.from.table],
+        [...params, mapping.from.server, mapping.from.table, mapping.to.server],
       );
     } else {
       await client.query(

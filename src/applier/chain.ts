@@ -80,15 +80,17 @@ function updateStatement(plan: ColumnPlan, withValues: boolean): string {
     ['dso_master', 'coalesce(u.m, t.dso_master)'],
     ['dso_mapping_history', 'coalesce(u.nh::jsonb, t.dso_mapping_history)'],
   ];
+  // (the condition, not a ctid: re-checked on the newest version of a row updated concurrently)
+  const found = `t.${key} = u.k::${target.keyType} AND ${sameRequestSql(target.keyColumn, `${p(9)}`, 'u.rs', 'u.ri')}`;
   const before = [...columns.map((c) => `t.${quoteIdent(c.target)}`), ...dso.map(([name]) => `t.${name}`)];
   const after = [...casts, ...dso.map(([, value]) => value)];
   const sql = `WITH u AS (SELECT u.*, coalesce(u.h::jsonb -> 0 ->> 'fromServer', ${p(8)}::text) AS rs, coalesce(u.h::jsonb -> 0 ->> 'fromRequestId', u.rid) AS ri
              FROM unnest(${[...columns.map((_, i) => `$${i + 1}::text[]`), ...[1, 2, 3, 4, 5].map((k) => `${p(k)}::text[]`), `${p(6)}::boolean[]`, `${p(7)}::text[]`].join(', ')})
                   AS u(${[...cols, 'k', 'rid', 'h', 'cs', 'cf', 'm', 'nh'].join(', ')})),
-f AS (SELECT u.rid, t.ctid AS tid FROM u JOIN ${table} t ON t.${key} = u.k::${target.keyType} AND ${sameRequestSql(target.keyColumn, `${p(9)}`, 'u.rs', 'u.ri')}),
+f AS (SELECT u.rid FROM u JOIN ${table} t ON ${found}),
 upd AS (UPDATE ${table} t SET ${[...columns.map((c, i) => `${quoteIdent(c.target)} = ${casts[i]}`), ...dso.map(([name, value]) => `${name} = ${value}`), `dso_update_status = 'success'`, 'dso_synced_version = t.dso_version + 1'].join(', ')}
           FROM f JOIN u ON u.rid = f.rid
-         WHERE t.ctid = f.tid AND ROW(${before.join(', ')}) IS DISTINCT FROM ROW(${after.join(', ')})
+         WHERE ${found} AND ROW(${before.join(', ')}) IS DISTINCT FROM ROW(${after.join(', ')})
         RETURNING 1)
 SELECT rid FROM f`;
   byValues.set(withValues, sql);

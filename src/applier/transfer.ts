@@ -33,7 +33,7 @@ interface TransferStatements {
   insert: string;
   /** INSERT with the target's own key (new-id); returns the keys it took */
   insertNewId: string;
-  /** find, settle conflicts, update, insert; returns the request IDs written or kept */
+  /** find, settle conflicts, update, insert; returns the request IDs found or inserted */
   upsert: string;
 }
 
@@ -88,6 +88,9 @@ RETURNING t.${key}::text AS key, t.dso_from_request_id AS rid`;
   // A copy that stays read-only (data-only) keeps its dso_to_*; a master copy forgets where it
   // was sent before (it is the master again).
   const updatedDso = upsertDso.filter(([name]) => ownsTarget || !name.startsWith('dso_to_'));
+  // A copy that would change in nothing but its history is not written: no WAL, nothing for
+  // the target's filters, no ping-pong between two servers that transfer to each other.
+  const compared = updatedDso.filter(([name]) => name !== 'dso_mapping_history');
   const sameRequest = sameRequestSql(target.keyColumn, `${p(11)}`, `(u.hist::jsonb -> 0 ->> 'fromServer')`, `(u.hist::jsonb -> 0 ->> 'fromRequestId')`);
   let match: string;
   let conflicted = 't.dso_synced_version IS NOT NULL AND t.dso_version <> t.dso_synced_version';
@@ -106,8 +109,8 @@ RETURNING t.${key}::text AS key, t.dso_from_request_id AS rid`;
     match = `t.${key} = u.tkey::${target.keyType} AND ${sameRequest}`;
   }
   const kept = mapping.conflict === 'target-wins' ? 'true' : mapping.conflict === 'newer-wins' ? `t.dso_modified_at > coalesce(u.mods::timestamptz, '-infinity')` : 'false';
-  const upsert = `WITH u AS (SELECT * FROM unnest(${[...arrays, ...[1, 2, 3, 4].map((k) => `${p(k)}::text[]`)].join(', ')}) AS u(${[...cols, 'rid', 'hist', 'tkey', 'mods'].join(', ')})),
-f AS (SELECT u.rid, t.ctid AS tid, c.conflicted, c.conflicted AND (${kept}) AS kept, CASE WHEN c.conflicted THEN to_jsonb(t) END AS local
+  const upsert = `WITH u AS (SELECT *, ${p(11)}::text AS here FROM unnest(${[...arrays, ...[1, 2, 3, 4].map((k) => `${p(k)}::text[]`)].join(', ')}) AS u(${[...cols, 'rid', 'hist', 'tkey', 'mods'].join(', ')})),
+f AS (SELECT u.rid, t.${key}::text AS key, c.conflicted, c.conflicted AND (${kept}) AS kept, CASE WHEN c.conflicted THEN to_jsonb(t) END AS local
         FROM u JOIN ${table} t ON ${match}
         CROSS JOIN LATERAL (SELECT (${conflicted}) AS conflicted) c),
 logged AS (INSERT INTO pgdso.conflicts (mapping, form, request_id, local, incoming, resolution, policy, from_server)
@@ -118,13 +121,15 @@ logged AS (INSERT INTO pgdso.conflicts (mapping, form, request_id, local, incomi
              FROM f JOIN u ON u.rid = f.rid WHERE f.conflicted),
 upd AS (UPDATE ${table} t SET ${[...dataColumns.map((c, i) => `${c} = ${casts[i]}`), ...updatedDso.map(([name, value]) => `${quoteIdent(name)} = ${value}`), 'dso_synced_version = t.dso_version + 1'].join(', ')}
           FROM f JOIN u ON u.rid = f.rid
-         WHERE t.ctid = f.tid AND NOT f.kept
+         WHERE ${match} AND NOT f.kept
+           AND ROW(${[...dataColumns.map((c) => `t.${c}`), ...compared.map(([name]) => `t.${quoteIdent(name)}`)].join(', ')})
+               IS DISTINCT FROM ROW(${[...casts, ...compared.map(([, value]) => value)].join(', ')})
         RETURNING u.rid),
 ins AS (${insertInto(true, upsertDso)}
           FROM u WHERE NOT EXISTS (SELECT 1 FROM f WHERE f.rid = u.rid)
         ON CONFLICT (${key}) DO NOTHING
         RETURNING t.${key}::text AS rid)
-SELECT rid FROM upd UNION ALL SELECT rid FROM ins UNION ALL SELECT rid FROM f WHERE kept`;
+SELECT rid, key FROM f UNION ALL SELECT rid, rid FROM ins`;
   const built = { insert, insertNewId, upsert };
   statements.set(plan, built);
   return built;
@@ -142,8 +147,8 @@ export class TransferGroup implements OpGroup<ApplyFailure> {
   private readonly table: string;
 
   /**
-   * `assigned` receives the target keys taken under new-id (source request ID -> target key),
-   * for the source copy's dso_to_request_id.
+   * `assigned` receives the target keys that differ from the request ID (new-id, match by
+   * fields), for the source copy's dso_to_request_id.
    */
   constructor(readonly plan: ColumnPlan, private readonly source: FormInfo, private readonly assigned: Map<string, string>) {
     this.table = `${plan.target.schema}.${plan.target.table}`;
@@ -191,7 +196,8 @@ export class TransferGroup implements OpGroup<ApplyFailure> {
       mapping.name,
     ];
     const sql = transferStatements(plan);
-    if (this.plainInsert && (await this.tryInsert(client, sql.insert, [...arrays, ids, histories, ...scalars]))) return [];
+    // (matched by fields, a new request may still have a copy under another ID: no fast path)
+    if (this.plainInsert && mapping.match === 'request-id' && (await this.tryInsert(client, sql.insert, [...arrays, ids, histories, ...scalars]))) return [];
     const result = await client.query(sql.upsert, [
       ...arrays, ids, histories,
       textArrayLiteral(rows.map((r) => r.targetKey)),
@@ -201,7 +207,12 @@ export class TransferGroup implements OpGroup<ApplyFailure> {
       `${plan.target.schema}.${plan.target.table}`,
       textArrayLiteral(plan.columns.map((c) => c.target)),
     ]);
-    const written = new Set(result.rows.map((r: { rid: string }) => r.rid));
+    const written = new Set<string>();
+    for (const { rid, key } of result.rows as { rid: string; key: string }[]) {
+      written.add(rid);
+      // a copy found under another ID (match by fields, new-id): the source copy learns it
+      if (key !== rid) this.assigned.set(rid, key);
+    }
     if (written.size === rows.length) return [];
     // not written: the target holds that ID for a different request
     const duplicates = rows.filter((row) => !written.has(row.requestId));
