@@ -25,7 +25,7 @@ import { LaneBuffer } from './applier/buffer.ts';
 import { describeFormColumns, type FormCatalog } from './applier/catalog.ts';
 import { buildColumnPlan, type ColumnPlan } from './applier/plan.ts';
 import { TransferGroup } from './applier/transfer.ts';
-import { SourceBookkeeping, recordFailures, type Outcome } from './applier/bookkeeping.ts';
+import { SourceBookkeeping, countHops, recordFailures, type Outcome } from './applier/bookkeeping.ts';
 import { CopyDeleteGroup, CopyUpdateGroup, reversePlan, type CopyDelete, type CopyUpdate, type Link, type UpdateKind } from './applier/chain.ts';
 import { changeKey, type ApplyFailure } from './applier/sets.ts';
 import { describeForm, ensureSlot, type FormInfo } from './sql/forms.ts';
@@ -274,13 +274,13 @@ class EngineSession implements ChangeSink {
     if (buffer.lane.backlog > 2) ctx.waits.push(buffer.lane.drainTo(1));
   }
 
-  private bookkeeping(ctx: ChangeContext, outcome: Outcome, mapping: MappingConfig, requestId: string, ran: boolean, version: string | null | undefined): void {
+  private bookkeeping(ctx: ChangeContext, outcome: Outcome, mapping: MappingConfig, requestId: string, ran: boolean, row: TextRow): void {
     const source = this.sourceBuffer!;
     if (source.lane.applied(ctx.tx.finalLsn)) return;
     const { form } = ctx;
     source
       .group(`${outcome.op}:${mapping.name}`, `${form.schema}.${form.table}`, requestId, () => new SourceBookkeeping(outcome, mapping, form, this.assigned.get(mapping.name)))
-      .add(requestId, ctx.change.lsn, ran, version ?? null);
+      .add(requestId, ctx.change.lsn, ran, { hops: countHops(row.dso_mapping_history), current: row.dso_current_server ?? null });
     this.unflushed += 1;
   }
 
@@ -403,7 +403,7 @@ class EngineSession implements ChangeSink {
         .add({ requestId, targetKey, values: values as (string | null)[], history, modifiedAt: row.dso_modified_at ?? null, lsn: change.lsn }, change.op === 'insert');
       this.enqueued(ctx, buffer, groupKey);
     }
-    this.bookkeeping(ctx, { op: 'transfer' }, mapping, requestId, runs, row.dso_version);
+    this.bookkeeping(ctx, { op: 'transfer' }, mapping, requestId, runs, row);
     // the copies behind this one learn where the master is now
     if (owns) this.relay(ctx, row, 'from', { current: [mapping.to.server, mapping.to.table], values: false });
   }
@@ -428,7 +428,7 @@ class EngineSession implements ChangeSink {
     const targetKey = row.dso_to_mapping === mapping.name && row.dso_to_request_id ? row.dso_to_request_id : requestId;
     ctx.sentTo.add(link.server);
     const ran = this.updateCopy(ctx, link, 'update', true, { requestId, targetKey, history: row.dso_mapping_history ?? '[]', values: this.valuesFor(link, row), current: null, master: null, newHistory: null, lsn: ctx.change.lsn });
-    this.bookkeeping(ctx, { op: 'update' }, mapping, requestId, ran, row.dso_version);
+    this.bookkeeping(ctx, { op: 'update' }, mapping, requestId, ran, row);
   }
 
   /**
@@ -470,7 +470,7 @@ class EngineSession implements ChangeSink {
     ctx.sentTo.add(link.server);
     const withValues = mapping.whenToUpdate !== 'never';
     const ran = this.updateCopy(ctx, link, 'return', withValues, { requestId, targetKey: fromKey, history: historyText, values: withValues ? this.valuesFor(link, row) : [], current, master: true, newHistory, lsn: change.lsn });
-    this.bookkeeping(ctx, { op: 'return' }, mapping, requestId, ran, row.dso_version);
+    this.bookkeeping(ctx, { op: 'return' }, mapping, requestId, ran, row);
     this.relay(ctx, row, 'to', { current, values: false });
   }
 

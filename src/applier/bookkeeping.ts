@@ -14,8 +14,22 @@ interface SourceChange {
   lsn: bigint;
   /** applied by a lane in this session (its outcome is known); else replayed past a lane's progress */
   ran: boolean;
-  /** the source copy's dso_version in the change */
-  version: string | null;
+  /** what the source copy said in the change: the hops of its history, where the master was */
+  seen: SeenState;
+}
+
+/** The source copy as the change showed it. */
+export interface SeenState {
+  hops: number;
+  current: string | null;
+}
+
+/** The number of hops in a dso_mapping_history (jsonb text), without parsing it. */
+export function countHops(historyText: string | null | undefined): number {
+  if (!historyText || historyText === '[]') return 0;
+  let n = 0;
+  for (let at = historyText.indexOf('"fromServer"'); at >= 0; at = historyText.indexOf('"fromServer"', at + 12)) n += 1;
+  return n;
 }
 
 /** What the bookkeeping records on the source copy. */
@@ -53,8 +67,8 @@ export class SourceBookkeeping implements OpGroup<never> {
     return this.changes.length;
   }
 
-  add(requestId: string, lsn: bigint, ran: boolean, version: string | null): void {
-    this.changes.push({ requestId, lsn, ran, version });
+  add(requestId: string, lsn: bigint, ran: boolean, seen: SeenState): void {
+    this.changes.push({ requestId, lsn, ran, seen });
     this.requests.add(requestId);
   }
 
@@ -75,13 +89,13 @@ export class SourceBookkeeping implements OpGroup<never> {
     const { mapping, form } = this;
     const key = quoteIdent(form.keyColumn);
     const table = qualified(form.schema, form.table);
-    const done = `WITH change AS (SELECT * FROM unnest($1::text[], $2::pg_lsn[], $3::boolean[], $4::text[], $7::bigint[]) AS c(rid, lsn, ran, tid, ver)),
+    const done = `WITH change AS (SELECT * FROM unnest($1::text[], $2::pg_lsn[], $3::boolean[], $4::text[], $7::int[], $8::text[]) AS c(rid, lsn, ran, tid, hops, cur)),
             stale AS (DELETE FROM pgdso.pending_errors e USING change c
                        WHERE c.ran AND e.source_lsn = c.lsn AND e.mapping = $5 AND e.type = $6 AND e.request_id = c.rid),
-            done AS (SELECT c.rid, max(c.tid) AS tid, max(c.ver) AS ver FROM change c
+            done AS (SELECT DISTINCT ON (c.rid) c.rid, c.tid, c.hops, c.cur FROM change c
                       WHERE c.ran OR NOT EXISTS (SELECT 1 FROM pgdso.pending_errors e
                                                   WHERE e.source_lsn = c.lsn AND e.mapping = $5 AND e.type = $6 AND e.request_id = c.rid)
-                      GROUP BY c.rid)`;
+                      ORDER BY c.rid, c.lsn DESC)`;
     const params: unknown[] = [
       textArrayLiteral(this.changes.map((c) => c.requestId)),
       textArrayLiteral(this.changes.map((c) => formatLsn(c.lsn))),
@@ -89,13 +103,14 @@ export class SourceBookkeeping implements OpGroup<never> {
       textArrayLiteral(this.changes.map((c) => this.assigned?.get(c.requestId) ?? null)),
       mapping.name,
       this.outcome.op,
-      `{${this.changes.map((c) => c.version ?? 'NULL').join(',')}}`,
+      `{${this.changes.map((c) => c.seen.hops).join(',')}}`,
+      textArrayLiteral(this.changes.map((c) => c.seen.current)),
     ];
-    // Another engine wrote the copy after the change this bookkeeping is for: the target's
-    // engine acted on its new copy before this step ran. Its news stands: the master's place,
-    // and the ownership when it gave it back (the copy says the master is here).
-    const superseded = '(s.dso_version > t.ver AND s.dso_synced_version = s.dso_version)';
-    const ownedAgain = (here: string) => `(${superseded} AND s.dso_current_server = ${here})`;
+    // The target's engine may act on its new copy before this step runs, and write back: a
+    // return or a transfer back (ownership here again: a longer history whose last hop came
+    // here), or where the master went next (dso_current_server changed). Its news stands.
+    const ownedAgain = (here: string) => `(s.dso_master AND jsonb_array_length(s.dso_mapping_history) > t.hops AND s.dso_mapping_history -> -1 ->> 'toServer' = ${here})`;
+    const masterMoved = '(s.dso_current_server IS DISTINCT FROM t.cur)';
     const match = `FROM done t WHERE s.${key} = t.rid::${form.keyType}`;
     if (this.outcome.op === 'transfer' && mapping.afterTransfer === 'delete') {
       await client.query(`${done} DELETE FROM ${table} AS s USING done t WHERE s.${key} = t.rid::${form.keyType}`, params);
@@ -103,10 +118,10 @@ export class SourceBookkeeping implements OpGroup<never> {
       const owns = mapping.transferMode === 'data+ownership';
       await client.query(
         `${done} UPDATE ${table} AS s
-            SET dso_master = CASE WHEN $8 AND NOT ${ownedAgain('$11')} THEN false ELSE s.dso_master END,
-                dso_current_server = CASE WHEN ${superseded} THEN s.dso_current_server WHEN $8 THEN $9 ELSE coalesce(s.dso_current_server, $11) END,
-                dso_current_form = CASE WHEN ${superseded} THEN s.dso_current_form WHEN $8 THEN $10 ELSE coalesce(s.dso_current_form, $12) END,
-                dso_to_server = $9, dso_to_form = $10,
+            SET dso_master = CASE WHEN $9 AND NOT ${ownedAgain('$12')} THEN false ELSE s.dso_master END,
+                dso_current_server = CASE WHEN ${ownedAgain('$12')} OR ${masterMoved} THEN s.dso_current_server WHEN $9 THEN $10 ELSE coalesce(s.dso_current_server, $12) END,
+                dso_current_form = CASE WHEN ${ownedAgain('$12')} OR ${masterMoved} THEN s.dso_current_form WHEN $9 THEN $11 ELSE coalesce(s.dso_current_form, $13) END,
+                dso_to_server = $10, dso_to_form = $11,
                 dso_to_request_id = coalesce(t.tid, CASE WHEN s.dso_to_mapping = $5 THEN s.dso_to_request_id END, t.rid),
                 dso_to_mapping = $5, dso_transfer_status = 'success', ${KEEP_SYNC}
           ${match}`,
@@ -115,9 +130,9 @@ export class SourceBookkeeping implements OpGroup<never> {
     } else if (this.outcome.op === 'return') {
       await client.query(
         `${done} UPDATE ${table} AS s
-            SET dso_master = CASE WHEN ${ownedAgain('$10')} THEN s.dso_master ELSE false END,
-                dso_current_server = CASE WHEN ${superseded} THEN s.dso_current_server ELSE $8 END,
-                dso_current_form = CASE WHEN ${superseded} THEN s.dso_current_form ELSE $9 END,
+            SET dso_master = CASE WHEN ${ownedAgain('$11')} THEN s.dso_master ELSE false END,
+                dso_current_server = CASE WHEN ${ownedAgain('$11')} OR ${masterMoved} THEN s.dso_current_server ELSE $9 END,
+                dso_current_form = CASE WHEN ${ownedAgain('$11')} OR ${masterMoved} THEN s.dso_current_form ELSE $10 END,
                 dso_transfer_status = 'success', ${KEEP_SYNC}
           ${match}`,
         [...params, mapping.from.server, mapping.from.table, mapping.to.server],
