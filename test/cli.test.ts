@@ -337,8 +337,8 @@ test('forms enable is idempotent; a table without a primary key and a missing ta
   );
   const byName = new Map(columns.map((c) => [c.column_name, c]));
   const text = ['dso_transfer_status', 'dso_update_status', 'dso_current_server', 'dso_current_form', 'dso_from_server', 'dso_from_form', 'dso_from_request_id', 'dso_from_mapping', 'dso_to_server', 'dso_to_form', 'dso_to_request_id', 'dso_to_mapping'];
-  assert.deepEqual([...byName.keys()].sort(), ['dso_master', 'dso_mapping_history', 'dso_version', 'dso_modified_at', ...text].sort());
-  assert.equal(columns.length, 16, 'each distributed column once');
+  assert.deepEqual([...byName.keys()].sort(), ['dso_master', 'dso_mapping_history', 'dso_version', 'dso_modified_at', 'dso_synced_version', ...text].sort());
+  assert.equal(columns.length, 17, 'each distributed column once');
   const shape = (name: string) => {
     const c = byName.get(name)!;
     return [c.data_type, c.is_nullable, c.column_default];
@@ -347,6 +347,7 @@ test('forms enable is idempotent; a table without a primary key and a missing ta
   assert.deepEqual(shape('dso_mapping_history'), ['jsonb', 'NO', "'[]'::jsonb"]);
   assert.deepEqual(shape('dso_version'), ['bigint', 'NO', '1']);
   assert.deepEqual(shape('dso_modified_at'), ['timestamp with time zone', 'NO', 'now()']);
+  assert.deepEqual(shape('dso_synced_version'), ['bigint', 'YES', null]);
   for (const name of text) assert.equal(byName.get(name)?.data_type, 'text', name);
 
   const [table] = await env.query<{ triggers: number; identity: string; published: number }>(

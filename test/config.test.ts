@@ -140,7 +140,7 @@ test('a valid config and rules load, with the defaults applied and everything fr
   assert.deepEqual(archive.fields, { byName: false, exclude: ['internal_note'], map: { location: 'site' }, set: { region: 'us-central', priority: 2, closed: false, note: null } });
   assert.deepEqual([archive.transferMode, archive.whenToUpdate, archive.duplicateRequestId, archive.afterTransfer, archive.conflict, archive.pool], ['independent-copy', 'never', 'overwrite', 'delete', 'newer-wins', 'archive']);
 
-  assert.deepEqual(config.filters[0]?.on, { server: 'sf', schema: 'public', table: 'repair_request', ops: ['insert', 'update'] });
+  assert.deepEqual(config.filters[0]?.on, { server: 'sf', schema: 'public', table: 'repair_request', ops: ['insert', 'update'], transitions: false });
   assert.deepEqual(config.filters[0]?.actions, [{ type: 'transfer', mapping: 'sf-chairs-to-chicago', overrideLoopDetection: false }]);
   assert.equal(config.filters[1]?.conditions, null);
   assert.deepEqual(config.filters[1]?.actions, [{ type: 'return', overrideLoopDetection: true }, { type: 'update', mapping: 'chicago-archive' }]);

@@ -82,8 +82,9 @@ function updateStatement(plan: ColumnPlan, withValues: boolean): string {
   ];
   // (the condition, not a ctid: re-checked on the newest version of a row updated concurrently)
   const found = `t.${key} = u.k::${target.keyType} AND ${sameRequestSql(target.keyColumn, `${p(9)}`, 'u.rs', 'u.ri')}`;
-  const before = [...columns.map((c) => `t.${quoteIdent(c.target)}`), ...dso.map(([name]) => `t.${name}`)];
-  const after = [...casts, ...dso.map(([, value]) => value)];
+  // values compare as the target type's text (json, point, xml have no equality operator)
+  const before = [...columns.map((c) => `t.${quoteIdent(c.target)}::text`), ...dso.map(([name]) => `t.${name}`)];
+  const after = [...casts.map((c) => `(${c})::text`), ...dso.map(([, value]) => value)];
   const sql = `WITH u AS (SELECT u.*, coalesce(u.h::jsonb -> 0 ->> 'fromServer', ${p(8)}::text) AS rs, coalesce(u.h::jsonb -> 0 ->> 'fromRequestId', u.rid) AS ri
              FROM unnest(${[...columns.map((_, i) => `$${i + 1}::text[]`), ...[1, 2, 3, 4, 5].map((k) => `${p(k)}::text[]`), `${p(6)}::boolean[]`, `${p(7)}::text[]`].join(', ')})
                   AS u(${[...cols, 'k', 'rid', 'h', 'cs', 'cf', 'm', 'nh'].join(', ')})),

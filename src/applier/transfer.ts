@@ -88,9 +88,12 @@ RETURNING t.${key}::text AS key, t.dso_from_request_id AS rid`;
   // A copy that stays read-only (data-only) keeps its dso_to_*; a master copy forgets where it
   // was sent before (it is the master again).
   const updatedDso = upsertDso.filter(([name]) => ownsTarget || !name.startsWith('dso_to_'));
-  // A copy that would change in nothing but its history is not written: no WAL, nothing for
-  // the target's filters, no ping-pong between two servers that transfer to each other.
-  const compared = updatedDso.filter(([name]) => name !== 'dso_mapping_history');
+  // A copy that would not change is not written: no WAL, nothing for the target's filters, no
+  // ping-pong between two servers that transfer to each other. Values
+  // compare as the target type's text (json, point, xml have no equality operator).
+  // Where a copy was sent (dso_to_*) is not news either. With ownership, a new hop is: the
+  // ownership moves, even when the values do not change (loop detection stops a loop).
+  const compared = updatedDso.filter(([name]) => !name.startsWith('dso_to_') && (name !== 'dso_mapping_history' || mapping.transferMode === 'data+ownership'));
   const sameRequest = sameRequestSql(target.keyColumn, `${p(11)}`, `(u.hist::jsonb -> 0 ->> 'fromServer')`, `(u.hist::jsonb -> 0 ->> 'fromRequestId')`);
   let match: string;
   let conflicted = 't.dso_synced_version IS NOT NULL AND t.dso_version <> t.dso_synced_version';
@@ -122,8 +125,8 @@ logged AS (INSERT INTO pgdso.conflicts (mapping, form, request_id, local, incomi
 upd AS (UPDATE ${table} t SET ${[...dataColumns.map((c, i) => `${c} = ${casts[i]}`), ...updatedDso.map(([name, value]) => `${quoteIdent(name)} = ${value}`), 'dso_synced_version = t.dso_version + 1'].join(', ')}
           FROM f JOIN u ON u.rid = f.rid
          WHERE ${match} AND NOT f.kept
-           AND ROW(${[...dataColumns.map((c) => `t.${c}`), ...compared.map(([name]) => `t.${quoteIdent(name)}`)].join(', ')})
-               IS DISTINCT FROM ROW(${[...casts, ...compared.map(([, value]) => value)].join(', ')})
+           AND ROW(${[...dataColumns.map((c) => `t.${c}::text`), ...compared.map(([name]) => `t.${quoteIdent(name)}`)].join(', ')})
+               IS DISTINCT FROM ROW(${[...casts.map((c) => `(${c})::text`), ...compared.map(([, value]) => value)].join(', ')})
         RETURNING u.rid),
 ins AS (${insertInto(true, upsertDso)}
           FROM u WHERE NOT EXISTS (SELECT 1 FROM f WHERE f.rid = u.rid)
