@@ -27,7 +27,7 @@ import { buildColumnPlan, type ColumnPlan } from './applier/plan.ts';
 import { TransferGroup } from './applier/transfer.ts';
 import { SourceBookkeeping, countHops, recordFailures, type Outcome } from './applier/bookkeeping.ts';
 import { CopyDeleteGroup, CopyUpdateGroup, reversePlan, type CopyDelete, type CopyUpdate, type Link, type UpdateKind } from './applier/chain.ts';
-import { changeKey, type ApplyFailure } from './applier/sets.ts';
+import { changeKey, type ApplyFailure, type RequestGroup } from './applier/sets.ts';
 import { describeForm, ensureSlot, type FormInfo } from './sql/forms.ts';
 import { originName, slotName, writerOfOrigin } from './sql/identifiers.ts';
 import { waitForOperationLock } from './groupboard/lock.ts';
@@ -359,16 +359,27 @@ class EngineSession implements ChangeSink {
     }
   }
 
-  private transfer(mapping: MappingConfig, override: boolean, filter: string, ctx: ChangeContext, facts: Facts): void {
-    const { change, form, tx } = ctx;
-    const row = change.new;
-    if (change.op === 'delete' || !row) return;
-    const requestId = row[form.keyColumn];
-    if (requestId === null || requestId === undefined) return;
+  /**
+   * The new row and request ID of a change a master-only operation (transfer, update, return)
+   * acts on; null (and a debug line) when it does not: a delete, or a copy that is not master.
+   */
+  private masterChange(ctx: ChangeContext, facts: Facts, filter: string, operation: string): { row: TextRow; requestId: string } | null {
+    const row = ctx.change.new;
+    if (ctx.change.op === 'delete' || !row) return null;
+    const requestId = row[ctx.form.keyColumn];
+    if (requestId === null || requestId === undefined) return null;
     if (!facts.master) {
-      this.log.debug({ filter, mapping: mapping.name, requestId }, 'not the master copy: no transfer');
-      return;
+      this.log.debug({ filter, requestId }, `not the master copy: no ${operation}`);
+      return null;
     }
+    return { row, requestId };
+  }
+
+  private transfer(mapping: MappingConfig, override: boolean, filter: string, ctx: ChangeContext, facts: Facts): void {
+    const found = this.masterChange(ctx, facts, filter, 'transfer');
+    if (!found) return;
+    const { row, requestId } = found;
+    const { change, form, tx } = ctx;
     const target = `${mapping.to.server}.${mapping.to.schema}.${mapping.to.table}`;
     const historyText = row.dso_mapping_history ?? '[]';
     const visited = visitedServers(historyText);
@@ -389,18 +400,17 @@ class EngineSession implements ChangeSink {
     }
     if (owns) ctx.ownership = mapping.name;
     ctx.sentTo.add(mapping.to.server);
-    const targetKey = row.dso_to_mapping === mapping.name && row.dso_to_request_id ? row.dso_to_request_id : requestId;
+    const targetKey = targetKeyOf(row, mapping, requestId);
     const buffer = this.bufferFor(mapping.to.server, mapping.pool, `${mapping.to.schema}.${mapping.to.table}`, targetKey);
     const runs = !buffer.lane.applied(tx.finalLsn);
     if (runs) {
       const plan = this.planFor(change.relation, mapping, form);
-      const values = plan.columns.map((c) => (c.from.kind === 'constant' ? c.from.text : row[c.from.column]));
-      if (values.some((v) => v === undefined)) throw new Error(`form ${form.schema}.${form.table} is not replica identity full: run pgdso forms enable`);
-      const history = appendHop(historyText, this.hopTemplate(mapping, form, tx), requestId);
+      const [before, after] = this.hopTemplate(mapping, form, tx);
+      const history = withHop(historyText, `${before}${JSON.stringify(requestId)}${after}`);
       const groupKey = `transfer:${mapping.name}`;
       buffer
         .group(groupKey, `${mapping.to.schema}.${mapping.to.table}`, targetKey, () => new TransferGroup(plan, form, this.assignedFor(mapping)))
-        .add({ requestId, targetKey, values: values as (string | null)[], history, modifiedAt: row.dso_modified_at ?? null, lsn: change.lsn }, change.op === 'insert');
+        .addChange({ requestId, targetKey, values: valuesOf(plan, row, form), history, modifiedAt: row.dso_modified_at ?? null, lsn: change.lsn }, change.op === 'insert');
       this.enqueued(ctx, buffer, groupKey);
     }
     this.bookkeeping(ctx, { op: 'transfer' }, mapping, requestId, runs, row);
@@ -416,18 +426,12 @@ class EngineSession implements ChangeSink {
 
   /** The update action: the master's current values to the copy on the mapping's target, now. */
   private update(mapping: MappingConfig, filter: string, ctx: ChangeContext, facts: Facts): void {
-    const row = ctx.change.new;
-    if (ctx.change.op === 'delete' || !row) return;
-    const requestId = row[ctx.form.keyColumn];
-    if (requestId === null || requestId === undefined) return;
-    if (!facts.master) {
-      this.log.debug({ filter, mapping: mapping.name, requestId }, 'not the master copy: no update');
-      return;
-    }
+    const found = this.masterChange(ctx, facts, filter, 'update');
+    if (!found) return;
+    const { row, requestId } = found;
     const link = this.links.get(`${mapping.name}>`)!;
-    const targetKey = row.dso_to_mapping === mapping.name && row.dso_to_request_id ? row.dso_to_request_id : requestId;
     ctx.sentTo.add(link.server);
-    const ran = this.updateCopy(ctx, link, 'update', true, { requestId, targetKey, history: row.dso_mapping_history ?? '[]', values: this.valuesFor(link, row), current: null, master: null, newHistory: null, lsn: ctx.change.lsn });
+    const ran = this.updateCopy(ctx, link, 'update', true, { requestId, targetKey: targetKeyOf(row, mapping, requestId), history: row.dso_mapping_history ?? '[]', values: valuesOf(link.plan, row, ctx.form), current: null, master: null, newHistory: null, lsn: ctx.change.lsn });
     this.bookkeeping(ctx, { op: 'update' }, mapping, requestId, ran, row);
   }
 
@@ -437,15 +441,10 @@ class EngineSession implements ChangeSink {
    * Loop detection: a request is not returned twice to the same server unless overridden.
    */
   private return(named: string | undefined, override: boolean, filter: string, ctx: ChangeContext, facts: Facts): void {
+    const found = this.masterChange(ctx, facts, filter, 'return');
+    if (!found) return;
+    const { row, requestId } = found;
     const { change, form, tx } = ctx;
-    const row = change.new;
-    if (change.op === 'delete' || !row) return;
-    const requestId = row[form.keyColumn];
-    if (requestId === null || requestId === undefined) return;
-    if (!facts.master) {
-      this.log.debug({ filter, requestId }, 'not the master copy: no return');
-      return;
-    }
     const name = named ?? row.dso_from_mapping;
     const mapping = name ? this.opts.config.mappings[name] : undefined;
     const link = name ? this.links.get(`${name}<`) : undefined;
@@ -465,11 +464,11 @@ class EngineSession implements ChangeSink {
       at: tx.commitTime.toISOString(), mapping: mapping.name, operation: 'return',
       fromServer: this.server, fromForm: form.table, fromRequestId: requestId, toServer: link.server, toForm: mapping.from.table,
     });
-    const newHistory = historyText === '[]' ? `[${hop}]` : `${historyText.slice(0, -1)}, ${hop}]`;
+    const newHistory = withHop(historyText, hop);
     const current = [mapping.from.server, mapping.from.table] as const;
     ctx.sentTo.add(link.server);
     const withValues = mapping.whenToUpdate !== 'never';
-    const ran = this.updateCopy(ctx, link, 'return', withValues, { requestId, targetKey: fromKey, history: historyText, values: withValues ? this.valuesFor(link, row) : [], current, master: true, newHistory, lsn: change.lsn });
+    const ran = this.updateCopy(ctx, link, 'return', withValues, { requestId, targetKey: fromKey, history: historyText, values: withValues ? valuesOf(link.plan, row, form) : [], current, master: true, newHistory, lsn: change.lsn });
     this.bookkeeping(ctx, { op: 'return' }, mapping, requestId, ran, row);
     this.relay(ctx, row, 'to', { current, values: false });
   }
@@ -480,8 +479,7 @@ class EngineSession implements ChangeSink {
     const requestId = row?.[ctx.form.keyColumn];
     if (!row || requestId === null || requestId === undefined) return;
     const link = this.links.get(`${mapping.name}>`)!;
-    const targetKey = row.dso_to_mapping === mapping.name && row.dso_to_request_id ? row.dso_to_request_id : requestId;
-    this.deleteOn(ctx, link, { requestId, targetKey, history: row.dso_mapping_history ?? '[]', lsn: ctx.change.lsn });
+    this.deleteOn(ctx, link, { requestId, targetKey: targetKeyOf(row, mapping, requestId), history: row.dso_mapping_history ?? '[]', lsn: ctx.change.lsn });
   }
 
   /**
@@ -528,33 +526,27 @@ class EngineSession implements ChangeSink {
     const targetKey = row[`dso_${side}_request_id`];
     const requestId = row[ctx.form.keyColumn];
     if (!link || !targetKey || !requestId || ctx.sentTo.has(link.server)) return;
-    this.updateCopy(ctx, link, 'chain', what.values, { requestId, targetKey, history: row.dso_mapping_history ?? '[]', values: what.values ? this.valuesFor(link, row) : [], current: what.current, master: null, newHistory: null, lsn: ctx.change.lsn });
-  }
-
-  private valuesFor(link: Link, row: TextRow): (string | null)[] {
-    const values = link.plan.columns.map((c) => (c.from.kind === 'constant' ? c.from.text : row[c.from.column]));
-    if (values.some((v) => v === undefined)) throw new Error(`form ${link.plan.mapping.from.table} is not replica identity full: run pgdso forms enable`);
-    return values as (string | null)[];
+    this.updateCopy(ctx, link, 'chain', what.values, { requestId, targetKey, history: row.dso_mapping_history ?? '[]', values: what.values ? valuesOf(link.plan, row, ctx.form) : [], current: what.current, master: null, newHistory: null, lsn: ctx.change.lsn });
   }
 
   /** Buffers an update of a copy on a link's server; false when the lane had already applied it (replay). */
   private updateCopy(ctx: ChangeContext, link: Link, kind: UpdateKind, withValues: boolean, row: CopyUpdate): boolean {
-    const table = `${link.plan.target.schema}.${link.plan.target.table}`;
-    const buffer = this.bufferFor(link.server, link.mapping.pool, table, row.targetKey);
-    if (buffer.lane.applied(ctx.tx.finalLsn)) return false;
-    const groupKey = `${kind}:${link.mapping.name}${link.forward ? '>' : '<'}:${withValues}`;
-    buffer.group(groupKey, table, row.targetKey, () => new CopyUpdateGroup(link, kind, withValues, ctx.form, this.server)).add(row);
-    this.enqueued(ctx, buffer, groupKey);
-    return true;
+    return this.onLink(ctx, link, `${kind}:${withValues}`, row, () => new CopyUpdateGroup(link, kind, withValues, ctx.form, this.server));
   }
 
   private deleteOn(ctx: ChangeContext, link: Link, row: CopyDelete): void {
+    this.onLink(ctx, link, 'delete', row, () => new CopyDeleteGroup(link, ctx.form, this.server));
+  }
+
+  /** Buffers an operation on a copy on a link's server; false when the lane had already applied it (replay). */
+  private onLink<R extends { requestId: string; targetKey: string }>(ctx: ChangeContext, link: Link, kind: string, row: R, create: () => RequestGroup<R>): boolean {
     const table = `${link.plan.target.schema}.${link.plan.target.table}`;
     const buffer = this.bufferFor(link.server, link.mapping.pool, table, row.targetKey);
-    if (buffer.lane.applied(ctx.tx.finalLsn)) return;
-    const groupKey = `delete:${link.mapping.name}${link.forward ? '>' : '<'}`;
-    buffer.group(groupKey, table, row.targetKey, () => new CopyDeleteGroup(link, ctx.form, this.server)).add(row);
+    if (buffer.lane.applied(ctx.tx.finalLsn)) return false;
+    const groupKey = `${kind}:${link.mapping.name}${link.forward ? '>' : '<'}`;
+    buffer.group(groupKey, table, row.targetKey, create).add(row);
     this.enqueued(ctx, buffer, groupKey);
+    return true;
   }
 
   /** The hop's JSON around its request ID, the same for every request of a mapping in a transaction. */
@@ -647,10 +639,21 @@ async function domainBaseTypes(client: pg.ClientBase): Promise<Map<number, numbe
   return resolved;
 }
 
-/** The request's mapping history (jsonb text) with one more hop. */
-function appendHop(historyText: string, [before, after]: [string, string], requestId: string): string {
-  const hop = `${before}${JSON.stringify(requestId)}${after}`;
+/** The request's mapping history (jsonb text) with one more hop (JSON text). */
+function withHop(historyText: string, hop: string): string {
   return historyText === '[]' ? `[${hop}]` : `${historyText.slice(0, -1)}, ${hop}]`;
+}
+
+/** The request ID of the copy a mapping's target holds: the one the source copy recorded, else the same. */
+function targetKeyOf(row: TextRow, mapping: MappingConfig, requestId: string): string {
+  return row.dso_to_mapping === mapping.name && row.dso_to_request_id ? row.dso_to_request_id : requestId;
+}
+
+/** A plan's values from a row, as text, aligned with plan.columns. */
+function valuesOf(plan: ColumnPlan, row: TextRow, form: FormInfo): (string | null)[] {
+  const values = plan.columns.map((c) => (c.from.kind === 'constant' ? c.from.text : row[c.from.column]));
+  if (values.some((v) => v === undefined)) throw new Error(`form ${form.schema}.${form.table} is not replica identity full: run pgdso forms enable`);
+  return values as (string | null)[];
 }
 
 /** True when the history holds a return to that server. */

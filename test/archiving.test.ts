@@ -3,8 +3,7 @@
 // a transfer that fails deletes nothing.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { waitFor } from './support/wait.ts';
-import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, is, type DsoEnv, type EngineProcess } from './support/dso.ts';
+import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, is, type DsoEnv, copyOf, until, settled, type Copy } from './support/dso.ts';
 
 const suite = dsoSuite(3);
 
@@ -23,25 +22,6 @@ const archivingRules = {
 
 function env(): Promise<DsoEnv> {
   return suite.env({ servers: SERVERS, schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: archivingRules });
-}
-
-type Hop = { fromServer: string; toServer: string; mapping: string; fromRequestId?: string };
-type Copy = Record<string, unknown> & { dso_mapping_history: Hop[] };
-
-async function copyOf(e: DsoEnv, server: string, id: string): Promise<Copy | undefined> {
-  return (await e.query<Copy>(server, 'SELECT * FROM repair_request WHERE id = $1', [id]))[0];
-}
-
-function until(engine: EngineProcess, what: string, check: () => Promise<unknown>): Promise<void> {
-  return waitFor(check, { message: () => `${what}; engine output:\n${engine.output}` }).then(() => undefined);
-}
-
-/** Waits until every server's slot has confirmed everything written so far (the engines are idle). */
-async function settled(e: DsoEnv, engine: EngineProcess, servers: string[] = SERVERS): Promise<void> {
-  for (const server of servers) {
-    const [{ lsn }] = (await e.query<{ lsn: string }>(server, 'SELECT pg_current_wal_lsn()::text AS lsn')) as [{ lsn: string }];
-    await until(engine, `the slot of ${server} did not catch up`, async () => (await e.query<{ done: boolean }>(server, `SELECT confirmed_flush_lsn >= $1::pg_lsn AS done FROM pg_replication_slots WHERE database = current_database()`, [lsn]))[0]?.done);
-  }
 }
 
 /** Checks the archive copy of `id`, archived from `from`. */

@@ -5,8 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import pg from 'pg';
-import { waitFor } from './support/wait.ts';
-import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, is, type DsoEnv, type EngineProcess } from './support/dso.ts';
+import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, is, type DsoEnv, type EngineProcess, until, settled } from './support/dso.ts';
 
 const suite = dsoSuite(2);
 const SERVERS = ['sf', 'chicago'];
@@ -55,18 +54,6 @@ async function conflicts(e: DsoEnv, server: string): Promise<Conflict[]> {
 
 async function pendingErrors(e: DsoEnv, server: string): Promise<PendingError[]> {
   return e.query<PendingError>(server, 'SELECT * FROM pgdso.pending_errors ORDER BY id');
-}
-
-function until(engine: EngineProcess, what: string, check: () => Promise<unknown>, timeoutMs?: number): Promise<unknown> {
-  return waitFor(check, { timeoutMs, message: () => `${what}; engine output:\n${engine.output}` });
-}
-
-/** Waits until every server's slot has confirmed everything written so far (the engines are idle). */
-async function settled(e: DsoEnv, engine: EngineProcess, servers: string[] = SERVERS): Promise<void> {
-  for (const server of servers) {
-    const [{ lsn }] = (await e.query<{ lsn: string }>(server, 'SELECT pg_current_wal_lsn()::text AS lsn')) as [{ lsn: string }];
-    await until(engine, `the slot of ${server} did not catch up`, async () => (await e.query<{ done: boolean }>(server, `SELECT confirmed_flush_lsn >= $1::pg_lsn AS done FROM pg_replication_slots WHERE database = current_database()`, [lsn]))[0]?.done);
-  }
 }
 
 const routeChairs = (mappingName: string, ops = ['insert', 'update']) => filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: mappingName }], ops);

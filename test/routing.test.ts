@@ -3,7 +3,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import pg from 'pg';
 import { waitFor } from './support/wait.ts';
-import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, is, type DsoEnv } from './support/dso.ts';
+import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, is, type DsoEnv, copyOf, type Copy } from './support/dso.ts';
 
 const suite = dsoSuite(3);
 
@@ -18,12 +18,6 @@ const routingRules = {
     filter('route-upholstery', 'chicago', { all: [is('needs_upholstery', true)] }, [{ type: 'transfer', mapping: 'chicago-to-upholstery' }]),
   ],
 };
-
-type Copy = Record<string, unknown> & { dso_mapping_history: { fromServer: string; toServer: string; mapping: string; fromRequestId: string }[] };
-
-async function copyOf(e: DsoEnv, server: string, id: string): Promise<Copy | undefined> {
-  return (await e.query<Copy>(server, 'SELECT * FROM repair_request WHERE id = $1', [id]))[0];
-}
 
 test('routing: a desk stays on sf, a chair moves to chicago with ownership, a chair needing upholstery is chained on to chicago_uph', async () => {
   const e = await env(['sf', 'chicago', 'chicago_uph'], routingRules);

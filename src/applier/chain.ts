@@ -10,10 +10,9 @@ import type { MappingConfig } from '../config/types.ts';
 import type { FormInfo } from '../sql/forms.ts';
 import { qualified, quoteIdent } from '../sql/identifiers.ts';
 import { classifyError } from './errors.ts';
-import type { OpGroup } from './lane.ts';
 import type { ColumnPlan } from './plan.ts';
 import type { FormCatalog } from './catalog.ts';
-import { applyIsolating, boolArrayLiteral, parseJsonOr, sameRequestSql, textArrayLiteral, type ApplyFailure } from './sets.ts';
+import { RequestGroup, applyIsolating, boolArrayLiteral, parseJsonOr, sameRequestSql, textArrayLiteral, type ApplyFailure } from './sets.ts';
 
 /** A mapping used in one direction, with the columns it carries that way. */
 export interface Link {
@@ -99,10 +98,7 @@ SELECT rid FROM f`;
 }
 
 /** Updates of copies along one link; one row per request (last wins). */
-export class CopyUpdateGroup implements OpGroup<ApplyFailure> {
-  private readonly rows = new Map<string, CopyUpdate>();
-  private readonly table: string;
-
+export class CopyUpdateGroup extends RequestGroup<CopyUpdate> {
   constructor(
     readonly link: Link,
     readonly kind: UpdateKind,
@@ -110,21 +106,7 @@ export class CopyUpdateGroup implements OpGroup<ApplyFailure> {
     private readonly source: FormInfo,
     private readonly sourceServer: string,
   ) {
-    this.table = `${link.plan.target.schema}.${link.plan.target.table}`;
-  }
-
-  get size(): number {
-    return this.rows.size;
-  }
-
-  add(row: CopyUpdate): void {
-    this.rows.set(row.requestId, row);
-  }
-
-  has(table: string, requestId: string): boolean {
-    if (table !== this.table) return false;
-    for (const row of this.rows.values()) if (row.targetKey === requestId) return true;
-    return false;
+    super(`${link.plan.target.schema}.${link.plan.target.table}`);
   }
 
   async execute(client: pg.ClientBase): Promise<ApplyFailure[]> {
@@ -184,26 +166,9 @@ export interface CopyDelete {
 }
 
 /** Deletes of copies along one link (a copy already gone is not an error). */
-export class CopyDeleteGroup implements OpGroup<ApplyFailure> {
-  private readonly rows = new Map<string, CopyDelete>();
-  private readonly table: string;
-
+export class CopyDeleteGroup extends RequestGroup<CopyDelete> {
   constructor(readonly link: Link, private readonly source: FormInfo, private readonly sourceServer: string) {
-    this.table = `${link.plan.target.schema}.${link.plan.target.table}`;
-  }
-
-  get size(): number {
-    return this.rows.size;
-  }
-
-  add(row: CopyDelete): void {
-    this.rows.set(row.requestId, row);
-  }
-
-  has(table: string, requestId: string): boolean {
-    if (table !== this.table) return false;
-    for (const row of this.rows.values()) if (row.targetKey === requestId) return true;
-    return false;
+    super(`${link.plan.target.schema}.${link.plan.target.table}`);
   }
 
   async execute(client: pg.ClientBase): Promise<ApplyFailure[]> {

@@ -5,6 +5,7 @@ import type { MappingConfig } from '../config/types.ts';
 import type { FormInfo } from '../sql/forms.ts';
 import { quoteIdent } from '../sql/identifiers.ts';
 import { isDataError } from './errors.ts';
+import type { OpGroup } from './lane.ts';
 
 /** The four DSO operations. */
 export type OpType = 'transfer' | 'update' | 'return' | 'delete';
@@ -118,3 +119,30 @@ export function rootSql(hist: string, server: string, rid: string): [string, str
  * stays changed.
  */
 export const KEEP_SYNC = `dso_synced_version = CASE WHEN s.dso_synced_version = s.dso_version THEN s.dso_version + 1 ELSE s.dso_synced_version END`;
+
+/**
+ * The requests of one set-based group: one row per request (a later change replaces the
+ * earlier: one statement), found by the target copy's request ID for the lane's ordering.
+ */
+export abstract class RequestGroup<R extends { requestId: string; targetKey: string }> implements OpGroup<ApplyFailure> {
+  protected readonly rows = new Map<string, R>();
+  private readonly targetKeys = new Set<string>();
+
+  /** `table`: the target form (schema.table) the group writes */
+  constructor(private readonly table: string) {}
+
+  get size(): number {
+    return this.rows.size;
+  }
+
+  has(table: string, targetKey: string): boolean {
+    return table === this.table && this.targetKeys.has(targetKey);
+  }
+
+  add(row: R): void {
+    this.rows.set(row.requestId, row);
+    this.targetKeys.add(row.targetKey);
+  }
+
+  abstract execute(client: pg.ClientBase): Promise<ApplyFailure[]>;
+}

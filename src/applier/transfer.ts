@@ -8,11 +8,10 @@
 import type pg from 'pg';
 import type { MappingConfig } from '../config/types.ts';
 import type { FormInfo } from '../sql/forms.ts';
-import { qualified, quoteIdent } from '../sql/identifiers.ts';
+import { qualified, quoteIdent, quoteLiteral } from '../sql/identifiers.ts';
 import { classifyError, sqlstateOf } from './errors.ts';
-import type { OpGroup } from './lane.ts';
 import type { ColumnPlan } from './plan.ts';
-import { applyIsolating, parseJsonOr, sameRequestSql, textArrayLiteral, underSavepoint, type ApplyFailure } from './sets.ts';
+import { RequestGroup, applyIsolating, parseJsonOr, sameRequestSql, textArrayLiteral, underSavepoint, type ApplyFailure } from './sets.ts';
 
 /** One request carried by a mapping, as text values aligned with plan.columns. */
 export interface TransferRow {
@@ -138,37 +137,23 @@ SELECT rid, key FROM f UNION ALL SELECT rid, rid FROM ins`;
   return built;
 }
 
-function quoteLiteral(value: string): string {
-  return `'${value.replace(/'/g, "''")}'`;
-}
-
 /** Transfers of one mapping into the lane of its target; one row per request (last wins). */
-export class TransferGroup implements OpGroup<ApplyFailure> {
-  private readonly rows = new Map<string, TransferRow>();
+export class TransferGroup extends RequestGroup<TransferRow> {
   /** every request came from a source insert: try a plain INSERT before the upsert */
   private plainInsert = true;
-  private readonly table: string;
 
   /**
    * `assigned` receives the target keys that differ from the request ID (new-id, match by
    * fields), for the source copy's dso_to_request_id.
    */
   constructor(readonly plan: ColumnPlan, private readonly source: FormInfo, private readonly assigned: Map<string, string>) {
-    this.table = `${plan.target.schema}.${plan.target.table}`;
-  }
-
-  get size(): number {
-    return this.rows.size;
+    super(`${plan.target.schema}.${plan.target.table}`);
   }
 
   /** Adds a request; a later change of the same request replaces the earlier (one statement). */
-  add(row: TransferRow, fromInsert: boolean): void {
+  addChange(row: TransferRow, fromInsert: boolean): void {
     if (!fromInsert || this.rows.has(row.requestId)) this.plainInsert = false;
-    this.rows.set(row.requestId, row);
-  }
-
-  has(table: string, requestId: string): boolean {
-    return table === this.table && this.rows.has(requestId);
+    this.add(row);
   }
 
   async execute(client: pg.ClientBase): Promise<ApplyFailure[]> {

@@ -2,7 +2,7 @@
 // ownership guard, replica identity full (filters see old rows; unchanged TOAST values are
 // known), publication membership and the server's logical slot. Idempotent.
 import pg from 'pg';
-import { LOCK_NAMESPACE, LOCKS, PUBLICATION, qualified, quoteIdent, slotName } from './identifiers.ts';
+import { LOCK_NAMESPACE, LOCKS, PUBLICATION, qualified, quoteIdent, quoteLiteral, slotName } from './identifiers.ts';
 
 export const DSO_COLUMNS: ReadonlyArray<readonly [string, string]> = [
   ['dso_master', 'boolean NOT NULL DEFAULT true'],
@@ -152,8 +152,4 @@ export async function ensureSlot(client: pg.ClientBase, slot: string): Promise<b
     if ((err as { code?: string }).code === '42710') return false; // created meanwhile by another instance
     throw err;
   }
-}
-
-function quoteLiteral(value: string): string {
-  return `'${value.replace(/'/g, "''")}'`;
 }

@@ -10,6 +10,7 @@ import pg from 'pg';
 import { migrateServer } from '../../src/sql/migrate.ts';
 import { enableForm } from '../../src/sql/forms.ts';
 import { before, after } from 'node:test';
+import { waitFor } from './wait.ts';
 import { provideClusters, type TestCluster } from './servers.ts';
 import { leakCheck } from './leaks.ts';
 
@@ -193,4 +194,29 @@ export function dsoSuite(clusterCount: number) {
       return created;
     },
   };
+}
+
+export type Hop = { fromServer: string; toServer: string; mapping: string; fromRequestId: string; operation?: string };
+/** A row of repair_request as the tests read it. */
+export type Copy = Record<string, unknown> & { dso_mapping_history: Hop[] };
+
+/** The copy of a request on a server (repair_request), or undefined. */
+export async function copyOf(e: DsoEnv, server: string, id: string): Promise<Copy | undefined> {
+  return (await e.query<Copy>(server, 'SELECT * FROM repair_request WHERE id = $1', [id]))[0];
+}
+
+/** waitFor, with the engine's output in the message when the deadline passes. */
+export function until<T>(engine: EngineProcess, what: string, check: () => T | Promise<T>, timeoutMs?: number): Promise<T> {
+  return waitFor(check, { timeoutMs, message: () => `${what}; engine output:\n${engine.output}` });
+}
+
+/**
+ * Waits until every server's slot (all of the environment's unless named) has confirmed
+ * everything written so far: the engines are idle, so something that has not happened will not.
+ */
+export async function settled(e: DsoEnv, engine: EngineProcess, servers: readonly string[] = Object.keys(e.urls)): Promise<void> {
+  for (const server of servers) {
+    const [{ lsn }] = (await e.query<{ lsn: string }>(server, 'SELECT pg_current_wal_lsn()::text AS lsn')) as [{ lsn: string }];
+    await until(engine, `the slot of ${server} did not catch up`, async () => (await e.query<{ done: boolean }>(server, `SELECT confirmed_flush_lsn >= $1::pg_lsn AS done FROM pg_replication_slots WHERE database = current_database()`, [lsn]))[0]?.done);
+  }
 }
