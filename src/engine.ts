@@ -280,7 +280,7 @@ class EngineSession implements ChangeSink {
     const { form } = ctx;
     source
       .group(`${outcome.op}:${mapping.name}`, `${form.schema}.${form.table}`, requestId, () => new SourceBookkeeping(outcome, mapping, form, this.assigned.get(mapping.name)))
-      .add(requestId, ctx.change.lsn, ran, { hops: countHops(row.dso_mapping_history), current: row.dso_current_server ?? null });
+      .add(requestId, ctx.change.lsn, ran, { version: row.dso_version ?? null, hops: countHops(row.dso_mapping_history), current: row.dso_current_server ?? null });
     this.unflushed += 1;
   }
 

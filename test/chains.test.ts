@@ -103,7 +103,10 @@ test('return loop detection: a request returned to chicago and sent on again is 
 test('two-way mappings (sf -> chicago and chicago -> sf) do not ping-pong, with loop detection and even with it overridden', async () => {
   for (const override of [false, true]) {
     const rules = {
-      mappings: [mapping('sf-to-chicago', 'sf', 'chicago', { transferMode: 'independent-copy' }), mapping('chicago-to-sf', 'chicago', 'sf', { transferMode: 'independent-copy' })],
+      // Overridden, each side also sends back what it received: a value sent back may be older
+      // than an edit made meanwhile (a conflict); newer-wins keeps the edit. (source-wins would
+      // apply the older value, as that policy says.)
+      mappings: [mapping('sf-to-chicago', 'sf', 'chicago', { transferMode: 'independent-copy', conflict: override ? 'newer-wins' : 'source-wins' }), mapping('chicago-to-sf', 'chicago', 'sf', { transferMode: 'independent-copy', conflict: override ? 'newer-wins' : 'source-wins' })],
       filters: [
         filter('share-sf', 'sf', null, [{ type: 'transfer', mapping: 'sf-to-chicago', overrideLoopDetection: override }]),
         filter('share-chicago', 'chicago', null, [{ type: 'transfer', mapping: 'chicago-to-sf', overrideLoopDetection: override }]),

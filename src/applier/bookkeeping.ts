@@ -20,6 +20,8 @@ interface SourceChange {
 
 /** The source copy as the change showed it. */
 export interface SeenState {
+  /** its dso_version: the values the operation sent */
+  version: string | null;
   hops: number;
   current: string | null;
 }
@@ -89,10 +91,10 @@ export class SourceBookkeeping implements OpGroup<never> {
     const { mapping, form } = this;
     const key = quoteIdent(form.keyColumn);
     const table = qualified(form.schema, form.table);
-    const done = `WITH change AS (SELECT * FROM unnest($1::text[], $2::pg_lsn[], $3::boolean[], $4::text[], $7::int[], $8::text[]) AS c(rid, lsn, ran, tid, hops, cur)),
+    const done = `WITH change AS (SELECT * FROM unnest($1::text[], $2::pg_lsn[], $3::boolean[], $4::text[], $7::int[], $8::text[], $9::bigint[]) AS c(rid, lsn, ran, tid, hops, cur, ver)),
             stale AS (DELETE FROM pgdso.pending_errors e USING change c
                        WHERE c.ran AND e.source_lsn = c.lsn AND e.mapping = $5 AND e.type = $6 AND e.request_id = c.rid),
-            done AS (SELECT DISTINCT ON (c.rid) c.rid, c.tid, c.hops, c.cur FROM change c
+            done AS (SELECT DISTINCT ON (c.rid) c.rid, c.tid, c.hops, c.cur, c.ver FROM change c
                       WHERE c.ran OR NOT EXISTS (SELECT 1 FROM pgdso.pending_errors e
                                                   WHERE e.source_lsn = c.lsn AND e.mapping = $5 AND e.type = $6 AND e.request_id = c.rid)
                       ORDER BY c.rid, c.lsn DESC)`;
@@ -105,7 +107,11 @@ export class SourceBookkeeping implements OpGroup<never> {
       this.outcome.op,
       `{${this.changes.map((c) => c.seen.hops).join(',')}}`,
       textArrayLiteral(this.changes.map((c) => c.seen.current)),
+      `{${this.changes.map((c) => c.seen.version ?? 'NULL').join(',')}}`,
     ];
+    // A sync point: the copy holds what the operation sent (no change since), so it is in sync
+    // with the other side; a copy changed since keeps its local changes flagged.
+    const synced = `dso_synced_version = CASE WHEN s.dso_version = t.ver OR s.dso_synced_version = s.dso_version THEN s.dso_version + 1 ELSE s.dso_synced_version END`;
     // The target's engine may act on its new copy before this step runs, and write back: a
     // return or a transfer back (ownership here again: a longer history whose last hop came
     // here), or where the master went next (dso_current_server changed). Its news stands.
@@ -118,28 +124,28 @@ export class SourceBookkeeping implements OpGroup<never> {
       const owns = mapping.transferMode === 'data+ownership';
       await client.query(
         `${done} UPDATE ${table} AS s
-            SET dso_master = CASE WHEN $9 AND NOT ${ownedAgain('$12')} THEN false ELSE s.dso_master END,
-                dso_current_server = CASE WHEN ${ownedAgain('$12')} OR ${masterMoved} THEN s.dso_current_server WHEN $9 THEN $10 ELSE coalesce(s.dso_current_server, $12) END,
-                dso_current_form = CASE WHEN ${ownedAgain('$12')} OR ${masterMoved} THEN s.dso_current_form WHEN $9 THEN $11 ELSE coalesce(s.dso_current_form, $13) END,
-                dso_to_server = $10, dso_to_form = $11,
+            SET dso_master = CASE WHEN $10 AND NOT ${ownedAgain('$13')} THEN false ELSE s.dso_master END,
+                dso_current_server = CASE WHEN ${ownedAgain('$13')} OR ${masterMoved} THEN s.dso_current_server WHEN $10 THEN $11 ELSE coalesce(s.dso_current_server, $13) END,
+                dso_current_form = CASE WHEN ${ownedAgain('$13')} OR ${masterMoved} THEN s.dso_current_form WHEN $10 THEN $12 ELSE coalesce(s.dso_current_form, $14) END,
+                dso_to_server = $11, dso_to_form = $12,
                 dso_to_request_id = coalesce(t.tid, CASE WHEN s.dso_to_mapping = $5 THEN s.dso_to_request_id END, t.rid),
-                dso_to_mapping = $5, dso_transfer_status = 'success', ${KEEP_SYNC}
+                dso_to_mapping = $5, dso_transfer_status = 'success', ${synced}
           ${match}`,
         [...params, owns, mapping.to.server, mapping.to.table, mapping.from.server, mapping.from.table],
       );
     } else if (this.outcome.op === 'return') {
       await client.query(
         `${done} UPDATE ${table} AS s
-            SET dso_master = CASE WHEN ${ownedAgain('$11')} THEN s.dso_master ELSE false END,
-                dso_current_server = CASE WHEN ${ownedAgain('$11')} OR ${masterMoved} THEN s.dso_current_server ELSE $9 END,
-                dso_current_form = CASE WHEN ${ownedAgain('$11')} OR ${masterMoved} THEN s.dso_current_form ELSE $10 END,
-                dso_transfer_status = 'success', ${KEEP_SYNC}
+            SET dso_master = CASE WHEN ${ownedAgain('$12')} THEN s.dso_master ELSE false END,
+                dso_current_server = CASE WHEN ${ownedAgain('$12')} OR ${masterMoved} THEN s.dso_current_server ELSE $10 END,
+                dso_current_form = CASE WHEN ${ownedAgain('$12')} OR ${masterMoved} THEN s.dso_current_form ELSE $11 END,
+                dso_transfer_status = 'success', ${synced}
           ${match}`,
         [...params, mapping.from.server, mapping.from.table, mapping.to.server],
       );
     } else {
       await client.query(
-        `${done} UPDATE ${table} AS s SET dso_update_status = 'success', ${KEEP_SYNC}
+        `${done} UPDATE ${table} AS s SET dso_update_status = 'success', ${synced}
           ${match} AND s.dso_update_status IS DISTINCT FROM 'success'`,
         params,
       );

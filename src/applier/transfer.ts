@@ -95,7 +95,9 @@ RETURNING t.${key}::text AS key, t.dso_from_request_id AS rid`;
   const compared = updatedDso.filter(([name]) => !name.startsWith('dso_to_') && (name !== 'dso_mapping_history' || mapping.transferMode === 'data+ownership'));
   const sameRequest = sameRequestSql(target.keyColumn, `${p(11)}`, `(u.hist::jsonb -> 0 ->> 'fromServer')`, `(u.hist::jsonb -> 0 ->> 'fromRequestId')`);
   let match: string;
-  let conflicted = 't.dso_synced_version IS NOT NULL AND t.dso_version <> t.dso_synced_version';
+  // changed since the last sync; a copy never synced (an original whose bookkeeping has not run
+  // yet, a request created here) holds local changes too
+  let conflicted = 't.dso_version IS DISTINCT FROM t.dso_synced_version';
   if (mapping.match !== 'request-id') {
     match = mapping.match.fields
       .map((field) => {
