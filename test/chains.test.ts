@@ -186,3 +186,24 @@ test('transitions: a filter sees an update as PostgreSQL row filters do: enterin
   assert.equal((await e.query('chicago', `SELECT 1 FROM reopened WHERE id = 'T-2'`)).length, 0);
   await engine.stop();
 });
+
+test('pools: the changes of one request keep their order across pools (an insert sent by pool a, then an update by pool b, in one transaction)', async () => {
+  const rules = {
+    mappings: [
+      mapping('new-to-chicago', 'sf', 'chicago', { transferMode: 'data-only', whenToUpdate: 'never', pool: 'a' }),
+      mapping('edits-to-chicago', 'sf', 'chicago', { transferMode: 'data-only', whenToUpdate: 'never', pool: 'b', duplicateRequestId: 'overwrite' }),
+    ],
+    filters: [
+      filter('send-new', 'sf', null, [{ type: 'transfer', mapping: 'new-to-chicago' }], ['insert']),
+      filter('send-edits', 'sf', null, [{ type: 'transfer', mapping: 'edits-to-chicago' }], ['update']),
+    ],
+  };
+  const e = await env(['sf', 'chicago'], rules);
+  const engine = e.engine();
+  await e.query('sf', `BEGIN; INSERT INTO repair_request (id, item, description) VALUES ('O-1', 'desk', 'first'); UPDATE repair_request SET description = 'second' WHERE id = 'O-1'; COMMIT`);
+  await e.query('sf', `INSERT INTO repair_request (id, item) VALUES ('O-2', 'lamp')`);
+  await until(engine, 'the requests did not arrive', async () => (await copyOf(e, 'chicago', 'O-2')) !== undefined);
+  await settled(e, engine);
+  assert.equal((await copyOf(e, 'chicago', 'O-1'))?.description, 'second', 'the later change of O-1 is the one that stays');
+  await engine.stop();
+});
