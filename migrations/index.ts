@@ -3,11 +3,13 @@ import type { Knex } from 'knex';
 import * as controlSchema from './20261123000001_control_schema.ts';
 import * as applyProgress from './20261123000002_apply_progress.ts';
 import * as conflictPolicy from './20261123000003_conflict_policy.ts';
+import * as pendingQueue from './20261123000004_pending_queue.ts';
 
 const migrations: Record<string, Knex.Migration> = {
   '20261123000001_control_schema': controlSchema,
   '20261123000002_apply_progress': applyProgress,
   '20261123000003_conflict_policy': conflictPolicy,
+  '20261123000004_pending_queue': pendingQueue,
 };
 
 export const migrationSource: Knex.MigrationSource<string> = {

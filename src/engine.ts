@@ -15,7 +15,7 @@ import { setTimeout as delay } from 'node:timers/promises';
 import type { ChangeSink } from './decoder/stream.ts';
 import { ReplicationStream } from './decoder/stream.ts';
 import type { Relation, RowChange, TextRow, TxBegin, TxCommit } from './change.ts';
-import { formatLsn } from './change.ts';
+import { formatLsn, parseLsn } from './change.ts';
 import type { ActionConfig, MappingConfig, PgdsoConfig } from './config/types.ts';
 import { toPgClientConfig } from './config/load.ts';
 import type { CompiledRules } from './rules/index.ts';
@@ -25,9 +25,15 @@ import { LaneBuffer } from './applier/buffer.ts';
 import { describeFormColumns, type FormCatalog } from './applier/catalog.ts';
 import { buildColumnPlan, type ColumnPlan } from './applier/plan.ts';
 import { TransferGroup } from './applier/transfer.ts';
-import { SourceBookkeeping, countHops, recordFailures, type Outcome } from './applier/bookkeeping.ts';
+import { SourceBookkeeping, countHops, markStatus, recordErrors, type CopyStatus, type Outcome, type SeenState } from './applier/bookkeeping.ts';
 import { CopyDeleteGroup, CopyUpdateGroup, reversePlan, type CopyDelete, type CopyUpdate, type Link, type UpdateKind } from './applier/chain.ts';
-import { changeKey, type ApplyFailure, type RequestGroup } from './applier/sets.ts';
+import { changeKey, type ApplyFailure, type OpType, type RequestGroup } from './applier/sets.ts';
+import { classifyError } from './applier/errors.ts';
+import { retryDelay } from './applier/schedule.ts';
+import {
+  deferQueued, deliveredUpTo, dequeue, enqueue, markDelivered, nextQueued, opType, queueIdentity, queuedRequests, requestKey, stillQueued, supersedes, withOp,
+  type PendingEntry, type QueuedOp,
+} from './applier/pending.ts';
 import { describeForm, ensureSlot, type FormInfo } from './sql/forms.ts';
 import { originName, slotName, writerOfOrigin } from './sql/identifiers.ts';
 import { waitForOperationLock } from './groupboard/lock.ts';
@@ -50,13 +56,22 @@ export interface EngineStats {
   changes: number;
   applied: number;
   failed: number;
+  /** operations written to pgdso.pending */
+  queued: number;
+  /** queued operations delivered */
+  delivered: number;
   confirmedLsn: string;
   sessions: number;
+  /** the slot's lag and the WAL it holds, bytes, at the last check */
+  slotLagBytes: number | null;
+  retainedWalBytes: number | null;
+  /** peers that cannot be reached now */
+  peersDown: string[];
 }
 
 /** Runs one server's engine until the signal aborts, reconnecting after failures. */
 export class ServerEngine {
-  readonly stats: EngineStats = { transactions: 0, changes: 0, applied: 0, failed: 0, confirmedLsn: '0/0', sessions: 0 };
+  readonly stats: EngineStats = { transactions: 0, changes: 0, applied: 0, failed: 0, queued: 0, delivered: 0, confirmedLsn: '0/0', sessions: 0, slotLagBytes: null, retainedWalBytes: null, peersDown: [] };
   readonly server: string;
   private readonly log: Logger;
   private session: EngineSession | null = null;
@@ -122,6 +137,37 @@ export function keptInStep(m: MappingConfig): boolean {
   return m.transferMode !== 'independent-copy' && m.whenToUpdate === 'immediately' && m.afterTransfer === 'keep';
 }
 
+/** A neighbour server: its apply lanes while it can be reached, and its share of the queue. */
+interface Peer {
+  name: string;
+  /** apply lanes by pool; empty while the peer cannot be reached */
+  lanes: Map<string, LaneBuffer<ApplyFailure>>;
+  pools: string[];
+  up: boolean;
+  /** target copies (requestKey) with queued operations: their next operations queue behind */
+  queued: Set<string>;
+  /** this batch's operations for the queue, in order; index of each request's last one */
+  batch: PendingEntry[];
+  lastInBatch: Map<string, number>;
+  /** each lane's committed source position, once known in this session */
+  progress: Map<string, bigint>;
+  attempts: number;
+  downSince: number | null;
+  nextAttemptAt: number;
+  lastError: string | null;
+}
+
+/** A mapping used in one direction; its column plan once the neighbour's catalog was read. */
+interface LinkRef {
+  mapping: MappingConfig;
+  forward: boolean;
+  server: string;
+  resolved: Link | null;
+}
+
+/** Where an operation goes: skipped (applied before: a replay), a lane, or the queue. */
+type Route = { to: 'skip' } | { to: 'lane'; buffer: LaneBuffer<ApplyFailure> } | { to: 'queue'; peer: Peer; unsure: boolean };
+
 class EngineSession implements ChangeSink {
   /** true while the replication stream runs */
   streaming = false;
@@ -131,16 +177,17 @@ class EngineSession implements ChangeSink {
   private stream: ReplicationStream | null = null;
   private sourceLane: ApplyLane<never> | null = null;
   private sourceBuffer: LaneBuffer<never> | null = null;
-  private readonly lanes = new Map<string, LaneBuffer<ApplyFailure>>();
-  /** target servers served by more than one pool: their requests are pinned to one lane per batch */
-  private readonly pooledServers = new Set<string>();
+  private readonly peers = new Map<string, Peer>();
+  /** operations sent to each lane since its last commit, in order (queued if the lane fails) */
+  private readonly laneOps = new Map<LaneBuffer<ApplyFailure>, PendingEntry[]>();
   private readonly pinned = new Map<string, LaneBuffer<ApplyFailure>>();
   private readonly forms = new Map<string, FormInfo>();
   /** forms with a mapping that keeps its chain in step (their updates and deletes are relayed) */
   private readonly chainForms = new Set<string>();
   private readonly catalogs = new Map<string, FormCatalog>();
+  private readonly localCatalogs = new Map<string, FormCatalog>();
   /** `${mapping}>` forward (to its target), `${mapping}<` backward (to its source) */
-  private readonly links = new Map<string, Link>();
+  private readonly links = new Map<string, LinkRef>();
   private readonly plans = new WeakMap<Relation, Map<string, ColumnPlan>>();
   /** target keys taken under new-id in this batch, per mapping */
   private readonly assigned = new Map<string, Map<string, string>>();
@@ -150,8 +197,15 @@ class EngineSession implements ChangeSink {
   private baseTypes = new Map<number, number>();
   /** changes refused before reaching a lane (recorded in pending_errors at the next flush) */
   private rejected: ApplyFailure[] = [];
+  /** source copies whose operation waits in the queue (status retry at the next flush) */
+  private waiting: CopyStatus[] = [];
   private last: TxCommit | null = null;
   private unflushed = 0;
+  private queueId = '';
+  /** `pgdso pending retry` asked for the queue to be read again */
+  private reloadQueue = false;
+  private lastActivity = Date.now();
+  private readonly timers: NodeJS.Timeout[] = [];
   private readonly batchRows: number;
   private readonly chunkRows: number;
 
@@ -181,8 +235,15 @@ class EngineSession implements ChangeSink {
       // forms enable creates the slot; one that is gone (dropped by hand) lost what happened meanwhile
       this.log.error({ slot }, 'the replication slot was missing and has been created: changes made to the forms of this server before now were not captured');
     }
+    // `pgdso pending retry` and `discard` tell a running engine to read the queue again
+    control.on('notification', () => {
+      this.reloadQueue = true;
+      this.stream?.wake();
+    });
+    await control.query('LISTEN pgdso_pending');
     const stream = new ReplicationStream({ connection: this.connection, slot, log: this.log });
     this.stream = stream;
+    this.startTimers(control, slot);
     const onAbort = () => void stream.stop();
     signal.addEventListener('abort', onAbort, { once: true });
     try {
@@ -195,10 +256,55 @@ class EngineSession implements ChangeSink {
   }
 
   /**
-   * A lane for every (neighbour, pool) a mapping of this server's forms leads to, in either
-   * direction, and each mapping's links: forward for the mappings from this server (transfers,
-   * updates, deletes, the chain kept in step), backward for the mappings to it (returns, the
-   * chain kept in step towards the request's origin).
+   * Timers beside the stream: a peer's next delivery attempt wakes the stream (deliveries run
+   * between transactions, with the stream paused); a quiet source gets a heartbeat message in
+   * its WAL so its slot keeps moving; the slot's lag and retained WAL are checked.
+   */
+  private startTimers(control: pg.Client, slot: string): void {
+    const { heartbeatMs, retainedWalWarnBytes } = this.opts.config.pending;
+    const every = (ms: number, work: () => Promise<void> | void) => {
+      const timer = setInterval(() => {
+        Promise.resolve()
+          .then(work)
+          .catch((err) => this.log.debug({ err: errorText(err) }, 'background check failed'));
+      }, ms);
+      timer.unref();
+      this.timers.push(timer);
+    };
+    every(250, () => {
+      if (this.deliveryDue()) this.stream?.wake();
+    });
+    if (heartbeatMs > 0) {
+      every(heartbeatMs, async () => {
+        if (Date.now() - this.lastActivity < heartbeatMs) return;
+        await control.query(`SELECT pg_logical_emit_message(false, 'pgdso.heartbeat', now()::text)`);
+      });
+    }
+    let warnedAt = 0;
+    const checkSlot = async () => {
+      const res = await control.query(
+        `SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8 AS lag, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::float8 AS retained
+           FROM pg_replication_slots WHERE slot_name = $1`,
+        [slot],
+      );
+      const row = res.rows[0] as { lag: number | null; retained: number | null } | undefined;
+      this.stats.slotLagBytes = row?.lag ?? null;
+      this.stats.retainedWalBytes = row?.retained ?? null;
+      if (row?.retained != null && row.retained > retainedWalWarnBytes && Date.now() - warnedAt > 5 * 60_000) {
+        warnedAt = Date.now();
+        this.log.warn({ slot, retainedWalBytes: row.retained, thresholdBytes: retainedWalWarnBytes }, 'the replication slot holds more WAL than the threshold (pending.retainedWalWarnBytes): is the engine falling behind?');
+      }
+    };
+    every(Math.max(1000, Math.min(heartbeatMs || 10_000, 10_000)), checkSlot);
+    void checkSlot().catch(() => {});
+  }
+
+  /**
+   * The links of every mapping of this server's forms, in either direction (forward for the
+   * mappings from this server: transfers, updates, deletes, the chain kept in step; backward
+   * for the mappings to it: returns, the chain kept in step towards the request's origin), and
+   * a peer for every neighbour. A peer that cannot be reached now does not stop the engine: its
+   * operations wait in the queue.
    */
   private async openLanes(control: pg.Client): Promise<void> {
     const database = String(this.connection.database);
@@ -206,81 +312,222 @@ class EngineSession implements ChangeSink {
     this.sourceLane = sourceLane;
     await sourceLane.open();
     this.sourceBuffer = new LaneBuffer(sourceLane, this.chunkRows, true);
-    const local = new Map<string, FormCatalog>();
-    const localCatalog = async (ref: { schema: string; table: string }) => {
-      const key = `${ref.schema}.${ref.table}`;
-      let found = local.get(key);
-      if (!found) local.set(key, (found = await describeFormColumns(control, ref.schema, ref.table)));
-      return found;
+    const peerOf = (name: string) => {
+      let peer = this.peers.get(name);
+      if (!peer) {
+        peer = { name, lanes: new Map(), pools: [], up: false, queued: new Set(), batch: [], lastInBatch: new Map(), progress: new Map(), attempts: 0, downSince: null, nextAttemptAt: 0, lastError: null };
+        this.peers.set(name, peer);
+      }
+      return peer;
     };
     for (const mapping of Object.values(this.opts.config.mappings)) {
-      if (mapping.from.server === this.server) {
-        const buffer = await this.laneFor(mapping.to.server, mapping.pool);
-        const target = await buffer.lane.describe(mapping.to.schema, mapping.to.table);
-        this.catalogs.set(mapping.name, target);
-        const source = await localCatalog(mapping.from);
-        const plan = buildColumnPlan(mapping, [...source.columns.keys()], source.keyColumn, target);
-        this.links.set(`${mapping.name}>`, { mapping, forward: true, server: mapping.to.server, plan });
-        if (keptInStep(mapping)) this.chainForms.add(`${mapping.from.schema}.${mapping.from.table}`);
+      for (const forward of [true, false]) {
+        const here = forward ? mapping.from : mapping.to;
+        const there = forward ? mapping.to : mapping.from;
+        if (here.server !== this.server) continue;
+        this.links.set(`${mapping.name}${forward ? '>' : '<'}`, { mapping, forward, server: there.server, resolved: null });
+        if (keptInStep(mapping)) this.chainForms.add(`${here.schema}.${here.table}`);
+        const peer = peerOf(there.server);
+        if (!peer.pools.includes(mapping.pool)) peer.pools.push(mapping.pool);
       }
-      if (mapping.to.server === this.server) {
-        const buffer = await this.laneFor(mapping.from.server, mapping.pool);
-        const source = await buffer.lane.describe(mapping.from.schema, mapping.from.table);
-        const forward = buildColumnPlan(mapping, [...source.columns.keys()], source.keyColumn, await localCatalog(mapping.to));
-        this.links.set(`${mapping.name}<`, { mapping, forward: false, server: mapping.from.server, plan: reversePlan(forward, source) });
-        if (keptInStep(mapping)) this.chainForms.add(`${mapping.to.schema}.${mapping.to.table}`);
-      }
+    }
+    for (const peer of this.peers.values()) peer.pools.sort();
+    this.queueId = await queueIdentity(control);
+    for (const [server, keys] of await queuedRequests(control)) {
+      const peer = this.peers.get(server);
+      if (peer) peer.queued = keys;
+      else this.log.warn({ server }, 'pgdso.pending holds operations for a server no mapping leads to any more: they stay there (pgdso pending list, discard)');
+    }
+    for (const peer of this.peers.values()) await this.tryPeer(peer);
+  }
+
+  private async localCatalog(ref: { schema: string; table: string }): Promise<FormCatalog> {
+    const key = `${ref.schema}.${ref.table}`;
+    let found = this.localCatalogs.get(key);
+    if (!found) this.localCatalogs.set(key, (found = await describeFormColumns(this.control!, ref.schema, ref.table)));
+    return found;
+  }
+
+  /** Connects a peer (false and the next attempt scheduled when it cannot be reached). */
+  private async tryPeer(peer: Peer): Promise<boolean> {
+    try {
+      await this.connectPeer(peer);
+      return true;
+    } catch (err) {
+      await this.peerDown(peer, err);
+      return false;
     }
   }
 
-  private async laneFor(server: string, pool: string): Promise<LaneBuffer<ApplyFailure>> {
-    const key = `${server}/${pool}`;
-    const found = this.lanes.get(key);
-    if (found) return found;
-    if ([...this.lanes.keys()].some((k) => k.startsWith(`${server}/`))) this.pooledServers.add(server);
-    const target = this.opts.config.servers[server]!;
+  /**
+   * Opens a lane per pool to the peer and reads its catalog for the column plans. Operations
+   * queued while it was unknown whether a lane had applied them (a replay while the peer was
+   * down) are settled first, by the lane's committed position, before the lane commits anything.
+   */
+  private async connectPeer(peer: Peer): Promise<void> {
+    const target = this.opts.config.servers[peer.name]!;
     const connection = toPgClientConfig(target.connection);
-    const lane = new ApplyLane<ApplyFailure>({
-      connection,
-      origin: originName(this.server, pool, String(connection.database)),
-      name: `${this.server}->${key}`,
-      log: this.log,
+    const database = String(connection.database);
+    try {
+      for (const pool of peer.pools) {
+        const lane = new ApplyLane<ApplyFailure>({ connection, origin: originName(this.server, pool, database), name: `${this.server}->${peer.name}/${pool}`, log: this.log });
+        const buffer = new LaneBuffer(lane, this.chunkRows);
+        peer.lanes.set(pool, buffer);
+        await lane.open();
+        peer.progress.set(pool, lane.progress);
+      }
+      const first = peer.lanes.get(peer.pools[0]!)!.lane;
+      for (const ref of this.links.values()) {
+        if (ref.server !== peer.name) continue;
+        const { mapping } = ref;
+        if (ref.forward) {
+          const targetCatalog = await first.describe(mapping.to.schema, mapping.to.table);
+          this.catalogs.set(mapping.name, targetCatalog);
+          const source = await this.localCatalog(mapping.from);
+          ref.resolved = { mapping, forward: true, server: peer.name, plan: buildColumnPlan(mapping, [...source.columns.keys()], source.keyColumn, targetCatalog) };
+        } else {
+          const source = await first.describe(mapping.from.schema, mapping.from.table);
+          const forward = buildColumnPlan(mapping, [...source.columns.keys()], source.keyColumn, await this.localCatalog(mapping.to));
+          ref.resolved = { mapping, forward: false, server: peer.name, plan: reversePlan(forward, source) };
+        }
+      }
+      await this.settleUnsure(peer);
+    } catch (err) {
+      await this.closePeerLanes(peer);
+      throw err;
+    }
+    if (!peer.up && peer.attempts > 0) this.log.info({ peer: peer.name, attempts: peer.attempts, queued: peer.queued.size }, 'peer reachable again; delivering its queued operations');
+    peer.up = true;
+    peer.attempts = 0;
+    peer.downSince = null;
+    peer.lastError = null;
+    peer.nextAttemptAt = 0;
+    this.stats.peersDown = this.stats.peersDown.filter((n) => n !== peer.name);
+  }
+
+  /** Queued operations that a lane may have applied before: applied ones are marked for bookkeeping only. */
+  private async settleUnsure(peer: Peer): Promise<void> {
+    await this.sourceLane!.runAlone(async (client) => {
+      for (const [pool, progress] of peer.progress) {
+        await client.query(
+          `UPDATE pgdso.pending SET payload = (payload - 'unsure') || CASE WHEN (payload -> 'unsure' ->> 'finalLsn')::pg_lsn <= $3::pg_lsn THEN '{"applied": true}'::jsonb ELSE '{}'::jsonb END
+            WHERE target_server = $1 AND pool = $2 AND payload ? 'unsure'`,
+          [peer.name, pool, formatLsn(progress)],
+        );
+      }
     });
-    const buffer = new LaneBuffer(lane, this.chunkRows);
-    this.lanes.set(key, buffer);
-    await lane.open();
-    return buffer;
+  }
+
+  private async closePeerLanes(peer: Peer): Promise<void> {
+    const lanes = [...peer.lanes.values()];
+    peer.lanes.clear();
+    for (const buffer of lanes) this.laneOps.delete(buffer);
+    await Promise.all(lanes.map((b) => b.lane.close()));
+  }
+
+  /** The peer cannot be reached: its lanes close, its operations queue until the next attempt. */
+  private async peerDown(peer: Peer, err: unknown): Promise<void> {
+    await this.closePeerLanes(peer);
+    const classified = classifyError(err);
+    const now = Date.now();
+    peer.up = false;
+    peer.attempts += 1;
+    peer.downSince ??= now;
+    peer.lastError = classified.message;
+    const wait = retryDelay(this.opts.config.pending.retry, peer.attempts, now - peer.downSince);
+    peer.nextAttemptAt = now + wait;
+    if (!this.stats.peersDown.includes(peer.name)) this.stats.peersDown = [...this.stats.peersDown, peer.name];
+    const fields = { peer: peer.name, attempts: peer.attempts, retryInMs: Math.round(wait), sqlstate: classified.sqlstate, class: classified.class, error: classified.message };
+    if (classified.class === 'permanent') this.log.error(fields, 'peer refuses the engine (privileges, a missing form or database?): its operations wait in pgdso.pending until that is fixed');
+    else this.log.warn(fields, 'peer cannot be reached: its operations wait in pgdso.pending');
+    if (peer.queued.size > 0 && this.sourceLane) {
+      await this.sourceLane.runAlone((client) => deferQueued(client, peer.name, new Date(peer.nextAttemptAt), classified.message));
+    }
   }
 
   /**
-   * The lane of (server, pool) for an operation on a request. A server served by several pools
+   * Where an operation on a target copy goes. Skipped when already applied (a replay: the
+   * source lane or the peer's lane committed its transaction); queued when the peer cannot be
+   * reached or the request already has queued operations; else the lane of its pool.
+   */
+  private route(server: string, pool: string, table: string, targetKey: string, finalLsn: bigint): Route {
+    if (this.sourceLane!.applied(finalLsn)) return { to: 'skip' };
+    const peer = this.peers.get(server)!;
+    if (peer.up && !peer.queued.has(requestKey(table, targetKey))) {
+      const buffer = this.bufferFor(peer, pool, table, targetKey);
+      return buffer.lane.applied(finalLsn) ? { to: 'skip' } : { to: 'lane', buffer };
+    }
+    if (!peer.up) {
+      const progress = peer.progress.get(pool);
+      if (progress !== undefined && finalLsn <= progress) return { to: 'skip' };
+      return { to: 'queue', peer, unsure: progress === undefined };
+    }
+    return { to: 'queue', peer, unsure: false };
+  }
+
+  /**
+   * The lane of (peer, pool) for an operation on a request. A server served by several pools
    * keeps each request in the lane that took its first operation of the batch: the order of one
    * request's operations is kept across pools.
    */
-  private bufferFor(server: string, pool: string, table: string, key: string): LaneBuffer<ApplyFailure> {
-    const buffer = this.lanes.get(`${server}/${pool}`)!;
-    if (!this.pooledServers.has(server)) return buffer;
-    const pin = `${server}\u0000${table}\u0000${key}`;
+  private bufferFor(peer: Peer, pool: string, table: string, key: string): LaneBuffer<ApplyFailure> {
+    const buffer = peer.lanes.get(pool)!;
+    if (peer.lanes.size < 2) return buffer;
+    const pin = `${peer.name}\u0000${table}\u0000${key}`;
     const pinned = this.pinned.get(pin);
     if (pinned) return pinned;
     this.pinned.set(pin, buffer);
     return buffer;
   }
 
-  /** Counts an operation buffered in a lane, and waits for the lane when it falls behind. */
-  private enqueued(ctx: ChangeContext, buffer: LaneBuffer<ApplyFailure>, groupKey: string): void {
+  /** Sends an operation where its route says. */
+  private dispatch(ctx: ChangeContext, route: Route, entry: PendingEntry, add: (buffer: LaneBuffer<ApplyFailure>) => string): Route['to'] {
+    if (route.to === 'skip') return 'skip';
+    if (route.to === 'queue') {
+      if (route.unsure) entry.op = { ...entry.op, unsure: { pool: entry.mapping.pool, finalLsn: formatLsn(ctx.tx.finalLsn) } } as QueuedOp;
+      this.queue(route.peer, entry);
+      const bk = entry.op.bookkeeping;
+      if (bk) this.waiting.push({ source: ctx.form, type: bk.op, requestId: entry.op.requestId });
+      return 'queue';
+    }
+    const { buffer } = route;
+    const groupKey = add(buffer);
+    let ops = this.laneOps.get(buffer);
+    if (!ops) this.laneOps.set(buffer, (ops = []));
+    ops.push(entry);
     buffer.added(groupKey);
     this.unflushed += 1;
     if (buffer.lane.backlog > 2) ctx.waits.push(buffer.lane.drainTo(1));
+    return 'lane';
   }
 
-  private bookkeeping(ctx: ChangeContext, outcome: Outcome, mapping: MappingConfig, requestId: string, ran: boolean, row: TextRow): void {
+  /** Adds an operation to this batch's share of the peer's queue; it supersedes the request's last one of the same kind. */
+  private queue(peer: Peer, entry: PendingEntry): void {
+    const key = requestKey(entry.targetForm, entry.op.targetKey);
+    peer.queued.add(key);
+    const at = peer.lastInBatch.get(key);
+    if (at !== undefined && supersedes(peer.batch[at]!.op) === supersedes(entry.op)) {
+      peer.batch[at] = entry;
+      return;
+    }
+    peer.lastInBatch.set(key, peer.batch.length);
+    peer.batch.push(entry);
+    this.unflushed += 1;
+  }
+
+  private entry(link: LinkRef, op: Omit<QueuedOp, 'link' | 'lsn'>, lsn: bigint): PendingEntry {
+    const there = link.forward ? link.mapping.to : link.mapping.from;
+    const full: QueuedOp = { ...op, link: `${link.mapping.name}${link.forward ? '>' : '<'}`, lsn: formatLsn(lsn) };
+    return { op: full, type: opType(full), mapping: link.mapping, targetServer: link.server, targetForm: `${there.schema}.${there.table}` };
+  }
+  /** The source copy's side of an operation that went to a lane or was applied before; a queued one carries its own. */
+  private bookkeeping(ctx: ChangeContext, outcome: Outcome, mapping: MappingConfig, requestId: string, sent: Route['to'], row: TextRow): void {
     const source = this.sourceBuffer!;
-    if (source.lane.applied(ctx.tx.finalLsn)) return;
+    if (sent === 'queue' || source.lane.applied(ctx.tx.finalLsn)) return;
     const { form } = ctx;
     source
       .group(`${outcome.op}:${mapping.name}`, `${form.schema}.${form.table}`, requestId, () => new SourceBookkeeping(outcome, mapping, form, this.assigned.get(mapping.name)))
-      .add(requestId, ctx.change.lsn, ran, { version: row.dso_version ?? null, hops: countHops(row.dso_mapping_history), current: row.dso_current_server ?? null });
+      .add(requestId, ctx.change.lsn, sent === 'lane', seenOf(row));
     this.unflushed += 1;
   }
 
@@ -327,16 +574,25 @@ class EngineSession implements ChangeSink {
     this.tx = null;
     this.last = commit;
     this.stats.transactions += 1;
+    this.lastActivity = Date.now();
     if (this.unflushed === 0) {
       this.stream?.confirm(commit.endLsn);
       this.stats.confirmedLsn = formatLsn(commit.endLsn);
+      if (this.deliveryDue()) return this.deliver();
       return;
     }
-    if (this.unflushed >= this.batchRows) return this.flush();
+    if (this.unflushed >= this.batchRows) return this.flush().then(() => (this.deliveryDue() ? this.deliver() : undefined));
   }
 
   idle(): void | Promise<void> {
-    if (this.unflushed > 0 && this.tx === null) return this.flush();
+    if (this.tx !== null) return;
+    if (this.unflushed > 0) return this.flush();
+    if (this.deliveryDue()) return this.deliver();
+  }
+
+  /** A heartbeat in the source's WAL: with nothing in flight, the slot may move past it. */
+  message(prefix: string, _content: Buffer, lsn: bigint): void {
+    if (prefix === 'pgdso.heartbeat' && this.caughtUp() && lsn > 0n) this.stream?.confirm(lsn);
   }
 
   caughtUp(): boolean {
@@ -401,19 +657,24 @@ class EngineSession implements ChangeSink {
     if (owns) ctx.ownership = mapping.name;
     ctx.sentTo.add(mapping.to.server);
     const targetKey = targetKeyOf(row, mapping, requestId);
-    const buffer = this.bufferFor(mapping.to.server, mapping.pool, `${mapping.to.schema}.${mapping.to.table}`, targetKey);
-    const runs = !buffer.lane.applied(tx.finalLsn);
-    if (runs) {
-      const plan = this.planFor(change.relation, mapping, form);
+    const table = `${mapping.to.schema}.${mapping.to.table}`;
+    const route = this.route(mapping.to.server, mapping.pool, table, targetKey, tx.finalLsn);
+    let sent: Route['to'] = 'skip';
+    if (route.to !== 'skip') {
       const [before, after] = this.hopTemplate(mapping, form, tx);
       const history = withHop(historyText, `${before}${JSON.stringify(requestId)}${after}`);
-      const groupKey = `transfer:${mapping.name}`;
-      buffer
-        .group(groupKey, `${mapping.to.schema}.${mapping.to.table}`, targetKey, () => new TransferGroup(plan, form, this.assignedFor(mapping)))
-        .addChange({ requestId, targetKey, values: valuesOf(plan, row, form), history, modifiedAt: row.dso_modified_at ?? null, lsn: change.lsn }, change.op === 'insert');
-      this.enqueued(ctx, buffer, groupKey);
+      const modifiedAt = row.dso_modified_at ?? null;
+      const entry = this.entry(this.links.get(`${mapping.name}>`)!, { group: 'transfer', form: `${form.schema}.${form.table}`, requestId, targetKey, history, row, modifiedAt, bookkeeping: { op: 'transfer', seen: seenOf(row) } }, change.lsn);
+      sent = this.dispatch(ctx, route, entry, (buffer) => {
+        const plan = this.planFor(change.relation, mapping, form);
+        const groupKey = `transfer:${mapping.name}`;
+        buffer
+          .group(groupKey, table, targetKey, () => new TransferGroup(plan, form, this.assignedFor(mapping)))
+          .addChange({ requestId, targetKey, values: valuesOf(plan, row, form), history, modifiedAt, lsn: change.lsn }, change.op === 'insert');
+        return groupKey;
+      });
     }
-    this.bookkeeping(ctx, { op: 'transfer' }, mapping, requestId, runs, row);
+    this.bookkeeping(ctx, { op: 'transfer' }, mapping, requestId, sent, row);
     // the copies behind this one learn where the master is now
     if (owns) this.relay(ctx, row, 'from', { current: [mapping.to.server, mapping.to.table], values: false });
   }
@@ -431,8 +692,8 @@ class EngineSession implements ChangeSink {
     const { row, requestId } = found;
     const link = this.links.get(`${mapping.name}>`)!;
     ctx.sentTo.add(link.server);
-    const ran = this.updateCopy(ctx, link, 'update', true, { requestId, targetKey: targetKeyOf(row, mapping, requestId), history: row.dso_mapping_history ?? '[]', values: valuesOf(link.plan, row, ctx.form), current: null, master: null, newHistory: null, lsn: ctx.change.lsn });
-    this.bookkeeping(ctx, { op: 'update' }, mapping, requestId, ran, row);
+    const sent = this.updateCopy(ctx, link, 'update', true, row, { requestId, targetKey: targetKeyOf(row, mapping, requestId), history: row.dso_mapping_history ?? '[]', current: null, master: null, newHistory: null }, 'update');
+    this.bookkeeping(ctx, { op: 'update' }, mapping, requestId, sent, row);
   }
 
   /**
@@ -468,8 +729,8 @@ class EngineSession implements ChangeSink {
     const current = [mapping.from.server, mapping.from.table] as const;
     ctx.sentTo.add(link.server);
     const withValues = mapping.whenToUpdate !== 'never';
-    const ran = this.updateCopy(ctx, link, 'return', withValues, { requestId, targetKey: fromKey, history: historyText, values: withValues ? valuesOf(link.plan, row, form) : [], current, master: true, newHistory, lsn: change.lsn });
-    this.bookkeeping(ctx, { op: 'return' }, mapping, requestId, ran, row);
+    const sent = this.updateCopy(ctx, link, 'return', withValues, row, { requestId, targetKey: fromKey, history: historyText, current, master: true, newHistory }, 'return');
+    this.bookkeeping(ctx, { op: 'return' }, mapping, requestId, sent, row);
     this.relay(ctx, row, 'to', { current, values: false });
   }
 
@@ -479,7 +740,7 @@ class EngineSession implements ChangeSink {
     const requestId = row?.[ctx.form.keyColumn];
     if (!row || requestId === null || requestId === undefined) return;
     const link = this.links.get(`${mapping.name}>`)!;
-    this.deleteOn(ctx, link, { requestId, targetKey: targetKeyOf(row, mapping, requestId), history: row.dso_mapping_history ?? '[]', lsn: ctx.change.lsn });
+    this.deleteOn(ctx, link, { requestId, targetKey: targetKeyOf(row, mapping, requestId), history: row.dso_mapping_history ?? '[]' });
   }
 
   /**
@@ -498,7 +759,7 @@ class EngineSession implements ChangeSink {
         const link = this.chainLink(ctx, row, side);
         const targetKey = row[`dso_${side}_request_id`];
         if (!link || !targetKey) continue;
-        this.deleteOn(ctx, link, { requestId: row[ctx.form.keyColumn]!, targetKey, history: row.dso_mapping_history ?? '[]', lsn: change.lsn });
+        this.deleteOn(ctx, link, { requestId: row[ctx.form.keyColumn]!, targetKey, history: row.dso_mapping_history ?? '[]' });
       } else {
         this.relay(ctx, row, side, { current: row.dso_current_server && row.dso_current_form ? [row.dso_current_server, row.dso_current_form] : null, values: true });
       }
@@ -506,7 +767,7 @@ class EngineSession implements ChangeSink {
   }
 
   /** The link on that side of the copy when it keeps the chain in step and is not where the change came from. */
-  private chainLink(ctx: ChangeContext, row: TextRow, side: 'from' | 'to', evenToWriter = false): Link | undefined {
+  private chainLink(ctx: ChangeContext, row: TextRow, side: 'from' | 'to', evenToWriter = false): LinkRef | undefined {
     const name = row[`dso_${side}_mapping`];
     const mapping = name ? this.opts.config.mappings[name] : undefined;
     if (!mapping || !keptInStep(mapping)) return undefined;
@@ -526,27 +787,32 @@ class EngineSession implements ChangeSink {
     const targetKey = row[`dso_${side}_request_id`];
     const requestId = row[ctx.form.keyColumn];
     if (!link || !targetKey || !requestId || ctx.sentTo.has(link.server)) return;
-    this.updateCopy(ctx, link, 'chain', what.values, { requestId, targetKey, history: row.dso_mapping_history ?? '[]', values: what.values ? valuesOf(link.plan, row, ctx.form) : [], current: what.current, master: null, newHistory: null, lsn: ctx.change.lsn });
+    this.updateCopy(ctx, link, 'chain', what.values, row, { requestId, targetKey, history: row.dso_mapping_history ?? '[]', current: what.current, master: null, newHistory: null });
   }
 
-  /** Buffers an update of a copy on a link's server; false when the lane had already applied it (replay). */
-  private updateCopy(ctx: ChangeContext, link: Link, kind: UpdateKind, withValues: boolean, row: CopyUpdate): boolean {
-    return this.onLink(ctx, link, `${kind}:${withValues}`, row, () => new CopyUpdateGroup(link, kind, withValues, ctx.form, this.server));
+  /** An update of a copy on a link's server (values from the source row when it carries them). */
+  private updateCopy(ctx: ChangeContext, link: LinkRef, kind: UpdateKind, withValues: boolean, row: TextRow, update: Omit<CopyUpdate, 'values' | 'lsn'>, bk?: 'update' | 'return'): Route['to'] {
+    const entry = this.entry(link, { group: 'copy-update', kind, withValues, form: `${ctx.form.schema}.${ctx.form.table}`, requestId: update.requestId, targetKey: update.targetKey, history: update.history, row: withValues ? row : null, current: update.current, master: update.master, newHistory: update.newHistory, ...(bk ? { bookkeeping: { op: bk, seen: seenOf(row) } } : {}) }, ctx.change.lsn);
+    return this.onLink(ctx, link, entry, (resolved) => {
+      const group = () => new CopyUpdateGroup(resolved, kind, withValues, ctx.form, this.server);
+      return [`${kind}:${withValues}`, group, { ...update, values: withValues ? valuesOf(resolved.plan, row, ctx.form) : [], lsn: ctx.change.lsn }];
+    });
   }
 
-  private deleteOn(ctx: ChangeContext, link: Link, row: CopyDelete): void {
-    this.onLink(ctx, link, 'delete', row, () => new CopyDeleteGroup(link, ctx.form, this.server));
+  private deleteOn(ctx: ChangeContext, link: LinkRef, del: Omit<CopyDelete, 'lsn'>): void {
+    const entry = this.entry(link, { group: 'copy-delete', form: `${ctx.form.schema}.${ctx.form.table}`, requestId: del.requestId, targetKey: del.targetKey, history: del.history, row: null }, ctx.change.lsn);
+    this.onLink(ctx, link, entry, (resolved) => ['delete', () => new CopyDeleteGroup(resolved, ctx.form, this.server), { ...del, lsn: ctx.change.lsn }]);
   }
 
-  /** Buffers an operation on a copy on a link's server; false when the lane had already applied it (replay). */
-  private onLink<R extends { requestId: string; targetKey: string }>(ctx: ChangeContext, link: Link, kind: string, row: R, create: () => RequestGroup<R>): boolean {
-    const table = `${link.plan.target.schema}.${link.plan.target.table}`;
-    const buffer = this.bufferFor(link.server, link.mapping.pool, table, row.targetKey);
-    if (buffer.lane.applied(ctx.tx.finalLsn)) return false;
-    const groupKey = `${kind}:${link.mapping.name}${link.forward ? '>' : '<'}`;
-    buffer.group(groupKey, table, row.targetKey, create).add(row);
-    this.enqueued(ctx, buffer, groupKey);
-    return true;
+  /** Sends an operation on a copy on a link's server: to its lane, or to the queue. */
+  private onLink<R extends { requestId: string; targetKey: string }>(ctx: ChangeContext, link: LinkRef, entry: PendingEntry, build: (resolved: Link) => [string, () => RequestGroup<R>, R]): Route['to'] {
+    const route = this.route(link.server, link.mapping.pool, entry.targetForm, entry.op.targetKey, ctx.tx.finalLsn);
+    return this.dispatch(ctx, route, entry, (buffer) => {
+      const [kind, create, row] = build(link.resolved!);
+      const groupKey = `${kind}:${link.mapping.name}${link.forward ? '>' : '<'}`;
+      buffer.group(groupKey, entry.targetForm, row.targetKey, create).add(row);
+      return groupKey;
+    });
   }
 
   /** The hop's JSON around its request ID, the same for every request of a mapping in a transaction. */
@@ -586,17 +852,41 @@ class EngineSession implements ChangeSink {
 
   // ---- flush ------------------------------------------------------------------------------
 
+  /**
+   * Ends a batch. Lanes apply; a peer whose lane failed before its commit committed nothing of
+   * the batch, so its operations join the queue and it waits for its next attempt. Rows that
+   * could not be applied are recorded in pending_errors (before any target commits: a replay
+   * must find them). The targets commit, then the source lane writes the queue's share, the
+   * statuses and the bookkeeping with its progress, and only then is the batch confirmed.
+   */
   private async flush(): Promise<void> {
     const last = this.last;
     if (!last) return;
-    const lanes = [...this.lanes.values()];
-    for (const buffer of lanes) buffer.submitAll();
-    await Promise.all(lanes.map((b) => b.lane.settle()));
-    const failures = [...this.rejected, ...lanes.flatMap((b) => b.lane.takeFailures())];
+    const peers = [...this.peers.values()];
+    const all = peers.flatMap((p) => [...p.lanes.values()]);
+    for (const buffer of all) buffer.submitAll();
+    await Promise.allSettled(all.map((b) => b.lane.settle()));
+    const requeued = new Set<string>();
+    for (const peer of peers) {
+      const broken = [...peer.lanes.values()].find((b) => b.lane.failed);
+      if (!broken) continue;
+      const ops = [...peer.lanes.values()].flatMap((b) => this.laneOps.get(b) ?? []);
+      for (const b of peer.lanes.values()) b.lane.takeFailures();
+      await this.peerDown(peer, broken.lane.failed);
+      for (const entry of ops) {
+        this.queue(peer, entry);
+        requeued.add(entryKey(entry));
+        const bk = entry.op.bookkeeping;
+        const form = this.forms.get(entry.op.form);
+        if (bk && form) this.waiting.push({ source: form, type: bk.op, requestId: entry.op.requestId });
+      }
+    }
+    const lanes = peers.filter((p) => p.up).flatMap((p) => [...p.lanes.entries()].map(([pool, buffer]) => ({ peer: p, pool, buffer })));
+    const failures = [...this.rejected, ...lanes.flatMap(({ buffer }) => withOps(buffer.lane.takeFailures(), this.laneOps.get(buffer)))];
     this.rejected = [];
-    const sourceLane = this.sourceLane!;
+    const source = this.sourceLane!;
     if (failures.length) {
-      await sourceLane.runAlone((client) => recordFailures(client, failures));
+      await source.runAlone((client) => recordErrors(client, failures));
       for (const f of failures) this.log.warn({ mapping: f.mapping.name, type: f.type, requestId: f.requestId, sqlstate: f.sqlstate }, f.error);
     }
     // Targets commit first, then the source copies' bookkeeping: no transaction of this engine
@@ -604,11 +894,39 @@ class EngineSession implements ChangeSink {
     // wait for each other forever, unseen by PostgreSQL's deadlock detector). Meanwhile a target's
     // engine may already act on its new copy and write back (a return, a transfer back): the
     // bookkeeping leaves ownership alone on a copy another engine wrote since (SourceBookkeeping).
-    await Promise.all(lanes.filter((b) => b.lane.dirty).map((b) => b.lane.commit(last.finalLsn, last.commitTime)));
-    const failed = new Set(failures.map((f) => changeKey(f.type, f.mapping.name, f.requestId, f.lsn)));
-    for (const group of this.sourceBuffer!.pendingGroups()) if (group instanceof SourceBookkeeping) group.dropFailed(failed);
+    await Promise.all(
+      lanes
+        .filter(({ buffer }) => buffer.lane.dirty)
+        .map(async ({ peer, pool, buffer }) => {
+          await buffer.lane.commit(last.finalLsn, last.commitTime);
+          peer.progress.set(pool, buffer.lane.progress);
+        }),
+    );
+    for (const { buffer } of lanes) this.laneOps.delete(buffer);
+    const dropped = new Set([...failures.map((f) => changeKey(f.type, f.mapping.name, f.requestId, f.lsn)), ...requeued]);
+    for (const group of this.sourceBuffer!.pendingGroups()) if (group instanceof SourceBookkeeping) group.dropFailed(dropped);
+    const queued = peers.filter((p) => p.batch.length > 0);
+    const waiting = this.waiting;
+    this.waiting = [];
+    if (queued.length || waiting.length || failures.length) {
+      source.submit({
+        size: 1,
+        has: () => false,
+        execute: async (client) => {
+          for (const peer of queued) await enqueue(client, peer.batch, { nextAttemptAt: new Date(Math.max(Date.now(), peer.nextAttemptAt)), lastError: peer.lastError });
+          await markStatus(client, failures, 'failure');
+          await markStatus(client, waiting, 'retry');
+          return [];
+        },
+      });
+    }
     this.sourceBuffer!.submitAll();
-    await sourceLane.commit(last.finalLsn, last.commitTime);
+    await source.commit(last.finalLsn, last.commitTime);
+    for (const peer of queued) {
+      this.stats.queued += peer.batch.length;
+      peer.batch = [];
+      peer.lastInBatch.clear();
+    }
     this.stats.applied += this.unflushed;
     this.stats.failed += failures.length;
     this.unflushed = 0;
@@ -618,12 +936,206 @@ class EngineSession implements ChangeSink {
     this.stats.confirmedLsn = formatLsn(last.endLsn);
   }
 
+  // ---- the queue's delivery ---------------------------------------------------------------
+
+  /** True when a peer's next attempt is due, or a reachable peer has queued operations. */
+  private deliveryDue(): boolean {
+    if (this.reloadQueue) return true;
+    const now = Date.now();
+    for (const peer of this.peers.values()) {
+      if (peer.up ? peer.queued.size > 0 : peer.nextAttemptAt <= now) return true;
+    }
+    return false;
+  }
+
+  /** One round: peers due are tried again; each reachable peer gets one chunk of its queue. */
+  private async deliver(): Promise<void> {
+    if (this.reloadQueue) {
+      this.reloadQueue = false;
+      const byServer = await queuedRequests(this.control!);
+      for (const peer of this.peers.values()) {
+        peer.queued = byServer.get(peer.name) ?? new Set();
+        if (!peer.up && peer.queued.size > 0) peer.nextAttemptAt = 0;
+      }
+    }
+    const now = Date.now();
+    for (const peer of this.peers.values()) {
+      if (!peer.up && (peer.nextAttemptAt > now || !(await this.tryPeer(peer)))) continue;
+      if (peer.queued.size > 0) await this.deliverChunk(peer);
+    }
+  }
+
+  /**
+   * Delivers the oldest queued operations of a peer, in order, in one transaction of its first
+   * pool's lane that also records the highest id delivered (pgdso.pending_delivered). Those the
+   * target had already committed (a delivery cut short before the source's clean-up) only get
+   * their bookkeeping. Rows that cannot be applied move to pending_errors before the target
+   * commits; then the source writes the bookkeeping and removes what was delivered.
+   */
+  private async deliverChunk(peer: Peer): Promise<void> {
+    const rows = await nextQueued(this.control!, peer.name, this.chunkRows);
+    if (rows.length === 0) {
+      peer.queued.clear();
+      return;
+    }
+    const buffer = peer.lanes.get(peer.pools[0]!)!;
+    const { lane } = buffer;
+    let upTo: bigint;
+    try {
+      upTo = await lane.outside((client) => deliveredUpTo(client, this.queueId));
+    } catch (err) {
+      await this.peerDown(peer, err);
+      return;
+    }
+    const entries: PendingEntry[] = [];
+    const failures: ApplyFailure[] = [];
+    const assigned = new Map<string, Map<string, string>>();
+    const plans = new Map<string, ColumnPlan>();
+    const done: PendingEntry[] = [];
+    for (const row of rows) {
+      const entry = this.entryOf(row);
+      entries.push(entry);
+      if (BigInt(row.id) <= upTo || entry.op.applied) {
+        done.push(entry);
+        continue;
+      }
+      const refused = this.rebuild(entry, buffer, assigned, plans);
+      if (refused) failures.push(refused);
+    }
+    buffer.submitAll();
+    try {
+      await lane.settle();
+    } catch (err) {
+      await this.peerDown(peer, err);
+      return;
+    }
+    failures.push(...withOps(lane.takeFailures(), entries));
+    const failed = new Set(failures.map((f) => changeKey(f.type, f.mapping.name, f.requestId, f.lsn)));
+    const failedIds = entries.filter((e) => failed.has(entryKey(e))).map((e) => e.id!);
+    const source = this.sourceLane!;
+    if (failures.length) {
+      await source.runAlone(async (client) => {
+        await recordErrors(client, failures);
+        await dequeue(client, failedIds);
+      });
+      for (const f of failures) this.log.warn({ mapping: f.mapping.name, type: f.type, requestId: f.requestId, sqlstate: f.sqlstate }, f.error);
+    }
+    const lastId = rows[rows.length - 1]!.id;
+    if (lane.dirty) await lane.commitWith((client) => markDelivered(client, this.queueId, this.server, lastId));
+    const delivered = entries.filter((e) => !failed.has(entryKey(e)));
+    await source.runAlone(async (client) => {
+      const bookkeeping = new LaneBuffer<never>(source, this.chunkRows, true);
+      for (const entry of delivered) {
+        const { op } = entry;
+        const form = this.forms.get(op.form);
+        if (!op.bookkeeping || !form) continue;
+        const outcome: Outcome = { op: op.bookkeeping.op };
+        bookkeeping
+          .group(`${outcome.op}:${entry.mapping.name}`, op.form, op.requestId, () => new SourceBookkeeping(outcome, entry.mapping, form, assigned.get(entry.mapping.name)))
+          .add(op.requestId, parseLsn(op.lsn), true, op.bookkeeping.seen);
+      }
+      await markStatus(client, failures.filter((f) => this.forms.has(`${f.source.schema}.${f.source.table}`)), 'failure');
+      for (const group of bookkeeping.pendingGroups()) await group.execute(client);
+      await dequeue(client, delivered.map((e) => e.id!));
+    });
+    this.stats.delivered += delivered.length;
+    this.stats.failed += failures.length;
+    const keys = new Map(rows.map((r) => [requestKey(this.entryOf(r).targetForm, r.op.targetKey), [this.entryOf(r).targetForm, r.op.targetKey] as [string, string]]));
+    const still = await stillQueued(this.control!, peer.name, [...keys.values()]);
+    for (const key of keys.keys()) if (!still.has(key)) peer.queued.delete(key);
+    this.log.debug({ peer: peer.name, delivered: delivered.length, failed: failures.length, left: peer.queued.size }, 'queued operations delivered');
+  }
+
+  /** A queued operation read back. */
+  private entryOf(row: { id: string; op: QueuedOp; mapping: string }): PendingEntry {
+    const ref = this.links.get(row.op.link);
+    const mapping = ref?.mapping ?? this.opts.config.mappings[row.mapping];
+    const there = ref ? (ref.forward ? ref.mapping.to : ref.mapping.from) : mapping?.to;
+    return {
+      id: row.id,
+      op: row.op,
+      type: opType(row.op),
+      mapping: mapping ?? ({ name: row.mapping, pool: 'default' } as MappingConfig),
+      targetServer: ref?.server ?? there?.server ?? '',
+      targetForm: there ? `${there.schema}.${there.table}` : '',
+    };
+  }
+
+  /** Buffers a queued operation in a lane; a failure when it can no longer be built. */
+  private rebuild(entry: PendingEntry, buffer: LaneBuffer<ApplyFailure>, assigned: Map<string, Map<string, string>>, plans: Map<string, ColumnPlan>): ApplyFailure | null {
+    const { op } = entry;
+    const ref = this.links.get(op.link);
+    const form = this.forms.get(op.form);
+    const lsn = parseLsn(op.lsn);
+    const refuse = (error: string): ApplyFailure => {
+      const [schema, table] = op.form.split('.') as [string, string];
+      return { type: entry.type, mapping: entry.mapping, source: form ?? ({ schema, table } as FormInfo), targetServer: entry.targetServer, requestId: op.requestId, lsn, payload: { op, targetForm: entry.targetForm, targetKey: op.targetKey }, error, sqlstate: null };
+    };
+    if (!ref?.resolved || !form) return refuse(`queued ${entry.type} of request ${op.requestId}: mapping "${entry.mapping.name}" or form ${op.form} is no longer in the rules`);
+    const link = ref.resolved;
+    const { mapping } = link;
+    try {
+      let groupKey: string;
+      if (op.group === 'transfer') {
+        const columns = Object.keys(op.row ?? {});
+        const planKey = `${mapping.name}\u0000${columns.join('\u0000')}`;
+        let plan = plans.get(planKey);
+        if (!plan) plans.set(planKey, (plan = buildColumnPlan(mapping, columns, form.keyColumn, this.catalogs.get(mapping.name)!)));
+        let ids = assigned.get(mapping.name);
+        if (!ids) assigned.set(mapping.name, (ids = new Map()));
+        groupKey = `transfer:${planKey}`;
+        const planned = plan;
+        const newIds = ids;
+        buffer
+          .group(groupKey, entry.targetForm, op.targetKey, () => new TransferGroup(planned, form, newIds))
+          .addChange({ requestId: op.requestId, targetKey: op.targetKey, values: valuesOf(plan, op.row ?? {}, form), history: op.history, modifiedAt: op.modifiedAt ?? null, lsn }, false);
+      } else if (op.group === 'copy-update') {
+        const kind = op.kind ?? 'chain';
+        const withValues = op.withValues ?? false;
+        groupKey = `${kind}:${withValues}:${op.link}`;
+        buffer
+          .group(groupKey, entry.targetForm, op.targetKey, () => new CopyUpdateGroup(link, kind, withValues, form, this.server))
+          .add({ requestId: op.requestId, targetKey: op.targetKey, history: op.history, values: withValues ? valuesOf(link.plan, op.row ?? {}, form) : [], current: op.current ?? null, master: op.master ?? null, newHistory: op.newHistory ?? null, lsn });
+      } else {
+        groupKey = `delete:${op.link}`;
+        buffer.group(groupKey, entry.targetForm, op.targetKey, () => new CopyDeleteGroup(link, form, this.server)).add({ requestId: op.requestId, targetKey: op.targetKey, history: op.history, lsn });
+      }
+      buffer.added(groupKey);
+      return null;
+    } catch (err) {
+      return refuse(`queued ${entry.type} of request ${op.requestId} by mapping "${mapping.name}": ${errorText(err)}`);
+    }
+  }
+
   async close(): Promise<void> {
+    for (const timer of this.timers) clearInterval(timer);
     await this.stream?.stop();
-    await Promise.all([...this.lanes.values()].map((b) => b.lane.close()));
+    await Promise.all([...this.peers.values()].map((p) => this.closePeerLanes(p)));
     await this.sourceLane?.close();
     await this.control?.end().catch(() => {});
   }
+}
+
+/** The key of a queued operation, as changeKey gives it for its failure. */
+function entryKey(entry: PendingEntry): string {
+  return changeKey(entry.type, entry.mapping.name, entry.op.requestId, parseLsn(entry.op.lsn));
+}
+
+/** Failures with the operation each one is, for a retry. */
+function withOps(failures: ApplyFailure[], entries: readonly PendingEntry[] | undefined): ApplyFailure[] {
+  if (failures.length === 0 || !entries) return failures;
+  const byKey = new Map(entries.map((e) => [entryKey(e), e]));
+  return failures.map((f) => withOp(f, byKey.get(changeKey(f.type, f.mapping.name, f.requestId, f.lsn))));
+}
+
+/** What the source copy said in the change, for its bookkeeping. */
+function seenOf(row: TextRow): SeenState {
+  return { version: row.dso_version ?? null, hops: countHops(row.dso_mapping_history), current: row.dso_current_server ?? null };
+}
+
+/** An error's message alone (never a connection string). */
+function errorText(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
 }
 
 /** Every domain of the database with its (ultimate) base type. */

@@ -306,6 +306,7 @@ function configWith(partial: Partial<PgdsoConfig>): PgdsoConfig {
     filters: [],
     escalations: [],
     group: { checkIntervalSeconds: 2, delinquentThreshold: 3 },
+    pending: { retry: { kind: 'backoff', firstMs: 1000, maxMs: 60_000 }, heartbeatMs: 10_000, retainedWalWarnBytes: 1024 ** 3 },
     http: { port: null },
     ...partial,
   };

@@ -157,24 +157,39 @@ export class SourceBookkeeping implements OpGroup<never> {
 const STATUS_COLUMN: Readonly<Record<OpType, string | null>> = { transfer: 'dso_transfer_status', return: 'dso_transfer_status', update: 'dso_update_status', delete: null };
 
 /**
- * Records failures in the source's pending_errors (idempotent: a replay records nothing twice)
- * and marks their source copies failed: one statement for the errors, one per form and status
- * column for the copies.
+ * Records failures in the source's pending_errors, idempotently (a replay records nothing
+ * twice). Only pgdso's own table: no user row is locked while a target's transaction is open.
  */
-export async function recordFailures(client: pg.ClientBase, failures: ApplyFailure[]): Promise<void> {
+export async function recordErrors(client: pg.ClientBase, failures: readonly ApplyFailure[]): Promise<void> {
+  if (failures.length === 0) return;
   const rows = failures.map((f) => ({
     pool: f.mapping.pool, type: f.type, mapping: f.mapping.name, form: `${f.source.schema}.${f.source.table}`,
-    request_id: f.requestId, target_server: f.targetServer, payload: f.payload, error: f.error, sqlstate: f.sqlstate, source_lsn: formatLsn(f.lsn),
+    request_id: f.requestId, target_server: f.targetServer, target_form: f.payload.targetForm ?? null, target_key: f.payload.targetKey ?? null,
+    payload: f.payload, error: f.error, sqlstate: f.sqlstate, source_lsn: formatLsn(f.lsn),
   }));
   await client.query(
-    `INSERT INTO pgdso.pending_errors (pool, type, mapping, form, request_id, target_server, payload, status, attempts, last_error, error, sqlstate, source_lsn)
-     SELECT f.pool, f.type, f.mapping, f.form, f.request_id, f.target_server, f.payload, 'failed', 1, f.error, f.error, f.sqlstate, f.source_lsn::pg_lsn
-       FROM jsonb_to_recordset($1::jsonb) AS f(pool text, type text, mapping text, form text, request_id text, target_server text, payload jsonb, error text, sqlstate text, source_lsn text)
+    `INSERT INTO pgdso.pending_errors (pool, type, mapping, form, request_id, target_server, target_form, target_key, payload, status, attempts, last_error, error, sqlstate, source_lsn)
+     SELECT f.pool, f.type, f.mapping, f.form, f.request_id, f.target_server, f.target_form, f.target_key, f.payload, 'failed', 1, f.error, f.error, f.sqlstate, f.source_lsn::pg_lsn
+       FROM jsonb_to_recordset($1::jsonb) AS f(pool text, type text, mapping text, form text, request_id text, target_server text, target_form text, target_key text, payload jsonb, error text, sqlstate text, source_lsn text)
      ON CONFLICT (source_lsn, mapping, type, request_id) WHERE source_lsn IS NOT NULL DO NOTHING`,
     [JSON.stringify(rows)],
   );
+}
+
+/** A source copy whose operation's status changes. */
+export interface CopyStatus {
+  source: FormInfo;
+  type: OpType;
+  requestId: string;
+}
+
+/**
+ * Sets the transfer or update status of source copies ('failure': in pending_errors; 'retry':
+ * waiting in pending): one statement per form and status column.
+ */
+export async function markStatus(client: pg.ClientBase, copies: readonly CopyStatus[], status: 'failure' | 'retry'): Promise<void> {
   const byCopy = new Map<string, { form: FormInfo; column: string; ids: string[] }>();
-  for (const f of failures) {
+  for (const f of copies) {
     const column = STATUS_COLUMN[f.type];
     if (!column) continue;
     const key = `${f.source.schema}.${f.source.table}\u0000${column}`;
@@ -184,9 +199,9 @@ export async function recordFailures(client: pg.ClientBase, failures: ApplyFailu
   }
   for (const { form, column, ids } of byCopy.values()) {
     await client.query(
-      `UPDATE ${qualified(form.schema, form.table)} AS s SET ${column} = 'failure', ${KEEP_SYNC}
-        WHERE ${quoteIdent(form.keyColumn)} = ANY ($1::text[]::${form.keyType}[]) AND ${column} IS DISTINCT FROM 'failure'`,
-      [textArrayLiteral(ids)],
+      `UPDATE ${qualified(form.schema, form.table)} AS s SET ${column} = $2, ${KEEP_SYNC}
+        WHERE ${quoteIdent(form.keyColumn)} = ANY ($1::text[]::${form.keyType}[]) AND ${column} IS DISTINCT FROM $2`,
+      [textArrayLiteral(ids), status],
     );
   }
 }

@@ -104,10 +104,14 @@ export class ApplyLane<F = unknown> {
     this.tail = done;
   }
 
-  /** Waits until at most `n` submitted groups are unfinished (backpressure). */
+  /** Waits until at most `n` submitted groups are unfinished (backpressure; a failure shows at settle). */
   async drainTo(n: number): Promise<void> {
     while (this.inFlight.length > n) await this.inFlight[0];
-    if (this.failure) throw this.failure;
+  }
+
+  /** The failure that ended this lane's transaction, if any (the lane must be closed then). */
+  get failed(): Error | null {
+    return this.failure;
   }
 
   /** Waits for the submitted groups; throws the first failure (the transaction is then lost). */
@@ -144,6 +148,26 @@ export class ApplyLane<F = unknown> {
     await client.query('COMMIT');
     this.inTransaction = false;
     if (finalLsn > this.progress) this.progress = finalLsn;
+  }
+
+  /**
+   * Commits the open transaction after `record` (a queue delivery records what it delivered
+   * instead of a source position).
+   */
+  async commitWith(record: (client: pg.ClientBase) => Promise<void>): Promise<void> {
+    await this.settle();
+    if (!this.inTransaction) return;
+    const client = this.connection();
+    await record(client);
+    await client.query('COMMIT');
+    this.inTransaction = false;
+  }
+
+  /** Runs reads on the lane's connection outside any transaction. */
+  async outside<T>(work: (client: pg.ClientBase) => Promise<T>): Promise<T> {
+    await this.settle();
+    if (this.inTransaction) throw new Error(`lane ${this.name}: outside() inside an open transaction`);
+    return work(this.connection());
   }
 
   /** Runs one statement batch in a transaction of its own (no origin progress recorded). */

@@ -930,6 +930,8 @@ function resolveConfig(
 
   const group = (config.group as JsonObject | undefined) ?? {};
   const http = config.http as JsonObject | undefined;
+  const pending = (config.pending as JsonObject | undefined) ?? {};
+  const retry = pending.retry as Json | undefined;
   return {
     file,
     servers,
@@ -940,6 +942,18 @@ function resolveConfig(
     group: {
       checkIntervalSeconds: (group.checkIntervalSeconds as number | undefined) ?? DEFAULT_GROUP.checkIntervalSeconds,
       delinquentThreshold: (group.delinquentThreshold as number | undefined) ?? DEFAULT_GROUP.delinquentThreshold,
+    },
+    pending: {
+      retry:
+        retry === 'dso'
+          ? { kind: 'dso' }
+          : {
+              kind: 'backoff',
+              firstMs: (((retry as JsonObject | undefined)?.firstSeconds as number | undefined) ?? 1) * 1000,
+              maxMs: (((retry as JsonObject | undefined)?.maxSeconds as number | undefined) ?? 60) * 1000,
+            },
+      heartbeatMs: ((pending.heartbeatSeconds as number | undefined) ?? 10) * 1000,
+      retainedWalWarnBytes: (pending.retainedWalWarnBytes as number | undefined) ?? 1024 ** 3,
     },
     http: { port: (http?.port as number | undefined) ?? null },
   };

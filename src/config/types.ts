@@ -87,6 +87,16 @@ export interface GroupConfig {
   delinquentThreshold: number;
 }
 
+/** When queued operations for a peer are tried again. */
+export type RetrySchedule = { kind: 'dso' } | { kind: 'backoff'; firstMs: number; maxMs: number };
+
+export interface PendingConfig {
+  retry: RetrySchedule;
+  /** a heartbeat message in a quiet source's WAL this often (0: none) */
+  heartbeatMs: number;
+  retainedWalWarnBytes: number;
+}
+
 export interface PgdsoConfig {
   /** absolute path of the config file */
   file: string;
@@ -97,6 +107,7 @@ export interface PgdsoConfig {
   filters: readonly FilterConfig[];
   escalations: readonly EscalationConfig[];
   group: GroupConfig;
+  pending: PendingConfig;
   http: { port: number | null };
 }
 

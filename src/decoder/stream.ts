@@ -56,6 +56,7 @@ export class ReplicationStream {
   private lastStatusAt = 0;
   private statusDue: NodeJS.Timeout | null = null;
   private stopped = false;
+  private wakeUp: (() => void) | null = null;
 
   constructor(private readonly opts: StreamOptions) {}
 
@@ -85,6 +86,9 @@ export class ReplicationStream {
       }
       if (!this.draining) void this.drain(sink, connection);
     });
+    this.wakeUp = () => {
+      if (!this.draining && !this.stopped) void this.drain(sink, connection);
+    };
     log.debug({ slot: this.opts.slot }, 'starting replication from the confirmed position');
     const publication = this.opts.publication ?? PUBLICATION;
     const sql = `START_REPLICATION SLOT ${quoteIdent(this.opts.slot)} LOGICAL 0/0 (proto_version '1', publication_names '${quoteIdent(publication).replace(/'/g, "''")}', messages 'true')`;
@@ -99,6 +103,14 @@ export class ReplicationStream {
     } finally {
       this.cleanup();
     }
+  }
+
+  /**
+   * Gives the sink a turn even though nothing arrived (its `idle()` runs between transactions,
+   * with the socket paused while it works): for work on a timer, such as a delivery retry.
+   */
+  wake(): void {
+    this.wakeUp?.();
   }
 
   /** Confirms `lsn` (a commit-end LSN whose transaction is applied everywhere it goes). */
@@ -126,6 +138,7 @@ export class ReplicationStream {
   }
 
   private cleanup(): void {
+    this.wakeUp = null;
     if (this.statusTimer) clearInterval(this.statusTimer);
     this.statusTimer = null;
     if (this.statusDue) clearTimeout(this.statusDue);
