@@ -31,7 +31,7 @@ import { changeKey, type ApplyFailure, type OpType, type RequestGroup } from './
 import { classifyError } from './applier/errors.ts';
 import { retryDelay } from './applier/schedule.ts';
 import {
-  deferQueued, deliveredUpTo, dequeue, enqueue, markDelivered, nextQueued, opType, queueIdentity, queuedRequests, requestKey, stillQueued, supersedes, withOp,
+  recordAttempt, deliveredUpTo, dequeue, enqueue, markDelivered, nextQueued, opType, queueIdentity, queuedRequests, requestKey, stillQueued, supersedes, withOp,
   type PendingEntry, type QueuedOp,
 } from './applier/pending.ts';
 import { describeForm, ensureSlot, type FormInfo } from './sql/forms.ts';
@@ -397,6 +397,7 @@ class EngineSession implements ChangeSink {
       throw err;
     }
     if (!peer.up && peer.attempts > 0) this.log.info({ peer: peer.name, attempts: peer.attempts, queued: peer.queued.size }, 'peer reachable again; delivering its queued operations');
+    await this.sourceLane!.runAlone((client) => recordAttempt(client, peer.name, null));
     peer.up = true;
     peer.attempts = 0;
     peer.downSince = null;
@@ -440,8 +441,9 @@ class EngineSession implements ChangeSink {
     const fields = { peer: peer.name, attempts: peer.attempts, retryInMs: Math.round(wait), sqlstate: classified.sqlstate, class: classified.class, error: classified.message };
     if (classified.class === 'permanent') this.log.error(fields, 'peer refuses the engine (privileges, a missing form or database?): its operations wait in pgdso.pending until that is fixed');
     else this.log.warn(fields, 'peer cannot be reached: its operations wait in pgdso.pending');
-    if (peer.queued.size > 0 && this.sourceLane) {
-      await this.sourceLane.runAlone((client) => deferQueued(client, peer.name, new Date(peer.nextAttemptAt), classified.message));
+    if (this.sourceLane) {
+      const attempt = { attempts: peer.attempts, downSince: new Date(peer.downSince), nextAttemptAt: new Date(peer.nextAttemptAt), error: classified.message };
+      await this.sourceLane.runAlone((client) => recordAttempt(client, peer.name, attempt));
     }
   }
 
@@ -915,12 +917,13 @@ class EngineSession implements ChangeSink {
         execute: async (client) => {
           for (const peer of queued) await enqueue(client, peer.batch, { nextAttemptAt: new Date(Math.max(Date.now(), peer.nextAttemptAt)), lastError: peer.lastError });
           await markStatus(client, failures, 'failure');
-          await markStatus(client, waiting, 'retry');
           return [];
         },
       });
     }
     this.sourceBuffer!.submitAll();
+    // after the bookkeeping: a copy with an operation still waiting shows it (until delivered)
+    if (waiting.length) source.submit({ size: 1, has: () => false, execute: (client) => markStatus(client, waiting, 'retry').then(() => []) });
     await source.commit(last.finalLsn, last.commitTime);
     for (const peer of queued) {
       this.stats.queued += peer.batch.length;

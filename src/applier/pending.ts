@@ -95,11 +95,11 @@ export async function enqueue(client: pg.ClientBase, entries: readonly PendingEn
   await client.query(
     `WITH q AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS q(ord int, pool text, type text, mapping text, form text, request_id text, target_server text, target_form text, target_key text, payload jsonb, source_lsn text, sup text)),
           firsts AS (SELECT DISTINCT ON (target_server, target_form, target_key) * FROM q ORDER BY target_server, target_form, target_key, ord),
-          superseded AS (DELETE FROM pgdso.pending p USING firsts f
-                          WHERE p.id = (SELECT l.id FROM pgdso.pending l
-                                         WHERE l.target_server = f.target_server AND l.target_form = f.target_form AND l.target_key = f.target_key
-                                         ORDER BY l.id DESC LIMIT 1)
-                            AND ${SUPERSEDES_SQL} = f.sup)
+          lasts AS (SELECT f.sup, (SELECT l.id FROM pgdso.pending l
+                                    WHERE l.target_server = f.target_server AND l.target_form = f.target_form AND l.target_key = f.target_key
+                                    ORDER BY l.id DESC LIMIT 1) AS id
+                      FROM firsts f),
+          superseded AS (DELETE FROM pgdso.pending p USING lasts f WHERE p.id = f.id AND ${SUPERSEDES_SQL} = f.sup)
      INSERT INTO pgdso.pending (pool, type, mapping, form, request_id, target_server, target_form, target_key, payload, status, attempts, next_attempt_at, last_error, source_lsn)
      SELECT pool, type, mapping, form, request_id, target_server, target_form, target_key, payload, 'queued', 0, $2, $3, source_lsn::pg_lsn FROM q ORDER BY ord`,
     [JSON.stringify(rows), status.nextAttemptAt, status.lastError],
@@ -135,11 +135,19 @@ export async function stillQueued(client: pg.ClientBase, server: string, keys: r
   return new Set(res.rows.map((r: { form: string; key: string }) => requestKey(r.form, r.key)));
 }
 
-/** A failed delivery attempt: every queued operation of the server waits until the next one. */
-export async function deferQueued(client: pg.ClientBase, server: string, nextAttemptAt: Date, error: string): Promise<void> {
+/**
+ * A target server's delivery attempts (pgdso.pending_targets: one row per server, whatever the
+ * length of its queue); `null` when it is reachable again.
+ */
+export async function recordAttempt(client: pg.ClientBase, server: string, attempt: { attempts: number; downSince: Date; nextAttemptAt: Date; error: string } | null): Promise<void> {
+  if (!attempt) {
+    await client.query(`DELETE FROM pgdso.pending_targets WHERE target_server = $1`, [server]);
+    return;
+  }
   await client.query(
-    `UPDATE pgdso.pending SET status = 'retry', attempts = attempts + 1, next_attempt_at = $2, last_error = $3 WHERE target_server = $1`,
-    [server, nextAttemptAt, error],
+    `INSERT INTO pgdso.pending_targets (target_server, attempts, down_since, next_attempt_at, last_error) VALUES ($1, $2, $3, $4, $5)
+     ON CONFLICT (target_server) DO UPDATE SET attempts = EXCLUDED.attempts, down_since = EXCLUDED.down_since, next_attempt_at = EXCLUDED.next_attempt_at, last_error = EXCLUDED.last_error, updated_at = now()`,
+    [server, attempt.attempts, attempt.downSince, attempt.nextAttemptAt, attempt.error],
   );
 }
 

@@ -49,6 +49,23 @@ program.command('status').description('instances, slot lag, pending, errors and 
   .option('--json', 'print JSON')
   .action(lazy('./commands/status.ts', 'statusCommand'));
 
+const pending = program.command('pending').description('the pending queue and its errors; retry sends failed operations again');
+pending.command('list').description('queued operations (pgdso.pending) and failed ones (pgdso.pending_errors) per server')
+  .option('--server <name>', 'only this server').option('--mapping <name>', 'only this mapping').option('--json', 'print JSON (with payloads)')
+  .action(lazy('./commands/pending.ts', 'pendingListCommand'));
+
+/** retry and discard: which rows (exactly one of --id, --mapping, --all; checked by the command) */
+const selecting = (cmd: Command, verb: string) => cmd
+  .option('--server <name>', 'only this server')
+  .option('--id <n>', `${verb} this row (ids are per server: needs --server when several are configured)`)
+  .option('--mapping <name>', `${verb} the rows of this mapping`)
+  .option('--all', `${verb} every row`)
+  .option('--queued', 'act on queued operations (pgdso.pending) instead of failed ones (pgdso.pending_errors)');
+selecting(pending.command('retry'), 'retry').description('send failed operations again (back into the queue, in order); with --queued, try queued ones now')
+  .action(lazy('./commands/pending.ts', 'pendingRetryCommand'));
+selecting(pending.command('discard'), 'discard').description('delete failed operations; with --queued, drop queued operations (they never reach their target)')
+  .action(lazy('./commands/pending.ts', 'pendingDiscardCommand'));
+
 program.command('demo').description("DSO's use cases on embedded PostgreSQL, narrated")
   .option('--keep', 'keep the clusters running at the end (Ctrl-C stops them)')
   .action(lazy('./commands/demo.ts', 'demoCommand'));

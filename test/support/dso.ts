@@ -40,6 +40,8 @@ export interface DsoEnvOptions {
   rules: Record<string, unknown>;
   /** place server i on cluster (i % clusters.length) unless given */
   placement?: Record<string, number>;
+  /** more config keys (pending, http, ...) */
+  config?: Record<string, unknown>;
 }
 
 export interface CliResult { code: number | null; stdout: string; stderr: string }
@@ -151,7 +153,7 @@ export async function createDsoEnv(opts: DsoEnvOptions): Promise<DsoEnv> {
     }),
   );
   const configPath = path.join(dir, 'pgdso.config.json');
-  const config = { servers: Object.fromEntries(Object.entries(urls).map(([name, url]) => [name, { connection: url }])), rules: ['rules/*.json'] };
+  const config = { servers: Object.fromEntries(Object.entries(urls).map(([name, url]) => [name, { connection: url }])), rules: ['rules/*.json'], ...opts.config };
   await writeFile(configPath, JSON.stringify(config, null, 2));
   const env = new DsoEnv(dir, configPath, urls);
   await env.writeRules(opts.rules);
