@@ -188,7 +188,7 @@ class EngineSession implements ChangeSink {
   private readonly localCatalogs = new Map<string, FormCatalog>();
   /** `${mapping}>` forward (to its target), `${mapping}<` backward (to its source) */
   private readonly links = new Map<string, LinkRef>();
-  private readonly plans = new WeakMap<Relation, Map<string, ColumnPlan>>();
+  private plans = new WeakMap<Relation, Map<string, ColumnPlan>>();
   /** target keys taken under new-id in this batch, per mapping */
   private readonly assigned = new Map<string, Map<string, string>>();
   private tx: OpenTransaction | null = null;
@@ -376,21 +376,7 @@ class EngineSession implements ChangeSink {
         await lane.open();
         peer.progress.set(pool, lane.progress);
       }
-      const first = peer.lanes.get(peer.pools[0]!)!.lane;
-      for (const ref of this.links.values()) {
-        if (ref.server !== peer.name) continue;
-        const { mapping } = ref;
-        if (ref.forward) {
-          const targetCatalog = await first.describe(mapping.to.schema, mapping.to.table);
-          this.catalogs.set(mapping.name, targetCatalog);
-          const source = await this.localCatalog(mapping.from);
-          ref.resolved = { mapping, forward: true, server: peer.name, plan: buildColumnPlan(mapping, [...source.columns.keys()], source.keyColumn, targetCatalog) };
-        } else {
-          const source = await first.describe(mapping.from.schema, mapping.from.table);
-          const forward = buildColumnPlan(mapping, [...source.columns.keys()], source.keyColumn, await this.localCatalog(mapping.to));
-          ref.resolved = { mapping, forward: false, server: peer.name, plan: reversePlan(forward, source) };
-        }
-      }
+      await this.resolveLinks(peer);
       await this.settleUnsure(peer);
     } catch (err) {
       await this.closePeerLanes(peer);
@@ -404,6 +390,44 @@ class EngineSession implements ChangeSink {
     peer.lastError = null;
     peer.nextAttemptAt = 0;
     this.stats.peersDown = this.stats.peersDown.filter((n) => n !== peer.name);
+  }
+
+  /**
+   * Reads the peer's forms and builds the column plans of its links. Again after a change of
+   * the peer's tables showed (a column missing, a type changed) and when `pgdso pending retry`
+   * asks: the fix of a DBA is then what the engine writes against.
+   */
+  private async resolveLinks(peer: Peer): Promise<void> {
+    const first = peer.lanes.get(peer.pools[0]!)!.lane;
+    this.plans = new WeakMap();
+    for (const ref of this.links.values()) {
+      if (ref.server !== peer.name) continue;
+      const { mapping } = ref;
+      if (ref.forward) {
+        const targetCatalog = await first.describe(mapping.to.schema, mapping.to.table);
+        this.catalogs.set(mapping.name, targetCatalog);
+        const source = await this.localCatalog(mapping.from);
+        ref.resolved = { mapping, forward: true, server: peer.name, plan: buildColumnPlan(mapping, [...source.columns.keys()], source.keyColumn, targetCatalog) };
+      } else {
+        const source = await first.describe(mapping.from.schema, mapping.from.table);
+        const forward = buildColumnPlan(mapping, [...source.columns.keys()], source.keyColumn, await this.localCatalog(mapping.to));
+        ref.resolved = { mapping, forward: false, server: peer.name, plan: reversePlan(forward, source) };
+      }
+    }
+  }
+
+  /** Reads the catalogs of reachable peers again (a failed plan takes the peer down until its next attempt). */
+  private async refreshPeers(names: Iterable<string>): Promise<void> {
+    for (const name of new Set(names)) {
+      const peer = this.peers.get(name);
+      if (!peer?.up) continue;
+      try {
+        await this.resolveLinks(peer);
+        this.log.info({ peer: name }, "the peer's forms were read again");
+      } catch (err) {
+        await this.peerDown(peer, err);
+      }
+    }
   }
 
   /** Queued operations that a lane may have applied before: applied ones are marked for bookkeeping only. */
@@ -937,6 +961,7 @@ class EngineSession implements ChangeSink {
     for (const ids of this.assigned.values()) ids.clear();
     this.stream?.confirm(last.endLsn);
     this.stats.confirmedLsn = formatLsn(last.endLsn);
+    await this.refreshPeers(failures.filter(catalogChanged).map((f) => f.targetServer));
   }
 
   // ---- the queue's delivery ---------------------------------------------------------------
@@ -960,6 +985,7 @@ class EngineSession implements ChangeSink {
         peer.queued = byServer.get(peer.name) ?? new Set();
         if (!peer.up && peer.queued.size > 0) peer.nextAttemptAt = 0;
       }
+      await this.refreshPeers(this.peers.keys());
     }
     const now = Date.now();
     for (const peer of this.peers.values()) {
@@ -1043,6 +1069,7 @@ class EngineSession implements ChangeSink {
     });
     this.stats.delivered += delivered.length;
     this.stats.failed += failures.length;
+    if (failures.some(catalogChanged)) await this.refreshPeers([peer.name]);
     const keys = new Map(rows.map((r) => [requestKey(this.entryOf(r).targetForm, r.op.targetKey), [this.entryOf(r).targetForm, r.op.targetKey] as [string, string]]));
     const still = await stillQueued(this.control!, peer.name, [...keys.values()]);
     for (const key of keys.keys()) if (!still.has(key)) peer.queued.delete(key);
@@ -1117,6 +1144,11 @@ class EngineSession implements ChangeSink {
     await this.sourceLane?.close();
     await this.control?.end().catch(() => {});
   }
+}
+
+/** A failure that says the target's table is not what the plan was built for. */
+function catalogChanged(f: ApplyFailure): boolean {
+  return f.sqlstate === '42703' /* undefined column */ || f.sqlstate === '42804' /* datatype mismatch */;
 }
 
 /** The key of a queued operation, as changeKey gives it for its failure. */

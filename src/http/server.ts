@@ -29,6 +29,22 @@ function registry(engines: readonly EngineView[]): Registry {
   counter('pgdso_operations_applied_total', 'Operations applied on peers and source copies', (s) => s.applied);
   counter('pgdso_operations_failed_total', 'Operations recorded in pending_errors', (s) => s.failed);
   counter('pgdso_sessions_total', 'Engine sessions started (a new one after each failure)', (s) => s.sessions);
+  counter('pgdso_operations_queued_total', 'Operations written to pgdso.pending (a peer that cannot be reached, or a request with queued operations)', (s) => s.queued);
+  counter('pgdso_operations_delivered_total', 'Queued operations delivered', (s) => s.delivered);
+  const gauge = (name: string, help: string, read: (s: EngineStats) => number | null) =>
+    new Gauge({
+      name, help, labelNames: ['server'], registers: [registry],
+      collect() {
+        this.reset();
+        for (const e of engines) {
+          const value = read(e.stats);
+          if (value !== null) this.set({ server: e.server }, value);
+        }
+      },
+    });
+  gauge('pgdso_slot_lag_bytes', "WAL between the server's current position and what its slot confirmed", (s) => s.slotLagBytes);
+  gauge('pgdso_slot_retained_wal_bytes', "WAL the server's slot holds back (from its restart position)", (s) => s.retainedWalBytes);
+  gauge('pgdso_peers_down', 'Peers that cannot be reached now (their operations wait in pgdso.pending)', (s) => s.peersDown.length);
   new Gauge({
     name: 'pgdso_streaming', help: '1 while the engine of a server streams its slot', labelNames: ['server'], registers: [registry],
     collect() {
@@ -47,7 +63,7 @@ export async function startHttpServer(port: number, engines: readonly EngineView
   const metrics = registry(engines);
   const server = http.createServer((req, res) => {
     if (req.method === 'GET' && req.url === '/healthz') {
-      const servers = Object.fromEntries(engines.map((e) => [e.server, { streaming: e.streaming(), confirmedLsn: e.stats.confirmedLsn, sessions: e.stats.sessions }]));
+      const servers = Object.fromEntries(engines.map((e) => [e.server, { streaming: e.streaming(), confirmedLsn: e.stats.confirmedLsn, sessions: e.stats.sessions, peersDown: e.stats.peersDown }]));
       const healthy = engines.every((e) => e.streaming());
       res.writeHead(healthy ? 200 : 503, { 'content-type': 'application/json' });
       res.end(JSON.stringify({ status: healthy ? 'ok' : 'degraded', servers }));

@@ -92,6 +92,12 @@ test('a peer stopped for the length of a load: the other peer gets everything me
     assert.ok(queued!.n <= REQUESTS + 2, `superseded operations coalesce: ${queued!.n} queued for ${REQUESTS} requests`);
     const [waiting] = await e.query<{ n: number }>('sf', `SELECT count(*)::int AS n FROM repair_request WHERE dso_transfer_status = 'retry'`);
     assert.ok(waiting!.n > 0, "no source copy shows dso_transfer_status 'retry'");
+    // pgdso status shows the queue and the peer sf cannot reach, with no password
+    const status = await e.cli(['status', '--json']);
+    const sf = JSON.parse(status.stdout).servers.sf;
+    assert.ok(sf.pending >= queued!.n - 1 && sf.pendingErrors === 0 && sf.retainedWalBytes >= 0, status.stdout);
+    assert.deepEqual(sf.unreachable.map((u: { server: string }) => u.server), ['chicago'], status.stdout);
+    assert.equal(status.code, 1, 'chicago itself is unreachable: status exits 1');
     t.diagnostic(`while chicago was down: ${queued!.n} operations queued for ${REQUESTS} requests × ${ROUNDS + 1} changes`);
     phase('checked');
     // the engine stops before chicago is back: its operations stay queued

@@ -33,6 +33,8 @@ export interface QueuedRow {
   attempts: number;
   nextAttemptAt: string | null;
   lastError: string | null;
+  /** since when the target server cannot be reached (null: reachable, or not tried yet) */
+  downSince?: string | null;
   sourceLsn: string | null;
   createdAt: string;
   payload?: unknown;
@@ -51,19 +53,31 @@ export interface ErrorRow extends Omit<QueuedRow, 'queue'> {
 
 export interface Query { text: string; values: unknown[] }
 
-/** The WHERE clause of a selection, its values numbered from `first`. */
-export function whereOf(selection: Selection | null, first = 1): Query {
+/** The WHERE clause of a selection (its value is $1), on the columns of `table` when given. */
+export function whereOf(selection: Selection | null, table?: string): Query {
+  const column = (name: string) => (table ? `${table}.${name}` : name);
   if (!selection || selection.by === 'all') return { text: 'true', values: [] };
-  if (selection.by === 'id') return { text: `id = $${first}::bigint`, values: [selection.id] };
-  return { text: `mapping = $${first}`, values: [selection.mapping] };
+  if (selection.by === 'id') return { text: `${column('id')} = $1::bigint`, values: [selection.id] };
+  return { text: `${column('mapping')} = $1`, values: [selection.mapping] };
 }
 
 const COMMON_COLUMNS = `id::text, type, mapping, form, request_id, target_server, target_form, target_key, pool, status, attempts,
   next_attempt_at, last_error, source_lsn::text, created_at, payload`;
 
+/**
+ * The queue, with the delivery attempts of each target server: the engine counts them per
+ * server in pgdso.pending_targets (while the server cannot be reached), not per row.
+ */
 export function listQueuedSql(selection: Selection | null): Query {
-  const where = whereOf(selection);
-  return { text: `SELECT ${COMMON_COLUMNS} FROM pgdso.pending WHERE ${where.text} ORDER BY id`, values: where.values };
+  const where = whereOf(selection, 'p');
+  return {
+    text: `SELECT p.id::text, p.type, p.mapping, p.form, p.request_id, p.target_server, p.target_form, p.target_key, p.pool, p.status,
+                  coalesce(t.attempts, p.attempts) AS attempts, coalesce(t.next_attempt_at, p.next_attempt_at) AS next_attempt_at,
+                  coalesce(t.last_error, p.last_error) AS last_error, t.down_since, p.source_lsn::text, p.created_at, p.payload
+             FROM pgdso.pending p LEFT JOIN pgdso.pending_targets t ON t.target_server = p.target_server
+            WHERE ${where.text} ORDER BY p.id`,
+    values: where.values,
+  };
 }
 
 export function listErrorsSql(selection: Selection | null): Query {
@@ -97,10 +111,19 @@ export function notRetryableSql(selection: Selection): Query {
   return { text: `SELECT id::text, mapping, request_id, error FROM pgdso.pending_errors WHERE ${where.text} AND NOT (payload ? 'op') ORDER BY id`, values: where.values };
 }
 
-/** Queued operations due now: the engine tries their peers at once. */
+/**
+ * Queued operations due now, and their target servers' next attempt (pgdso.pending_targets, the
+ * record of a running engine's backoff): on the NOTIFY, the engine tries those servers at once.
+ */
 export function retryQueuedSql(selection: Selection): Query {
   const where = whereOf(selection);
-  return { text: `UPDATE pgdso.pending SET next_attempt_at = now() WHERE ${where.text} RETURNING id::text`, values: where.values };
+  return {
+    text: `WITH due AS (UPDATE pgdso.pending SET next_attempt_at = now() WHERE ${where.text} RETURNING id, target_server),
+                targets AS (UPDATE pgdso.pending_targets t SET next_attempt_at = now(), updated_at = now()
+                             WHERE t.target_server IN (SELECT target_server FROM due) AND t.next_attempt_at > now())
+           SELECT id::text FROM due ORDER BY id`,
+    values: where.values,
+  };
 }
 
 export function discardSql(table: 'pending' | 'pending_errors', selection: Selection): Query {
@@ -227,6 +250,10 @@ function queuedRow(r: Raw): QueuedRow {
   };
 }
 
+function pendingRow(r: Raw): QueuedRow {
+  return { ...queuedRow(r), downSince: iso(r.down_since) };
+}
+
 function errorRow(r: Raw): ErrorRow {
   return { ...queuedRow(r), queue: 'error', error: r.error as string, sqlstate: r.sqlstate as string | null, failedAt: iso(r.failed_at)!, retryable: r.retryable as boolean };
 }
@@ -238,7 +265,7 @@ export async function pendingListCommand(opts: GlobalOptions, cmd: ListOptions):
   for (const server of serversOf(config, cmd.server)) {
     try {
       servers[server.name] = await onServer(server, async (client) => ({
-        pending: (await client.query(listQueuedSql(selection))).rows.map(queuedRow),
+        pending: (await client.query(listQueuedSql(selection))).rows.map(pendingRow),
         errors: (await client.query(listErrorsSql(selection))).rows.map(errorRow),
       }));
     } catch (err) {
@@ -253,15 +280,15 @@ export async function pendingListCommand(opts: GlobalOptions, cmd: ListOptions):
   }
   for (const [name, s] of Object.entries(servers)) {
     if ('error' in s) {
-      print(`${name}: ${s.error}`);
+      print(s.error);
       continue;
     }
     print(`${name}: ${s.pending.length} queued, ${s.errors.length} failed`);
     for (const r of s.pending) {
-      print(`  #${r.id} queued  ${r.type} ${r.mapping ?? '-'} request ${r.requestId ?? '-'} -> ${r.targetServer ?? '-'}  ${r.status}, attempts ${r.attempts}, next attempt ${r.nextAttemptAt ?? '-'}, since ${r.createdAt}${r.lastError ? `  last error: ${oneLine(r.lastError)}` : ''}`);
+      print(`  #${r.id} queued  ${r.type} ${r.mapping ?? '-'} request ${r.requestId ?? '-'} -> ${r.targetServer ?? '-'}  ${r.status}, attempts ${r.attempts}, next attempt ${r.nextAttemptAt ?? '-'}, since ${r.createdAt}${r.downSince ? `, ${r.targetServer} down since ${r.downSince}` : ''}${r.lastError ? `  last error: ${oneLine(r.lastError)}` : ''}`);
     }
     for (const r of s.errors) {
-      print(`  #${r.id} error   ${r.type} ${r.mapping ?? '-'} request ${r.requestId ?? '-'} -> ${r.targetServer ?? '-'}  failed ${r.failedAt}${r.sqlstate ? ` [${r.sqlstate}]` : ''}${r.retryable ? '' : ' (cannot be retried)'}  ${oneLine(r.error)}`);
+      print(`  #${r.id} error   ${r.type} ${r.mapping ?? '-'} request ${r.requestId ?? '-'} -> ${r.targetServer ?? '-'}  ${r.status}, attempts ${r.attempts}, at ${r.failedAt}${r.sqlstate ? ` [${r.sqlstate}]` : ''}${r.retryable ? '' : ' (cannot be retried)'}  ${oneLine(r.error)}`);
     }
   }
 }

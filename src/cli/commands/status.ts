@@ -2,14 +2,19 @@ import pg from 'pg';
 import { toPgClientConfig, describeConnection } from '../../config/load.ts';
 import { slotName } from '../../sql/identifiers.ts';
 import { configFrom, print, type GlobalOptions } from '../common.ts';
+import { maskSecrets } from '../../log.ts';
 
 export interface ServerStatus {
   instances: { instanceId: string; state: string; operations: string[] }[];
   owners: Record<string, string | null>;
   slotLagBytes: number | null;
+  /** WAL the slot holds back, from its restart position */
+  retainedWalBytes: number | null;
   pending: number | null;
   pendingErrors: number | null;
   conflicts: number | null;
+  /** peers this server's engine cannot reach now, with their delivery attempts */
+  unreachable: { server: string; attempts: number; downSince: string | null; nextAttemptAt: string | null; lastError: string | null }[];
   error?: string;
 }
 
@@ -19,21 +24,27 @@ export async function serverStatus(connection: pg.ClientConfig): Promise<ServerS
   await client.connect();
   try {
     const slot = await client.query(
-      `SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint AS lag FROM pg_replication_slots WHERE slot_name = $1`,
+      `SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint AS lag, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained
+         FROM pg_replication_slots WHERE slot_name = $1`,
       [slotName(String(connection.database))],
     );
     const counts = await client.query(
       `SELECT (SELECT count(*) FROM pgdso.pending)::int AS pending, (SELECT count(*) FROM pgdso.pending_errors)::int AS errors,
               (SELECT count(*) FROM pgdso.conflicts)::int AS conflicts`,
     );
+    const targets = await client.query(`SELECT target_server, attempts, down_since, next_attempt_at, last_error FROM pgdso.pending_targets ORDER BY target_server`);
     const board = await client.query(`SELECT instance_id, state, operations FROM pgdso.servgrp_board ORDER BY instance_id`);
     return {
       instances: board.rows.map((r) => ({ instanceId: r.instance_id, state: r.state, operations: r.operations })),
       owners: {},
       slotLagBytes: slot.rowCount ? Number(slot.rows[0].lag) : null,
+      retainedWalBytes: slot.rowCount ? Number(slot.rows[0].retained) : null,
       pending: counts.rows[0].pending,
       pendingErrors: counts.rows[0].errors,
       conflicts: counts.rows[0].conflicts,
+      unreachable: targets.rows.map((r) => ({
+        server: r.target_server, attempts: r.attempts, downSince: r.down_since?.toISOString() ?? null, nextAttemptAt: r.next_attempt_at?.toISOString() ?? null, lastError: r.last_error === null ? null : maskSecrets(r.last_error),
+      })),
     };
   } finally {
     await client.end();
@@ -47,16 +58,18 @@ export async function statusCommand(opts: GlobalOptions, cmd: { json?: boolean }
     try {
       servers[server.name] = await serverStatus(toPgClientConfig(server.connection));
     } catch (err) {
-      servers[server.name] = { instances: [], owners: {}, slotLagBytes: null, pending: null, pendingErrors: null, conflicts: null, error: `${describeConnection(server.connection)}: ${(err as Error).message}` };
+      servers[server.name] = { instances: [], owners: {}, slotLagBytes: null, retainedWalBytes: null, pending: null, pendingErrors: null, conflicts: null, unreachable: [], error: `${describeConnection(server.connection)}: ${(err as Error).message}` };
     }
   }
+  // a server that cannot be reached is a runtime failure, in JSON too (its entry says why)
+  if (Object.values(servers).some((s) => s.error)) process.exitCode = 1;
   if (cmd.json) {
     print(JSON.stringify({ servers }));
     return;
   }
   for (const [name, s] of Object.entries(servers)) {
     if (s.error) print(`${name}: unreachable (${s.error})`);
-    else print(`${name}: slot lag ${s.slotLagBytes ?? 'no slot'} bytes, pending ${s.pending}, errors ${s.pendingErrors}, conflicts ${s.conflicts}`);
+    else if (s.unreachable.length) print(`${name}: slot lag ${s.slotLagBytes ?? 'no slot'} bytes, pending ${s.pending}, errors ${s.pendingErrors}, conflicts ${s.conflicts}; cannot reach ${s.unreachable.map((u) => `${u.server} (${u.attempts} attempts, next ${u.nextAttemptAt}: ${u.lastError})`).join(', ')}`);
+    else print(`${name}: slot lag ${s.slotLagBytes ?? 'no slot'} bytes, retained WAL ${s.retainedWalBytes ?? 'no slot'} bytes, pending ${s.pending}, errors ${s.pendingErrors}, conflicts ${s.conflicts}`);
   }
-  if (Object.values(servers).some((s) => s.error)) process.exitCode = 1;
 }
