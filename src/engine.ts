@@ -551,9 +551,10 @@ class EngineSession implements ChangeSink {
     const source = this.sourceBuffer!;
     if (sent === 'queue' || source.lane.applied(ctx.tx.finalLsn)) return;
     const { form } = ctx;
-    source
-      .group(`${outcome.op}:${mapping.name}`, `${form.schema}.${form.table}`, requestId, () => new SourceBookkeeping(outcome, mapping, form, this.assigned.get(mapping.name)))
-      .add(requestId, ctx.change.lsn, sent === 'lane', seenOf(row));
+    const lsn = ctx.change.lsn;
+    source.stage(String(lsn), `${outcome.op}:${mapping.name}`, `${form.schema}.${form.table}`, requestId,
+      () => new SourceBookkeeping(outcome, mapping, form, this.assigned.get(mapping.name)),
+      (group) => group.add(requestId, lsn, sent === 'lane', seenOf(row)));
     this.unflushed += 1;
   }
 
@@ -1059,9 +1060,10 @@ class EngineSession implements ChangeSink {
         const form = this.forms.get(op.form);
         if (!op.bookkeeping || !form) continue;
         const outcome: Outcome = { op: op.bookkeeping.op };
-        bookkeeping
-          .group(`${outcome.op}:${entry.mapping.name}`, op.form, op.requestId, () => new SourceBookkeeping(outcome, entry.mapping, form, assigned.get(entry.mapping.name)))
-          .add(op.requestId, parseLsn(op.lsn), true, op.bookkeeping.seen);
+        const { seen } = op.bookkeeping;
+        bookkeeping.stage(op.lsn, `${outcome.op}:${entry.mapping.name}`, op.form, op.requestId,
+          () => new SourceBookkeeping(outcome, entry.mapping, form, assigned.get(entry.mapping.name)),
+          (group) => group.add(op.requestId, parseLsn(op.lsn), true, seen));
       }
       await markStatus(client, failures.filter((f) => this.forms.has(`${f.source.schema}.${f.source.table}`)), 'failure');
       for (const group of bookkeeping.pendingGroups()) await group.execute(client);
