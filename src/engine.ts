@@ -60,6 +60,10 @@ export interface EngineStats {
   queued: number;
   /** queued operations delivered */
   delivered: number;
+  /** source transactions run again after a deadlock or serialization failure with the source's users */
+  sourceRetries: number;
+  /** heartbeat messages written into the source's WAL */
+  heartbeats: number;
   confirmedLsn: string;
   sessions: number;
   /** the slot's lag and the WAL it holds, bytes, at the last check */
@@ -71,7 +75,7 @@ export interface EngineStats {
 
 /** Runs one server's engine until the signal aborts, reconnecting after failures. */
 export class ServerEngine {
-  readonly stats: EngineStats = { transactions: 0, changes: 0, applied: 0, failed: 0, queued: 0, delivered: 0, confirmedLsn: '0/0', sessions: 0, slotLagBytes: null, retainedWalBytes: null, peersDown: [] };
+  readonly stats: EngineStats = { transactions: 0, changes: 0, applied: 0, failed: 0, queued: 0, delivered: 0, sourceRetries: 0, heartbeats: 0, confirmedLsn: '0/0', sessions: 0, slotLagBytes: null, retainedWalBytes: null, peersDown: [] };
   readonly server: string;
   private readonly log: Logger;
   private session: EngineSession | null = null;
@@ -278,6 +282,7 @@ class EngineSession implements ChangeSink {
       every(heartbeatMs, async () => {
         if (Date.now() - this.lastActivity < heartbeatMs) return;
         await control.query(`SELECT pg_logical_emit_message(false, 'pgdso.heartbeat', now()::text)`);
+        this.stats.heartbeats += 1;
       });
     }
     let warnedAt = 0;
@@ -935,21 +940,18 @@ class EngineSession implements ChangeSink {
     const queued = peers.filter((p) => p.batch.length > 0);
     const waiting = this.waiting;
     this.waiting = [];
-    if (queued.length || waiting.length || failures.length) {
-      source.submit({
-        size: 1,
-        has: () => false,
-        execute: async (client) => {
-          for (const peer of queued) await enqueue(client, peer.batch, { nextAttemptAt: new Date(Math.max(Date.now(), peer.nextAttemptAt)), lastError: peer.lastError });
-          await markStatus(client, failures, 'failure');
-          return [];
-        },
+    // One source transaction with the source's progress: the queue's share and the failures'
+    // statuses, the bookkeeping, then the statuses of copies with an operation still waiting
+    // (after the bookkeeping: they show it until delivered). Run again on a lock conflict.
+    const bookkeeping = this.sourceBuffer!.takeAll();
+    if (bookkeeping.length || queued.length || waiting.length || failures.length) {
+      this.stats.sourceRetries += await source.transaction(last.finalLsn, last.commitTime, async (client) => {
+        for (const peer of queued) await enqueue(client, peer.batch, { nextAttemptAt: new Date(Math.max(Date.now(), peer.nextAttemptAt)), lastError: peer.lastError });
+        await markStatus(client, failures, 'failure');
+        for (const group of bookkeeping) await group.execute(client);
+        await markStatus(client, waiting, 'retry');
       });
     }
-    this.sourceBuffer!.submitAll();
-    // after the bookkeeping: a copy with an operation still waiting shows it (until delivered)
-    if (waiting.length) source.submit({ size: 1, has: () => false, execute: (client) => markStatus(client, waiting, 'retry').then(() => []) });
-    await source.commit(last.finalLsn, last.commitTime);
     for (const peer of queued) {
       this.stats.queued += peer.batch.length;
       peer.batch = [];

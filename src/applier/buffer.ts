@@ -113,10 +113,16 @@ export class LaneBuffer<F> {
 
   /** Submits every group not submitted yet, held ones first. */
   submitAll(): void {
-    for (const group of this.pendingGroups()) this.lane.submit(group);
+    for (const group of this.takeAll()) this.lane.submit(group);
+  }
+
+  /** Every group not submitted yet, in order, taken out of the buffer (to run elsewhere). */
+  takeAll(): OpGroup<F>[] {
+    const groups = this.pendingGroups();
     this.held.length = 0;
     this.open.clear();
     this.rank.clear();
+    return groups;
   }
 
   /** Every group not submitted yet, held or open, in order. */

@@ -140,14 +140,18 @@ export class ApplyLane<F = unknown> {
     await this.settle();
     if (!this.inTransaction) return;
     const client = this.connection();
+    await this.recordProgress(client, finalLsn, commitTime);
+    await client.query('COMMIT');
+    this.inTransaction = false;
+    if (finalLsn > this.progress) this.progress = finalLsn;
+  }
+
+  private async recordProgress(client: pg.ClientBase, finalLsn: bigint, commitTime: Date): Promise<void> {
     await client.query(
       `INSERT INTO pgdso.apply_progress (origin, source_lsn, source_commit_time, updated_at) VALUES ($1, $2::text::pg_lsn, $3, now())
        ON CONFLICT (origin) DO UPDATE SET source_lsn = EXCLUDED.source_lsn, source_commit_time = EXCLUDED.source_commit_time, updated_at = now()`,
       [this.opts.origin, formatLsn(finalLsn), commitTime],
     );
-    await client.query('COMMIT');
-    this.inTransaction = false;
-    if (finalLsn > this.progress) this.progress = finalLsn;
   }
 
   /**
@@ -168,6 +172,28 @@ export class ApplyLane<F = unknown> {
     await this.settle();
     if (this.inTransaction) throw new Error(`lane ${this.name}: outside() inside an open transaction`);
     return work(this.connection());
+  }
+
+  /**
+   * Runs `work` in a transaction of its own that records `finalLsn` as this lane's progress. A
+   * deadlock or serialization failure (40P01, 40001: the source's own users lock the same rows)
+   * rolls it back and runs it again, up to `attempts` times; `work` must be safe to run again.
+   */
+  async transaction(finalLsn: bigint, commitTime: Date, work: (client: pg.ClientBase) => Promise<void>, attempts = 5): Promise<number> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.runAlone(async (client) => {
+          await work(client);
+          await this.recordProgress(client, finalLsn, commitTime);
+        });
+        if (finalLsn > this.progress) this.progress = finalLsn;
+        return attempt - 1;
+      } catch (err) {
+        const code = (err as { code?: string }).code;
+        if ((code !== '40P01' && code !== '40001') || attempt >= attempts) throw err;
+        this.opts.log.info({ lane: this.name, sqlstate: code, attempt }, 'source transaction rolled back (a lock conflict with a user transaction): running it again');
+      }
+    }
   }
 
   /** Runs one statement batch in a transaction of its own (no origin progress recorded). */

@@ -31,6 +31,8 @@ function registry(engines: readonly EngineView[]): Registry {
   counter('pgdso_sessions_total', 'Engine sessions started (a new one after each failure)', (s) => s.sessions);
   counter('pgdso_operations_queued_total', 'Operations written to pgdso.pending (a peer that cannot be reached, or a request with queued operations)', (s) => s.queued);
   counter('pgdso_operations_delivered_total', 'Queued operations delivered', (s) => s.delivered);
+  counter('pgdso_heartbeats_total', 'Heartbeat messages written into the source\'s WAL while it was quiet (pending.heartbeatSeconds)', (s) => s.heartbeats);
+  counter('pgdso_source_transactions_retried_total', 'Source transactions run again after a lock conflict with the source\'s users (40P01, 40001)', (s) => s.sourceRetries);
   const gauge = (name: string, help: string, read: (s: EngineStats) => number | null) =>
     new Gauge({
       name, help, labelNames: ['server'], registers: [registry],
