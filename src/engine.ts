@@ -79,6 +79,8 @@ export class ServerEngine {
   readonly server: string;
   private readonly log: Logger;
   private session: EngineSession | null = null;
+  /** peers that could not be reached, across sessions: a new session does not try them before their next attempt */
+  private readonly downPeers = new Map<string, PeerDown>();
 
   constructor(private readonly opts: EngineOptions) {
     this.server = opts.server;
@@ -94,7 +96,8 @@ export class ServerEngine {
     const { minMs, maxMs } = this.opts.backoff ?? { minMs: 200, maxMs: 30_000 };
     let wait = minMs;
     while (!signal.aborted) {
-      const session = new EngineSession(this.opts, this.log, this.stats);
+      const session = new EngineSession(this.opts, this.log, this.stats, this.downPeers);
+      let replayNow = false;
       this.session = session;
       const started = Date.now();
       this.stats.sessions += 1;
@@ -102,12 +105,16 @@ export class ServerEngine {
         await session.run(signal);
       } catch (err) {
         if (signal.aborted) break;
-        this.log.warn({ err }, 'engine session failed; replaying from the confirmed position');
+        // a peer that failed mid-batch: expected, the batch goes again at once, the peer's operations to the queue
+        replayNow = err instanceof PeerFailedMidBatch;
+        if (replayNow) this.log.info((err as Error).message);
+        else this.log.warn({ err }, 'engine session failed; replaying from the confirmed position');
       } finally {
         this.session = null;
         await session.close();
       }
       if (signal.aborted) break;
+      if (replayNow) continue;
       if (Date.now() - started > 60_000) wait = minMs;
       const jittered = wait / 2 + Math.random() * (wait / 2);
       await delay(jittered, undefined, { signal }).catch(() => {});
@@ -161,6 +168,15 @@ interface Peer {
   lastError: string | null;
 }
 
+/** A peer that could not be reached: its delivery attempts so far and the next one. */
+type PeerDown = Pick<Peer, 'attempts' | 'downSince' | 'nextAttemptAt' | 'lastError'>;
+
+/**
+ * A peer's lane failed in the middle of a batch: the session ends and the batch is replayed
+ * from the slot's confirmed position, its operations for that peer going to the queue.
+ */
+class PeerFailedMidBatch extends Error {}
+
 /** A mapping used in one direction; its column plan once the neighbour's catalog was read. */
 interface LinkRef {
   mapping: MappingConfig;
@@ -182,8 +198,8 @@ class EngineSession implements ChangeSink {
   private sourceLane: ApplyLane<never> | null = null;
   private sourceBuffer: LaneBuffer<never> | null = null;
   private readonly peers = new Map<string, Peer>();
-  /** operations sent to each lane since its last commit, in order (queued if the lane fails) */
-  private readonly laneOps = new Map<LaneBuffer<ApplyFailure>, PendingEntry[]>();
+  /** each open or running group's operations (by changeKey): a row that fails is recorded with its operation, for a retry */
+  private readonly groupOps = new WeakMap<object, Map<string, PendingEntry>>();
   private readonly pinned = new Map<string, LaneBuffer<ApplyFailure>>();
   private readonly forms = new Map<string, FormInfo>();
   /** forms with a mapping that keeps its chain in step (their updates and deletes are relayed) */
@@ -213,7 +229,7 @@ class EngineSession implements ChangeSink {
   private readonly batchRows: number;
   private readonly chunkRows: number;
 
-  constructor(private readonly opts: EngineOptions, private readonly log: Logger, private readonly stats: EngineStats) {
+  constructor(private readonly opts: EngineOptions, private readonly log: Logger, private readonly stats: EngineStats, private readonly downPeers: Map<string, PeerDown>) {
     this.server = opts.server;
     const server = opts.config.servers[opts.server];
     if (!server) throw new Error(`unknown server ${opts.server}`);
@@ -320,7 +336,8 @@ class EngineSession implements ChangeSink {
     const peerOf = (name: string) => {
       let peer = this.peers.get(name);
       if (!peer) {
-        peer = { name, lanes: new Map(), pools: [], up: false, queued: new Set(), batch: [], lastInBatch: new Map(), progress: new Map(), attempts: 0, downSince: null, nextAttemptAt: 0, lastError: null };
+        const down = this.downPeers.get(name);
+        peer = { name, lanes: new Map(), pools: [], up: false, queued: new Set(), batch: [], lastInBatch: new Map(), progress: new Map(), attempts: 0, downSince: null, nextAttemptAt: 0, lastError: null, ...down };
         this.peers.set(name, peer);
       }
       return peer;
@@ -343,7 +360,11 @@ class EngineSession implements ChangeSink {
       if (peer) peer.queued = keys;
       else this.log.warn({ server }, 'pgdso.pending holds operations for a server no mapping leads to any more: they stay there (pgdso pending list, discard)');
     }
-    for (const peer of this.peers.values()) await this.tryPeer(peer);
+    const now = Date.now();
+    for (const peer of this.peers.values()) {
+      if (peer.nextAttemptAt <= now) await this.tryPeer(peer);
+      else if (!this.stats.peersDown.includes(peer.name)) this.stats.peersDown = [...this.stats.peersDown, peer.name];
+    }
   }
 
   private async localCatalog(ref: { schema: string; table: string }): Promise<FormCatalog> {
@@ -375,7 +396,10 @@ class EngineSession implements ChangeSink {
     const database = String(connection.database);
     try {
       for (const pool of peer.pools) {
-        const lane = new ApplyLane<ApplyFailure>({ connection, origin: originName(this.server, pool, database), name: `${this.server}->${peer.name}/${pool}`, log: this.log });
+        const lane = new ApplyLane<ApplyFailure>({
+          connection, origin: originName(this.server, pool, database), name: `${this.server}->${peer.name}/${pool}`, log: this.log,
+          annotate: (group, failures) => withOps(failures, this.groupOps.get(group)),
+        });
         const buffer = new LaneBuffer(lane, this.chunkRows);
         peer.lanes.set(pool, buffer);
         await lane.open();
@@ -390,6 +414,7 @@ class EngineSession implements ChangeSink {
     if (!peer.up && peer.attempts > 0) this.log.info({ peer: peer.name, attempts: peer.attempts, queued: peer.queued.size }, 'peer reachable again; delivering its queued operations');
     await this.sourceLane!.runAlone((client) => recordAttempt(client, peer.name, null));
     peer.up = true;
+    this.downPeers.delete(peer.name);
     peer.attempts = 0;
     peer.downSince = null;
     peer.lastError = null;
@@ -451,7 +476,6 @@ class EngineSession implements ChangeSink {
   private async closePeerLanes(peer: Peer): Promise<void> {
     const lanes = [...peer.lanes.values()];
     peer.lanes.clear();
-    for (const buffer of lanes) this.laneOps.delete(buffer);
     await Promise.all(lanes.map((b) => b.lane.close()));
   }
 
@@ -466,6 +490,7 @@ class EngineSession implements ChangeSink {
     peer.lastError = classified.message;
     const wait = retryDelay(this.opts.config.pending.retry, peer.attempts, now - peer.downSince);
     peer.nextAttemptAt = now + wait;
+    this.downPeers.set(peer.name, { attempts: peer.attempts, downSince: peer.downSince, nextAttemptAt: peer.nextAttemptAt, lastError: peer.lastError });
     if (!this.stats.peersDown.includes(peer.name)) this.stats.peersDown = [...this.stats.peersDown, peer.name];
     const fields = { peer: peer.name, attempts: peer.attempts, retryInMs: Math.round(wait), sqlstate: classified.sqlstate, class: classified.class, error: classified.message };
     if (classified.class === 'permanent') this.log.error(fields, 'peer refuses the engine (privileges, a missing form or database?): its operations wait in pgdso.pending until that is fixed');
@@ -523,9 +548,10 @@ class EngineSession implements ChangeSink {
     }
     const { buffer } = route;
     const groupKey = add(buffer);
-    let ops = this.laneOps.get(buffer);
-    if (!ops) this.laneOps.set(buffer, (ops = []));
-    ops.push(entry);
+    const group = buffer.openGroup(groupKey)!;
+    let ops = this.groupOps.get(group);
+    if (!ops) this.groupOps.set(group, (ops = new Map()));
+    ops.set(entryKey(entry), entry);
     buffer.added(groupKey);
     this.unflushed += 1;
     if (buffer.lane.backlog > 2) ctx.waits.push(buffer.lane.drainTo(1));
@@ -886,7 +912,8 @@ class EngineSession implements ChangeSink {
 
   /**
    * Ends a batch. Lanes apply; a peer whose lane failed before its commit committed nothing of
-   * the batch, so its operations join the queue and it waits for its next attempt. Rows that
+   * the batch: it is down until its next attempt and the batch is replayed (its operations for
+   * the peer then go to the queue). Rows that
    * could not be applied are recorded in pending_errors (before any target commits: a replay
    * must find them). The targets commit, then the source lane writes the queue's share, the
    * statuses and the bookkeeping with its progress, and only then is the batch confirmed.
@@ -898,23 +925,18 @@ class EngineSession implements ChangeSink {
     const all = peers.flatMap((p) => [...p.lanes.values()]);
     for (const buffer of all) buffer.submitAll();
     await Promise.allSettled(all.map((b) => b.lane.settle()));
-    const requeued = new Set<string>();
-    for (const peer of peers) {
-      const broken = [...peer.lanes.values()].find((b) => b.lane.failed);
-      if (!broken) continue;
-      const ops = [...peer.lanes.values()].flatMap((b) => this.laneOps.get(b) ?? []);
-      for (const b of peer.lanes.values()) b.lane.takeFailures();
-      await this.peerDown(peer, broken.lane.failed);
-      for (const entry of ops) {
-        this.queue(peer, entry);
-        requeued.add(entryKey(entry));
-        const bk = entry.op.bookkeeping;
-        const form = this.forms.get(entry.op.form);
-        if (bk && form) this.waiting.push({ source: form, type: bk.op, requestId: entry.op.requestId });
-      }
+    // A lane that failed before its commit committed nothing of the batch, nor did any other
+    // (targets commit below): the peer is down until its next attempt, and the batch is replayed
+    // from the slot, its operations for the peer going to the queue. Nothing of the batch is
+    // kept in memory for this (a batch can be one huge source transaction).
+    const broken = peers.filter((p) => [...p.lanes.values()].some((b) => b.lane.failed));
+    for (const peer of broken) {
+      const failed = [...peer.lanes.values()].find((b) => b.lane.failed)!.lane.failed;
+      await this.peerDown(peer, failed);
     }
+    if (broken.length) throw new PeerFailedMidBatch(`${broken.map((p) => p.name).join(', ')} failed in the middle of a batch: the batch is replayed, its operations for ${broken.length > 1 ? 'them' : 'it'} queued`);
     const lanes = peers.filter((p) => p.up).flatMap((p) => [...p.lanes.entries()].map(([pool, buffer]) => ({ peer: p, pool, buffer })));
-    const failures = [...this.rejected, ...lanes.flatMap(({ buffer }) => withOps(buffer.lane.takeFailures(), this.laneOps.get(buffer)))];
+    const failures = [...this.rejected, ...lanes.flatMap(({ buffer }) => buffer.lane.takeFailures())];
     this.rejected = [];
     const source = this.sourceLane!;
     if (failures.length) {
@@ -934,8 +956,7 @@ class EngineSession implements ChangeSink {
           peer.progress.set(pool, buffer.lane.progress);
         }),
     );
-    for (const { buffer } of lanes) this.laneOps.delete(buffer);
-    const dropped = new Set([...failures.map((f) => changeKey(f.type, f.mapping.name, f.requestId, f.lsn)), ...requeued]);
+    const dropped = new Set(failures.map((f) => changeKey(f.type, f.mapping.name, f.requestId, f.lsn)));
     for (const group of this.sourceBuffer!.pendingGroups()) if (group instanceof SourceBookkeeping) group.dropFailed(dropped);
     const queued = peers.filter((p) => p.batch.length > 0);
     const waiting = this.waiting;
@@ -1041,7 +1062,7 @@ class EngineSession implements ChangeSink {
       await this.peerDown(peer, err);
       return;
     }
-    failures.push(...withOps(lane.takeFailures(), entries));
+    failures.push(...withOps(lane.takeFailures(), new Map(entries.map((e) => [entryKey(e), e]))));
     const failed = new Set(failures.map((f) => changeKey(f.type, f.mapping.name, f.requestId, f.lsn)));
     const failedIds = entries.filter((e) => failed.has(entryKey(e))).map((e) => e.id!);
     const source = this.sourceLane!;
@@ -1161,9 +1182,8 @@ function entryKey(entry: PendingEntry): string {
 }
 
 /** Failures with the operation each one is, for a retry. */
-function withOps(failures: ApplyFailure[], entries: readonly PendingEntry[] | undefined): ApplyFailure[] {
-  if (failures.length === 0 || !entries) return failures;
-  const byKey = new Map(entries.map((e) => [entryKey(e), e]));
+function withOps(failures: ApplyFailure[], byKey: ReadonlyMap<string, PendingEntry> | undefined): ApplyFailure[] {
+  if (failures.length === 0 || !byKey) return failures;
   return failures.map((f) => withOp(f, byKey.get(changeKey(f.type, f.mapping.name, f.requestId, f.lsn))));
 }
 

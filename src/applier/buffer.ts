@@ -36,7 +36,7 @@ export class LaneBuffer<F> {
         }
       }
     }
-    return (group ?? this.openGroup(groupKey, create)) as G;
+    return (group ?? this.createGroup(groupKey, create)) as G;
   }
 
   /**
@@ -80,16 +80,21 @@ export class LaneBuffer<F> {
     }
     if (!fits) this.closeAll();
     for (const op of s.ops) {
-      const group = this.open.get(op.key) ?? this.openGroup(op.key, op.create);
+      const group = this.open.get(op.key) ?? this.createGroup(op.key, op.create);
       op.add(group);
     }
   }
 
-  private openGroup(groupKey: string, create: () => OpGroup<F>): OpGroup<F> {
+  private createGroup(groupKey: string, create: () => OpGroup<F>): OpGroup<F> {
     const group = create();
     this.open.set(groupKey, group);
     this.rank.set(groupKey, this.opened++);
     return group;
+  }
+
+  /** The open group `groupKey`, if any. */
+  openGroup(groupKey: string): OpGroup<F> | undefined {
+    return this.open.get(groupKey);
   }
 
   /** Submits the group if it is full (unless this buffer holds everything until flush). */

@@ -19,11 +19,13 @@ export interface OpGroup<F = unknown> {
   execute(client: pg.ClientBase): Promise<F[]>;
 }
 
-export interface LaneOptions {
+export interface LaneOptions<F = unknown> {
   connection: pg.ClientConfig;
   origin: string;
   name: string;
   log: Logger;
+  /** adds what the caller knows about a group's operations to its failures (the group is gone after it ran) */
+  annotate?: (group: OpGroup<F>, failures: F[]) => F[];
 }
 
 export class ApplyLane<F = unknown> {
@@ -38,7 +40,7 @@ export class ApplyLane<F = unknown> {
   private queued = 0;
   private readonly inFlight: Promise<void>[] = [];
 
-  constructor(private readonly opts: LaneOptions) {
+  constructor(private readonly opts: LaneOptions<F>) {
     this.name = opts.name;
   }
 
@@ -92,7 +94,7 @@ export class ApplyLane<F = unknown> {
           await this.begin(client);
         }
         const failed = await group.execute(client);
-        if (failed.length) this.failures.push(...failed);
+        if (failed.length) this.failures.push(...(this.opts.annotate ? this.opts.annotate(group, failed) : failed));
       } catch (err) {
         this.failure ??= err instanceof Error ? err : new Error(String(err));
       } finally {

@@ -105,7 +105,9 @@ export class EngineProcess {
   readonly exited: Promise<number | null>;
 
   constructor(args: readonly string[]) {
-    this.child = spawn(PGDSO_BIN, ['run', ...args], { env: { ...process.env, PGDSO_LOG_LEVEL: process.env.PGDSO_LOG_LEVEL ?? 'info' }, stdio: ['ignore', 'pipe', 'pipe'] });
+    // PGDSO_TEST_ENGINE_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the engines of a test
+    const nodeArgs = (process.env.PGDSO_TEST_ENGINE_NODE_ARGS ?? '').split(' ').filter(Boolean);
+    this.child = spawn(process.execPath, [...nodeArgs, PGDSO_BIN, 'run', ...args], { env: { ...process.env, PGDSO_LOG_LEVEL: process.env.PGDSO_LOG_LEVEL ?? 'info' }, stdio: ['ignore', 'pipe', 'pipe'] });
     this.child.stdout!.on('data', (d) => (this.out += d));
     this.child.stderr!.on('data', (d) => (this.out += d));
     this.exited = new Promise((resolve) => this.child.on('exit', (code) => resolve(code)));
