@@ -35,7 +35,7 @@ import {
   type PendingEntry, type QueuedOp,
 } from './applier/pending.ts';
 import { describeForm, ensureSlot, type FormInfo } from './sql/forms.ts';
-import { originName, slotName, writerOfOrigin } from './sql/identifiers.ts';
+import { LOCK_NAMESPACE, LOCKS, originName, slotName, writerOfOrigin } from './sql/identifiers.ts';
 import { waitForOperationLock } from './groupboard/lock.ts';
 
 export interface EngineOptions {
@@ -1026,6 +1026,18 @@ class EngineSession implements ChangeSink {
    * commits; then the source writes the bookkeeping and removes what was delivered.
    */
   private async deliverChunk(peer: Peer): Promise<void> {
+    // `pending discard --queued` waits for a chunk in delivery (and a chunk for a discard): an
+    // operation it reports dropped never reaches its target, one being delivered is not dropped
+    const control = this.control!;
+    await control.query('SELECT pg_advisory_lock($1, $2)', [LOCK_NAMESPACE, LOCKS.queueDelivery]);
+    try {
+      await this.deliverChunkLocked(peer);
+    } finally {
+      await control.query('SELECT pg_advisory_unlock($1, $2)', [LOCK_NAMESPACE, LOCKS.queueDelivery]).catch(() => {});
+    }
+  }
+
+  private async deliverChunkLocked(peer: Peer): Promise<void> {
     const rows = await nextQueued(this.control!, peer.name, this.chunkRows);
     if (rows.length === 0) {
       peer.queued.clear();

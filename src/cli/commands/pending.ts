@@ -8,6 +8,7 @@ import type { PgdsoConfig, ServerConfig } from '../../config/types.ts';
 import { toPgClientConfig, describeConnection } from '../../config/load.ts';
 import { maskSecrets } from '../../log.ts';
 import { configFrom, print, serverOf, UsageError, type GlobalOptions } from '../common.ts';
+import { LOCK_NAMESPACE, LOCKS } from '../../sql/identifiers.ts';
 
 /** The channel a running engine listens on. */
 export const PENDING_CHANNEL = 'pgdso_pending';
@@ -354,6 +355,8 @@ export async function pendingDiscardCommand(opts: GlobalOptions, cmd: ActOptions
   let found = 0;
   await eachServer(servers, async (server, client) => {
     const ids = await inTransaction(client, async () => {
+      // a chunk the engine is delivering is finished first (and then no longer queued)
+      if (cmd.queued) await client.query('SELECT pg_advisory_xact_lock($1, $2)', [LOCK_NAMESPACE, LOCKS.queueDelivery]);
       const res = await client.query(discardSql(table, selection));
       if (res.rowCount) await client.query(NOTIFY_SQL);
       return res.rows.map((r: { id: string }) => r.id);
