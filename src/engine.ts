@@ -363,7 +363,7 @@ class EngineSession implements ChangeSink {
     const now = Date.now();
     for (const peer of this.peers.values()) {
       if (peer.nextAttemptAt <= now) await this.tryPeer(peer);
-      else if (!this.stats.peersDown.includes(peer.name)) this.stats.peersDown = [...this.stats.peersDown, peer.name];
+      else this.countDown(peer.name);
     }
   }
 
@@ -479,6 +479,11 @@ class EngineSession implements ChangeSink {
     await Promise.all(lanes.map((b) => b.lane.close()));
   }
 
+  /** Counts a peer among those that cannot be reached (stats, metrics). */
+  private countDown(name: string): void {
+    if (!this.stats.peersDown.includes(name)) this.stats.peersDown = [...this.stats.peersDown, name];
+  }
+
   /** The peer cannot be reached: its lanes close, its operations queue until the next attempt. */
   private async peerDown(peer: Peer, err: unknown): Promise<void> {
     await this.closePeerLanes(peer);
@@ -491,7 +496,7 @@ class EngineSession implements ChangeSink {
     const wait = retryDelay(this.opts.config.pending.retry, peer.attempts, now - peer.downSince);
     peer.nextAttemptAt = now + wait;
     this.downPeers.set(peer.name, { attempts: peer.attempts, downSince: peer.downSince, nextAttemptAt: peer.nextAttemptAt, lastError: peer.lastError });
-    if (!this.stats.peersDown.includes(peer.name)) this.stats.peersDown = [...this.stats.peersDown, peer.name];
+    this.countDown(peer.name);
     const fields = { peer: peer.name, attempts: peer.attempts, retryInMs: Math.round(wait), sqlstate: classified.sqlstate, class: classified.class, error: classified.message };
     if (classified.class === 'permanent') this.log.error(fields, 'peer refuses the engine (privileges, a missing form or database?): its operations wait in pgdso.pending until that is fixed');
     else this.log.warn(fields, 'peer cannot be reached: its operations wait in pgdso.pending');
@@ -547,15 +552,22 @@ class EngineSession implements ChangeSink {
       return 'queue';
     }
     const { buffer } = route;
-    const groupKey = add(buffer);
+    this.added(buffer, add(buffer), entry);
+    this.unflushed += 1;
+    if (buffer.lane.backlog > 2) ctx.waits.push(buffer.lane.drainTo(1));
+    return 'lane';
+  }
+
+  /**
+   * The operation just added to the open group `groupKey` is noted on that group (a row that
+   * fails is recorded with its operation, see the lanes' `annotate`); the group goes if full.
+   */
+  private added(buffer: LaneBuffer<ApplyFailure>, groupKey: string, entry: PendingEntry): void {
     const group = buffer.openGroup(groupKey)!;
     let ops = this.groupOps.get(group);
     if (!ops) this.groupOps.set(group, (ops = new Map()));
     ops.set(entryKey(entry), entry);
     buffer.added(groupKey);
-    this.unflushed += 1;
-    if (buffer.lane.backlog > 2) ctx.waits.push(buffer.lane.drainTo(1));
-    return 'lane';
   }
 
   /** Adds an operation to this batch's share of the peer's queue; it supersedes the request's last one of the same kind. */
@@ -582,10 +594,7 @@ class EngineSession implements ChangeSink {
     const source = this.sourceBuffer!;
     if (sent === 'queue' || source.lane.applied(ctx.tx.finalLsn)) return;
     const { form } = ctx;
-    const lsn = ctx.change.lsn;
-    source.stage(String(lsn), `${outcome.op}:${mapping.name}`, `${form.schema}.${form.table}`, requestId,
-      () => new SourceBookkeeping(outcome, mapping, form, this.assigned.get(mapping.name)),
-      (group) => group.add(requestId, lsn, sent === 'lane', seenOf(row)));
+    stageBookkeeping(source, outcome, mapping, form, requestId, ctx.change.lsn, sent === 'lane', seenOf(row), this.assigned);
     this.unflushed += 1;
   }
 
@@ -929,12 +938,14 @@ class EngineSession implements ChangeSink {
     // (targets commit below): the peer is down until its next attempt, and the batch is replayed
     // from the slot, its operations for the peer going to the queue. Nothing of the batch is
     // kept in memory for this (a batch can be one huge source transaction).
-    const broken = peers.filter((p) => [...p.lanes.values()].some((b) => b.lane.failed));
-    for (const peer of broken) {
-      const failed = [...peer.lanes.values()].find((b) => b.lane.failed)!.lane.failed;
+    const broken: string[] = [];
+    for (const peer of peers) {
+      const failed = [...peer.lanes.values()].find((b) => b.lane.failed)?.lane.failed;
+      if (!failed) continue;
       await this.peerDown(peer, failed);
+      broken.push(peer.name);
     }
-    if (broken.length) throw new PeerFailedMidBatch(`${broken.map((p) => p.name).join(', ')} failed in the middle of a batch: the batch is replayed, its operations for ${broken.length > 1 ? 'them' : 'it'} queued`);
+    if (broken.length) throw new PeerFailedMidBatch(`${broken.join(', ')} failed in the middle of a batch: the batch is replayed, its operations for ${broken.length > 1 ? 'them' : 'it'} queued`);
     const lanes = peers.filter((p) => p.up).flatMap((p) => [...p.lanes.entries()].map(([pool, buffer]) => ({ peer: p, pool, buffer })));
     const failures = [...this.rejected, ...lanes.flatMap(({ buffer }) => buffer.lane.takeFailures())];
     this.rejected = [];
@@ -1074,7 +1085,7 @@ class EngineSession implements ChangeSink {
       await this.peerDown(peer, err);
       return;
     }
-    failures.push(...withOps(lane.takeFailures(), new Map(entries.map((e) => [entryKey(e), e]))));
+    failures.push(...lane.takeFailures());
     const failed = new Set(failures.map((f) => changeKey(f.type, f.mapping.name, f.requestId, f.lsn)));
     const failedIds = entries.filter((e) => failed.has(entryKey(e))).map((e) => e.id!);
     const source = this.sourceLane!;
@@ -1094,11 +1105,7 @@ class EngineSession implements ChangeSink {
         const { op } = entry;
         const form = this.forms.get(op.form);
         if (!op.bookkeeping || !form) continue;
-        const outcome: Outcome = { op: op.bookkeeping.op };
-        const { seen } = op.bookkeeping;
-        bookkeeping.stage(op.lsn, `${outcome.op}:${entry.mapping.name}`, op.form, op.requestId,
-          () => new SourceBookkeeping(outcome, entry.mapping, form, assigned.get(entry.mapping.name)),
-          (group) => group.add(op.requestId, parseLsn(op.lsn), true, seen));
+        stageBookkeeping(bookkeeping, { op: op.bookkeeping.op }, entry.mapping, form, op.requestId, parseLsn(op.lsn), true, op.bookkeeping.seen, assigned);
       }
       await markStatus(client, failures.filter((f) => this.forms.has(`${f.source.schema}.${f.source.table}`)), 'failure');
       for (const group of bookkeeping.pendingGroups()) await group.execute(client);
@@ -1167,7 +1174,7 @@ class EngineSession implements ChangeSink {
         groupKey = `delete:${op.link}`;
         buffer.group(groupKey, entry.targetForm, op.targetKey, () => new CopyDeleteGroup(link, form, this.server)).add({ requestId: op.requestId, targetKey: op.targetKey, history: op.history, lsn });
       }
-      buffer.added(groupKey);
+      this.added(buffer, groupKey, entry);
       return null;
     } catch (err) {
       return refuse(`queued ${entry.type} of request ${op.requestId} by mapping "${mapping.name}": ${errorText(err)}`);
@@ -1197,6 +1204,19 @@ function entryKey(entry: PendingEntry): string {
 function withOps(failures: ApplyFailure[], byKey: ReadonlyMap<string, PendingEntry> | undefined): ApplyFailure[] {
   if (failures.length === 0 || !byKey) return failures;
   return failures.map((f) => withOp(f, byKey.get(changeKey(f.type, f.mapping.name, f.requestId, f.lsn))));
+}
+
+/**
+ * Stages the bookkeeping of a source copy for one change (its position `lsn`); `ran`: applied in
+ * this session. The operations of one change on one request join their groups together.
+ */
+function stageBookkeeping(
+  buffer: LaneBuffer<never>, outcome: Outcome, mapping: MappingConfig, form: FormInfo, requestId: string,
+  lsn: bigint, ran: boolean, seen: SeenState, assigned: ReadonlyMap<string, ReadonlyMap<string, string>>,
+): void {
+  buffer.stage(String(lsn), `${outcome.op}:${mapping.name}`, `${form.schema}.${form.table}`, requestId,
+    () => new SourceBookkeeping(outcome, mapping, form, assigned.get(mapping.name)),
+    (group) => group.add(requestId, lsn, ran, seen));
 }
 
 /** What the source copy said in the change, for its bookkeeping. */

@@ -10,6 +10,7 @@ import type { Logger } from 'pino';
 import { formatLsn, parseLsn } from '../change.ts';
 import { describeFormColumns, type FormCatalog } from './catalog.ts';
 import { forApplying } from '../sql/session.ts';
+import { sqlstateOf } from './errors.ts';
 
 /** A set of operations applied by one statement (or a few), in the lane's open transaction. */
 export interface OpGroup<F = unknown> {
@@ -191,9 +192,9 @@ export class ApplyLane<F = unknown> {
         if (finalLsn > this.progress) this.progress = finalLsn;
         return attempt - 1;
       } catch (err) {
-        const code = (err as { code?: string }).code;
-        if ((code !== '40P01' && code !== '40001') || attempt >= attempts) throw err;
-        this.opts.log.info({ lane: this.name, sqlstate: code, attempt }, 'source transaction rolled back (a lock conflict with a user transaction): running it again');
+        const sqlstate = sqlstateOf(err);
+        if ((sqlstate !== '40P01' && sqlstate !== '40001') || attempt >= attempts) throw err;
+        this.opts.log.info({ lane: this.name, sqlstate, attempt }, 'transaction rolled back by a lock conflict (deadlock or serialization failure): running it again');
       }
     }
   }
