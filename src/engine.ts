@@ -28,14 +28,17 @@ import { TransferGroup } from './applier/transfer.ts';
 import { SourceBookkeeping, countHops, markStatus, recordErrors, type CopyStatus, type Outcome, type SeenState } from './applier/bookkeeping.ts';
 import { CopyDeleteGroup, CopyUpdateGroup, reversePlan, type CopyDelete, type CopyUpdate, type Link, type UpdateKind } from './applier/chain.ts';
 import { changeKey, type ApplyFailure, type OpType, type RequestGroup } from './applier/sets.ts';
-import { classifyError } from './applier/errors.ts';
+import { classifyError, type ClassifiedError } from './applier/errors.ts';
+import { refusalOf, type Refusal } from './sql/grants.ts';
+import { withClient } from './sql/client.ts';
+import os from 'node:os';
 import { retryDelay } from './applier/schedule.ts';
 import {
   recordAttempt, deliveredUpTo, dequeue, enqueue, markDelivered, nextQueued, opType, queueIdentity, queuedRequests, requestKey, stillQueued, supersedes, withOp,
   type PendingEntry, type QueuedOp,
 } from './applier/pending.ts';
-import { describeForm, ensureSlot, type FormInfo } from './sql/forms.ts';
-import { LOCK_NAMESPACE, LOCKS, originName, slotName, writerOfOrigin } from './sql/identifiers.ts';
+import { DSO_COLUMN_NAMES, describeForm, ensureSlot, type FormInfo } from './sql/forms.ts';
+import { LOCK_NAMESPACE, LOCKS, originName, qualified, quoteIdent, slotName, writerOfOrigin } from './sql/identifiers.ts';
 import { waitForOperationLock } from './groupboard/lock.ts';
 
 export interface EngineOptions {
@@ -49,6 +52,8 @@ export interface EngineOptions {
   chunkRows?: number;
   /** reconnect backoff bounds, ms */
   backoff?: { minMs: number; maxMs: number };
+  /** this instance on the server's board (default host-pid) */
+  instanceId?: string;
 }
 
 export interface EngineStats {
@@ -71,11 +76,13 @@ export interface EngineStats {
   retainedWalBytes: number | null;
   /** peers that cannot be reached now */
   peersDown: string[];
+  /** set when the engine stopped on an error a DBA must fix */
+  stoppedBy: Refusal | null;
 }
 
 /** Runs one server's engine until the signal aborts, reconnecting after failures. */
 export class ServerEngine {
-  readonly stats: EngineStats = { transactions: 0, changes: 0, applied: 0, failed: 0, queued: 0, delivered: 0, sourceRetries: 0, heartbeats: 0, confirmedLsn: '0/0', sessions: 0, slotLagBytes: null, retainedWalBytes: null, peersDown: [] };
+  readonly stats: EngineStats = { transactions: 0, changes: 0, applied: 0, failed: 0, queued: 0, delivered: 0, sourceRetries: 0, heartbeats: 0, confirmedLsn: '0/0', sessions: 0, slotLagBytes: null, retainedWalBytes: null, peersDown: [], stoppedBy: null };
   readonly server: string;
   private readonly log: Logger;
   private session: EngineSession | null = null;
@@ -98,6 +105,7 @@ export class ServerEngine {
     while (!signal.aborted) {
       const session = new EngineSession(this.opts, this.log, this.stats, this.downPeers);
       let replayNow = false;
+      let refused: ClassifiedError | null = null;
       this.session = session;
       const started = Date.now();
       this.stats.sessions += 1;
@@ -107,13 +115,17 @@ export class ServerEngine {
         if (signal.aborted) break;
         // a peer that failed mid-batch: expected, the batch goes again at once, the peer's operations to the queue
         replayNow = err instanceof PeerFailedMidBatch;
-        if (replayNow) this.log.info((err as Error).message);
-        else this.log.warn({ err }, 'engine session failed; replaying from the confirmed position');
+        const classified = classifyError(err);
+        if (replayNow) this.log.info(classified.message);
+        else if (classified.class === 'permanent') refused = classified;
+        else this.log.warn({ sqlstate: classified.sqlstate, error: classified.message }, 'engine session failed; replaying from the confirmed position');
       } finally {
         this.session = null;
         await session.close();
       }
       if (signal.aborted) break;
+      // the server refuses the engine itself: retrying changes nothing until a DBA acts
+      if (refused) return this.stopOn(refused);
       if (replayNow) continue;
       if (Date.now() - started > 60_000) wait = minMs;
       const jittered = wait / 2 + Math.random() * (wait / 2);
@@ -121,6 +133,33 @@ export class ServerEngine {
       wait = Math.min(maxMs, wait * 2);
     }
   }
+
+  /**
+   * Stops this server's engine on an error only a DBA can fix: one error-level line with the
+   * statement to run, and the instance's row on the server's board says why (for `pgdso status`).
+   */
+  private async stopOn(classified: ClassifiedError): Promise<void> {
+    const connection = toPgClientConfig(this.opts.config.servers[this.server]!.connection);
+    const role = String(connection.user ?? process.env.PGUSER ?? 'pgdso');
+    const refusal = refusalOf(classified.sqlstate, classified.message, role, String(connection.database)) ?? { missing: 'access', fix: classified.message };
+    this.stats.stoppedBy = refusal;
+    this.log.error({ sqlstate: classified.sqlstate, error: classified.message, missing: refusal.missing, fix: refusal.fix }, `the engine of ${this.server} stops: PostgreSQL refuses it ${refusal.missing}. Fix: ${refusal.fix} Then start pgdso run again.`);
+    await withClient(connection, (client) => recordStop(client, this.server, this.instanceId, `${classified.sqlstate ?? ''} ${classified.message}`.trim(), refusal.fix)).catch(() => undefined);
+  }
+
+  private get instanceId(): string {
+    return this.opts.instanceId ?? `${os.hostname()}-${process.pid}`;
+  }
+}
+
+/** Puts a stopped instance on the board with the error that stopped it. */
+async function recordStop(client: pg.ClientBase, server: string, instanceId: string, error: string, fix: string): Promise<void> {
+  await client.query(
+    `INSERT INTO pgdso.servgrp_board (instance_id, server_name, host, pid, state, operations, last_seen_at, last_error, last_error_fix, last_error_at)
+     VALUES ($1, $2, $3, $4, 'stopped', '{}', now(), $5, $6, now())
+     ON CONFLICT (instance_id) DO UPDATE SET state = 'stopped', operations = '{}', last_seen_at = now(), last_error = $5, last_error_fix = $6, last_error_at = now()`,
+    [instanceId, server, os.hostname(), process.pid, error, fix],
+  );
 }
 
 interface OpenTransaction {
@@ -213,6 +252,18 @@ class EngineSession implements ChangeSink {
   private readonly assigned = new Map<string, Map<string, string>>();
   private tx: OpenTransaction | null = null;
   private readonly hops = new Map<string, { finalLsn: bigint; template: [string, string] }>();
+  /** each form's relation as last decoded, by OID: a new one with other columns means its table changed */
+  private readonly relations = new Map<number, Relation>();
+  /** relations of forms already reported as not replica identity full */
+  private readonly warnedIdentity = new WeakSet<Relation>();
+  /** (mapping, column, reason) already reported as not carried */
+  private readonly warnedColumns = new Set<string>();
+  /** a plan leaves out a source column the target lacks: its catalog is read again now and then */
+  private missingColumns = false;
+  private recheckDue = false;
+  /** an id per column plan, in group keys: a group's rows all follow its plan */
+  private readonly planIds = new WeakMap<ColumnPlan, number>();
+  private nextPlanId = 0;
   /** domain type OID -> its base type's, for the facts */
   private baseTypes = new Map<number, number>();
   /** changes refused before reaching a lane (recorded in pending_errors at the next flush) */
@@ -261,6 +312,8 @@ class EngineSession implements ChangeSink {
       this.stream?.wake();
     });
     await control.query('LISTEN pgdso_pending');
+    // started: an earlier stop on an error a DBA had to fix is over
+    await control.query('DELETE FROM pgdso.servgrp_board WHERE server_name = $1 AND last_error IS NOT NULL', [this.server]);
     const stream = new ReplicationStream({ connection: this.connection, slot, log: this.log });
     this.stream = stream;
     this.startTimers(control, slot);
@@ -293,6 +346,13 @@ class EngineSession implements ChangeSink {
     };
     every(250, () => {
       if (this.deliveryDue()) this.stream?.wake();
+    });
+    // a column byName leaves out because the target lacks it: is it there now?
+    every(CATALOG_RECHECK_MS, () => {
+      if (this.missingColumns) {
+        this.missingColumns = false;
+        this.recheckDue = true;
+      }
     });
     if (heartbeatMs > 0) {
       every(heartbeatMs, async () => {
@@ -428,22 +488,29 @@ class EngineSession implements ChangeSink {
    * asks: the fix of a DBA is then what the engine writes against.
    */
   private async resolveLinks(peer: Peer): Promise<void> {
-    const first = peer.lanes.get(peer.pools[0]!)!.lane;
-    this.plans = new WeakMap();
-    for (const ref of this.links.values()) {
-      if (ref.server !== peer.name) continue;
-      const { mapping } = ref;
-      if (ref.forward) {
-        const targetCatalog = await first.describe(mapping.to.schema, mapping.to.table);
-        this.catalogs.set(mapping.name, targetCatalog);
-        const source = await this.localCatalog(mapping.from);
-        ref.resolved = { mapping, forward: true, server: peer.name, plan: buildColumnPlan(mapping, [...source.columns.keys()], source.keyColumn, targetCatalog) };
-      } else {
-        const source = await first.describe(mapping.from.schema, mapping.from.table);
-        const forward = buildColumnPlan(mapping, [...source.columns.keys()], source.keyColumn, await this.localCatalog(mapping.to));
-        ref.resolved = { mapping, forward: false, server: peer.name, plan: reversePlan(forward, source) };
+    // a connection of its own: a lane may be in the middle of a transaction (or a failed one)
+    const connection = toPgClientConfig(this.opts.config.servers[peer.name]!.connection);
+    const resolved = new Map<LinkRef, Link>();
+    await withClient({ ...connection, application_name: 'pgdso catalog' }, async (client) => {
+      for (const ref of this.links.values()) {
+        if (ref.server !== peer.name) continue;
+        const { mapping } = ref;
+        if (ref.forward) {
+          const targetCatalog = await describeFormColumns(client, mapping.to.schema, mapping.to.table);
+          this.catalogs.set(mapping.name, targetCatalog);
+          const source = await this.localCatalog(mapping.from);
+          const plan = buildColumnPlan(mapping, [...source.columns.keys()], source.keyColumn, targetCatalog);
+          this.noteNotCarried(plan);
+          resolved.set(ref, { mapping, forward: true, server: peer.name, plan });
+        } else {
+          const source = await describeFormColumns(client, mapping.from.schema, mapping.from.table);
+          const forward = buildColumnPlan(mapping, [...source.columns.keys()], source.keyColumn, await this.localCatalog(mapping.to));
+          resolved.set(ref, { mapping, forward: false, server: peer.name, plan: reversePlan(forward, source) });
+        }
       }
-    }
+    });
+    this.plans = new WeakMap();
+    for (const [ref, link] of resolved) ref.resolved = link;
   }
 
   /** Reads the catalogs of reachable peers again (a failed plan takes the peer down until its next attempt). */
@@ -492,13 +559,21 @@ class EngineSession implements ChangeSink {
     peer.up = false;
     peer.attempts += 1;
     peer.downSince ??= now;
+    const previousError = peer.lastError;
     peer.lastError = classified.message;
     const wait = retryDelay(this.opts.config.pending.retry, peer.attempts, now - peer.downSince);
     peer.nextAttemptAt = now + wait;
     this.downPeers.set(peer.name, { attempts: peer.attempts, downSince: peer.downSince, nextAttemptAt: peer.nextAttemptAt, lastError: peer.lastError });
     this.countDown(peer.name);
     const fields = { peer: peer.name, attempts: peer.attempts, retryInMs: Math.round(wait), sqlstate: classified.sqlstate, class: classified.class, error: classified.message };
-    if (classified.class === 'permanent') this.log.error(fields, 'peer refuses the engine (privileges, a missing form or database?): its operations wait in pgdso.pending until that is fixed');
+    const repeated = previousError === classified.message;
+    if (classified.class === 'permanent') {
+      // said once at error level, with what to run; the attempts go on quietly (and at once on `pgdso pending retry --queued`)
+      const connection = toPgClientConfig(this.opts.config.servers[peer.name]!.connection);
+      const refusal = refusalOf(classified.sqlstate, classified.message, String(connection.user ?? 'pgdso'), String(connection.database));
+      if (repeated) this.log.debug(fields, 'peer still refuses the engine');
+      else this.log.error({ ...fields, fix: refusal?.fix }, `peer ${peer.name} refuses the engine${refusal ? ` (${refusal.missing}); fix: ${refusal.fix}` : ''}: its operations wait in pgdso.pending until that is fixed`);
+    } else if (repeated) this.log.debug(fields, 'peer still cannot be reached');
     else this.log.warn(fields, 'peer cannot be reached: its operations wait in pgdso.pending');
     if (this.sourceLane) {
       const attempt = { attempts: peer.attempts, downSince: new Date(peer.downSince), nextAttemptAt: new Date(peer.nextAttemptAt), error: classified.message };
@@ -610,6 +685,113 @@ class EngineSession implements ChangeSink {
   }
 
   change(change: RowChange): void | Promise<void> {
+    const { relation } = change;
+    const seen = this.relations.get(relation.oid);
+    if (seen !== relation) {
+      this.relations.set(relation.oid, relation);
+      const before = seen ? seen.columns.map((c) => c.name) : this.localCatalogs.get(`${relation.schema}.${relation.table}`) && [...this.localCatalogs.get(`${relation.schema}.${relation.table}`)!.columns.keys()];
+      if (before && before.join(',') !== relation.columns.map((c) => c.name).join(',')) {
+        return this.tableChanged(relation).then(() => this.handle(change));
+      }
+    }
+    if (this.recheckDue) {
+      this.recheckDue = false;
+      return this.refreshPlans([...this.peers.keys()]).then(() => this.handle(change));
+    }
+    return this.handle(change);
+  }
+
+  /**
+   * A form of this server changed (a column added, dropped, renamed): its catalog and the
+   * catalogs of the peers its mappings lead to are read again, so a column added on both sides
+   * is carried from the next change on.
+   */
+  private async tableChanged(relation: Relation): Promise<void> {
+    const formKey = `${relation.schema}.${relation.table}`;
+    if (!this.forms.has(formKey)) return;
+    this.localCatalogs.delete(formKey);
+    const servers = [...this.links.values()].filter((ref) => {
+      const here = ref.forward ? ref.mapping.from : ref.mapping.to;
+      return `${here.schema}.${here.table}` === formKey;
+    }).map((ref) => ref.server);
+    this.log.info({ form: formKey, peers: [...new Set(servers)] }, `form ${formKey} changed on ${this.server}: its mappings' forms are read again`);
+    await this.refreshPlans(servers);
+  }
+
+  /**
+   * Reads the catalogs of reachable peers again in the middle of a batch. Groups already open keep
+   * the plan they were built with (plan ids in group keys); a peer that cannot be read keeps its
+   * plans (its lane reports the failure at the flush).
+   */
+  private async refreshPlans(names: Iterable<string>): Promise<void> {
+    for (const name of new Set(names)) {
+      const peer = this.peers.get(name);
+      if (!peer?.up) continue;
+      try {
+        await this.resolveLinks(peer);
+      } catch (err) {
+        this.log.warn({ peer: name, error: errorText(err) }, "the peer's forms could not be read again; the plans of before stay");
+      }
+    }
+  }
+
+  /** Columns a mapping carries whose values the change lacks (unchanged TOAST values without replica identity full). */
+  private unchangedColumns(change: RowChange, link: LinkRef): string[] | null {
+    if (change.op !== 'update' || change.relation.replicaIdentity === 'full' || !change.new) return null;
+    const { fields } = link.mapping;
+    const mapped = link.forward ? Object.values(fields.map) : Object.keys(fields.map);
+    const missing: string[] = [];
+    for (const { name } of change.relation.columns) {
+      if (change.new[name] !== undefined) continue;
+      const carried = name === 'dso_mapping_history' || (!DSO_COLUMN_NAMES.has(name) && ((fields.byName && !(link.forward && fields.exclude.includes(name))) || mapped.includes(name)));
+      if (carried) missing.push(name);
+    }
+    return missing.length ? missing : null;
+  }
+
+  /**
+   * An operation whose change arrived without some of its values: recorded in pending_errors
+   * (the source copy gets `failure`), and a retry sends the request's current values instead.
+   */
+  private refuseIncomplete(ctx: ChangeContext, entry: PendingEntry, missing: string[]): void {
+    const { relation } = ctx.change;
+    const formKey = `${ctx.form.schema}.${ctx.form.table}`;
+    const op: QueuedOp = { ...entry.op, refetch: true };
+    this.rejected.push({
+      type: entry.type, mapping: entry.mapping, source: ctx.form, targetServer: entry.targetServer, requestId: op.requestId, lsn: ctx.change.lsn, sqlstate: null,
+      payload: { op, targetForm: entry.targetForm, targetKey: op.targetKey, missing },
+      error: `mapping "${entry.mapping.name}": ${entry.type} of request ${op.requestId} to ${entry.targetServer}: the change arrived without the values of ${missing.join(', ')} (large values left unchanged are not sent: ${formKey} is REPLICA IDENTITY ${relation.replicaIdentity.toUpperCase()}, not FULL). ` +
+        `Run ALTER TABLE ${qualified(ctx.form.schema, ctx.form.table)} REPLICA IDENTITY FULL (or pgdso forms enable --server ${this.server} --form ${formKey}), then pgdso pending retry --server ${this.server} --all: the retry sends the request's current values`,
+    });
+    this.unflushed += 1;
+  }
+
+  /**
+   * A TRUNCATE of a form (the guard refuses it while the form holds linked copies): what it
+   * removed has copies elsewhere that pgdso does not delete; recorded in pending_errors.
+   */
+  truncate(relations: Relation[]): void {
+    const tx = this.tx;
+    if (!tx || tx.writer === this.server) return;
+    for (const relation of relations) {
+      const formKey = `${relation.schema}.${relation.table}`;
+      const form = this.forms.get(formKey);
+      if (!form) continue;
+      const servers = new Map<string, MappingConfig>();
+      for (const ref of this.links.values()) {
+        const here = ref.forward ? ref.mapping.from : ref.mapping.to;
+        if (`${here.schema}.${here.table}` === formKey && !servers.has(ref.server)) servers.set(ref.server, ref.mapping);
+      }
+      for (const [server, mapping] of servers) {
+        const error = `TRUNCATE of ${formKey} on ${this.server}: pgdso does not carry TRUNCATE; copies of its requests on ${server} (mapping "${mapping.name}") were not deleted. Delete them there by hand if they should go; next time DELETE the rows (pgdso carries deletes) or run pgdso forms disable first`;
+        this.rejected.push({ type: 'delete', mapping, source: form, targetServer: server, requestId: '*', lsn: tx.finalLsn, sqlstate: null, payload: { truncate: formKey }, error, noStatus: true });
+        this.unflushed += 1;
+      }
+      if (servers.size) this.log.error({ form: formKey, peers: [...servers.keys()] }, `TRUNCATE of ${formKey}: its copies on ${[...servers.keys()].join(', ')} were not deleted (recorded in pgdso.pending_errors)`);
+    }
+  }
+
+  private handle(change: RowChange): void | Promise<void> {
     const tx = this.tx;
     if (!tx) throw new Error('change outside a transaction');
     this.stats.changes += 1;
@@ -620,6 +802,14 @@ class EngineSession implements ChangeSink {
     const formKey = `${schema}.${table}`;
     const form = this.forms.get(formKey);
     if (!form) return;
+    if (change.relation.replicaIdentity !== 'full' && !this.warnedIdentity.has(change.relation)) {
+      this.warnedIdentity.add(change.relation);
+      this.log.error(
+        { form: formKey, replicaIdentity: change.relation.replicaIdentity, lsn: formatLsn(change.lsn) },
+        `form ${formKey} is REPLICA IDENTITY ${change.relation.replicaIdentity.toUpperCase()}, not FULL: its updates that leave a large value unchanged, and its deletes, arrive incomplete and go to pgdso.pending_errors. ` +
+          `Run ALTER TABLE ${qualified(schema, table)} REPLICA IDENTITY FULL (or pgdso forms enable --server ${this.server} --form ${formKey}), then pgdso pending retry --server ${this.server} --all`,
+      );
+    }
     const { rules } = this.opts;
     const filtered = rules.filtersFor(this.server, schema, table, change.op).length > 0;
     const chained = change.op !== 'insert' && this.chainForms.has(formKey);
@@ -731,10 +921,13 @@ class EngineSession implements ChangeSink {
       const [before, after] = this.hopTemplate(mapping, form, tx);
       const history = withHop(historyText, `${before}${JSON.stringify(requestId)}${after}`);
       const modifiedAt = row.dso_modified_at ?? null;
-      const entry = this.entry(this.links.get(`${mapping.name}>`)!, { group: 'transfer', form: `${form.schema}.${form.table}`, requestId, targetKey, history, row, modifiedAt, bookkeeping: { op: 'transfer', seen: seenOf(row) } }, change.lsn);
+      const link = this.links.get(`${mapping.name}>`)!;
+      const entry = this.entry(link, { group: 'transfer', form: `${form.schema}.${form.table}`, requestId, targetKey, history, row, modifiedAt, bookkeeping: { op: 'transfer', seen: seenOf(row) } }, change.lsn);
+      const missing = this.unchangedColumns(change, link);
+      if (missing) return this.refuseIncomplete(ctx, entry, missing);
       sent = this.dispatch(ctx, route, entry, (buffer) => {
         const plan = this.planFor(change.relation, mapping, form);
-        const groupKey = `transfer:${mapping.name}`;
+        const groupKey = `transfer:${mapping.name}:${this.planId(plan)}`;
         buffer
           .group(groupKey, table, targetKey, () => new TransferGroup(plan, form, this.assignedFor(mapping)))
           .addChange({ requestId, targetKey, values: valuesOf(plan, row, form), history, modifiedAt, lsn: change.lsn }, change.op === 'insert');
@@ -820,6 +1013,7 @@ class EngineSession implements ChangeSink {
     const { change, tx } = ctx;
     const row = change.op === 'delete' ? change.old : change.new;
     if (!row) return;
+    if (change.op === 'delete' && row.dso_master == null) return this.incompleteDelete(ctx, row); // dso_master is NOT NULL: the key alone came
     if (tx.writer === null && row.dso_master !== 't') return;
     for (const side of ['from', 'to'] as const) {
       if (change.op === 'delete') {
@@ -830,6 +1024,27 @@ class EngineSession implements ChangeSink {
       } else {
         this.relay(ctx, row, side, { current: row.dso_current_server && row.dso_current_form ? [row.dso_current_server, row.dso_current_form] : null, values: true });
       }
+    }
+  }
+
+  /**
+   * A delete that arrived with the key alone (replica identity not full): which copies the row
+   * had is unknown. Recorded in pending_errors for every server a kept-in-step mapping of the
+   * form leads to, with what to do; nothing is deleted there.
+   */
+  private incompleteDelete(ctx: ChangeContext, row: TextRow): void {
+    const formKey = `${ctx.form.schema}.${ctx.form.table}`;
+    const requestId = row[ctx.form.keyColumn];
+    if (requestId === null || requestId === undefined) return;
+    const servers = new Map<string, MappingConfig>();
+    for (const ref of this.links.values()) {
+      const here = ref.forward ? ref.mapping.from : ref.mapping.to;
+      if (keptInStep(ref.mapping) && `${here.schema}.${here.table}` === formKey && !servers.has(ref.server)) servers.set(ref.server, ref.mapping);
+    }
+    for (const [server, mapping] of servers) {
+      const error = `delete of request ${requestId} of ${formKey}: it arrived with its key alone (${formKey} is REPLICA IDENTITY ${ctx.change.relation.replicaIdentity.toUpperCase()}, not FULL), so pgdso cannot tell whether it had a copy on ${server} (mapping "${mapping.name}"): delete that copy there by hand if it has one, and run ALTER TABLE ${qualified(ctx.form.schema, ctx.form.table)} REPLICA IDENTITY FULL (or pgdso forms enable)`;
+      this.rejected.push({ type: 'delete', mapping, source: ctx.form, targetServer: server, requestId, lsn: ctx.change.lsn, sqlstate: null, payload: { key: requestId }, error, noStatus: true });
+      this.unflushed += 1;
     }
   }
 
@@ -860,9 +1075,14 @@ class EngineSession implements ChangeSink {
   /** An update of a copy on a link's server (values from the source row when it carries them). */
   private updateCopy(ctx: ChangeContext, link: LinkRef, kind: UpdateKind, withValues: boolean, row: TextRow, update: Omit<CopyUpdate, 'values' | 'lsn'>, bk?: 'update' | 'return'): Route['to'] {
     const entry = this.entry(link, { group: 'copy-update', kind, withValues, form: `${ctx.form.schema}.${ctx.form.table}`, requestId: update.requestId, targetKey: update.targetKey, history: update.history, row: withValues ? row : null, current: update.current, master: update.master, newHistory: update.newHistory, ...(bk ? { bookkeeping: { op: bk, seen: seenOf(row) } } : {}) }, ctx.change.lsn);
+    const missing = withValues ? this.unchangedColumns(ctx.change, link) : null;
+    if (missing) {
+      this.refuseIncomplete(ctx, entry, missing);
+      return 'skip';
+    }
     return this.onLink(ctx, link, entry, (resolved) => {
       const group = () => new CopyUpdateGroup(resolved, kind, withValues, ctx.form, this.server);
-      return [`${kind}:${withValues}`, group, { ...update, values: withValues ? valuesOf(resolved.plan, row, ctx.form) : [], lsn: ctx.change.lsn }];
+      return [`${kind}:${withValues}:${this.planId(resolved.plan)}`, group, { ...update, values: withValues ? valuesOf(resolved.plan, row, ctx.form) : [], lsn: ctx.change.lsn }];
     });
   }
 
@@ -876,7 +1096,7 @@ class EngineSession implements ChangeSink {
     const route = this.route(link.server, link.mapping.pool, entry.targetForm, entry.op.targetKey, ctx.tx.finalLsn);
     return this.dispatch(ctx, route, entry, (buffer) => {
       const [kind, create, row] = build(link.resolved!);
-      const groupKey = `${kind}:${link.mapping.name}${link.forward ? '>' : '<'}`;
+      const groupKey = `${kind}:${link.mapping.name}${link.forward ? '>' : '<'}`; // kinds with values carry their plan's id
       buffer.group(groupKey, entry.targetForm, row.targetKey, create).add(row);
       return groupKey;
     });
@@ -903,6 +1123,26 @@ class EngineSession implements ChangeSink {
     return template;
   }
 
+  private planId(plan: ColumnPlan): number {
+    let id = this.planIds.get(plan);
+    if (id === undefined) this.planIds.set(plan, (id = this.nextPlanId++));
+    return id;
+  }
+
+  /** Says once per mapping and column what byName leaves out: a generated target column, or one the target lacks. */
+  private noteNotCarried(plan: ColumnPlan): void {
+    const { mapping } = plan;
+    for (const { column, reason } of plan.notCarried) {
+      if (reason === 'missing') this.missingColumns = true;
+      const key = `${mapping.name}\u0000${column}\u0000${reason}`;
+      if (this.warnedColumns.has(key)) continue;
+      this.warnedColumns.add(key);
+      const target = `${mapping.to.server}.${mapping.to.schema}.${mapping.to.table}`;
+      if (reason === 'generated') this.log.info({ mapping: mapping.name, column }, `mapping "${mapping.name}": column "${column}" is generated on ${target}: computed there, not written`);
+      else this.log.warn({ mapping: mapping.name, column }, `mapping "${mapping.name}": column "${column}" of ${mapping.from.server}.${mapping.from.schema}.${mapping.from.table} is not on ${target}, so its values are not carried: add it there (pgdso reads the catalog again within ${CATALOG_RECHECK_MS / 1000} s) or list it in fields.exclude`);
+    }
+  }
+
   private planFor(relation: Relation, mapping: MappingConfig, form: FormInfo): ColumnPlan {
     let byMapping = this.plans.get(relation);
     if (!byMapping) {
@@ -913,6 +1153,7 @@ class EngineSession implements ChangeSink {
     if (!plan) {
       plan = buildColumnPlan(mapping, relation.columns.map((c) => c.name), form.keyColumn, this.catalogs.get(mapping.name)!);
       byMapping.set(mapping.name, plan);
+      this.noteNotCarried(plan);
     }
     return plan;
   }
@@ -979,7 +1220,7 @@ class EngineSession implements ChangeSink {
     if (bookkeeping.length || queued.length || waiting.length || failures.length) {
       this.stats.sourceRetries += await source.transaction(last.finalLsn, last.commitTime, async (client) => {
         for (const peer of queued) await enqueue(client, peer.batch, { nextAttemptAt: new Date(Math.max(Date.now(), peer.nextAttemptAt)), lastError: peer.lastError });
-        await markStatus(client, failures, 'failure');
+        await markStatus(client, failures.filter((f) => !f.noStatus), 'failure');
         for (const group of bookkeeping) await group.execute(client);
         await markStatus(client, waiting, 'retry');
       });
@@ -1068,7 +1309,13 @@ class EngineSession implements ChangeSink {
     const assigned = new Map<string, Map<string, string>>();
     const plans = new Map<string, ColumnPlan>();
     const done: PendingEntry[] = [];
+    const current = await this.currentRows(rows.filter((r) => r.op.refetch && BigInt(r.id) > upTo && !r.op.applied).map((r) => r.op));
     for (const row of rows) {
+      if (row.op.refetch) {
+        // an operation whose change lacked values: the source copy's values of now, or nothing if it is gone
+        const now = current.get(`${row.op.form}\u0000${row.op.requestId}`);
+        row.op = now ? { ...row.op, row: now, refetch: undefined } : { ...row.op, applied: true };
+      }
       const entry = this.entryOf(row);
       entries.push(entry);
       if (BigInt(row.id) <= upTo || entry.op.applied) {
@@ -1085,7 +1332,7 @@ class EngineSession implements ChangeSink {
       await this.peerDown(peer, err);
       return;
     }
-    failures.push(...lane.takeFailures());
+    for (const f of lane.takeFailures()) failures.push(f);
     const failed = new Set(failures.map((f) => changeKey(f.type, f.mapping.name, f.requestId, f.lsn)));
     const failedIds = entries.filter((e) => failed.has(entryKey(e))).map((e) => e.id!);
     const source = this.sourceLane!;
@@ -1118,6 +1365,27 @@ class EngineSession implements ChangeSink {
     const still = await stillQueued(this.control!, peer.name, [...keys.values()]);
     for (const key of keys.keys()) if (!still.has(key)) peer.queued.delete(key);
     this.log.debug({ peer: peer.name, delivered: delivered.length, failed: failures.length, left: peer.queued.size }, 'queued operations delivered');
+  }
+
+  /** The current values (as text, canonical) of the source copies these operations act on, by form and request ID. */
+  private async currentRows(ops: readonly QueuedOp[]): Promise<Map<string, TextRow>> {
+    const found = new Map<string, TextRow>();
+    const byForm = new Map<string, string[]>();
+    for (const op of ops) {
+      const ids = byForm.get(op.form);
+      if (ids) ids.push(op.requestId);
+      else byForm.set(op.form, [op.requestId]);
+    }
+    const asText = { getTypeParser: () => (value: string) => value };
+    for (const [formKey, ids] of byForm) {
+      const form = this.forms.get(formKey);
+      if (!form) continue;
+      const res = await this.sourceLane!.outside((client) =>
+        client.query({ text: `SELECT * FROM ${qualified(form.schema, form.table)} WHERE ${quoteIdent(form.keyColumn)} = ANY ($1::text[]::${form.keyType}[])`, values: [ids], types: asText } as pg.QueryConfig),
+      );
+      for (const row of res.rows as TextRow[]) found.set(`${formKey}\u0000${row[form.keyColumn]}`, row);
+    }
+    return found;
   }
 
   /** A queued operation read back. */
@@ -1189,6 +1457,9 @@ class EngineSession implements ChangeSink {
     await this.control?.end().catch(() => {});
   }
 }
+
+/** How often the catalogs are read again while a plan leaves out a column the target lacks. */
+const CATALOG_RECHECK_MS = 10_000;
 
 /** A failure that says the target's table is not what the plan was built for. */
 function catalogChanged(f: ApplyFailure): boolean {

@@ -83,7 +83,7 @@ export class SourceBookkeeping implements OpGroup<never> {
     if (failed.size === 0) return;
     const kept = this.changes.filter((c) => !(c.ran && failed.has(changeKey(this.outcome.op, this.mapping.name, c.requestId, c.lsn))));
     this.changes.length = 0;
-    this.changes.push(...kept);
+    for (const change of kept) this.changes.push(change);
   }
 
   async execute(client: pg.ClientBase): Promise<never[]> {

@@ -110,7 +110,7 @@ export class LaneBuffer<F> {
 
   /** Closes the open groups in order: submitted now, or kept in order until flush. */
   private closeAll(): void {
-    if (this.hold) this.held.push(...this.open.values());
+    if (this.hold) for (const group of this.open.values()) this.held.push(group);
     else for (const group of this.open.values()) this.lane.submit(group);
     this.open.clear();
     this.rank.clear();

@@ -15,6 +15,8 @@ export interface ColumnInfo {
   castType: string;
   notNull: boolean;
   hasDefault: boolean;
+  /** a generated column (GENERATED ALWAYS AS ... STORED): computed by its server, never written */
+  generated: boolean;
 }
 
 export interface FormCatalog extends FormInfo {
@@ -28,13 +30,13 @@ export async function describeFormColumns(client: pg.ClientBase, schema: string,
               WHEN 'bpchar'::regtype THEN 'bpchar' WHEN 'bpchar[]'::regtype THEN 'bpchar[]'
               WHEN 'bit'::regtype THEN 'varbit' WHEN 'bit[]'::regtype THEN 'varbit[]'
               ELSE format_type(a.atttypid, NULL) END AS cast_type, a.attnotnull AS not_null,
-            (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '') AS has_default
+            (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '') AS has_default, a.attgenerated <> '' AS generated
        FROM pg_attribute a
       WHERE a.attrelid = format('%I.%I', $1::text, $2::text)::regclass AND a.attnum > 0 AND NOT a.attisdropped
       ORDER BY a.attnum`,
     [schema, table],
   );
   const columns = new Map<string, ColumnInfo>();
-  for (const row of res.rows) columns.set(row.name, { name: row.name, type: row.type, castType: row.cast_type, notNull: row.not_null, hasDefault: row.has_default });
+  for (const row of res.rows) columns.set(row.name, { name: row.name, type: row.type, castType: row.cast_type, notNull: row.not_null, hasDefault: row.has_default, generated: row.generated });
   return { ...info, columns };
 }

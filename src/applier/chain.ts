@@ -29,10 +29,10 @@ export function reversePlan(forward: ColumnPlan, source: FormCatalog): ColumnPla
   const columns = forward.columns.flatMap((c) => {
     if (c.from.kind !== 'column') return [];
     const back = source.columns.get(c.from.column);
-    if (!back) return [];
+    if (!back || back.generated) return [];
     return [{ target: back.name, type: back.type, castType: back.castType, from: { kind: 'column' as const, column: c.target } }];
   });
-  return { mapping: forward.mapping, target: source, columns };
+  return { mapping: forward.mapping, target: source, columns, notCarried: [] };
 }
 
 export interface CopyUpdate {

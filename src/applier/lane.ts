@@ -95,7 +95,7 @@ export class ApplyLane<F = unknown> {
           await this.begin(client);
         }
         const failed = await group.execute(client);
-        if (failed.length) this.failures.push(...(this.opts.annotate ? this.opts.annotate(group, failed) : failed));
+        if (failed.length) for (const f of this.opts.annotate ? this.opts.annotate(group, failed) : failed) this.failures.push(f);
       } catch (err) {
         this.failure ??= err instanceof Error ? err : new Error(String(err));
       } finally {

@@ -49,6 +49,11 @@ export interface QueuedOp {
   unsure?: { pool: string; finalLsn: string };
   /** settled: the lane had applied it; only the bookkeeping remains */
   applied?: boolean;
+  /**
+   * The change lacked some values (unchanged TOAST values, replica identity not full): the
+   * delivery sends the source copy's current values instead (never older than the change).
+   */
+  refetch?: boolean;
 }
 
 /** An operation on its way to the queue, or read back from it. */

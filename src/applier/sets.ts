@@ -4,7 +4,7 @@ import type pg from 'pg';
 import type { MappingConfig } from '../config/types.ts';
 import type { FormInfo } from '../sql/forms.ts';
 import { quoteIdent } from '../sql/identifiers.ts';
-import { isDataError } from './errors.ts';
+import { isolatesRows } from './errors.ts';
 import type { OpGroup } from './lane.ts';
 
 /** The four DSO operations. */
@@ -22,6 +22,8 @@ export interface ApplyFailure {
   payload: Record<string, unknown>;
   error: string;
   sqlstate: string | null;
+  /** no source copy to mark (a TRUNCATE) */
+  noStatus?: boolean;
 }
 
 /** The key of one operation of a source change, to match failures with bookkeeping. */
@@ -59,7 +61,7 @@ export function parseJsonOr(text: string): unknown {
 }
 
 /**
- * Applies rows under a savepoint; on a data error, splits them in halves until each bad row is
+ * Applies rows under a savepoint; on a data error (or an unknown SQLSTATE), splits them in halves until each bad row is
  * alone, so the good rows are applied and each bad one becomes a failure.
  */
 export async function applyIsolating<R, F>(
@@ -72,12 +74,12 @@ export async function applyIsolating<R, F>(
   try {
     return await underSavepoint(client, 'pgdso_group', () => apply(rows));
   } catch (err) {
-    if (!isDataError(err)) throw err;
+    if (!isolatesRows(err)) throw err;
     if (rows.length === 1) return [fail(rows[0]!, err)];
     const half = Math.ceil(rows.length / 2);
     const first = await applyIsolating(client, rows.slice(0, half), apply, fail);
     const second = await applyIsolating(client, rows.slice(half), apply, fail);
-    return [...first, ...second];
+    return first.concat(second);
   }
 }
 

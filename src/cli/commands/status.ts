@@ -5,7 +5,8 @@ import { configFrom, print, type GlobalOptions } from '../common.ts';
 import { maskSecrets } from '../../log.ts';
 
 export interface ServerStatus {
-  instances: { instanceId: string; state: string; operations: string[] }[];
+  /** lastError and fix: the error a stopped instance stopped on, and the statement that fixes it */
+  instances: { instanceId: string; state: string; operations: string[]; lastError?: string; fix?: string }[];
   owners: Record<string, string | null>;
   slotLagBytes: number | null;
   /** WAL the slot holds back, from its restart position */
@@ -15,6 +16,8 @@ export interface ServerStatus {
   conflicts: number | null;
   /** peers this server's engine cannot reach now, with their delivery attempts */
   unreachable: { server: string; attempts: number; downSince: string | null; nextAttemptAt: string | null; lastError: string | null }[];
+  /** enabled forms (schema.table) of which the table or a partition is not REPLICA IDENTITY FULL */
+  replicaIdentityNotFull: string[];
   error?: string;
 }
 
@@ -33,9 +36,13 @@ export async function serverStatus(connection: pg.ClientConfig): Promise<ServerS
               (SELECT count(*) FROM pgdso.conflicts)::int AS conflicts`,
     );
     const targets = await client.query(`SELECT target_server, attempts, down_since, next_attempt_at, last_error FROM pgdso.pending_targets ORDER BY target_server`);
-    const board = await client.query(`SELECT instance_id, state, operations FROM pgdso.servgrp_board ORDER BY instance_id`);
+    const board = await client.query(`SELECT instance_id, state, operations, last_error, last_error_fix FROM pgdso.servgrp_board ORDER BY instance_id`);
+    const identity = await client.query(notFullSql);
     return {
-      instances: board.rows.map((r) => ({ instanceId: r.instance_id, state: r.state, operations: r.operations })),
+      instances: board.rows.map((r) => ({
+        instanceId: r.instance_id, state: r.state, operations: r.operations,
+        ...(r.last_error ? { lastError: maskSecrets(r.last_error), fix: r.last_error_fix } : {}),
+      })),
       owners: {},
       slotLagBytes: slot.rowCount ? Number(slot.rows[0].lag) : null,
       retainedWalBytes: slot.rowCount ? Number(slot.rows[0].retained) : null,
@@ -45,11 +52,21 @@ export async function serverStatus(connection: pg.ClientConfig): Promise<ServerS
       unreachable: targets.rows.map((r) => ({
         server: r.target_server, attempts: r.attempts, downSince: r.down_since?.toISOString() ?? null, nextAttemptAt: r.next_attempt_at?.toISOString() ?? null, lastError: r.last_error === null ? null : maskSecrets(r.last_error),
       })),
+      replicaIdentityNotFull: identity.rows.map((r) => r.form as string),
     };
   } finally {
     await client.end();
   }
 }
+
+/** Enabled forms whose table, or one of its partitions, is not replica identity full. */
+const notFullSql = `
+SELECT f.schema_name || '.' || f.table_name AS form
+  FROM pgdso.forms f
+  CROSS JOIN LATERAL (SELECT to_regclass(format('%I.%I', f.schema_name, f.table_name)) AS oid) r
+ WHERE r.oid IS NOT NULL
+   AND EXISTS (SELECT 1 FROM pg_partition_tree(r.oid) p JOIN pg_class c ON c.oid = p.relid WHERE c.relreplident <> 'f' AND c.relkind IN ('r', 'p'))
+ ORDER BY 1`;
 
 export async function statusCommand(opts: GlobalOptions, cmd: { json?: boolean }): Promise<void> {
   const config = await configFrom(opts);
@@ -58,16 +75,18 @@ export async function statusCommand(opts: GlobalOptions, cmd: { json?: boolean }
     try {
       servers[server.name] = await serverStatus(toPgClientConfig(server.connection));
     } catch (err) {
-      servers[server.name] = { instances: [], owners: {}, slotLagBytes: null, retainedWalBytes: null, pending: null, pendingErrors: null, conflicts: null, unreachable: [], error: `${describeConnection(server.connection)}: ${(err as Error).message}` };
+      servers[server.name] = { instances: [], owners: {}, slotLagBytes: null, retainedWalBytes: null, pending: null, pendingErrors: null, conflicts: null, unreachable: [], replicaIdentityNotFull: [], error: `${describeConnection(server.connection)}: ${(err as Error).message}` };
     }
   }
-  // a server that cannot be reached is a runtime failure, in JSON too (its entry says why)
-  if (Object.values(servers).some((s) => s.error)) process.exitCode = 1;
+  // a server that cannot be reached, or whose engine stopped on an error, is a runtime failure, in JSON too (its entry says why)
+  if (Object.values(servers).some((s) => s.error || s.instances.some((i) => i.lastError))) process.exitCode = 1;
   if (cmd.json) {
     print(JSON.stringify({ servers }));
     return;
   }
   for (const [name, s] of Object.entries(servers)) {
+    for (const i of s.instances) if (i.lastError) print(`${name}: instance ${i.instanceId} stopped on an error: ${i.lastError}; fix: ${i.fix}`);
+    if (s.replicaIdentityNotFull.length) print(`${name}: not REPLICA IDENTITY FULL (updates of large values and deletes cannot be carried whole; run pgdso forms enable): ${s.replicaIdentityNotFull.join(', ')}`);
     if (s.error) print(`${name}: unreachable (${s.error})`);
     else if (s.unreachable.length) print(`${name}: slot lag ${s.slotLagBytes ?? 'no slot'} bytes, pending ${s.pending}, errors ${s.pendingErrors}, conflicts ${s.conflicts}; cannot reach ${s.unreachable.map((u) => `${u.server} (${u.attempts} attempts, next ${u.nextAttemptAt}: ${u.lastError})`).join(', ')}`);
     else print(`${name}: slot lag ${s.slotLagBytes ?? 'no slot'} bytes, retained WAL ${s.retainedWalBytes ?? 'no slot'} bytes, pending ${s.pending}, errors ${s.pendingErrors}, conflicts ${s.conflicts}`);
