@@ -24,7 +24,7 @@ export async function runCommand(opts: GlobalOptions, cmd: { server?: string; in
   };
   process.once('SIGINT', () => stop('SIGINT'));
   process.once('SIGTERM', () => stop('SIGTERM'));
-  const engines = servers.map((server) => new ServerEngine({ config, rules, server, log }));
+  const engines = servers.map((server) => new ServerEngine({ config, rules, server, log, instanceId: cmd.instanceId }));
   const httpServer = config.http.port === null ? null : await startHttpServer(config.http.port, engines);
   log.info({ servers, instance: cmd.instanceId ?? `${process.pid}`, httpPort: httpServer?.port }, 'pgdso running');
   try {
@@ -32,6 +32,8 @@ export async function runCommand(opts: GlobalOptions, cmd: { server?: string; in
   } finally {
     await httpServer?.close();
   }
+  // an engine that stopped on an error a DBA must fix (it said which, at error level) fails the run
+  if (engines.some((engine) => engine.stats.stoppedBy)) process.exitCode = 1;
   log.info('stopped');
   log.flush();
 }
