@@ -258,9 +258,10 @@ class EngineSession implements ChangeSink {
   private readonly warnedIdentity = new WeakSet<Relation>();
   /** (mapping, column, reason) already reported as not carried */
   private readonly warnedColumns = new Set<string>();
-  /** a plan leaves out a source column the target lacks: its catalog is read again now and then */
+  /** a plan leaves out a source column the target lacks: the catalogs are read again now and then (backing off) */
   private missingColumns = false;
-  private recheckDue = false;
+  private recheckAt = 0;
+  private recheckEvery = CATALOG_RECHECK_MS;
   /** an id per column plan, in group keys: a group's rows all follow its plan */
   private readonly planIds = new WeakMap<ColumnPlan, number>();
   private nextPlanId = 0;
@@ -346,13 +347,6 @@ class EngineSession implements ChangeSink {
     };
     every(250, () => {
       if (this.deliveryDue()) this.stream?.wake();
-    });
-    // a column byName leaves out because the target lacks it: is it there now?
-    every(CATALOG_RECHECK_MS, () => {
-      if (this.missingColumns) {
-        this.missingColumns = false;
-        this.recheckDue = true;
-      }
     });
     if (heartbeatMs > 0) {
       every(heartbeatMs, async () => {
@@ -694,8 +688,10 @@ class EngineSession implements ChangeSink {
         return this.tableChanged(relation).then(() => this.handle(change));
       }
     }
-    if (this.recheckDue) {
-      this.recheckDue = false;
+    if (this.missingColumns && Date.now() >= this.recheckAt) {
+      this.missingColumns = false; // set again by the plans if the column is still missing
+      this.recheckAt = Date.now() + this.recheckEvery;
+      this.recheckEvery = Math.min(this.recheckEvery * 2, CATALOG_RECHECK_MAX_MS);
       return this.refreshPlans([...this.peers.keys()]).then(() => this.handle(change));
     }
     return this.handle(change);
@@ -710,6 +706,7 @@ class EngineSession implements ChangeSink {
     const formKey = `${relation.schema}.${relation.table}`;
     if (!this.forms.has(formKey)) return;
     this.localCatalogs.delete(formKey);
+    this.recheckEvery = CATALOG_RECHECK_MS;
     const servers = [...this.links.values()].filter((ref) => {
       const here = ref.forward ? ref.mapping.from : ref.mapping.to;
       return `${here.schema}.${here.table}` === formKey;
@@ -1133,13 +1130,16 @@ class EngineSession implements ChangeSink {
   private noteNotCarried(plan: ColumnPlan): void {
     const { mapping } = plan;
     for (const { column, reason } of plan.notCarried) {
-      if (reason === 'missing') this.missingColumns = true;
+      if (reason === 'missing' && !this.missingColumns) {
+        this.missingColumns = true;
+        this.recheckAt = Math.max(this.recheckAt, Date.now() + CATALOG_RECHECK_MS);
+      }
       const key = `${mapping.name}\u0000${column}\u0000${reason}`;
       if (this.warnedColumns.has(key)) continue;
       this.warnedColumns.add(key);
       const target = `${mapping.to.server}.${mapping.to.schema}.${mapping.to.table}`;
       if (reason === 'generated') this.log.info({ mapping: mapping.name, column }, `mapping "${mapping.name}": column "${column}" is generated on ${target}: computed there, not written`);
-      else this.log.warn({ mapping: mapping.name, column }, `mapping "${mapping.name}": column "${column}" of ${mapping.from.server}.${mapping.from.schema}.${mapping.from.table} is not on ${target}, so its values are not carried: add it there (pgdso reads the catalog again within ${CATALOG_RECHECK_MS / 1000} s) or list it in fields.exclude`);
+      else this.log.warn({ mapping: mapping.name, column }, `mapping "${mapping.name}": column "${column}" of ${mapping.from.server}.${mapping.from.schema}.${mapping.from.table} is not on ${target}, so its values are not carried: add it there (pgdso reads the catalog again every ${CATALOG_RECHECK_MS / 1000} s at first, then less often) or list it in fields.exclude`);
     }
   }
 
@@ -1458,8 +1458,9 @@ class EngineSession implements ChangeSink {
   }
 }
 
-/** How often the catalogs are read again while a plan leaves out a column the target lacks. */
+/** How often the catalogs are read again while a plan leaves out a column the target lacks: 10 s, doubling up to 5 min. */
 const CATALOG_RECHECK_MS = 10_000;
+const CATALOG_RECHECK_MAX_MS = 300_000;
 
 /** A failure that says the target's table is not what the plan was built for. */
 function catalogChanged(f: ApplyFailure): boolean {
