@@ -100,7 +100,9 @@ for (const major of MAJORS) {
 
     // pgdso's part, as pgdso, through the command line.
     const cli = async (args: string[]) => {
+      const t0 = Date.now();
       const result = await e.cli(args);
+      if (process.env.PGDSO_TEST_VERSIONS_DEBUG) console.error(`pgdso ${args.join(' ')}: ${Date.now() - t0} ms`);
       assert.equal(result.code, 0, `pgdso ${args.join(' ')} on PostgreSQL ${major}:\n${result.stdout}\n${result.stderr}`);
     };
     await cli(['migrate']);
