@@ -13,7 +13,7 @@ import path from 'node:path';
 import pg from 'pg';
 import { hasNativeBinaries } from '../src/embedded/binaries.ts';
 import { deployAsDba, type DbaDeployment } from './support/dba.ts';
-import { DsoEnv, REPAIR_REQUEST_SQL, copyOf, filter, is, mapping, until, type EngineProcess } from './support/dso.ts';
+import { DsoEnv, REPAIR_REQUEST_SQL, copyOf, filter, is, mapping, settled, until, type EngineProcess } from './support/dso.ts';
 import { leakCheck } from './support/leaks.ts';
 import { provideClusters, providerName, type TestCluster } from './support/servers.ts';
 import { waitFor } from './support/wait.ts';
@@ -171,6 +171,7 @@ for (const major of MAJORS) {
       const [row] = await e.query<{ n: string }>('sf', `SELECT count(*) AS n FROM repair_request WHERE id LIKE 'L-%' AND dso_transfer_status = 'success' AND NOT dso_master`);
       return Number(row!.n) === LOAD_TOTAL && (await chicagoLoadRows()) === LOAD_TOTAL;
     }, { timeoutMs: 120_000, message: () => `not every row of the load arrived after the restart (killed at ${atKill} rows on chicago):\n${outputs()}` });
+    await settled(e, engine); // nothing left to replay
     mark('caught up');
 
     // Quiet now: both slots get heartbeats, written by pgdso (pg_logical_emit_message).
