@@ -58,7 +58,6 @@ for (const major of MAJORS) {
     const mark = (phase: string) => (phases[phase] = Date.now() - started);
 
     const clusters: TestCluster[] = await provideClusters(2, { major });
-    const admins = new Map<string, string>();
     const pools: pg.Pool[] = [];
     let env: DsoEnv | undefined;
     t.after(async () => {
@@ -67,15 +66,14 @@ for (const major of MAJORS) {
       await Promise.all(clusters.map((c) => c.destroy()));
     });
     const [sfAdmin, chicagoAdmin] = await Promise.all([clusters[0]!.createDatabase('sf'), clusters[1]!.createDatabase('chicago')]);
-    admins.set('sf', sfAdmin).set('chicago', chicagoAdmin);
-    const admin = (server: string): pg.Pool => {
-      const pool = new pg.Pool({ connectionString: admins.get(server), max: 1, application_name: 'test-admin' });
+    const superuser = (url: string): pg.Pool => {
+      const pool = new pg.Pool({ connectionString: url, max: 1, application_name: 'test-admin' });
       pool.on('error', () => undefined);
       pools.push(pool);
       return pool;
     };
-    const sfSuper = admin('sf');
-    const chicagoSuper = admin('chicago');
+    const sfSuper = superuser(sfAdmin);
+    const chicagoSuper = superuser(chicagoAdmin);
     const [{ version }] = (await sfSuper.query<{ version: string }>(`SELECT current_setting('server_version_num') AS version`)).rows as [{ version: string }];
     assert.equal(Math.floor(Number(version) / 10_000), major, `sf runs PostgreSQL ${version}`);
 
