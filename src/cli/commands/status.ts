@@ -63,9 +63,9 @@ export async function serverStatus(connection: pg.ClientConfig): Promise<ServerS
 const notFullSql = `
 SELECT f.schema_name || '.' || f.table_name AS form
   FROM pgdso.forms f
-  CROSS JOIN LATERAL (SELECT to_regclass(format('%I.%I', f.schema_name, f.table_name)) AS oid) r
- WHERE r.oid IS NOT NULL
-   AND EXISTS (SELECT 1 FROM pg_partition_tree(r.oid) p JOIN pg_class c ON c.oid = p.relid WHERE c.relreplident <> 'f' AND c.relkind IN ('r', 'p'))
+  JOIN pg_class c ON c.oid = to_regclass(format('%I.%I', f.schema_name, f.table_name))
+ WHERE c.relreplident <> 'f'
+    OR EXISTS (SELECT 1 FROM pg_partition_tree(c.oid) p JOIN pg_class pc ON pc.oid = p.relid WHERE pc.relreplident <> 'f' AND pc.relkind IN ('r', 'p'))
  ORDER BY 1`;
 
 export async function statusCommand(opts: GlobalOptions, cmd: { json?: boolean }): Promise<void> {
