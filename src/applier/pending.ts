@@ -125,7 +125,8 @@ export async function queuedRequests(client: pg.ClientBase): Promise<Map<string,
 
 /** The next queued operations for a target server, oldest first. */
 export async function nextQueued(client: pg.ClientBase, server: string, limit: number): Promise<{ id: string; op: QueuedOp; mapping: string }[]> {
-  const res = await client.query(`SELECT id::text, payload, mapping FROM pgdso.pending WHERE target_server = $1 ORDER BY id LIMIT $2`, [server, limit]);
+  // ORDER BY p.id, the bigint: `id` alone would be the text output column, and "55" > "5499"
+  const res = await client.query(`SELECT p.id::text AS id, p.payload, p.mapping FROM pgdso.pending p WHERE p.target_server = $1 ORDER BY p.id LIMIT $2`, [server, limit]);
   return res.rows.map((r: { id: string; payload: QueuedOp; mapping: string }) => ({ id: r.id, op: r.payload, mapping: r.mapping }));
 }
 

@@ -50,6 +50,6 @@ export const LOCKS = {
   operationDso: 10,
   operationEscalation: 11,
   operationAdmin: 12,
-  /** held by the engine while it delivers a chunk of its queue, and by `pending discard --queued` */
+  /** held by the engine while it delivers a chunk of its queue, and by `pending discard --queued` and `pending retry` */
   queueDelivery: 20,
 } as const;

@@ -84,7 +84,7 @@ export function listQueuedSql(selection: Selection | null): Query {
 export function listErrorsSql(selection: Selection | null): Query {
   const where = whereOf(selection);
   return {
-    text: `SELECT ${COMMON_COLUMNS}, error, sqlstate, failed_at, payload ? 'op' AS retryable FROM pgdso.pending_errors WHERE ${where.text} ORDER BY id`,
+    text: `SELECT ${COMMON_COLUMNS}, error, sqlstate, failed_at, payload ? 'op' AS retryable FROM pgdso.pending_errors e WHERE ${where.text} ORDER BY e.id`,
     values: where.values,
   };
 }
@@ -109,7 +109,7 @@ export function retryErrorsSql(selection: Selection): Query {
 /** The selected failed operations that cannot be sent again (no operation in their payload). */
 export function notRetryableSql(selection: Selection): Query {
   const where = whereOf(selection);
-  return { text: `SELECT id::text, mapping, request_id, error FROM pgdso.pending_errors WHERE ${where.text} AND NOT (payload ? 'op') ORDER BY id`, values: where.values };
+  return { text: `SELECT id::text, mapping, request_id, error FROM pgdso.pending_errors e WHERE ${where.text} AND NOT (payload ? 'op') ORDER BY e.id`, values: where.values };
 }
 
 /**
@@ -122,7 +122,7 @@ export function retryQueuedSql(selection: Selection): Query {
     text: `WITH due AS (UPDATE pgdso.pending SET next_attempt_at = now() WHERE ${where.text} RETURNING id, target_server),
                 targets AS (UPDATE pgdso.pending_targets t SET next_attempt_at = now(), updated_at = now()
                              WHERE t.target_server IN (SELECT target_server FROM due) AND t.next_attempt_at > now())
-           SELECT id::text FROM due ORDER BY id`,
+           SELECT id::text FROM due ORDER BY due.id`,
     values: where.values,
   };
 }
@@ -322,6 +322,9 @@ export async function pendingRetryCommand(opts: GlobalOptions, cmd: ActOptions):
       return;
     }
     const { moved, left } = await inTransaction(client, async () => {
+      // not while the engine delivers a chunk: the queue's ids must become visible in their
+      // order (a delivery records the highest id it holds; a lower id committed after it would be skipped)
+      await client.query('SELECT pg_advisory_xact_lock($1, $2)', [LOCK_NAMESPACE, LOCKS.queueDelivery]);
       const res = await client.query(retryErrorsSql(selection));
       const left = (await client.query(notRetryableSql(selection))).rows as { id: string; mapping: string | null; request_id: string | null; error: string }[];
       // delivered at commit: the engine reads the queue again and sends them
