@@ -164,7 +164,9 @@ test('57P01 (the apply backends on chicago terminated during a load, and again w
       assert.fail(`${err.message.split(' (last')[0]}: chicago has ${there.size} distinct of ${total} (${await arrived()} arrivals, ${await count(e, 'chicago', 'SELECT 1 FROM repair_request')} rows in repair_request); missing per source transaction ${byTransaction.join(', ')}; terminations ${JSON.stringify(terminations)}; ${await describe(e, engine)}`);
     });
   await settled(e, engine, ['sf']);
-  assert.ok(terminations.every((t) => t.backends > 0 && t.atRows < total), `each termination hit the engine mid-load: ${JSON.stringify(terminations)}`);
+  // the first two come before every row is there; the last one while the queue still holds operations
+  // (its last chunk may have committed on chicago, not yet on sf: the delivery is cut between the two)
+  assert.ok(terminations.every((t) => t.backends > 0) && terminations.slice(0, 2).every((t) => t.atRows < total), `each termination hit the engine mid-load: ${JSON.stringify(terminations)}`);
   assert.ok(terminations[2]!.queued > 0, `the last termination came while the queue was delivered: ${JSON.stringify(terminations)}`);
   assert.deepEqual(await e.query('chicago', 'SELECT id, count(*)::int AS n FROM arrivals GROUP BY id HAVING count(*) > 1 LIMIT 5'), [], 'no row inserted twice');
   assert.equal(await arrived(), total);
