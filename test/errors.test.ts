@@ -60,15 +60,16 @@ test('a failure recorded before its source position is confirmed: kill -9, the r
   await holder.connect();
   try {
     await holder.query('SELECT pg_advisory_lock($1)', [HOLD]);
+    const holderPid = (await holder.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
     const engine = e.engine();
     await e.query('sf', `INSERT INTO repair_request (id, item, description) SELECT 'E-' || g, 'chair', CASE WHEN g = 50 THEN 'this description is far too long' ELSE 'ok ' || g END FROM generate_series(1, 100) g`);
     // the error row is written and chicago committed the 99 others; the engine waits on the hold
-    const [recorded] = await until(engine, 'E-50 was not recorded in pending_errors', async () => {
+    const [recorded] = (await until(engine, 'E-50 was not recorded in pending_errors', async () => {
       const rows = await e.query<{ id: string; source_lsn: string }>('sf', `SELECT id::text, source_lsn::text FROM pgdso.pending_errors WHERE request_id = 'E-50'`);
       return rows.length ? rows : undefined;
-    });
+    }))!;
     await until(engine, 'the engine did not reach the source bookkeeping (held)', async () => (await e.query('sf',
-      `SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory' AND pid <> $1`, [holder.processID])).length > 0);
+      `SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory' AND pid <> $1`, [holderPid])).length > 0);
     await until(engine, 'chicago did not commit the 99 rows that fit', async () => (await e.query<{ n: number }>('chicago', 'SELECT count(*)::int AS n FROM repair_request'))[0]!.n === 99);
     // the slot has not confirmed the failing change: a restart must decode it again
     const [slot] = await e.query<{ behind: boolean; confirmed: string }>('sf',
