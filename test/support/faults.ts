@@ -27,7 +27,7 @@ export async function rowCount(e: DsoEnv, server: string): Promise<number> {
  * the tests make writes a state the request never had before.
  */
 export const AUDIT_SQL = `
-CREATE TABLE write_audit (n bigserial PRIMARY KEY, id text NOT NULL, op text NOT NULL, by_engine boolean NOT NULL, state text NOT NULL);
+CREATE TABLE write_audit (n bigserial PRIMARY KEY, id text NOT NULL, op text NOT NULL, by_engine boolean NOT NULL, state text NOT NULL, tx xid8 NOT NULL DEFAULT pg_current_xact_id());
 CREATE FUNCTION write_audit() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   INSERT INTO write_audit (id, op, by_engine, state)
@@ -103,6 +103,80 @@ export async function compareCopies(e: DsoEnv, source: string, peer: string): Pr
     peer, checked: src.size, lost, extra, differing, doubled: doubles.reduce((total, d) => total + d.writes - 1, 0),
     engineWrites: sum(engineWrites), userWrites: sum(userWrites), writtenMoreThanChanged, examples,
   };
+}
+
+/** What the peer's write_audit says of each request against the source's (writeSequences). */
+export interface WriteSequences {
+  peer: string;
+  /** requests the users wrote on the source */
+  requests: number;
+  /** requests whose writes on the peer are exactly the users' writes on the source, in order */
+  same: number;
+  /** a state written on the peer more often than the users wrote it on the source */
+  doubled: number;
+  /** a state the users wrote on the source that the engine never wrote on the peer */
+  lost: number;
+  /** written on the peer, never by the users on the source (or in another order) */
+  other: number;
+  examples: string[];
+}
+
+/**
+ * Compares, request by request, the states the engine wrote on a peer (write_audit, in order)
+ * with the states the users' transactions left on the source (the last state each source
+ * transaction wrote: a transaction's intermediate states are never seen outside it, and the
+ * engine carries the state a transaction committed). Every change the tests make writes a state
+ * the request never had, so a change applied twice shows as a state written twice, and a
+ * transaction's change lost (even one a later transaction overwrote) as a state missing.
+ */
+export async function writeSequences(e: DsoEnv, source: string, peer: string): Promise<WriteSequences> {
+  const sequencesOf = async (server: string, sql: string) =>
+    new Map((await e.query<{ id: string; states: string[] }>(server, sql)).map((r) => [r.id, r.states]));
+  const [users, engine] = await Promise.all([
+    sequencesOf(source, `SELECT id, array_agg(state ORDER BY n) AS states
+                           FROM (SELECT DISTINCT ON (id, tx) id, n, state FROM write_audit WHERE NOT by_engine ORDER BY id, tx, n DESC) last
+                          GROUP BY id`),
+    sequencesOf(peer, `SELECT id, array_agg(state ORDER BY n) AS states FROM write_audit WHERE by_engine GROUP BY id`),
+  ]);
+  const result: WriteSequences = { peer, requests: users.size, same: 0, doubled: 0, lost: 0, other: 0, examples: [] };
+  const example = (text: string) => {
+    if (result.examples.length < 20) result.examples.push(text);
+  };
+  for (const [id, wanted] of users) {
+    const got = engine.get(id) ?? [];
+    if (got.length === wanted.length && got.every((state, i) => state === wanted[i])) {
+      result.same += 1;
+      continue;
+    }
+    const count = (list: readonly string[]) => list.reduce((m, state) => m.set(state, (m.get(state) ?? 0) + 1), new Map<string, number>());
+    const [want, have] = [count(wanted), count(got)];
+    for (const [state, n] of have) {
+      if (!want.has(state)) {
+        result.other += 1;
+        example(`${id} on ${peer}: ${state} was never written on ${source}`);
+      } else if (n > want.get(state)!) {
+        result.doubled += 1;
+        example(`${id} on ${peer}: ${state} written ${n} times (${want.get(state)} on ${source})`);
+      }
+    }
+    for (const [state, n] of want) {
+      if ((have.get(state) ?? 0) < n) {
+        result.lost += 1;
+        example(`${id} on ${peer}: ${state} never written (written on ${source})`);
+      }
+    }
+    if (have.size === want.size && [...want].every(([state, n]) => have.get(state) === n)) {
+      result.other += 1;
+      example(`${id} on ${peer}: written in another order than on ${source}: ${got.join(' ')} (${wanted.join(' ')})`);
+    }
+  }
+  for (const id of engine.keys()) {
+    if (!users.has(id)) {
+      result.other += 1;
+      example(`${id} written on ${peer}, never on ${source}`);
+    }
+  }
+  return result;
 }
 
 /** Every engine's output, for failure messages. */
