@@ -68,8 +68,11 @@ test('a failure recorded before its source position is confirmed: kill -9, the r
       const rows = await e.query<{ id: string; source_lsn: string }>('sf', `SELECT id::text, source_lsn::text FROM pgdso.pending_errors WHERE request_id = 'E-50'`);
       return rows.length ? rows : undefined;
     }))!;
-    await until(engine, 'the engine did not reach the source bookkeeping (held)', async () => (await e.query('sf',
-      `SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory' AND pid <> $1`, [holderPid])).length > 0);
+    const [waiter] = (await until(engine, 'the engine did not reach the source bookkeeping (held)', async () => {
+      const rows = await e.query<{ pid: number }>('sf',
+        `SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory' AND pid <> $1`, [holderPid]);
+      return rows.length ? rows : undefined;
+    }))!;
     await until(engine, 'chicago did not commit the 99 rows that fit', async () => (await e.query<{ n: number }>('chicago', 'SELECT count(*)::int AS n FROM repair_request'))[0]!.n === 99);
     // the slot has not confirmed the failing change: a restart must decode it again
     const [slot] = await e.query<{ behind: boolean; confirmed: string }>('sf',
@@ -81,8 +84,10 @@ test('a failure recorded before its source position is confirmed: kill -9, the r
     await engine.kill9();
     assert.equal(engine.child.signalCode, 'SIGKILL', 'the engine was not killed by SIGKILL');
     await holder.query('SELECT pg_advisory_unlock($1)', [HOLD]);
+    // the killed engine's session on sf ends without committing (its COMMIT never comes)
+    await waitFor(async () => (await e.query('sf', 'SELECT 1 FROM pg_stat_activity WHERE pid = $1', [waiter!.pid])).length === 0, { message: `the killed engine's session ${waiter!.pid} on sf did not end` });
+    assert.equal((await e.query('sf', 'SELECT 1 FROM repair_request WHERE dso_transfer_status IS NOT NULL')).length, 0, "the killed engine's bookkeeping was committed");
     const again = e.engine();
-    // the replay is what writes the batch's bookkeeping: every source copy gets its status
     // the replay is what writes the batch's bookkeeping (held, then killed, before): the 99 that
     // arrived get their status now
     let unmarked: string[] = [];

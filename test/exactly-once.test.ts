@@ -59,9 +59,12 @@ test('kill -9 of the engine in the middle of a 50k-row load, then a restart: eve
     // confirmation of that batch on sf (its source bookkeeping comes in between), then kill -9 it
     await waitFor(async () => (await chicagoRows()) >= 5_000, { timeoutMs: 60_000, message: () => `engine did not start applying:\n${engine.output}` });
     await holder.query('SELECT pg_advisory_lock($1)', [HOLD]);
-    await waitFor(async () => (await e.query('sf',
-      `SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory' AND pid <> $1`, [holderPid])).length > 0,
-    { timeoutMs: 60_000, message: () => `the engine did not reach its source bookkeeping:\n${engine.output}` });
+    const [waiter] = (await waitFor(async () => {
+      const rows = await e.query<{ pid: number }>('sf',
+        `SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory' AND pid <> $1`, [holderPid]);
+      return rows.length ? rows : undefined;
+    }, { timeoutMs: 60_000, message: () => `the engine did not reach its source bookkeeping:\n${engine.output}` }))!;
+    const markedAtKill = (await e.query<{ n: number }>('sf', `SELECT count(*)::int AS n FROM repair_request WHERE dso_transfer_status = 'success'`))[0]!.n;
     const [applied] = await e.query<{ lsn: string }>('chicago', 'SELECT max(source_lsn)::text AS lsn FROM pgdso.apply_progress');
     const [window] = await e.query<{ replays: boolean; confirmed: string }>('sf',
       `SELECT confirmed_flush_lsn <= $1::pg_lsn AS replays, confirmed_flush_lsn::text AS confirmed FROM pg_replication_slots WHERE database = current_database()`, [applied!.lsn]);
@@ -70,6 +73,9 @@ test('kill -9 of the engine in the middle of a 50k-row load, then a restart: eve
     await engine.kill9();
     await holder.query('SELECT pg_advisory_unlock($1)', [HOLD]);
     assert.equal(first.child.signalCode, 'SIGKILL', 'the engine was not killed by SIGKILL');
+    // the killed engine's session on sf ends without committing the held bookkeeping
+    await waitFor(async () => (await e.query('sf', 'SELECT 1 FROM pg_stat_activity WHERE pid = $1', [waiter!.pid])).length === 0, { message: `the killed engine's session ${waiter!.pid} on sf did not end` });
+    assert.equal((await e.query<{ n: number }>('sf', `SELECT count(*)::int AS n FROM repair_request WHERE dso_transfer_status = 'success'`))[0]!.n, markedAtKill, "the killed engine's held bookkeeping was committed");
     // chicago committed a batch the slot had not confirmed: the restart decodes it again
     assert.equal(window!.replays, true, `chicago applied up to ${applied!.lsn} and the slot confirmed ${window!.confirmed}: nothing to replay`);
     assert.ok(atKill > 0 && atKill < total, `the kill came after the load was applied (${atKill} rows)`);
