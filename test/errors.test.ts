@@ -3,7 +3,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { waitFor } from './support/wait.ts';
-import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, is } from './support/dso.ts';
+import pg from 'pg';
+import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, is, until, settled } from './support/dso.ts';
 
 const suite = dsoSuite(2);
 
@@ -41,13 +42,76 @@ test('a value the target cannot take goes to pending_errors with its payload and
   const [moved] = await e.query<{ dso_master: boolean; dso_transfer_status: string }>('sf', `SELECT dso_master, dso_transfer_status FROM repair_request WHERE id = 'E-49'`);
   assert.deepEqual(moved, { dso_master: false, dso_transfer_status: 'success' });
 
-  // the failure is recorded once, even when the engine replays after a kill -9
-  await engine.kill9();
-  const again = e.engine();
-  await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ('E-102', 'chair', 'last')`);
-  await waitFor(async () => (await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'E-102'`)).length === 1, { message: () => again.output });
-  assert.equal((await e.query('sf', 'SELECT 1 FROM pgdso.pending_errors')).length, 1);
-  await again.stop();
+  await engine.stop();
+});
+
+test('a failure recorded before its source position is confirmed: kill -9, the restart replays that change, the failure is recorded once', async (t) => {
+  const e = await chairsToChicago();
+  await e.query('chicago', 'ALTER TABLE repair_request ALTER COLUMN description TYPE varchar(10)');
+  // The engine's source transaction (statuses, bookkeeping, progress) comes after the failures are
+  // recorded and the targets commit, and the slot is confirmed after it. A user-side trigger holds
+  // the engine's UPDATE of the source copies while the test holds an advisory lock: the engine is
+  // then stuck in that window, the error row written, the change not confirmed.
+  const HOLD = 7_310_042;
+  await e.query('sf', `CREATE FUNCTION hold_engine_updates() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN PERFORM pg_advisory_xact_lock_shared(${HOLD}); RETURN NEW; END $$;
+    CREATE TRIGGER hold_engine_updates BEFORE UPDATE ON repair_request FOR EACH ROW EXECUTE FUNCTION hold_engine_updates()`);
+  const holder = new pg.Client({ connectionString: e.urls.sf, application_name: 'test-holder' });
+  await holder.connect();
+  try {
+    await holder.query('SELECT pg_advisory_lock($1)', [HOLD]);
+    const holderPid = (await holder.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
+    const engine = e.engine();
+    await e.query('sf', `INSERT INTO repair_request (id, item, description) SELECT 'E-' || g, 'chair', CASE WHEN g = 50 THEN 'this description is far too long' ELSE 'ok ' || g END FROM generate_series(1, 100) g`);
+    // the error row is written and chicago committed the 99 others; the engine waits on the hold
+    const [recorded] = (await until(engine, 'E-50 was not recorded in pending_errors', async () => {
+      const rows = await e.query<{ id: string; source_lsn: string }>('sf', `SELECT id::text, source_lsn::text FROM pgdso.pending_errors WHERE request_id = 'E-50'`);
+      return rows.length ? rows : undefined;
+    }))!;
+    const [waiter] = (await until(engine, 'the engine did not reach the source bookkeeping (held)', async () => {
+      const rows = await e.query<{ pid: number }>('sf',
+        `SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory' AND pid <> $1`, [holderPid]);
+      return rows.length ? rows : undefined;
+    }))!;
+    await until(engine, 'chicago did not commit the 99 rows that fit', async () => (await e.query<{ n: number }>('chicago', 'SELECT count(*)::int AS n FROM repair_request'))[0]!.n === 99);
+    // the slot has not confirmed the failing change: a restart must decode it again
+    const [slot] = await e.query<{ behind: boolean; confirmed: string }>('sf',
+      `SELECT confirmed_flush_lsn <= $1::pg_lsn AS behind, confirmed_flush_lsn::text AS confirmed FROM pg_replication_slots WHERE database = current_database()`, [recorded!.source_lsn]);
+    assert.equal(slot?.behind, true, `the slot confirmed ${slot?.confirmed}, past E-50's change at ${recorded!.source_lsn}: no replay to test`);
+    const [held] = await e.query<{ dso_transfer_status: string | null }>('sf', `SELECT dso_transfer_status FROM repair_request WHERE id = 'E-50'`);
+    assert.equal(held!.dso_transfer_status, null, 'the source bookkeeping of the batch was already written');
+
+    await engine.kill9();
+    assert.equal(engine.child.signalCode, 'SIGKILL', 'the engine was not killed by SIGKILL');
+    await holder.query('SELECT pg_advisory_unlock($1)', [HOLD]);
+    // the killed engine's session on sf ends without committing (its COMMIT never comes)
+    await waitFor(async () => (await e.query('sf', 'SELECT 1 FROM pg_stat_activity WHERE pid = $1', [waiter!.pid])).length === 0, { message: `the killed engine's session ${waiter!.pid} on sf did not end` });
+    assert.equal((await e.query('sf', 'SELECT 1 FROM repair_request WHERE dso_transfer_status IS NOT NULL')).length, 0, "the killed engine's bookkeeping was committed");
+    const again = e.engine();
+    // the replay is what writes the batch's bookkeeping (held, then killed, before): the 99 that
+    // arrived get their status now
+    let unmarked: string[] = [];
+    await waitFor(async () => (unmarked = (await e.query<{ id: string }>('sf', `SELECT id FROM repair_request WHERE dso_transfer_status IS NULL AND id <> 'E-50' ORDER BY id`)).map((r) => r.id)).length === 0, {
+      message: () => `the restarted engine did not write the bookkeeping of the replayed batch; copies without a status: ${unmarked.slice(0, 20).join(', ')}\n${again.output}`,
+    });
+    await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ('E-102', 'chair', 'last')`);
+    await until(again, 'E-102 did not arrive on chicago', async () => (await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'E-102'`)).length === 1);
+    await settled(e, again, ['sf']);
+    const errors = await e.query<{ request_id: string; source_lsn: string }>('sf', 'SELECT request_id, source_lsn::text FROM pgdso.pending_errors ORDER BY id');
+    assert.deepEqual(errors, [{ request_id: 'E-50', source_lsn: recorded!.source_lsn }], 'the failure of E-50, recorded once');
+    assert.deepEqual(await e.query('sf', `SELECT dso_master FROM repair_request WHERE id = 'E-50'`), [{ dso_master: true }], 'the source copy of E-50 keeps ownership');
+    assert.deepEqual(await e.query('sf', `SELECT dso_master, dso_transfer_status FROM repair_request WHERE id = 'E-49'`), [{ dso_master: false, dso_transfer_status: 'success' }]);
+    assert.equal((await e.query<{ n: number }>('chicago', 'SELECT count(*)::int AS n FROM repair_request'))[0]!.n, 100, '99 of the first 100 and E-102');
+    assert.equal(await again.stop(), 0, again.output.slice(-3000));
+    // Found by this test: the replay skips E-50 on chicago (the lane's progress covers the batch)
+    // and, its error row being there, leaves the source copy out of the bookkeeping, so nothing
+    // marks it 'failure' (the session that failed it was killed before its status was written).
+    await t.test('the replay marks the failed source copy failure', { todo: 'engine: a replayed batch does not write the status of a copy whose failure was recorded before the kill' }, async () => {
+      assert.deepEqual(await e.query('sf', `SELECT dso_master, dso_transfer_status FROM repair_request WHERE id = 'E-50'`), [{ dso_master: true, dso_transfer_status: 'failure' }]);
+    });
+  } finally {
+    await holder.end().catch(() => undefined);
+  }
 });
 
 test('duplicateRequestId error: a different request with the same ID on the target goes to pending_errors naming both', async () => {

@@ -27,7 +27,7 @@ export async function rowCount(e: DsoEnv, server: string): Promise<number> {
  * the tests make writes a state the request never had before.
  */
 export const AUDIT_SQL = `
-CREATE TABLE write_audit (n bigserial PRIMARY KEY, id text NOT NULL, op text NOT NULL, by_engine boolean NOT NULL, state text NOT NULL);
+CREATE TABLE write_audit (n bigserial PRIMARY KEY, id text NOT NULL, op text NOT NULL, by_engine boolean NOT NULL, state text NOT NULL, tx xid8 NOT NULL DEFAULT pg_current_xact_id());
 CREATE FUNCTION write_audit() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   INSERT INTO write_audit (id, op, by_engine, state)
@@ -103,6 +103,77 @@ export async function compareCopies(e: DsoEnv, source: string, peer: string): Pr
     peer, checked: src.size, lost, extra, differing, doubled: doubles.reduce((total, d) => total + d.writes - 1, 0),
     engineWrites: sum(engineWrites), userWrites: sum(userWrites), writtenMoreThanChanged, examples,
   };
+}
+
+/** What the peer's write_audit says of each request against the source's (writeSequences). */
+export interface WriteSequences {
+  peer: string;
+  /** requests the users wrote on the source */
+  requests: number;
+  /** requests whose writes on the peer are exactly the states the source's transactions committed, in order */
+  same: number;
+  /** requests written with fewer states (changes of a batch carried as the latest), in order, ending with the last */
+  coalesced: number;
+  /** requests with a state written twice on the peer */
+  doubled: number;
+  /** requests whose last state on the source was not the engine's last write on the peer (or never written) */
+  lost: number;
+  /** requests written out of order, or with a state the source never committed */
+  other: number;
+  examples: string[];
+}
+
+/**
+ * Compares, request by request, the states the engine wrote on a peer (write_audit, in order)
+ * with the states the users' transactions committed on the source (the last state each source
+ * transaction wrote). Every change the tests make writes a state the request never had, so a
+ * change applied twice shows as a state written twice (a replay writing it again), one applied
+ * out of order as states in another order, and a lost one as a last write that is not the
+ * source's last state. The engine may carry several changes of a request in one batch as the
+ * latest: fewer states, in order, is counted apart (coalesced), not as a loss.
+ */
+export async function writeSequences(e: DsoEnv, source: string, peer: string): Promise<WriteSequences> {
+  const sequencesOf = async (server: string, sql: string) =>
+    new Map((await e.query<{ id: string; states: string[] }>(server, sql)).map((r) => [r.id, r.states]));
+  const [users, engine] = await Promise.all([
+    sequencesOf(source, `SELECT id, array_agg(state ORDER BY n) AS states
+                           FROM (SELECT DISTINCT ON (id, tx) id, n, state FROM write_audit WHERE NOT by_engine ORDER BY id, tx, n DESC) last
+                          GROUP BY id`),
+    sequencesOf(peer, `SELECT id, array_agg(state ORDER BY n) AS states FROM write_audit WHERE by_engine GROUP BY id`),
+  ]);
+  const result: WriteSequences = { peer, requests: users.size, same: 0, coalesced: 0, doubled: 0, lost: 0, other: 0, examples: [] };
+  const example = (text: string) => {
+    if (result.examples.length < 20) result.examples.push(text);
+  };
+  for (const [id, wanted] of users) {
+    const got = engine.get(id) ?? [];
+    const shown = `${got.join(' ') || '(nothing)'} on ${peer}; committed on ${source}: ${wanted.join(' ')}`;
+    if (new Set(got).size < got.length) {
+      result.doubled += 1;
+      example(`${id} has a state written twice: ${shown}`);
+    } else if (got[got.length - 1] !== wanted[wanted.length - 1]) {
+      result.lost += 1;
+      example(`${id}'s last change is not the engine's last write: ${shown}`);
+    } else if (got.length === wanted.length && got.every((state, i) => state === wanted[i])) {
+      result.same += 1;
+    } else {
+      // in order: each state written is found after the one before in the source's sequence
+      let at = 0;
+      const inOrder = got.every((state) => (at = wanted.indexOf(state, at) + 1) > 0);
+      if (inOrder) result.coalesced += 1;
+      else {
+        result.other += 1;
+        example(`${id} written out of order, or with a state never committed: ${shown}`);
+      }
+    }
+  }
+  for (const [id, got] of engine) {
+    if (!users.has(id)) {
+      result.other += 1;
+      example(`${id} written on ${peer} (${got.join(' ')}), never on ${source}`);
+    }
+  }
+  return result;
 }
 
 /** Every engine's output, for failure messages. */

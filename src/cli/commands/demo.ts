@@ -122,6 +122,7 @@ export async function demoCommand(opts: GlobalOptions, cmd: { keep?: boolean }):
   };
   try {
     cluster = await startLocalCluster({ name: 'demo' });
+    say(`Cluster up: 127.0.0.1:${cluster.port}, postmaster pid ${cluster.pid}, data directory ${cluster.dataDir}\n`);
 
     // ---------------------------------------------------------------- use 1, routing
     say('Use 1 databases: sf, chicago, chicago_uph ...');
