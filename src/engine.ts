@@ -28,8 +28,8 @@ import { TransferGroup } from './applier/transfer.ts';
 import { SourceBookkeeping, countHops, markStatus, recordErrors, type CopyStatus, type Outcome, type SeenState } from './applier/bookkeeping.ts';
 import { CopyDeleteGroup, CopyUpdateGroup, reversePlan, type CopyDelete, type CopyUpdate, type Link, type UpdateKind } from './applier/chain.ts';
 import { changeKey, type ApplyFailure, type OpType, type RequestGroup } from './applier/sets.ts';
-import { classifyError, type ClassifiedError } from './applier/errors.ts';
-import { refusalOf, type Refusal } from './sql/grants.ts';
+import { classifyError, type ClassifiedError, type ErrorClass } from './applier/errors.ts';
+import { missingFormGrants, refusalOf, type Refusal } from './sql/grants.ts';
 import { withClient } from './sql/client.ts';
 import os from 'node:os';
 import { retryDelay } from './applier/schedule.ts';
@@ -205,10 +205,11 @@ interface Peer {
   downSince: number | null;
   nextAttemptAt: number;
   lastError: string | null;
+  lastClass: ErrorClass | null;
 }
 
 /** A peer that could not be reached: its delivery attempts so far and the next one. */
-type PeerDown = Pick<Peer, 'attempts' | 'downSince' | 'nextAttemptAt' | 'lastError'>;
+type PeerDown = Pick<Peer, 'attempts' | 'downSince' | 'nextAttemptAt' | 'lastError' | 'lastClass'>;
 
 /**
  * A peer's lane failed in the middle of a batch: the session ends and the batch is replayed
@@ -391,7 +392,7 @@ class EngineSession implements ChangeSink {
       let peer = this.peers.get(name);
       if (!peer) {
         const down = this.downPeers.get(name);
-        peer = { name, lanes: new Map(), pools: [], up: false, queued: new Set(), batch: [], lastInBatch: new Map(), progress: new Map(), attempts: 0, downSince: null, nextAttemptAt: 0, lastError: null, ...down };
+        peer = { name, lanes: new Map(), pools: [], up: false, queued: new Set(), batch: [], lastInBatch: new Map(), progress: new Map(), attempts: 0, downSince: null, nextAttemptAt: 0, lastError: null, lastClass: null, ...down };
         this.peers.set(name, peer);
       }
       return peer;
@@ -466,14 +467,23 @@ class EngineSession implements ChangeSink {
       throw err;
     }
     if (!peer.up && peer.attempts > 0) this.log.info({ peer: peer.name, attempts: peer.attempts, queued: peer.queued.size }, 'peer reachable again; delivering its queued operations');
-    await this.sourceLane!.runAlone((client) => recordAttempt(client, peer.name, null));
     peer.up = true;
+    this.stats.peersDown = this.stats.peersDown.filter((n) => n !== peer.name);
+    // a refusal (a privilege) is over only once the peer takes a write: until then its attempts
+    // keep counting, so the retries back off and the error is said once
+    if (peer.lastClass !== 'permanent') await this.peerHealthy(peer);
+  }
+
+  /** The peer took what was sent: its delivery attempts are over. */
+  private async peerHealthy(peer: Peer): Promise<void> {
+    if (peer.attempts === 0 && peer.downSince === null) return;
+    await this.sourceLane!.runAlone((client) => recordAttempt(client, peer.name, null));
     this.downPeers.delete(peer.name);
     peer.attempts = 0;
     peer.downSince = null;
     peer.lastError = null;
+    peer.lastClass = null;
     peer.nextAttemptAt = 0;
-    this.stats.peersDown = this.stats.peersDown.filter((n) => n !== peer.name);
   }
 
   /**
@@ -555,16 +565,23 @@ class EngineSession implements ChangeSink {
     peer.downSince ??= now;
     const previousError = peer.lastError;
     peer.lastError = classified.message;
+    peer.lastClass = classified.class;
     const wait = retryDelay(this.opts.config.pending.retry, peer.attempts, now - peer.downSince);
     peer.nextAttemptAt = now + wait;
-    this.downPeers.set(peer.name, { attempts: peer.attempts, downSince: peer.downSince, nextAttemptAt: peer.nextAttemptAt, lastError: peer.lastError });
+    this.downPeers.set(peer.name, { attempts: peer.attempts, downSince: peer.downSince, nextAttemptAt: peer.nextAttemptAt, lastError: peer.lastError, lastClass: peer.lastClass });
     this.countDown(peer.name);
     const fields = { peer: peer.name, attempts: peer.attempts, retryInMs: Math.round(wait), sqlstate: classified.sqlstate, class: classified.class, error: classified.message };
     const repeated = previousError === classified.message;
     if (classified.class === 'permanent') {
       // said once at error level, with what to run; the attempts go on quietly (and at once on `pgdso pending retry --queued`)
       const connection = toPgClientConfig(this.opts.config.servers[peer.name]!.connection);
-      const refusal = refusalOf(classified.sqlstate, classified.message, String(connection.user ?? 'pgdso'), String(connection.database));
+      const refusal = repeated ? null : refusalOf(classified.sqlstate, classified.message, String(connection.user ?? 'pgdso'), String(connection.database));
+      if (refusal && /permission denied for (table|schema)/.test(classified.message)) {
+        // the exact grants, from the peer's own privilege functions (best effort)
+        const forms = [...this.links.values()].filter((r) => r.server === peer.name).map((r) => (r.forward ? r.mapping.to : r.mapping.from));
+        const grants = await withClient({ ...connection, application_name: 'pgdso privileges' }, (client) => missingFormGrants(client, forms)).catch(() => []);
+        if (grants.length) refusal.fix = grants.join(' ');
+      }
       if (repeated) this.log.debug(fields, 'peer still refuses the engine');
       else this.log.error({ ...fields, fix: refusal?.fix }, `peer ${peer.name} refuses the engine${refusal ? ` (${refusal.missing}); fix: ${refusal.fix}` : ''}: its operations wait in pgdso.pending until that is fixed`);
     } else if (repeated) this.log.debug(fields, 'peer still cannot be reached');
@@ -1237,6 +1254,7 @@ class EngineSession implements ChangeSink {
     for (const ids of this.assigned.values()) ids.clear();
     this.stream?.confirm(last.endLsn);
     this.stats.confirmedLsn = formatLsn(last.endLsn);
+    for (const { peer, buffer } of lanes) if (buffer.lane.progress >= last.finalLsn) await this.peerHealthy(peer);
     await this.refreshPeers(failures.filter(catalogChanged).map((f) => f.targetServer));
   }
 
@@ -1344,7 +1362,10 @@ class EngineSession implements ChangeSink {
       for (const f of failures) this.log.warn({ mapping: f.mapping.name, type: f.type, requestId: f.requestId, sqlstate: f.sqlstate }, f.error);
     }
     const lastId = rows[rows.length - 1]!.id;
-    if (lane.dirty) await lane.commitWith((client) => markDelivered(client, this.queueId, this.server, lastId));
+    if (lane.dirty) {
+      await lane.commitWith((client) => markDelivered(client, this.queueId, this.server, lastId));
+      await this.peerHealthy(peer);
+    }
     const delivered = entries.filter((e) => !failed.has(entryKey(e)));
     await source.runAlone(async (client) => {
       const bookkeeping = new LaneBuffer<never>(source, this.chunkRows, true);

@@ -150,6 +150,21 @@ export class SourceBookkeeping implements OpGroup<never> {
         params,
       );
     }
+    // A replay past a lane's progress (ran = false) of a change whose operation had failed: its
+    // error is recorded, and the copy says so (the session that recorded it may have ended
+    // before it marked the copy).
+    if (this.changes.some((c) => !c.ran)) {
+      const column = STATUS_COLUMN[this.outcome.op]!;
+      await client.query(
+        `WITH change AS (SELECT * FROM unnest($1::text[], $2::pg_lsn[], $3::boolean[]) AS c(rid, lsn, ran)),
+              latest AS (SELECT DISTINCT ON (c.rid) c.rid, c.lsn, c.ran FROM change c ORDER BY c.rid, c.lsn DESC)
+         UPDATE ${table} AS s SET ${column} = 'failure', ${KEEP_SYNC}
+           FROM latest t
+          WHERE s.${key} = t.rid::${form.keyType} AND NOT t.ran AND s.${column} IS DISTINCT FROM 'failure'
+            AND EXISTS (SELECT 1 FROM pgdso.pending_errors e WHERE e.source_lsn = t.lsn AND e.mapping = $4 AND e.type = $5 AND e.request_id = t.rid)`,
+        [params[0], params[1], params[2], mapping.name, this.outcome.op],
+      );
+    }
     return [];
   }
 }

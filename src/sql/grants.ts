@@ -43,3 +43,25 @@ export function refusalOf(sqlstate: string | null, message: string, role: string
   if (/permission denied for database/.test(message)) return { missing: `CONNECT or CREATE on database ${database}`, fix: `GRANT CONNECT, CREATE ON DATABASE ${quoteIdent(database)} TO ${r};` };
   return { missing: 'a privilege', fix: `grant role ${role} what the message names (${message})` };
 }
+
+/**
+ * The GRANT statements that give the connected role what pgdso needs on these forms (schema
+ * usage, SELECT, INSERT, UPDATE, DELETE), from the server's own privilege functions; empty when
+ * nothing is missing.
+ */
+export async function missingFormGrants(client: { query: (text: string, values: unknown[]) => Promise<{ rows: unknown[] }> }, forms: readonly { schema: string; table: string }[]): Promise<string[]> {
+  const res = await client.query(
+    `SELECT f.s, f.t, current_user AS role, has_schema_privilege(f.s, 'USAGE') AS usage,
+            array_remove(ARRAY[CASE WHEN NOT has_table_privilege(c.oid, 'SELECT') THEN 'SELECT' END, CASE WHEN NOT has_table_privilege(c.oid, 'INSERT') THEN 'INSERT' END,
+                               CASE WHEN NOT has_table_privilege(c.oid, 'UPDATE') THEN 'UPDATE' END, CASE WHEN NOT has_table_privilege(c.oid, 'DELETE') THEN 'DELETE' END], NULL) AS missing
+       FROM jsonb_to_recordset($1::jsonb) AS f(s text, t text)
+       JOIN pg_namespace n ON n.nspname = f.s JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = f.t`,
+    [JSON.stringify(forms.map((f) => ({ s: f.schema, t: f.table })))],
+  );
+  const grants: string[] = [];
+  for (const row of res.rows as { s: string; t: string; role: string; usage: boolean; missing: string[] }[]) {
+    if (!row.usage) grants.push(`GRANT USAGE ON SCHEMA ${quoteIdent(row.s)} TO ${quoteIdent(row.role)};`);
+    if (row.missing.length) grants.push(`GRANT ${row.missing.join(', ')} ON TABLE ${quoteIdent(row.s)}.${quoteIdent(row.t)} TO ${quoteIdent(row.role)};`);
+  }
+  return grants;
+}
