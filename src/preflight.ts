@@ -9,7 +9,7 @@ import { toPgClientConfig, describeConnection } from './config/load.ts';
 import type { CompiledRules } from './rules/index.ts';
 import { describeFormColumns, type FormCatalog } from './applier/catalog.ts';
 import { buildColumnPlan, PlanError } from './applier/plan.ts';
-import { FormError, planForm } from './sql/forms.ts';
+import { describeForm, FormError, planForm } from './sql/forms.ts';
 import { slotName } from './sql/identifiers.ts';
 import { describeCheck, formChecks, serverChecks, serverFacts, versionCheck } from './sql/privileges.ts';
 
@@ -50,6 +50,14 @@ export async function preflight(config: PgdsoConfig, rules: CompiledRules, serve
       }
       for (const { schema: s, table } of rules.formsOf(name)) {
         try {
+          const form = await describeForm(client, s, table);
+          const where = whereNamed(config, name, s, table);
+          const blocking = (await formChecks(client, form.oid, s, table, { needsPublicationChange: false })).filter((c) => c.blocking);
+          if (blocking.length) {
+            catalogs.set(`${name}.${s}.${table}`, null);
+            for (const check of blocking) findings.push({ server: name, severity: 'problem', ...where, message: `form ${s}.${table}: ${describeCheck(check)}` });
+            continue;
+          }
           const catalog = await describeFormColumns(client, s, table);
           catalogs.set(`${name}.${s}.${table}`, catalog);
           if (!schema.rows[0].ok) continue;
@@ -57,10 +65,10 @@ export async function preflight(config: PgdsoConfig, rules: CompiledRules, serve
           const plan = await planForm(client, s, table);
           const enable = `pgdso forms enable --server ${name} --form ${s === 'public' ? '' : `${s}.`}${table}`;
           if (plan.missing.length) {
-            findings.push({ server: name, severity: 'problem', ...whereNamed(config, name, s, table), message: `form ${s}.${table} is not enabled (missing: ${plan.missing.join('; ')}): run \`${enable}\`` });
+            findings.push({ server: name, severity: 'problem', ...where, message: `form ${s}.${table} is not enabled (missing: ${plan.missing.join('; ')}): run \`${enable}\`` });
           }
           for (const check of await formChecks(client, plan.form.oid, s, table, { needsPublicationChange: plan.publicationChange })) {
-            findings.push({ server: name, severity: 'problem', ...whereNamed(config, name, s, table), message: `form ${s}.${table}: ${describeCheck(check)}` });
+            findings.push({ server: name, severity: 'problem', ...where, message: `form ${s}.${table}: ${describeCheck(check)}` });
           }
         } catch (err) {
           if (!(err instanceof FormError)) throw err;

@@ -8,6 +8,8 @@ export interface Check {
   message: string;
   /** the statement (or command) that fixes it */
   fix: string;
+  /** the form cannot even be read until this is fixed (no USAGE on its schema) */
+  blocking?: boolean;
 }
 
 /** The finding as one line: what is wrong, then the statement that fixes it. */
@@ -151,7 +153,7 @@ export async function formChecks(client: pg.ClientBase, oid: number, schema: str
   }
   if (role.su) return checks;
   const schemaOk = await client.query(`SELECT has_schema_privilege($1, 'USAGE') AS ok`, [schema]);
-  if (!schemaOk.rows[0].ok) checks.push({ message: `role ${role.role} has no USAGE on schema ${schema}`, fix: `GRANT USAGE ON SCHEMA ${quoteIdent(schema)} TO ${who};` });
+  if (!schemaOk.rows[0].ok) checks.push({ message: `role ${role.role} has no USAGE on schema ${schema}`, fix: `GRANT USAGE ON SCHEMA ${quoteIdent(schema)} TO ${who};`, blocking: true });
   const controlOk = await client.query(`SELECT has_schema_privilege('pgdso', 'CREATE') AS ok WHERE to_regnamespace('pgdso') IS NOT NULL`);
   if (controlOk.rowCount && !controlOk.rows[0].ok && guardOwner.rowCount === 0) {
     checks.push({ message: `role ${role.role} cannot CREATE in the control schema pgdso (the guard functions)`, fix: `GRANT CREATE ON SCHEMA pgdso TO ${who};` });
