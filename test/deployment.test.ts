@@ -138,7 +138,8 @@ test('the README recipe, followed literally: pgdso as an ordinary role enables, 
     await step('uninstall', async () => {
       const preview = await cli(['uninstall', '--server', 'sf', '--drop-schema']);
       assert.equal(preview.code, 0, show(preview));
-      for (const line of ['DROP PUBLICATION "pgdso";', `SELECT pg_drop_replication_slot('pgdso_`, 'DROP SCHEMA pgdso CASCADE;']) {
+      // the origin of the engine's source lane (originName(): pgdso:<writer>:<pool>:<database>) goes too
+      for (const line of ['DROP PUBLICATION "pgdso";', `SELECT pg_drop_replication_slot('pgdso_`, 'DROP SCHEMA pgdso CASCADE;', `SELECT pg_replication_origin_drop('pgdso:sf:~source:${db}');`]) {
         assert.ok(preview.stdout.includes(line), `the preview shows ${line}: ${show(preview)}`);
       }
       assert.equal((await e.query('sf', `SELECT 1 FROM pg_replication_slots WHERE database = current_database()`)).length, 1, 'the preview changed nothing');

@@ -272,7 +272,7 @@ async function createSlot(client: pg.ClientBase, slot: string, timeoutMs: number
   try {
     return await ensureSlot(client, slot);
   } catch (err) {
-    if ((err as { code?: string }).code !== '57014') throw err;
+    if ((err as { code?: string }).code !== '57014') throw new Error(`creating the replication slot ${slot} failed, nothing was changed: ${(err as Error).message}`, { cause: err });
     const writers = await client.query(
       `SELECT pid, usename, application_name, state, xact_start FROM pg_stat_activity
         WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() ORDER BY xact_start`);
