@@ -10,6 +10,7 @@ import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, runCli, until, type DsoE
 import { waitFor } from './support/wait.ts';
 import { serverChecks, versionCheck, type ServerFacts } from '../src/sql/privileges.ts';
 import { parseDuration } from '../src/sql/locking.ts';
+import { PreflightError, probeGuard } from '../src/sql/forms.ts';
 
 const suite = dsoSuite(1);
 const show = (r: CliResult) => `exit ${r.code}\nstdout:\n${r.stdout}\nstderr:\n${r.stderr}`;
@@ -104,6 +105,43 @@ test('every missing privilege is found by forms enable before anything changes, 
   const again = await cli(['forms', 'enable', '--server', 'sf', '--form', 'repair_request']);
   assert.equal(again.code, 0, show(again));
   assert.match(again.stdout, /nothing to change/, show(again));
+});
+
+test('the guard probe runs the real guard as the application role: a guard that would fail for the application is refused, one that works passes', async () => {
+  const e = await suite.env({ servers: ['sf'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: { mappings: [], filters: [] } });
+  const n = `${process.pid}_${++roles}`;
+  const [app, dso] = [`papp_${n}`, `pdso_${n}`];
+  await e.query('sf', `CREATE ROLE ${app}; ALTER TABLE repair_request OWNER TO ${app};
+    CREATE ROLE ${dso} LOGIN PASSWORD 'pw'; GRANT ${app} TO ${dso}; GRANT USAGE ON SCHEMA pgdso TO ${dso};
+    GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_session_is_setup() TO ${dso}`);
+  const url = new URL(e.urls.sf!);
+  url.username = dso;
+  url.password = 'pw';
+  const client = new pg.Client({ connectionString: url.toString() });
+  await client.connect();
+  const probe = async () => {
+    await client.query('BEGIN');
+    try {
+      await probeGuard(client, 'public', 'repair_request');
+    } finally {
+      await client.query('ROLLBACK');
+    }
+  };
+  try {
+    await probe(); // SECURITY DEFINER, owned by a superuser: works for anyone
+    // a guard that runs as its caller: fine for pgdso (granted), fails for the application
+    await e.query('sf', 'ALTER FUNCTION pgdso.row_guard() SECURITY INVOKER');
+    await assert.rejects(probe(), (err: Error) => {
+      assert.ok(err instanceof PreflightError, String(err));
+      assert.match(err.message, /the ownership guard does not work \(42501: permission denied for function pg_replication_origin_session_is_setup\)/);
+      assert.match(err.message, /fix: ALTER FUNCTION pgdso\.row_guard\(\) SECURITY DEFINER;/);
+      return true;
+    });
+    // nothing of the probe remains
+    assert.deepEqual((await client.query(`SELECT to_regclass('pg_temp.pgdso_guard_probe') AS t, current_user AS who`)).rows, [{ t: null, who: dso }]);
+  } finally {
+    await client.end();
+  }
 });
 
 test('settings and versions: each shortfall is a finding with its statement; PostgreSQL 13 is refused', () => {

@@ -115,10 +115,10 @@ export async function planForm(client: pg.ClientBase, schema: string, table: str
     needs('ACCESS EXCLUSIVE');
   }
   const functions = await client.query(
-    `SELECT p.proname, p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'pgdso'`);
-  const bodies = new Map(functions.rows.map((r) => [r.proname as string, r.prosrc as string]));
+    `SELECT p.proname, p.prosrc, p.prosecdef FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'pgdso'`);
+  const bodies = new Map(functions.rows.map((r) => [r.proname as string, `${r.prosecdef ? 'definer' : 'invoker'}:${r.prosrc}`]));
   for (const fn of GUARD_FUNCTIONS) {
-    if (bodies.get(fn.name) !== functionBody(fn.sql)) {
+    if (bodies.get(fn.name) !== `${/SECURITY DEFINER/.test(fn.sql) ? 'definer' : 'invoker'}:${functionBody(fn.sql)}`) {
       plan.functions.push(fn.sql);
       plan.missing.push(`${bodies.has(fn.name) ? 'the current version of ' : ''}function pgdso.${fn.name}()`);
     }
@@ -230,12 +230,12 @@ export async function enableForm(connection: pg.ClientConfig, schema: string, ta
 }
 
 /**
- * Runs the real ownership guard, as its owner (SECURITY DEFINER), on a temporary table inside a
- * savepoint: a non-master row's update must be refused with pgdso's P0001, not fail on a
- * privilege. Nothing of it remains. Skipped (the privilege check stands) where the role may not
- * create temporary tables.
+ * Runs the real ownership guard on a temporary table inside a savepoint, as the form's owner
+ * (the application's role) when this role may SET ROLE to it: a non-master row's update must be
+ * refused with pgdso's P0001, not fail on a privilege. Nothing of it remains. Skipped (the
+ * privilege checks stand) where the role may not create temporary tables.
  */
-async function probeGuard(client: pg.ClientBase, schema: string, table: string): Promise<void> {
+export async function probeGuard(client: pg.ClientBase, schema: string, table: string): Promise<void> {
   await client.query('SAVEPOINT pgdso_probe');
   try {
     await client.query(`CREATE TEMP TABLE pgdso_guard_probe (id text PRIMARY KEY, dso_master boolean, dso_current_server text, dso_version bigint, dso_modified_at timestamptz) ON COMMIT DROP`);
@@ -247,16 +247,28 @@ async function probeGuard(client: pg.ClientBase, schema: string, table: string):
   try {
     await client.query(`INSERT INTO pg_temp.pgdso_guard_probe VALUES ('probe', false, 'probe', 1, now())`);
     await client.query(`CREATE TRIGGER pgdso_guard BEFORE UPDATE ON pg_temp.pgdso_guard_probe FOR EACH ROW EXECUTE FUNCTION pgdso.row_guard('id', 'probe')`);
+    const owner = await client.query(
+      `SELECT pg_get_userbyid(c.relowner) AS owner FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = $1 AND c.relname = $2 AND c.relowner <> (SELECT oid FROM pg_roles WHERE rolname = current_user)
+          AND pg_has_role(current_user, c.relowner, 'MEMBER')`, [schema, table]);
+    if (owner.rowCount) {
+      const role = quoteIdent(owner.rows[0].owner);
+      await client.query(`GRANT SELECT, UPDATE ON pg_temp.pgdso_guard_probe TO ${role}`);
+      await client.query('SAVEPOINT pgdso_probe_role');
+      await client.query(`SET LOCAL ROLE ${role}`).catch(() => client.query('ROLLBACK TO SAVEPOINT pgdso_probe_role'));
+    }
     await client.query(`UPDATE pg_temp.pgdso_guard_probe SET dso_version = 2`);
   } catch (err) {
     outcome = err as { code?: string; message?: string };
   }
   await client.query('ROLLBACK TO SAVEPOINT pgdso_probe');
   if (outcome.code === 'P0001' && outcome.message?.startsWith('pgdso: request probe')) return;
-  const owner = (await client.query(`SELECT pg_get_userbyid(proowner) AS owner FROM pg_proc WHERE oid = 'pgdso.row_guard()'::regprocedure`)).rows[0].owner as string;
+  const fn = (await client.query(`SELECT pg_get_userbyid(proowner) AS owner, prosecdef FROM pg_proc WHERE oid = 'pgdso.row_guard()'::regprocedure`)).rows[0];
   throw new PreflightError([{
     message: `the ownership guard does not work (${outcome.code ?? 'no error'}: ${outcome.message ?? 'a read-only row was not refused'}): every UPDATE and DELETE of ${schema}.${table} by the application would fail`,
-    fix: `GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_session_is_setup() TO ${quoteIdent(owner)};`,
+    fix: fn.prosecdef
+      ? `GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_session_is_setup() TO ${quoteIdent(fn.owner)};`
+      : `ALTER FUNCTION pgdso.row_guard() SECURITY DEFINER; -- it must run as its owner, ${fn.owner}`,
   }], `form ${schema}.${table}`);
 }
 

@@ -52,6 +52,12 @@ export async function formsEnableCommand(opts: GlobalOptions, cmd: { server: str
   }
 }
 
+/** The end of a preview: nothing changed; and what would stop --yes now, if anything. */
+async function previewEnd(client: pg.Client): Promise<void> {
+  print('nothing changed: run again with --yes to do it');
+  await assertNoEngine(client).catch((err: Error) => print(`note: --yes would be refused now: ${err.message}`));
+}
+
 async function withServer<T>(opts: GlobalOptions, name: string, use: (client: pg.Client, server: string) => Promise<T>): Promise<T> {
   const config = await configFrom(opts);
   const server = serverOf(config, name);
@@ -78,12 +84,12 @@ export async function formsDisableCommand(opts: GlobalOptions, cmd: { server: st
       print(`${server}: form ${schema}.${table} is not enabled: nothing to do`);
       return;
     }
-    await assertNoEngine(client);
+    if (cmd.yes) await assertNoEngine(client);
     print(`${server}: forms disable ${schema}.${table} ${cmd.yes ? 'runs' : 'would run'}:`);
     for (const s of plan.statements) print(`  ${s};`);
     if (!cmd.dropColumns) print('  (the distributed columns dso_* stay: --drop-columns drops them, with their values)');
     if (!cmd.yes) {
-      print('nothing changed: run again with --yes to do it');
+      await previewEnd(client);
       return;
     }
     await runFormBackout(client, plan, lock);
@@ -95,7 +101,7 @@ export async function formsDisableCommand(opts: GlobalOptions, cmd: { server: st
 export async function uninstallCommand(opts: GlobalOptions, cmd: { server: string; dropColumns?: boolean; dropSchema?: boolean; yes?: boolean } & LockFlags): Promise<void> {
   const lock = lockOptions(cmd);
   await withServer(opts, cmd.server, async (client, server) => {
-    await assertNoEngine(client);
+    if (cmd.yes) await assertNoEngine(client);
     const plan = await planUninstall(client, { dropColumns: cmd.dropColumns === true, dropSchema: cmd.dropSchema === true });
     if (plan.checks.length) throw new Error(`nothing was changed; fix first:\n${plan.checks.map((c) => `  - ${describeCheck(c)}`).join('\n')}`);
     const lines = describeUninstall(plan);
@@ -108,7 +114,7 @@ export async function uninstallCommand(opts: GlobalOptions, cmd: { server: strin
     if (!cmd.dropColumns) print('  (the distributed columns dso_* stay: --drop-columns drops them, with their values)');
     if (!cmd.dropSchema) print('  (the control schema pgdso stays, with its queue, errors and conflicts: --drop-schema drops it)');
     if (!cmd.yes) {
-      print('nothing changed: run again with --yes to do it');
+      await previewEnd(client);
       return;
     }
     await runUninstall(client, plan, lock);
