@@ -52,7 +52,7 @@ export async function preflight(config: PgdsoConfig, rules: CompiledRules, serve
         try {
           const form = await describeForm(client, s, table);
           const where = whereNamed(config, name, s, table);
-          const blocking = (await formChecks(client, form.oid, s, table, { needsPublicationChange: false })).filter((c) => c.blocking);
+          const blocking = (await formChecks(client, form.oid, s, table, { needsPublicationChange: false, needsAlter: false })).filter((c) => c.blocking);
           if (blocking.length) {
             catalogs.set(`${name}.${s}.${table}`, null);
             for (const check of blocking) findings.push({ server: name, severity: 'problem', ...where, message: `form ${s}.${table}: ${describeCheck(check)}` });
@@ -67,7 +67,7 @@ export async function preflight(config: PgdsoConfig, rules: CompiledRules, serve
           if (plan.missing.length) {
             findings.push({ server: name, severity: 'problem', ...where, message: `form ${s}.${table} is not enabled (missing: ${plan.missing.join('; ')}): run \`${enable}\`` });
           }
-          for (const check of await formChecks(client, plan.form.oid, s, table, { needsPublicationChange: plan.publicationChange })) {
+          for (const check of await formChecks(client, plan.form.oid, s, table, { needsPublicationChange: plan.publicationChange, needsAlter: plan.statements.length > 0 })) {
             findings.push({ server: name, severity: 'problem', ...where, message: `form ${s}.${table}: ${describeCheck(check)}` });
           }
         } catch (err) {

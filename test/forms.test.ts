@@ -105,6 +105,15 @@ test('every missing privilege is found by forms enable before anything changes, 
   const again = await cli(['forms', 'enable', '--server', 'sf', '--form', 'repair_request']);
   assert.equal(again.code, 0, show(again));
   assert.match(again.stdout, /nothing to change/, show(again));
+  // once enabled, the right to alter the form is not needed any more (the engine never alters it)
+  await e.query('sf', `REVOKE ${app} FROM ${dso}; GRANT SELECT, INSERT, UPDATE, DELETE ON repair_request TO ${dso}`);
+  const without = await cli(['rules', 'check']);
+  assert.equal(without.code, 0, show(without));
+  // but a form missing something again needs it, and both commands say so
+  await e.query('sf', 'ALTER TABLE repair_request REPLICA IDENTITY DEFAULT');
+  const [stale, refused] = [await cli(['rules', 'check']), await cli(['forms', 'enable', '--server', 'sf', '--form', 'repair_request'])];
+  for (const r of [stale, refused]) assert.ok(r.stderr.includes(`GRANT "${app}" TO "${dso}";`), show(r));
+  assert.match(stale.stderr, /missing: replica identity full on public\.repair_request/, show(stale));
 });
 
 test('the guard probe runs the real guard as the application role: a guard that would fail for the application is refused, one that works passes', async () => {

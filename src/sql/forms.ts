@@ -199,7 +199,7 @@ export async function enableForm(connection: pg.ClientConfig, schema: string, ta
     const problems = serverChecks(facts);
     if (versionCheck(facts.versionNum)) throw new PreflightError(problems, `form ${schema}.${table}`);
     const first = await planForm(client, schema, table);
-    problems.push(...(await formChecks(client, first.form.oid, schema, table, { needsPublicationChange: first.publicationChange })));
+    problems.push(...(await formChecks(client, first.form.oid, schema, table, { needsPublicationChange: first.publicationChange, needsAlter: first.statements.length > 0 })));
     if (problems.length) throw new PreflightError(problems, `form ${schema}.${table}`);
     // 2. the slot, outside the transaction that writes
     slotCreated = await createSlot(client, slot, lockOptions.lockTimeoutMs * lockOptions.attempts);

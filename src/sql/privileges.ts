@@ -130,8 +130,12 @@ export async function formRelations(client: pg.ClientBase, oid: number): Promise
   return res.rows;
 }
 
-/** What the connected role lacks on one form (and its partitions, schema and the guard's owner). */
-export async function formChecks(client: pg.ClientBase, oid: number, schema: string, table: string, opts: { needsPublicationChange: boolean }): Promise<Check[]> {
+/**
+ * What the connected role lacks on one form (and its partitions, schema and the guard's owner).
+ * The right to alter the form and the publication counts only when `forms enable` has
+ * something left to do (`needsAlter`, `needsPublicationChange`): an engine does not need it.
+ */
+export async function formChecks(client: pg.ClientBase, oid: number, schema: string, table: string, opts: { needsPublicationChange: boolean; needsAlter: boolean }): Promise<Check[]> {
   const role = (await client.query('SELECT current_user AS role, (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS su')).rows[0];
   const checks: Check[] = [];
   const form = qualified(schema, table);
@@ -168,7 +172,8 @@ export async function formChecks(client: pg.ClientBase, oid: number, schema: str
     const missing = privileges.rows.map((r) => r.privilege as string);
     checks.push({ message: `role ${role.role} lacks ${missing.join(', ')} on form ${schema}.${table} (the engine reads and writes its requests)`, fix: `GRANT ${missing.join(', ')} ON ${form} TO ${who};` });
   }
-  for (const rel of await formRelations(client, oid)) {
+  // altering the form (and its partitions) is needed only while something is missing
+  for (const rel of opts.needsAlter ? await formRelations(client, oid) : []) {
     const member = await client.query(`SELECT pg_has_role(current_user, $1::name, 'USAGE') AS ok`, [rel.owner]);
     if (!member.rows[0].ok) {
       checks.push({
