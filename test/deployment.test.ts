@@ -113,6 +113,12 @@ test('the README recipe, followed literally: pgdso as an ordinary role enables, 
       const busy = await cli(['uninstall', '--server', 'sf', '--yes']);
       assert.equal(busy.code, 1, show(busy));
       assert.match(busy.stderr, /an engine streams the slot .*stop those engines \(pgdso run\) first; nothing was changed/, show(busy));
+      const busyDisable = await cli(['forms', 'disable', '--server', 'sf', '--form', 'repair_request', '--yes']);
+      assert.equal(busyDisable.code, 1, show(busyDisable));
+      assert.match(busyDisable.stderr, /stop those engines/, show(busyDisable));
+      const preview = await cli(['uninstall', '--server', 'sf']);
+      assert.equal(preview.code, 0, show(preview));
+      assert.match(preview.stdout, /note: --yes would be refused now: an engine streams the slot/, show(preview));
       assert.equal((await e.query('sf', `SELECT 1 FROM pg_trigger WHERE tgrelid = 'repair_request'::regclass AND tgname LIKE 'pgdso%'`)).length, 3);
       assert.equal(await e2.stop(), 0, e2.output);
     });
