@@ -222,7 +222,10 @@ export async function enableForm(connection: pg.ClientConfig, schema: string, ta
     });
     return { form: first.form, slot, slotCreated, changes };
   } catch (err) {
-    if (slotCreated) await client.query('SELECT pg_drop_replication_slot($1)', [slot]).catch(() => {});
+    // dropped again, unless a form enabled meanwhile (another run) relies on it
+    if (slotCreated) {
+      await client.query(`SELECT pg_drop_replication_slot($1) WHERE NOT EXISTS (SELECT 1 FROM pgdso.forms)`, [slot]).catch(() => {});
+    }
     throw err;
   } finally {
     await client.end().catch(() => {});
