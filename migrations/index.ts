@@ -4,6 +4,7 @@ import * as controlSchema from './20261123000001_control_schema.ts';
 import * as applyProgress from './20261123000002_apply_progress.ts';
 import * as conflictPolicy from './20261123000003_conflict_policy.ts';
 import * as pendingQueue from './20261123000004_pending_queue.ts';
+import * as deployment from './20261201000005_deployment.ts';
 import * as boardErrors from './20261201000010_board_errors.ts';
 
 const migrations: Record<string, Knex.Migration> = {
@@ -11,6 +12,7 @@ const migrations: Record<string, Knex.Migration> = {
   '20261123000002_apply_progress': applyProgress,
   '20261123000003_conflict_policy': conflictPolicy,
   '20261123000004_pending_queue': pendingQueue,
+  '20261201000005_deployment': deployment,
   '20261201000010_board_errors': boardErrors,
 };
 

@@ -1,14 +1,17 @@
-// Checks of config and rules against the live catalogs: wal_level, the control schema, each form
-// (exists, enabled: replica identity full, in the publication), and each mapping's columns
-// (exist on both sides, types that convert). One finding per problem.
+// Checks of config and rules against the live catalogs: the server's version and settings and the
+// role's privileges (src/sql/privileges.ts, the same checks as `forms enable`'s), the control
+// schema and the slot, each form (exists, enabled: the same plan `forms enable` carries out,
+// so the two never disagree), and each mapping's columns (exist on both sides, types that
+// convert). One finding per problem, each with the statement that fixes it.
 import pg from 'pg';
 import { ConfigError, type PgdsoConfig } from './config/types.ts';
 import { toPgClientConfig, describeConnection } from './config/load.ts';
 import type { CompiledRules } from './rules/index.ts';
 import { describeFormColumns, type FormCatalog } from './applier/catalog.ts';
 import { buildColumnPlan, PlanError } from './applier/plan.ts';
-import { FormError } from './sql/forms.ts';
-import { PUBLICATION } from './sql/identifiers.ts';
+import { describeForm, FormError, planForm } from './sql/forms.ts';
+import { slotName } from './sql/identifiers.ts';
+import { describeCheck, formChecks, serverChecks, serverFacts, versionCheck } from './sql/privileges.ts';
 
 export interface Finding {
   server: string;
@@ -36,24 +39,36 @@ export async function preflight(config: PgdsoConfig, rules: CompiledRules, serve
         continue;
       }
       clients.set(name, client);
-      const wal = await client.query('SHOW wal_level');
-      if (wal.rows[0].wal_level !== 'logical') findings.push({ server: name, severity: 'problem', message: `wal_level is ${wal.rows[0].wal_level}; set wal_level = logical and restart PostgreSQL` });
+      const facts = await serverFacts(client);
+      for (const check of serverChecks(facts)) findings.push({ server: name, severity: 'problem', message: describeCheck(check) });
+      if (versionCheck(facts.versionNum)) continue;
       const schema = await client.query(`SELECT to_regclass('pgdso.forms') IS NOT NULL AS ok`);
-      if (!schema.rows[0].ok) findings.push({ server: name, severity: 'problem', message: 'the control schema pgdso is missing: run `pgdso migrate`' });
+      if (!schema.rows[0].ok) {
+        findings.push({ server: name, severity: 'problem', message: 'the control schema pgdso is missing: run `pgdso migrate`' });
+      } else if (rules.formsOf(name).length && !facts.slotExists) {
+        findings.push({ server: name, severity: 'problem', message: `the replication slot ${slotName(facts.database)} is missing (changes of the forms are not captured): run \`pgdso forms enable\` for a form of ${name}` });
+      }
       for (const { schema: s, table } of rules.formsOf(name)) {
         try {
+          const form = await describeForm(client, s, table);
+          const where = whereNamed(config, name, s, table);
+          const blocking = (await formChecks(client, form.oid, s, table, { needsPublicationChange: false, needsAlter: false })).filter((c) => c.blocking);
+          if (blocking.length) {
+            catalogs.set(`${name}.${s}.${table}`, null);
+            for (const check of blocking) findings.push({ server: name, severity: 'problem', ...where, message: `form ${s}.${table}: ${describeCheck(check)}` });
+            continue;
+          }
           const catalog = await describeFormColumns(client, s, table);
           catalogs.set(`${name}.${s}.${table}`, catalog);
-          const enabled = await client.query(
-            `SELECT c.relreplident = 'f' AS full_identity,
-                    EXISTS (SELECT 1 FROM pg_publication_tables p WHERE p.pubname = $3 AND p.schemaname = $1 AND p.tablename = $2) AS published,
-                    EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'dso_master' AND NOT a.attisdropped) AS has_columns
-               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2`,
-            [s, table, PUBLICATION],
-          );
-          const state = enabled.rows[0];
-          if (!state.has_columns || !state.full_identity || !state.published) {
-            findings.push({ server: name, severity: 'problem', ...whereNamed(config, name, s, table), message: `form ${s}.${table} is not enabled: run \`pgdso forms enable --server ${name} --form ${s === 'public' ? '' : `${s}.`}${table}\`` });
+          if (!schema.rows[0].ok) continue;
+          // the same reading of the catalogs as `forms enable`'s: what one finds missing, the other adds
+          const plan = await planForm(client, s, table);
+          const enable = `pgdso forms enable --server ${name} --form ${s === 'public' ? '' : `${s}.`}${table}`;
+          if (plan.missing.length) {
+            findings.push({ server: name, severity: 'problem', ...where, message: `form ${s}.${table} is not enabled (missing: ${plan.missing.join('; ')}): run \`${enable}\`` });
+          }
+          for (const check of await formChecks(client, plan.form.oid, s, table, { needsPublicationChange: plan.publicationChange, needsAlter: plan.statements.length > 0 })) {
+            findings.push({ server: name, severity: 'problem', ...where, message: `form ${s}.${table}: ${describeCheck(check)}` });
           }
         } catch (err) {
           if (!(err instanceof FormError)) throw err;

@@ -357,7 +357,7 @@ test('forms enable is idempotent; a table without a primary key and a missing ta
             (SELECT count(*)::int FROM pg_publication_tables p WHERE p.pubname = 'pgdso' AND p.schemaname = 'public' AND p.tablename = 'work_order') AS published
        FROM pg_class c WHERE c.oid = 'public.work_order'::regclass`,
   );
-  assert.deepEqual(table, { triggers: 1, identity: 'f', published: 1 }, 'one trigger, replica identity full, in publication pgdso');
+  assert.deepEqual(table, { triggers: 3, identity: 'f', published: 1 }, 'the three guards (ownership, request ID, TRUNCATE) once each, replica identity full, in publication pgdso');
 
   // The one guard: an update raises dso_version by exactly one (a doubled trigger would add two).
   await env.query('sf', `INSERT INTO work_order (id, title) VALUES (1, 'fix the door')`);

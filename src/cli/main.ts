@@ -24,9 +24,24 @@ program.command('migrate').description('create or upgrade the control schema on 
   .action(lazy('./commands/admin.ts', 'migrateCommand'));
 
 const forms = program.command('forms').description('manage forms');
-forms.command('enable').description('add the distributed columns, the ownership guard and replica identity to a form; idempotent')
-  .requiredOption('--server <name>', 'server').requiredOption('--form <form>', 'form (table, or schema.table)')
+const lockFlags = (cmd: Command) => cmd
+  .option('--lock-timeout <duration>', 'how long each attempt waits for a lock on the form (5s, 500ms)', '5s')
+  .option('--lock-attempts <n>', 'attempts before giving up', '3');
+lockFlags(forms.command('enable').description('check privileges and settings, then add the distributed columns, the guards, replica identity, publication and slot to a form, all or nothing; idempotent')
+  .requiredOption('--server <name>', 'server').requiredOption('--form <form>', 'form (table, or schema.table)'))
   .action(lazy('./commands/admin.ts', 'formsEnableCommand'));
+lockFlags(forms.command('disable').description("remove a form's guards, publication membership and replica identity (shows what it would do; --yes does it)")
+  .requiredOption('--server <name>', 'server').requiredOption('--form <form>', 'form (table, or schema.table)')
+  .option('--drop-columns', 'also drop the distributed columns dso_* and their values')
+  .option('--yes', 'do it (without: print what would be done, change nothing)'))
+  .action(lazy('./commands/admin.ts', 'formsDisableCommand'));
+
+lockFlags(program.command('uninstall').description("remove pgdso from a server: every form's guards, the publication, the slot, the replication origins (shows what it would do; --yes does it)")
+  .requiredOption('--server <name>', 'server')
+  .option('--drop-columns', 'also drop the distributed columns dso_* of every form, with their values')
+  .option('--drop-schema', 'also drop the control schema pgdso (its queue, errors and conflicts)')
+  .option('--yes', 'do it (without: print what would be done, change nothing)'))
+  .action(lazy('./commands/admin.ts', 'uninstallCommand'));
 
 const rules = program.command('rules').description('check and test rules');
 rules.command('check').description('validate config and rules against the schemas and the live catalogs')
