@@ -83,6 +83,16 @@ export async function preflight(config: PgdsoConfig, rules: CompiledRules, serve
       if (!source || !target) continue;
       try {
         const plan = buildColumnPlan(mapping, [...source.columns.keys()], source.keyColumn, target);
+        const from = `${mapping.from.server}.${mapping.from.schema}.${mapping.from.table}`;
+        const to = `${mapping.to.server}.${mapping.to.schema}.${mapping.to.table}`;
+        for (const { column, reason } of plan.notCarried) {
+          findings.push({
+            server: mapping.to.server, severity: 'warning', file: mapping.source.file, pointer: `${mapping.source.pointer}/fields`,
+            message: reason === 'generated'
+              ? `mapping "${mapping.name}": column "${column}" is generated on ${to}: computed there, not written (as PostgreSQL's own replication does)`
+              : `mapping "${mapping.name}": column "${column}" of ${from} is not on ${to}, so it is not carried: add it there, or list it in fields.exclude`,
+          });
+        }
         for (const column of plan.columns) {
           if (column.from.kind !== 'column') continue;
           const from = source.columns.get(column.from.column)!;

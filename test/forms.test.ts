@@ -281,6 +281,13 @@ test('TRUNCATE is refused while the form holds read-only copies or masters with 
     return true;
   });
   assert.equal(await count(), 2);
+  // a master received from another server, whose copy there is read-only: without it that copy has no master
+  await e.query('sf', `DELETE FROM repair_request WHERE id = 'T-5'`);
+  await e.query('sf', `INSERT INTO repair_request (id, item, dso_from_server) VALUES ('T-6', 'stool', 'paris')`);
+  await assert.rejects(e.query('sf', 'TRUNCATE repair_request'), {
+    code: 'P0001', message: 'pgdso: repair_request cannot be truncated: it holds master copies of requests with copies on paris, which TRUNCATE would leave behind',
+  });
+  assert.equal(await count(), 2);
 });
 
 const PARTS_SQL = `

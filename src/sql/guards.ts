@@ -55,7 +55,7 @@ $guard$`;
 
 /**
  * TRUNCATE fires no row trigger. Refused while the relation holds read-only copies (owned
- * elsewhere) or master copies with copies elsewhere; allowed otherwise, and for the engine's
+ * elsewhere) or master copies with copies elsewhere (sent on, or received from a server that keeps a read-only copy); allowed otherwise, and for the engine's
  * sessions (as the ownership guard). SECURITY DEFINER: it reads the form and asks about the
  * origin session as its owner. Argument: the form's name.
  */
@@ -76,7 +76,9 @@ BEGIN
       MESSAGE = format('pgdso: %s cannot be truncated: it holds read-only copies of requests that are owned by %s', TG_ARGV[0], servers),
       HINT = 'Change or delete those requests on their owning server; or run pgdso forms disable first.';
   END IF;
-  EXECUTE format('SELECT string_agg(DISTINCT dso_to_server, '', '' ORDER BY dso_to_server) FROM (SELECT dso_to_server FROM %s WHERE dso_master AND dso_to_server IS NOT NULL LIMIT 1000) AS x', TG_RELID::regclass)
+  -- a master with copies elsewhere: sent on (dso_to_server), or received (dso_from_server: the
+  -- copy it came from is read-only and would be left without a master)
+  EXECUTE format('SELECT string_agg(DISTINCT s, '', '' ORDER BY s) FROM (SELECT dso_to_server, dso_from_server FROM %s WHERE dso_master AND (dso_to_server IS NOT NULL OR dso_from_server IS NOT NULL) LIMIT 1000) AS r, unnest(ARRAY[r.dso_to_server, r.dso_from_server]) AS s WHERE s IS NOT NULL', TG_RELID::regclass)
     INTO servers;
   IF servers IS NOT NULL THEN
     RAISE EXCEPTION USING
