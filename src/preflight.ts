@@ -11,7 +11,7 @@ import { describeFormColumns, type FormCatalog } from './applier/catalog.ts';
 import { buildColumnPlan, PlanError } from './applier/plan.ts';
 import { describeForm, FormError, planForm } from './sql/forms.ts';
 import { slotName } from './sql/identifiers.ts';
-import { describeCheck, formChecks, serverChecks, serverFacts, versionCheck } from './sql/privileges.ts';
+import { createCheck, describeCheck, formChecks, serverChecks, serverFacts, versionCheck } from './sql/privileges.ts';
 
 export interface Finding {
   server: string;
@@ -23,7 +23,11 @@ export interface Finding {
   message: string;
 }
 
-export async function preflight(config: PgdsoConfig, rules: CompiledRules, servers: readonly string[] = Object.keys(config.servers)): Promise<Finding[]> {
+/**
+ * `decoded`: the servers whose slots an instance will decode (by default every server with a
+ * form, as `pgdso run` without --server); the others only receive, and need no REPLICATION.
+ */
+export async function preflight(config: PgdsoConfig, rules: CompiledRules, servers: readonly string[] = Object.keys(config.servers), decoded: readonly string[] = servers.filter((s) => rules.formsOf(s).length > 0)): Promise<Finding[]> {
   const findings: Finding[] = [];
   const catalogs = new Map<string, FormCatalog | null>();
   const clients = new Map<string, pg.Client>();
@@ -40,9 +44,11 @@ export async function preflight(config: PgdsoConfig, rules: CompiledRules, serve
       }
       clients.set(name, client);
       const facts = await serverFacts(client);
-      for (const check of serverChecks(facts)) findings.push({ server: name, severity: 'problem', message: describeCheck(check) });
+      for (const check of serverChecks(facts, { decodes: decoded.includes(name), creates: false })) findings.push({ server: name, severity: 'problem', message: describeCheck(check) });
       if (versionCheck(facts.versionNum)) continue;
       const schema = await client.query(`SELECT to_regclass('pgdso.forms') IS NOT NULL AS ok`);
+      // CREATE on the database matters while there is something to make (migrate, forms enable)
+      let toMake = !schema.rows[0].ok;
       if (!schema.rows[0].ok) {
         findings.push({ server: name, severity: 'problem', message: 'the control schema pgdso is missing: run `pgdso migrate`' });
       } else if (rules.formsOf(name).length && !facts.slotExists) {
@@ -65,6 +71,7 @@ export async function preflight(config: PgdsoConfig, rules: CompiledRules, serve
           const plan = await planForm(client, s, table);
           const enable = `pgdso forms enable --server ${name} --form ${s === 'public' ? '' : `${s}.`}${table}`;
           if (plan.missing.length) {
+            toMake = true;
             findings.push({ server: name, severity: 'problem', ...where, message: `form ${s}.${table} is not enabled (missing: ${plan.missing.join('; ')}): run \`${enable}\`` });
           }
           for (const check of await formChecks(client, plan.form.oid, s, table, { needsPublicationChange: plan.publicationChange, needsAlter: plan.statements.length > 0 })) {
@@ -76,6 +83,7 @@ export async function preflight(config: PgdsoConfig, rules: CompiledRules, serve
           findings.push({ server: name, severity: 'problem', ...whereNamed(config, name, s, table), message: `${name}: ${err.message}` });
         }
       }
+      if (toMake && !facts.superuser && !facts.canCreateInDatabase) findings.push({ server: name, severity: 'problem', message: describeCheck(createCheck(facts)) });
     }
     for (const mapping of Object.values(config.mappings)) {
       const source = catalogs.get(`${mapping.from.server}.${mapping.from.schema}.${mapping.from.table}`);

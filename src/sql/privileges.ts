@@ -89,8 +89,13 @@ export async function serverFacts(client: pg.ClientBase): Promise<ServerFacts> {
   return facts;
 }
 
-/** What the server and the connected role lack to run pgdso (not form-specific). */
-export function serverChecks(facts: ServerFacts): Check[] {
+/**
+ * What the server and the connected role lack to run pgdso (not form-specific). `decodes`: an
+ * instance will decode this server's slot (a slot, a WAL sender, REPLICATION); a server that only
+ * receives does not need them. `creates`: the control schema or a form still has to be made
+ * (CREATE on the database, for `migrate` and `forms enable`).
+ */
+export function serverChecks(facts: ServerFacts, needs: { decodes: boolean; creates: boolean } = { decodes: true, creates: true }): Check[] {
   const checks: Check[] = [];
   const role = quoteIdent(facts.role);
   const version = versionCheck(facts.versionNum);
@@ -98,23 +103,26 @@ export function serverChecks(facts: ServerFacts): Check[] {
   if (facts.walLevel !== 'logical') {
     checks.push({ message: `wal_level is ${facts.walLevel}: logical decoding needs logical`, fix: 'ALTER SYSTEM SET wal_level = logical; -- then restart PostgreSQL' });
   }
-  if (!facts.slotExists && facts.usedSlots >= facts.maxSlots) {
+  if (needs.decodes && !facts.slotExists && facts.usedSlots >= facts.maxSlots) {
     checks.push({ message: `no free replication slot for pgdso's slot ${slotName(facts.database)} (max_replication_slots = ${facts.maxSlots}, ${facts.usedSlots} in use)`, fix: `ALTER SYSTEM SET max_replication_slots = ${facts.usedSlots + 1}; -- then restart PostgreSQL` });
   }
-  if (!facts.slotActive && facts.usedWalSenders >= facts.maxWalSenders) {
+  if (needs.decodes && !facts.slotActive && facts.usedWalSenders >= facts.maxWalSenders) {
     checks.push({ message: `no free WAL sender for pgdso's stream (max_wal_senders = ${facts.maxWalSenders}, ${facts.usedWalSenders} in use)`, fix: `ALTER SYSTEM SET max_wal_senders = ${facts.usedWalSenders + 1}; -- then restart PostgreSQL` });
   }
   if (facts.superuser) return checks;
-  if (!facts.replication) {
+  if (needs.decodes && !facts.replication) {
     checks.push({ message: `role ${facts.role} has no REPLICATION attribute (the slot and the stream need it)`, fix: `ALTER ROLE ${role} REPLICATION;` });
   }
   for (const fn of ORIGIN_FUNCTIONS) {
     if (!facts.execute[fn]) checks.push({ message: `role ${facts.role} cannot execute ${fn} (the engine's writes and the ownership guard need it)`, fix: `GRANT EXECUTE ON FUNCTION ${fn} TO ${role};` });
   }
-  if (!facts.canCreateInDatabase) {
-    checks.push({ message: `role ${facts.role} cannot CREATE in database ${facts.database} (the control schema pgdso and the publication pgdso)`, fix: `GRANT CREATE ON DATABASE ${quoteIdent(facts.database)} TO ${role};` });
-  }
+  if (needs.creates && !facts.canCreateInDatabase) checks.push(createCheck(facts));
   return checks;
+}
+
+/** CREATE on the database: the control schema and the publication are made with it. */
+export function createCheck(facts: ServerFacts): Check {
+  return { message: `role ${facts.role} cannot CREATE in database ${facts.database} (the control schema pgdso and the publication pgdso)`, fix: `GRANT CREATE ON DATABASE ${quoteIdent(facts.database)} TO ${quoteIdent(facts.role)};` };
 }
 
 /** The relations of a form: the table itself and, for a partitioned table, every partition. */

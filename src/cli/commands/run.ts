@@ -12,7 +12,7 @@ export async function runCommand(opts: GlobalOptions, cmd: { server?: string; in
   // engine, which confirms what no filter wants, so no slot holds WAL for nothing.
   const servers = cmd.server ? [serverOf(config, cmd.server).name] : Object.keys(config.servers).filter((s) => rules.formsOf(s).length > 0);
   // Bad rules never start an engine: the live catalogs must agree with the mappings.
-  const findings = [...unsupportedOptions(config), ...(await preflight(config, rules))];
+  const findings = [...unsupportedOptions(config), ...(await preflight(config, rules, Object.keys(config.servers), servers))];
   const invalid = findingsAsConfigError(findings, config.file);
   if (invalid) throw invalid;
   for (const f of findings) log.warn({ server: f.server }, f.message);
