@@ -30,6 +30,6 @@ GRANT EXECUTE ON FUNCTION
   pg_catalog.pg_replication_origin_session_is_setup()
 TO pgdso;
 
--- The forms: pgdso must own each form (or be a member of its owner role), because
+-- The forms: pgdso must be a member of each form's owner role (GRANT app TO pgdso), because
 -- `pgdso forms enable` adds columns, a trigger and REPLICA IDENTITY FULL (ALTER TABLE) and
 -- adds the table to its publication; TRIGGER alone is not enough. See 20-repair-request.sql.

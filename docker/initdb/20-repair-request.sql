@@ -11,6 +11,9 @@ CREATE TABLE public.repair_request (
   description      text
 );
 
--- pgdso alters the table (enable) and writes every copy (transfers): it owns the form here.
--- For a table owned by an application role instead:  GRANT <owner role> TO pgdso;
-ALTER TABLE public.repair_request OWNER TO pgdso;
+-- The form belongs to the application's role, as on a live database; pgdso is a member of it
+-- (the README's recipe), which lets `forms enable` alter the table and the engine write its
+-- copies, while the application keeps its own privileges.
+CREATE ROLE app NOLOGIN;
+ALTER TABLE public.repair_request OWNER TO app;
+GRANT app TO pgdso;
