@@ -10,23 +10,12 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import pg from 'pg';
 import { waitFor } from './support/wait.ts';
-import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, is, until, settled, type DsoEnv, type EngineProcess, type CliResult } from './support/dso.ts';
+import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, is, until, settled, type DsoEnv, type EngineProcess } from './support/dso.ts';
+import { count, errorsOn, queued, show } from './support/checks.ts';
 import { applyAsOrdinaryRole, dropRole } from './support/roles.ts';
 
 const suite = dsoSuite(2);
 
-interface ErrorRow { request_id: string; error: string; sqlstate: string | null }
-
-function show(r: CliResult): string {
-  return `exit ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`;
-}
-
-async function count(e: DsoEnv, server: string, sql: string, params: unknown[] = []): Promise<number> {
-  return (await e.query<{ n: number }>(server, `SELECT count(*)::int AS n FROM (${sql}) AS q`, params))[0]!.n;
-}
-
-const errorsOn = (e: DsoEnv) => e.query<ErrorRow>('sf', 'SELECT request_id, error, sqlstate FROM pgdso.pending_errors ORDER BY request_id');
-const queued = (e: DsoEnv) => e.query<{ request_id: string; status: string; last_error: string | null }>('sf', 'SELECT request_id, status, last_error FROM pgdso.pending ORDER BY id');
 const statuses = async (e: DsoEnv) => Object.fromEntries((await e.query<{ s: string | null; n: number }>('sf', 'SELECT dso_transfer_status AS s, count(*)::int AS n FROM repair_request GROUP BY 1')).map((r) => [String(r.s), r.n]));
 
 /** What the source holds, for messages. */

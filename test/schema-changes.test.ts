@@ -5,22 +5,10 @@
 // few rows the target refuses.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, until, settled, type DsoEnv, type CliResult } from './support/dso.ts';
+import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, until, settled, type DsoEnv } from './support/dso.ts';
+import { count, errorsOn, queued, show } from './support/checks.ts';
 
 const suite = dsoSuite(2);
-
-interface ErrorRow { request_id: string; error: string; sqlstate: string | null }
-
-function show(r: CliResult): string {
-  return `exit ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`;
-}
-
-async function count(e: DsoEnv, server: string, sql: string, params: unknown[] = []): Promise<number> {
-  return (await e.query<{ n: number }>(server, `SELECT count(*)::int AS n FROM (${sql}) AS q`, params))[0]!.n;
-}
-
-const errorsOn = (e: DsoEnv, server = 'sf') => e.query<ErrorRow>(server, 'SELECT request_id, error, sqlstate FROM pgdso.pending_errors ORDER BY request_id');
-const queued = (e: DsoEnv) => e.query<{ request_id: string; last_error: string | null }>('sf', 'SELECT request_id, last_error FROM pgdso.pending ORDER BY id');
 
 test('replica identity reset to DEFAULT: an update beside a large unchanged value is not lost; it fails into pending_errors saying what to do, status and rules check show it, and after REPLICA IDENTITY FULL a retry carries it whole', { timeout: 90_000 }, async () => {
   const e = await suite.env({ servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], config: { pending: { retry: { firstSeconds: 0.2, maxSeconds: 1 } } }, rules: {
