@@ -151,3 +151,25 @@ test('one transaction of 200,000 rows with 3 the target refuses: the 199,997 oth
   await engine.stop();
   console.log(`200k rows, 3 refused: test ${Date.now() - started} ms`);
 });
+
+test('a TRUNCATE that gets past the guard (dropped by hand) is not silent: each server the form has copies on gets a pending_errors row saying they were not deleted; the stream goes on', async () => {
+  const e = await suite.env({ servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: {
+    mappings: [mapping('sf-to-chicago', 'sf', 'chicago', { transferMode: 'data-only' })],
+    filters: [filter('copy-requests', 'sf', null, [{ type: 'transfer', mapping: 'sf-to-chicago' }], ['insert'])],
+  } });
+  const engine = e.engine();
+  await e.query('sf', `INSERT INTO repair_request (id, item) VALUES ('TR-1', 'chair'), ('TR-2', 'desk')`);
+  await until(engine, 'TR-1 and TR-2 on chicago', async () => (await count(e, 'chicago', 'SELECT 1 FROM repair_request')) === 2);
+  await e.query('sf', 'DROP TRIGGER pgdso_truncate ON repair_request');
+  await e.query('sf', 'TRUNCATE repair_request');
+  const recorded = await until(engine, 'the TRUNCATE recorded on sf', async () => {
+    const rows = await e.query<{ request_id: string; type: string; target_server: string; error: string }>('sf', 'SELECT request_id, type, target_server, error FROM pgdso.pending_errors');
+    return rows.length === 1 ? rows[0] : undefined;
+  });
+  assert.deepEqual([recorded!.request_id, recorded!.type, recorded!.target_server], ['*', 'delete', 'chicago']);
+  assert.match(recorded!.error, /TRUNCATE of public\.repair_request on sf: pgdso does not carry TRUNCATE; copies of its requests on chicago .* were not deleted/);
+  assert.equal(await count(e, 'chicago', 'SELECT 1 FROM repair_request'), 2, 'the copies stay (and the error says so)');
+  await e.query('sf', `INSERT INTO repair_request (id, item) VALUES ('TR-3', 'lamp')`);
+  await until(engine, 'TR-3 on chicago after the TRUNCATE', async () => (await count(e, 'chicago', `SELECT 1 FROM repair_request WHERE id = 'TR-3'`)) === 1);
+  assert.equal(await engine.stop(), 0);
+});
