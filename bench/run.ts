@@ -82,14 +82,37 @@ async function pgdso(source: LocalCluster, target: LocalCluster): Promise<{ time
   }
   const dir = await mkdtemp(path.join(os.tmpdir(), 'pgdso-bench-'));
   await mkdir(path.join(dir, 'rules'));
-  await writeFile(path.join(dir, 'pgdso.config.json'), JSON.stringify({ servers: { source: { connection: src }, peer: { connection: dst } }, rules: ['rules/*.json'] }));
-  await writeFile(path.join(dir, 'rules', 'bench.json'), JSON.stringify({
-    mappings: [{ name: 'source-to-peer', from: { server: 'source', form: 'repair_request' }, to: { server: 'peer', form: 'repair_request' }, transferMode: 'data-only' }],
-    filters: [{ name: 'every-request', on: { server: 'source', form: 'repair_request', ops: ['insert', 'update'] }, actions: [{ type: 'transfer', mapping: 'source-to-peer' }] }],
-  }));
+  await writeFile(
+    path.join(dir, 'pgdso.config.json'),
+    JSON.stringify({ servers: { source: { connection: src }, peer: { connection: dst } }, rules: ['rules/*.json'] }),
+  );
+  await writeFile(
+    path.join(dir, 'rules', 'bench.json'),
+    JSON.stringify({
+      mappings: [
+        {
+          name: 'source-to-peer',
+          from: { server: 'source', form: 'repair_request' },
+          to: { server: 'peer', form: 'repair_request' },
+          transferMode: 'data-only',
+        },
+      ],
+      filters: [
+        {
+          name: 'every-request',
+          on: { server: 'source', form: 'repair_request', ops: ['insert', 'update'] },
+          actions: [{ type: 'transfer', mapping: 'source-to-peer' }],
+        },
+      ],
+    }),
+  );
   // BENCH_ENGINE_NODE_ARGS, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof", to profile the engine
   const nodeArgs = (process.env.BENCH_ENGINE_NODE_ARGS ?? '').split(' ').filter(Boolean);
-  const engine = spawn(process.execPath, [...nodeArgs, path.join(ROOT, 'bin/pgdso'), 'run', '--server', 'source', '--config', path.join(dir, 'pgdso.config.json')], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, PGDSO_LOG_LEVEL: 'warn' } });
+  const engine = spawn(
+    process.execPath,
+    [...nodeArgs, path.join(ROOT, 'bin/pgdso'), 'run', '--server', 'source', '--config', path.join(dir, 'pgdso.config.json')],
+    { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, PGDSO_LOG_LEVEL: 'warn' } },
+  );
   let stderr = '';
   engine.stderr.on('data', (d) => (stderr += d));
   const exited = new Promise<never>((_, reject) => engine.once('exit', (code) => reject(new Error(`the engine exited (${code})`))));
@@ -140,7 +163,11 @@ async function waitSlotIdle(url: string): Promise<void> {
   const target = (await sql(url, 'SELECT pg_current_wal_lsn()::text AS lsn')).rows[0].lsn;
   const deadline = Date.now() + 600_000;
   while (Date.now() < deadline) {
-    const r = await sql(url, `SELECT confirmed_flush_lsn >= $1::pg_lsn AS done FROM pg_replication_slots WHERE slot_name LIKE 'pgdso_%' AND database = current_database()`, [target]);
+    const r = await sql(
+      url,
+      `SELECT confirmed_flush_lsn >= $1::pg_lsn AS done FROM pg_replication_slots WHERE slot_name LIKE 'pgdso_%' AND database = current_database()`,
+      [target],
+    );
     if (r.rows[0]?.done) return;
     await delay(100);
   }
@@ -157,10 +184,16 @@ async function main(): Promise<void> {
     const nativeTimes = await native(source, target);
     const ours = await pgdso(source, target);
     const rate = (ms: number) => Math.round(ROWS / (ms / 1000)).toLocaleString('en-US');
-    console.log(`\n| ${ROWS.toLocaleString('en-US')}-row single-transaction insert | commit to visible on the peer (median) | runs (ms) | rows/s (median) | until idle again (median) | engine peak RSS |`);
+    console.log(
+      `\n| ${ROWS.toLocaleString('en-US')}-row single-transaction insert | commit to visible on the peer (median) | runs (ms) | rows/s (median) | until idle again (median) | engine peak RSS |`,
+    );
     console.log('|---|---|---|---|---|---|');
-    console.log(`| PostgreSQL publication/subscription | ${median(nativeTimes)} ms | ${nativeTimes.join(', ')} | ${rate(median(nativeTimes))} | ${median(nativeTimes)} ms | (in the server) |`);
-    console.log(`| pgdso (data-only mapping, one filter) | ${median(ours.times)} ms | ${ours.times.join(', ')} | ${rate(median(ours.times))} | ${median(ours.settled)} ms (source copies marked) | ${ours.peakRssMb} MB |`);
+    console.log(
+      `| PostgreSQL publication/subscription | ${median(nativeTimes)} ms | ${nativeTimes.join(', ')} | ${rate(median(nativeTimes))} | ${median(nativeTimes)} ms | (in the server) |`,
+    );
+    console.log(
+      `| pgdso (data-only mapping, one filter) | ${median(ours.times)} ms | ${ours.times.join(', ')} | ${rate(median(ours.times))} | ${median(ours.settled)} ms (source copies marked) | ${ours.peakRssMb} MB |`,
+    );
   } finally {
     await source.destroy();
     await target.destroy();

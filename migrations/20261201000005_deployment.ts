@@ -8,7 +8,9 @@ import type { Knex } from 'knex';
 
 export async function up(knex: Knex): Promise<void> {
   await knex.raw('ALTER TABLE pgdso.forms ADD COLUMN IF NOT EXISTS original_identity jsonb');
-  const pub = await knex.raw(`SELECT pubviaroot, pg_has_role(current_user, pubowner, 'USAGE') AS mine FROM pg_publication WHERE pubname = 'pgdso'`);
+  const pub = await knex.raw(
+    `SELECT pubviaroot, pg_has_role(current_user, pubowner, 'USAGE') AS mine FROM pg_publication WHERE pubname = 'pgdso'`,
+  );
   if (pub.rows.length === 0) await knex.raw('CREATE PUBLICATION pgdso WITH (publish_via_partition_root = true)');
   else if (!pub.rows[0].pubviaroot && pub.rows[0].mine) await knex.raw('ALTER PUBLICATION pgdso SET (publish_via_partition_root = true)');
 }

@@ -25,17 +25,46 @@ import { LaneBuffer } from './applier/buffer.ts';
 import { describeFormColumns, type FormCatalog } from './applier/catalog.ts';
 import { buildColumnPlan, type ColumnPlan } from './applier/plan.ts';
 import { TransferGroup } from './applier/transfer.ts';
-import { SourceBookkeeping, countHops, markStatus, recordErrors, type CopyStatus, type Outcome, type SeenState } from './applier/bookkeeping.ts';
-import { CopyDeleteGroup, CopyUpdateGroup, reversePlan, type CopyDelete, type CopyUpdate, type Link, type UpdateKind } from './applier/chain.ts';
-import { changeKey, type ApplyFailure, type OpType, type RequestGroup } from './applier/sets.ts';
+import {
+  SourceBookkeeping,
+  countHops,
+  markStatus,
+  recordErrors,
+  type CopyStatus,
+  type Outcome,
+  type SeenState,
+} from './applier/bookkeeping.ts';
+import {
+  CopyDeleteGroup,
+  CopyUpdateGroup,
+  reversePlan,
+  type CopyDelete,
+  type CopyUpdate,
+  type Link,
+  type UpdateKind,
+} from './applier/chain.ts';
+import { changeKey, type ApplyFailure, type RequestGroup } from './applier/sets.ts';
 import { classifyError, type ClassifiedError, type ErrorClass } from './applier/errors.ts';
 import { missingFormGrants, refusalOf, type Refusal } from './sql/grants.ts';
 import { withClient } from './sql/client.ts';
 import os from 'node:os';
 import { retryDelay } from './applier/schedule.ts';
 import {
-  recordAttempt, deliveredUpTo, dequeue, enqueue, markDelivered, nextQueued, opType, queueIdentity, queuedRequests, requestKey, stillQueued, supersedes, withOp,
-  type PendingEntry, type QueuedOp,
+  recordAttempt,
+  deliveredUpTo,
+  dequeue,
+  enqueue,
+  markDelivered,
+  nextQueued,
+  opType,
+  queueIdentity,
+  queuedRequests,
+  requestKey,
+  stillQueued,
+  supersedes,
+  withOp,
+  type PendingEntry,
+  type QueuedOp,
 } from './applier/pending.ts';
 import { DSO_COLUMN_NAMES, describeForm, ensureSlot, type FormInfo } from './sql/forms.ts';
 import { LOCK_NAMESPACE, LOCKS, originName, qualified, quoteIdent, slotName, writerOfOrigin } from './sql/identifiers.ts';
@@ -82,7 +111,22 @@ export interface EngineStats {
 
 /** Runs one server's engine until the signal aborts, reconnecting after failures. */
 export class ServerEngine {
-  readonly stats: EngineStats = { transactions: 0, changes: 0, applied: 0, failed: 0, queued: 0, delivered: 0, sourceRetries: 0, heartbeats: 0, confirmedLsn: '0/0', sessions: 0, slotLagBytes: null, retainedWalBytes: null, peersDown: [], stoppedBy: null };
+  readonly stats: EngineStats = {
+    transactions: 0,
+    changes: 0,
+    applied: 0,
+    failed: 0,
+    queued: 0,
+    delivered: 0,
+    sourceRetries: 0,
+    heartbeats: 0,
+    confirmedLsn: '0/0',
+    sessions: 0,
+    slotLagBytes: null,
+    retainedWalBytes: null,
+    peersDown: [],
+    stoppedBy: null,
+  };
   readonly server: string;
   private readonly log: Logger;
   private session: EngineSession | null = null;
@@ -118,7 +162,11 @@ export class ServerEngine {
         const classified = classifyError(err);
         if (replayNow) this.log.info(classified.message);
         else if (classified.class === 'permanent') refused = classified;
-        else this.log.warn({ sqlstate: classified.sqlstate, error: classified.message }, 'engine session failed; replaying from the confirmed position');
+        else
+          this.log.warn(
+            { sqlstate: classified.sqlstate, error: classified.message },
+            'engine session failed; replaying from the confirmed position',
+          );
       } finally {
         this.session = null;
         await session.close();
@@ -141,10 +189,18 @@ export class ServerEngine {
   private async stopOn(classified: ClassifiedError): Promise<void> {
     const connection = toPgClientConfig(this.opts.config.servers[this.server]!.connection);
     const role = String(connection.user ?? process.env.PGUSER ?? 'pgdso');
-    const refusal = refusalOf(classified.sqlstate, classified.message, role, String(connection.database)) ?? { missing: 'access', fix: classified.message };
+    const refusal = refusalOf(classified.sqlstate, classified.message, role, String(connection.database)) ?? {
+      missing: 'access',
+      fix: classified.message,
+    };
     this.stats.stoppedBy = refusal;
-    this.log.error({ sqlstate: classified.sqlstate, error: classified.message, missing: refusal.missing, fix: refusal.fix }, `the engine of ${this.server} stops: PostgreSQL refuses it ${refusal.missing}. Fix: ${refusal.fix} Then start pgdso run again.`);
-    await withClient(connection, (client) => recordStop(client, this.server, this.instanceId, `${classified.sqlstate ?? ''} ${classified.message}`.trim(), refusal.fix)).catch(() => undefined);
+    this.log.error(
+      { sqlstate: classified.sqlstate, error: classified.message, missing: refusal.missing, fix: refusal.fix },
+      `the engine of ${this.server} stops: PostgreSQL refuses it ${refusal.missing}. Fix: ${refusal.fix} Then start pgdso run again.`,
+    );
+    await withClient(connection, (client) =>
+      recordStop(client, this.server, this.instanceId, `${classified.sqlstate ?? ''} ${classified.message}`.trim(), refusal.fix),
+    ).catch(() => undefined);
   }
 
   private get instanceId(): string {
@@ -282,7 +338,12 @@ class EngineSession implements ChangeSink {
   private readonly batchRows: number;
   private readonly chunkRows: number;
 
-  constructor(private readonly opts: EngineOptions, private readonly log: Logger, private readonly stats: EngineStats, private readonly downPeers: Map<string, PeerDown>) {
+  constructor(
+    private readonly opts: EngineOptions,
+    private readonly log: Logger,
+    private readonly stats: EngineStats,
+    private readonly downPeers: Map<string, PeerDown>,
+  ) {
     this.server = opts.server;
     const server = opts.config.servers[opts.server];
     if (!server) throw new Error(`unknown server ${opts.server}`);
@@ -296,7 +357,9 @@ class EngineSession implements ChangeSink {
     this.control = control;
     control.on('error', () => {});
     await control.connect();
-    const locked = await waitForOperationLock(control, 'dso', signal, 1000, () => this.log.info('another instance runs the dso operation of this server; waiting'));
+    const locked = await waitForOperationLock(control, 'dso', signal, 1000, () =>
+      this.log.info('another instance runs the dso operation of this server; waiting'),
+    );
     if (!locked) return;
     for (const { schema, table } of this.opts.rules.formsOf(this.server)) {
       this.forms.set(`${schema}.${table}`, await describeForm(control, schema, table));
@@ -306,7 +369,10 @@ class EngineSession implements ChangeSink {
     const slot = slotName(String(this.connection.database));
     if (await ensureSlot(control, slot)) {
       // forms enable creates the slot; one that is gone (dropped by hand) lost what happened meanwhile
-      this.log.error({ slot }, 'the replication slot was missing and has been created: changes made to the forms of this server before now were not captured');
+      this.log.error(
+        { slot },
+        'the replication slot was missing and has been created: changes made to the forms of this server before now were not captured',
+      );
     }
     // `pgdso pending retry` and `discard` tell a running engine to read the queue again
     control.on('notification', () => {
@@ -368,7 +434,10 @@ class EngineSession implements ChangeSink {
       this.stats.retainedWalBytes = row?.retained ?? null;
       if (row?.retained != null && row.retained > retainedWalWarnBytes && Date.now() - warnedAt > 5 * 60_000) {
         warnedAt = Date.now();
-        this.log.warn({ slot, retainedWalBytes: row.retained, thresholdBytes: retainedWalWarnBytes }, 'the replication slot holds more WAL than the threshold (pending.retainedWalWarnBytes): is the engine falling behind?');
+        this.log.warn(
+          { slot, retainedWalBytes: row.retained, thresholdBytes: retainedWalWarnBytes },
+          'the replication slot holds more WAL than the threshold (pending.retainedWalWarnBytes): is the engine falling behind?',
+        );
       }
     };
     every(Math.max(1000, Math.min(heartbeatMs || 10_000, 10_000)), checkSlot);
@@ -384,7 +453,12 @@ class EngineSession implements ChangeSink {
    */
   private async openLanes(control: pg.Client): Promise<void> {
     const database = String(this.connection.database);
-    const sourceLane = new ApplyLane<never>({ connection: this.connection, origin: originName(this.server, '~source', database), name: `${this.server}/~source`, log: this.log });
+    const sourceLane = new ApplyLane<never>({
+      connection: this.connection,
+      origin: originName(this.server, '~source', database),
+      name: `${this.server}/~source`,
+      log: this.log,
+    });
     this.sourceLane = sourceLane;
     await sourceLane.open();
     this.sourceBuffer = new LaneBuffer(sourceLane, this.chunkRows, true);
@@ -392,7 +466,22 @@ class EngineSession implements ChangeSink {
       let peer = this.peers.get(name);
       if (!peer) {
         const down = this.downPeers.get(name);
-        peer = { name, lanes: new Map(), pools: [], up: false, queued: new Set(), batch: [], lastInBatch: new Map(), progress: new Map(), attempts: 0, downSince: null, nextAttemptAt: 0, lastError: null, lastClass: null, ...down };
+        peer = {
+          name,
+          lanes: new Map(),
+          pools: [],
+          up: false,
+          queued: new Set(),
+          batch: [],
+          lastInBatch: new Map(),
+          progress: new Map(),
+          attempts: 0,
+          downSince: null,
+          nextAttemptAt: 0,
+          lastError: null,
+          lastClass: null,
+          ...down,
+        };
         this.peers.set(name, peer);
       }
       return peer;
@@ -413,7 +502,11 @@ class EngineSession implements ChangeSink {
     for (const [server, keys] of await queuedRequests(control)) {
       const peer = this.peers.get(server);
       if (peer) peer.queued = keys;
-      else this.log.warn({ server }, 'pgdso.pending holds operations for a server no mapping leads to any more: they stay there (pgdso pending list, discard)');
+      else
+        this.log.warn(
+          { server },
+          'pgdso.pending holds operations for a server no mapping leads to any more: they stay there (pgdso pending list, discard)',
+        );
     }
     const now = Date.now();
     for (const peer of this.peers.values()) {
@@ -452,7 +545,10 @@ class EngineSession implements ChangeSink {
     try {
       for (const pool of peer.pools) {
         const lane = new ApplyLane<ApplyFailure>({
-          connection, origin: originName(this.server, pool, database), name: `${this.server}->${peer.name}/${pool}`, log: this.log,
+          connection,
+          origin: originName(this.server, pool, database),
+          name: `${this.server}->${peer.name}/${pool}`,
+          log: this.log,
           annotate: (group, failures) => withOps(failures, this.groupOps.get(group)),
         });
         const buffer = new LaneBuffer(lane, this.chunkRows);
@@ -466,7 +562,11 @@ class EngineSession implements ChangeSink {
       await this.closePeerLanes(peer);
       throw err;
     }
-    if (!peer.up && peer.attempts > 0) this.log.info({ peer: peer.name, attempts: peer.attempts, queued: peer.queued.size }, 'peer reachable again; delivering its queued operations');
+    if (!peer.up && peer.attempts > 0)
+      this.log.info(
+        { peer: peer.name, attempts: peer.attempts, queued: peer.queued.size },
+        'peer reachable again; delivering its queued operations',
+      );
     peer.up = true;
     this.stats.peersDown = this.stats.peersDown.filter((n) => n !== peer.name);
     // a refusal (a privilege) is over only once the peer takes a write: until then its attempts
@@ -568,26 +668,54 @@ class EngineSession implements ChangeSink {
     peer.lastClass = classified.class;
     const wait = retryDelay(this.opts.config.pending.retry, peer.attempts, now - peer.downSince);
     peer.nextAttemptAt = now + wait;
-    this.downPeers.set(peer.name, { attempts: peer.attempts, downSince: peer.downSince, nextAttemptAt: peer.nextAttemptAt, lastError: peer.lastError, lastClass: peer.lastClass });
+    this.downPeers.set(peer.name, {
+      attempts: peer.attempts,
+      downSince: peer.downSince,
+      nextAttemptAt: peer.nextAttemptAt,
+      lastError: peer.lastError,
+      lastClass: peer.lastClass,
+    });
     this.countDown(peer.name);
-    const fields = { peer: peer.name, attempts: peer.attempts, retryInMs: Math.round(wait), sqlstate: classified.sqlstate, class: classified.class, error: classified.message };
+    const fields = {
+      peer: peer.name,
+      attempts: peer.attempts,
+      retryInMs: Math.round(wait),
+      sqlstate: classified.sqlstate,
+      class: classified.class,
+      error: classified.message,
+    };
     const repeated = previousError === classified.message;
     if (classified.class === 'permanent') {
       // said once at error level, with what to run; the attempts go on quietly (and at once on `pgdso pending retry --queued`)
       const connection = toPgClientConfig(this.opts.config.servers[peer.name]!.connection);
-      const refusal = repeated ? null : refusalOf(classified.sqlstate, classified.message, String(connection.user ?? 'pgdso'), String(connection.database));
+      const refusal = repeated
+        ? null
+        : refusalOf(classified.sqlstate, classified.message, String(connection.user ?? 'pgdso'), String(connection.database));
       if (refusal && /permission denied for (table|schema)/.test(classified.message)) {
         // the exact grants, from the peer's own privilege functions (best effort)
-        const forms = [...this.links.values()].filter((r) => r.server === peer.name).map((r) => (r.forward ? r.mapping.to : r.mapping.from));
-        const grants = await withClient({ ...connection, application_name: 'pgdso privileges' }, (client) => missingFormGrants(client, forms)).catch(() => []);
+        const forms = [...this.links.values()]
+          .filter((r) => r.server === peer.name)
+          .map((r) => (r.forward ? r.mapping.to : r.mapping.from));
+        const grants = await withClient({ ...connection, application_name: 'pgdso privileges' }, (client) =>
+          missingFormGrants(client, forms),
+        ).catch(() => []);
         if (grants.length) refusal.fix = grants.join(' ');
       }
       if (repeated) this.log.debug(fields, 'peer still refuses the engine');
-      else this.log.error({ ...fields, fix: refusal?.fix }, `peer ${peer.name} refuses the engine${refusal ? ` (${refusal.missing}); fix: ${refusal.fix}` : ''}: its operations wait in pgdso.pending until that is fixed`);
+      else
+        this.log.error(
+          { ...fields, fix: refusal?.fix },
+          `peer ${peer.name} refuses the engine${refusal ? ` (${refusal.missing}); fix: ${refusal.fix}` : ''}: its operations wait in pgdso.pending until that is fixed`,
+        );
     } else if (repeated) this.log.debug(fields, 'peer still cannot be reached');
     else this.log.warn(fields, 'peer cannot be reached: its operations wait in pgdso.pending');
     if (this.sourceLane) {
-      const attempt = { attempts: peer.attempts, downSince: new Date(peer.downSince), nextAttemptAt: new Date(peer.nextAttemptAt), error: classified.message };
+      const attempt = {
+        attempts: peer.attempts,
+        downSince: new Date(peer.downSince),
+        nextAttemptAt: new Date(peer.nextAttemptAt),
+        error: classified.message,
+      };
       await this.sourceLane.runAlone((client) => recordAttempt(client, peer.name, attempt));
     }
   }
@@ -676,7 +804,14 @@ class EngineSession implements ChangeSink {
     return { op: full, type: opType(full), mapping: link.mapping, targetServer: link.server, targetForm: `${there.schema}.${there.table}` };
   }
   /** The source copy's side of an operation that went to a lane or was applied before; a queued one carries its own. */
-  private bookkeeping(ctx: ChangeContext, outcome: Outcome, mapping: MappingConfig, requestId: string, sent: Route['to'], row: TextRow): void {
+  private bookkeeping(
+    ctx: ChangeContext,
+    outcome: Outcome,
+    mapping: MappingConfig,
+    requestId: string,
+    sent: Route['to'],
+    row: TextRow,
+  ): void {
     const source = this.sourceBuffer!;
     if (sent === 'queue' || source.lane.applied(ctx.tx.finalLsn)) return;
     const { form } = ctx;
@@ -684,7 +819,15 @@ class EngineSession implements ChangeSink {
     this.unflushed += 1;
   }
 
-  private reject(ctx: ChangeContext, type: ApplyFailure['type'], mapping: MappingConfig, requestId: string, targetServer: string, error: string, payload: Record<string, unknown>): void {
+  private reject(
+    ctx: ChangeContext,
+    type: ApplyFailure['type'],
+    mapping: MappingConfig,
+    requestId: string,
+    targetServer: string,
+    error: string,
+    payload: Record<string, unknown>,
+  ): void {
     this.rejected.push({ type, mapping, source: ctx.form, targetServer, requestId, lsn: ctx.change.lsn, sqlstate: null, payload, error });
     this.unflushed += 1;
   }
@@ -700,7 +843,11 @@ class EngineSession implements ChangeSink {
     const seen = this.relations.get(relation.oid);
     if (seen !== relation) {
       this.relations.set(relation.oid, relation);
-      const before = seen ? seen.columns.map((c) => c.name) : this.localCatalogs.get(`${relation.schema}.${relation.table}`) && [...this.localCatalogs.get(`${relation.schema}.${relation.table}`)!.columns.keys()];
+      const before = seen
+        ? seen.columns.map((c) => c.name)
+        : this.localCatalogs.get(`${relation.schema}.${relation.table}`) && [
+            ...this.localCatalogs.get(`${relation.schema}.${relation.table}`)!.columns.keys(),
+          ];
       if (before && before.join(',') !== relation.columns.map((c) => c.name).join(',')) {
         return this.tableChanged(relation).then(() => this.handle(change));
       }
@@ -724,11 +871,16 @@ class EngineSession implements ChangeSink {
     if (!this.forms.has(formKey)) return;
     this.localCatalogs.delete(formKey);
     this.recheckEvery = CATALOG_RECHECK_MS;
-    const servers = [...this.links.values()].filter((ref) => {
-      const here = ref.forward ? ref.mapping.from : ref.mapping.to;
-      return `${here.schema}.${here.table}` === formKey;
-    }).map((ref) => ref.server);
-    this.log.info({ form: formKey, peers: [...new Set(servers)] }, `form ${formKey} changed on ${this.server}: its mappings' forms are read again`);
+    const servers = [...this.links.values()]
+      .filter((ref) => {
+        const here = ref.forward ? ref.mapping.from : ref.mapping.to;
+        return `${here.schema}.${here.table}` === formKey;
+      })
+      .map((ref) => ref.server);
+    this.log.info(
+      { form: formKey, peers: [...new Set(servers)] },
+      `form ${formKey} changed on ${this.server}: its mappings' forms are read again`,
+    );
     await this.refreshPlans(servers);
   }
 
@@ -757,7 +909,9 @@ class EngineSession implements ChangeSink {
     const missing: string[] = [];
     for (const { name } of change.relation.columns) {
       if (change.new[name] !== undefined) continue;
-      const carried = name === 'dso_mapping_history' || (!DSO_COLUMN_NAMES.has(name) && ((fields.byName && !(link.forward && fields.exclude.includes(name))) || mapped.includes(name)));
+      const carried =
+        name === 'dso_mapping_history' ||
+        (!DSO_COLUMN_NAMES.has(name) && ((fields.byName && !(link.forward && fields.exclude.includes(name))) || mapped.includes(name)));
       if (carried) missing.push(name);
     }
     return missing.length ? missing : null;
@@ -772,9 +926,16 @@ class EngineSession implements ChangeSink {
     const formKey = `${ctx.form.schema}.${ctx.form.table}`;
     const op: QueuedOp = { ...entry.op, refetch: true };
     this.rejected.push({
-      type: entry.type, mapping: entry.mapping, source: ctx.form, targetServer: entry.targetServer, requestId: op.requestId, lsn: ctx.change.lsn, sqlstate: null,
+      type: entry.type,
+      mapping: entry.mapping,
+      source: ctx.form,
+      targetServer: entry.targetServer,
+      requestId: op.requestId,
+      lsn: ctx.change.lsn,
+      sqlstate: null,
       payload: { op, targetForm: entry.targetForm, targetKey: op.targetKey, missing },
-      error: `mapping "${entry.mapping.name}": ${entry.type} of request ${op.requestId} to ${entry.targetServer}: the change arrived without the values of ${missing.join(', ')} (large values left unchanged are not sent: ${formKey} is REPLICA IDENTITY ${relation.replicaIdentity.toUpperCase()}, not FULL). ` +
+      error:
+        `mapping "${entry.mapping.name}": ${entry.type} of request ${op.requestId} to ${entry.targetServer}: the change arrived without the values of ${missing.join(', ')} (large values left unchanged are not sent: ${formKey} is REPLICA IDENTITY ${relation.replicaIdentity.toUpperCase()}, not FULL). ` +
         `Run ALTER TABLE ${qualified(ctx.form.schema, ctx.form.table)} REPLICA IDENTITY FULL (or pgdso forms enable --server ${this.server} --form ${formKey}), then pgdso pending retry --server ${this.server} --all: the retry sends the request's current values`,
     });
     this.unflushed += 1;
@@ -798,10 +959,25 @@ class EngineSession implements ChangeSink {
       }
       for (const [server, mapping] of servers) {
         const error = `TRUNCATE of ${formKey} on ${this.server}: pgdso does not carry TRUNCATE; copies of its requests on ${server} (mapping "${mapping.name}") were not deleted. Delete them there by hand if they should go; next time DELETE the rows (pgdso carries deletes) or run pgdso forms disable first`;
-        this.rejected.push({ type: 'delete', mapping, source: form, targetServer: server, requestId: '*', lsn: tx.finalLsn, sqlstate: null, payload: { truncate: formKey }, error, noStatus: true });
+        this.rejected.push({
+          type: 'delete',
+          mapping,
+          source: form,
+          targetServer: server,
+          requestId: '*',
+          lsn: tx.finalLsn,
+          sqlstate: null,
+          payload: { truncate: formKey },
+          error,
+          noStatus: true,
+        });
         this.unflushed += 1;
       }
-      if (servers.size) this.log.error({ form: formKey, peers: [...servers.keys()] }, `TRUNCATE of ${formKey}: its copies on ${[...servers.keys()].join(', ')} were not deleted (recorded in pgdso.pending_errors)`);
+      if (servers.size)
+        this.log.error(
+          { form: formKey, peers: [...servers.keys()] },
+          `TRUNCATE of ${formKey}: its copies on ${[...servers.keys()].join(', ')} were not deleted (recorded in pgdso.pending_errors)`,
+        );
     }
   }
 
@@ -831,7 +1007,9 @@ class EngineSession implements ChangeSink {
     const ctx: ChangeContext = { change, form, tx, sentTo: new Set(), ownership: null, waits: [] };
     if (filtered) {
       const facts = buildFacts(change, tx.writer, rules.columnsFor(this.server, schema, table, change.op), this.baseTypes);
-      const fired = rules.evaluate(this.server, schema, table, facts, (err) => this.log.warn({ filter: err.filter, lsn: formatLsn(change.lsn) }, err.message));
+      const fired = rules.evaluate(this.server, schema, table, facts, (err) =>
+        this.log.warn({ filter: err.filter, lsn: formatLsn(change.lsn) }, err.message),
+      );
       for (const { filter, actions } of fired) {
         for (const action of actions) this.perform(action, filter, ctx, facts);
       }
@@ -912,7 +1090,15 @@ class EngineSession implements ChangeSink {
     const visited = visitedServers(historyText);
     if (visited === null) {
       // a history edited into something else: no loop information, no chain to extend
-      this.reject(ctx, 'transfer', mapping, requestId, mapping.to.server, `mapping "${mapping.name}": request ${requestId}: dso_mapping_history is not a list of hops with fromServer and fromRequestId: ${historyText.slice(0, 200)}`, { target, history: historyText });
+      this.reject(
+        ctx,
+        'transfer',
+        mapping,
+        requestId,
+        mapping.to.server,
+        `mapping "${mapping.name}": request ${requestId}: dso_mapping_history is not a list of hops with fromServer and fromRequestId: ${historyText.slice(0, 200)}`,
+        { target, history: historyText },
+      );
       return;
     }
     if (!override && visited.has(mapping.to.server)) {
@@ -922,7 +1108,15 @@ class EngineSession implements ChangeSink {
     const owns = mapping.transferMode === 'data+ownership';
     if (owns && ctx.ownership !== null && ctx.ownership !== mapping.name) {
       // DSO: ownership cannot be broadcast; the first transfer with ownership took it
-      this.reject(ctx, 'transfer', mapping, requestId, mapping.to.server, `mapping "${mapping.name}": request ${requestId}: ownership cannot be broadcast: filter "${filter}" already transferred it with ownership by mapping "${ctx.ownership}" in the same change; use data-only or independent-copy for the other copies`, { target });
+      this.reject(
+        ctx,
+        'transfer',
+        mapping,
+        requestId,
+        mapping.to.server,
+        `mapping "${mapping.name}": request ${requestId}: ownership cannot be broadcast: filter "${filter}" already transferred it with ownership by mapping "${ctx.ownership}" in the same change; use data-only or independent-copy for the other copies`,
+        { target },
+      );
       return;
     }
     if (owns) ctx.ownership = mapping.name;
@@ -936,7 +1130,20 @@ class EngineSession implements ChangeSink {
       const history = withHop(historyText, `${before}${JSON.stringify(requestId)}${after}`);
       const modifiedAt = row.dso_modified_at ?? null;
       const link = this.links.get(`${mapping.name}>`)!;
-      const entry = this.entry(link, { group: 'transfer', form: `${form.schema}.${form.table}`, requestId, targetKey, history, row, modifiedAt, bookkeeping: { op: 'transfer', seen: seenOf(row) } }, change.lsn);
+      const entry = this.entry(
+        link,
+        {
+          group: 'transfer',
+          form: `${form.schema}.${form.table}`,
+          requestId,
+          targetKey,
+          history,
+          row,
+          modifiedAt,
+          bookkeeping: { op: 'transfer', seen: seenOf(row) },
+        },
+        change.lsn,
+      );
       const missing = this.unchangedColumns(change, link);
       if (missing) return this.refuseIncomplete(ctx, entry, missing);
       sent = this.dispatch(ctx, route, entry, (buffer) => {
@@ -944,7 +1151,10 @@ class EngineSession implements ChangeSink {
         const groupKey = `transfer:${mapping.name}:${this.planId(plan)}`;
         buffer
           .group(groupKey, table, targetKey, () => new TransferGroup(plan, form, this.assignedFor(mapping)))
-          .addChange({ requestId, targetKey, values: valuesOf(plan, row, form), history, modifiedAt, lsn: change.lsn }, change.op === 'insert');
+          .addChange(
+            { requestId, targetKey, values: valuesOf(plan, row, form), history, modifiedAt, lsn: change.lsn },
+            change.op === 'insert',
+          );
         return groupKey;
       });
     }
@@ -966,7 +1176,22 @@ class EngineSession implements ChangeSink {
     const { row, requestId } = found;
     const link = this.links.get(`${mapping.name}>`)!;
     ctx.sentTo.add(link.server);
-    const sent = this.updateCopy(ctx, link, 'update', true, row, { requestId, targetKey: targetKeyOf(row, mapping, requestId), history: row.dso_mapping_history ?? '[]', current: null, master: null, newHistory: null }, 'update');
+    const sent = this.updateCopy(
+      ctx,
+      link,
+      'update',
+      true,
+      row,
+      {
+        requestId,
+        targetKey: targetKeyOf(row, mapping, requestId),
+        history: row.dso_mapping_history ?? '[]',
+        current: null,
+        master: null,
+        newHistory: null,
+      },
+      'update',
+    );
     this.bookkeeping(ctx, { op: 'update' }, mapping, requestId, sent, row);
   }
 
@@ -979,15 +1204,27 @@ class EngineSession implements ChangeSink {
     const found = this.masterChange(ctx, facts, filter, 'return');
     if (!found) return;
     const { row, requestId } = found;
-    const { change, form, tx } = ctx;
+    const { form, tx } = ctx;
     const name = named ?? row.dso_from_mapping;
     const mapping = name ? this.opts.config.mappings[name] : undefined;
     const link = name ? this.links.get(`${name}<`) : undefined;
     const fromKey = row.dso_from_request_id;
     if (!mapping || !link || !fromKey || mapping.to.schema !== form.schema || mapping.to.table !== form.table) {
-      const anyMapping = mapping ?? Object.values(this.opts.config.mappings).find((m) => m.to.server === this.server && m.to.schema === form.schema && m.to.table === form.table);
+      const anyMapping =
+        mapping ??
+        Object.values(this.opts.config.mappings).find(
+          (m) => m.to.server === this.server && m.to.schema === form.schema && m.to.table === form.table,
+        );
       if (!anyMapping) throw new Error(`filter "${filter}": a return action on ${form.schema}.${form.table} without a mapping to it`); // refused by the config check
-      this.reject(ctx, 'return', anyMapping, requestId, row.dso_from_server ?? '(none)', `filter "${filter}": request ${requestId} has nowhere to return to: it was not transferred here${name ? ` by mapping "${name}"` : ''} (dso_from_mapping ${row.dso_from_mapping ?? 'is empty'})`, { from: { server: row.dso_from_server ?? null, requestId: fromKey ?? null, mapping: row.dso_from_mapping ?? null } });
+      this.reject(
+        ctx,
+        'return',
+        anyMapping,
+        requestId,
+        row.dso_from_server ?? '(none)',
+        `filter "${filter}": request ${requestId} has nowhere to return to: it was not transferred here${name ? ` by mapping "${name}"` : ''} (dso_from_mapping ${row.dso_from_mapping ?? 'is empty'})`,
+        { from: { server: row.dso_from_server ?? null, requestId: fromKey ?? null, mapping: row.dso_from_mapping ?? null } },
+      );
       return;
     }
     const historyText = row.dso_mapping_history ?? '[]';
@@ -996,14 +1233,28 @@ class EngineSession implements ChangeSink {
       return;
     }
     const hop = JSON.stringify({
-      at: tx.commitTime.toISOString(), mapping: mapping.name, operation: 'return',
-      fromServer: this.server, fromForm: form.table, fromRequestId: requestId, toServer: link.server, toForm: mapping.from.table,
+      at: tx.commitTime.toISOString(),
+      mapping: mapping.name,
+      operation: 'return',
+      fromServer: this.server,
+      fromForm: form.table,
+      fromRequestId: requestId,
+      toServer: link.server,
+      toForm: mapping.from.table,
     });
     const newHistory = withHop(historyText, hop);
     const current = [mapping.from.server, mapping.from.table] as const;
     ctx.sentTo.add(link.server);
     const withValues = mapping.whenToUpdate !== 'never';
-    const sent = this.updateCopy(ctx, link, 'return', withValues, row, { requestId, targetKey: fromKey, history: historyText, current, master: true, newHistory }, 'return');
+    const sent = this.updateCopy(
+      ctx,
+      link,
+      'return',
+      withValues,
+      row,
+      { requestId, targetKey: fromKey, history: historyText, current, master: true, newHistory },
+      'return',
+    );
     this.bookkeeping(ctx, { op: 'return' }, mapping, requestId, sent, row);
     this.relay(ctx, row, 'to', { current, values: false });
   }
@@ -1036,7 +1287,10 @@ class EngineSession implements ChangeSink {
         if (!link || !targetKey) continue;
         this.deleteOn(ctx, link, { requestId: row[ctx.form.keyColumn]!, targetKey, history: row.dso_mapping_history ?? '[]' });
       } else {
-        this.relay(ctx, row, side, { current: row.dso_current_server && row.dso_current_form ? [row.dso_current_server, row.dso_current_form] : null, values: true });
+        this.relay(ctx, row, side, {
+          current: row.dso_current_server && row.dso_current_form ? [row.dso_current_server, row.dso_current_form] : null,
+          values: true,
+        });
       }
     }
   }
@@ -1053,11 +1307,23 @@ class EngineSession implements ChangeSink {
     const servers = new Map<string, MappingConfig>();
     for (const ref of this.links.values()) {
       const here = ref.forward ? ref.mapping.from : ref.mapping.to;
-      if (keptInStep(ref.mapping) && `${here.schema}.${here.table}` === formKey && !servers.has(ref.server)) servers.set(ref.server, ref.mapping);
+      if (keptInStep(ref.mapping) && `${here.schema}.${here.table}` === formKey && !servers.has(ref.server))
+        servers.set(ref.server, ref.mapping);
     }
     for (const [server, mapping] of servers) {
       const error = `delete of request ${requestId} of ${formKey}: it arrived with its key alone (${formKey} is REPLICA IDENTITY ${ctx.change.relation.replicaIdentity.toUpperCase()}, not FULL), so pgdso cannot tell whether it had a copy on ${server} (mapping "${mapping.name}"): delete that copy there by hand if it has one, and run ALTER TABLE ${qualified(ctx.form.schema, ctx.form.table)} REPLICA IDENTITY FULL (or pgdso forms enable)`;
-      this.rejected.push({ type: 'delete', mapping, source: ctx.form, targetServer: server, requestId, lsn: ctx.change.lsn, sqlstate: null, payload: { key: requestId }, error, noStatus: true });
+      this.rejected.push({
+        type: 'delete',
+        mapping,
+        source: ctx.form,
+        targetServer: server,
+        requestId,
+        lsn: ctx.change.lsn,
+        sqlstate: null,
+        payload: { key: requestId },
+        error,
+        noStatus: true,
+      });
       this.unflushed += 1;
     }
   }
@@ -1078,17 +1344,54 @@ class EngineSession implements ChangeSink {
    * An update of the linked copy on that side: values and where the master is, or only where
    * the master is now (that news goes to the writer's server too: it does not know yet).
    */
-  private relay(ctx: ChangeContext, row: TextRow, side: 'from' | 'to', what: { current: readonly [string, string] | null; values: boolean }): void {
+  private relay(
+    ctx: ChangeContext,
+    row: TextRow,
+    side: 'from' | 'to',
+    what: { current: readonly [string, string] | null; values: boolean },
+  ): void {
     const link = this.chainLink(ctx, row, side, !what.values);
     const targetKey = row[`dso_${side}_request_id`];
     const requestId = row[ctx.form.keyColumn];
     if (!link || !targetKey || !requestId || ctx.sentTo.has(link.server)) return;
-    this.updateCopy(ctx, link, 'chain', what.values, row, { requestId, targetKey, history: row.dso_mapping_history ?? '[]', current: what.current, master: null, newHistory: null });
+    this.updateCopy(ctx, link, 'chain', what.values, row, {
+      requestId,
+      targetKey,
+      history: row.dso_mapping_history ?? '[]',
+      current: what.current,
+      master: null,
+      newHistory: null,
+    });
   }
 
   /** An update of a copy on a link's server (values from the source row when it carries them). */
-  private updateCopy(ctx: ChangeContext, link: LinkRef, kind: UpdateKind, withValues: boolean, row: TextRow, update: Omit<CopyUpdate, 'values' | 'lsn'>, bk?: 'update' | 'return'): Route['to'] {
-    const entry = this.entry(link, { group: 'copy-update', kind, withValues, form: `${ctx.form.schema}.${ctx.form.table}`, requestId: update.requestId, targetKey: update.targetKey, history: update.history, row: withValues ? row : null, current: update.current, master: update.master, newHistory: update.newHistory, ...(bk ? { bookkeeping: { op: bk, seen: seenOf(row) } } : {}) }, ctx.change.lsn);
+  private updateCopy(
+    ctx: ChangeContext,
+    link: LinkRef,
+    kind: UpdateKind,
+    withValues: boolean,
+    row: TextRow,
+    update: Omit<CopyUpdate, 'values' | 'lsn'>,
+    bk?: 'update' | 'return',
+  ): Route['to'] {
+    const entry = this.entry(
+      link,
+      {
+        group: 'copy-update',
+        kind,
+        withValues,
+        form: `${ctx.form.schema}.${ctx.form.table}`,
+        requestId: update.requestId,
+        targetKey: update.targetKey,
+        history: update.history,
+        row: withValues ? row : null,
+        current: update.current,
+        master: update.master,
+        newHistory: update.newHistory,
+        ...(bk ? { bookkeeping: { op: bk, seen: seenOf(row) } } : {}),
+      },
+      ctx.change.lsn,
+    );
     const missing = withValues ? this.unchangedColumns(ctx.change, link) : null;
     if (missing) {
       this.refuseIncomplete(ctx, entry, missing);
@@ -1096,17 +1399,41 @@ class EngineSession implements ChangeSink {
     }
     return this.onLink(ctx, link, entry, (resolved) => {
       const group = () => new CopyUpdateGroup(resolved, kind, withValues, ctx.form, this.server);
-      return [`${kind}:${withValues}:${this.planId(resolved.plan)}`, group, { ...update, values: withValues ? valuesOf(resolved.plan, row, ctx.form) : [], lsn: ctx.change.lsn }];
+      return [
+        `${kind}:${withValues}:${this.planId(resolved.plan)}`,
+        group,
+        { ...update, values: withValues ? valuesOf(resolved.plan, row, ctx.form) : [], lsn: ctx.change.lsn },
+      ];
     });
   }
 
   private deleteOn(ctx: ChangeContext, link: LinkRef, del: Omit<CopyDelete, 'lsn'>): void {
-    const entry = this.entry(link, { group: 'copy-delete', form: `${ctx.form.schema}.${ctx.form.table}`, requestId: del.requestId, targetKey: del.targetKey, history: del.history, row: null }, ctx.change.lsn);
-    this.onLink(ctx, link, entry, (resolved) => ['delete', () => new CopyDeleteGroup(resolved, ctx.form, this.server), { ...del, lsn: ctx.change.lsn }]);
+    const entry = this.entry(
+      link,
+      {
+        group: 'copy-delete',
+        form: `${ctx.form.schema}.${ctx.form.table}`,
+        requestId: del.requestId,
+        targetKey: del.targetKey,
+        history: del.history,
+        row: null,
+      },
+      ctx.change.lsn,
+    );
+    this.onLink(ctx, link, entry, (resolved) => [
+      'delete',
+      () => new CopyDeleteGroup(resolved, ctx.form, this.server),
+      { ...del, lsn: ctx.change.lsn },
+    ]);
   }
 
   /** Sends an operation on a copy on a link's server: to its lane, or to the queue. */
-  private onLink<R extends { requestId: string; targetKey: string }>(ctx: ChangeContext, link: LinkRef, entry: PendingEntry, build: (resolved: Link) => [string, () => RequestGroup<R>, R]): Route['to'] {
+  private onLink<R extends { requestId: string; targetKey: string }>(
+    ctx: ChangeContext,
+    link: LinkRef,
+    entry: PendingEntry,
+    build: (resolved: Link) => [string, () => RequestGroup<R>, R],
+  ): Route['to'] {
     const route = this.route(link.server, link.mapping.pool, entry.targetForm, entry.op.targetKey, ctx.tx.finalLsn);
     return this.dispatch(ctx, route, entry, (buffer) => {
       const [kind, create, row] = build(link.resolved!);
@@ -1155,8 +1482,16 @@ class EngineSession implements ChangeSink {
       if (this.warnedColumns.has(key)) continue;
       this.warnedColumns.add(key);
       const target = `${mapping.to.server}.${mapping.to.schema}.${mapping.to.table}`;
-      if (reason === 'generated') this.log.info({ mapping: mapping.name, column }, `mapping "${mapping.name}": column "${column}" is generated on ${target}: computed there, not written`);
-      else this.log.warn({ mapping: mapping.name, column }, `mapping "${mapping.name}": column "${column}" of ${mapping.from.server}.${mapping.from.schema}.${mapping.from.table} is not on ${target}, so its values are not carried: add it there (pgdso reads the catalog again every ${CATALOG_RECHECK_MS / 1000} s at first, then less often) or list it in fields.exclude`);
+      if (reason === 'generated')
+        this.log.info(
+          { mapping: mapping.name, column },
+          `mapping "${mapping.name}": column "${column}" is generated on ${target}: computed there, not written`,
+        );
+      else
+        this.log.warn(
+          { mapping: mapping.name, column },
+          `mapping "${mapping.name}": column "${column}" of ${mapping.from.server}.${mapping.from.schema}.${mapping.from.table} is not on ${target}, so its values are not carried: add it there (pgdso reads the catalog again every ${CATALOG_RECHECK_MS / 1000} s at first, then less often) or list it in fields.exclude`,
+        );
     }
   }
 
@@ -1168,7 +1503,12 @@ class EngineSession implements ChangeSink {
     }
     let plan = byMapping.get(mapping.name);
     if (!plan) {
-      plan = buildColumnPlan(mapping, relation.columns.map((c) => c.name), form.keyColumn, this.catalogs.get(mapping.name)!);
+      plan = buildColumnPlan(
+        mapping,
+        relation.columns.map((c) => c.name),
+        form.keyColumn,
+        this.catalogs.get(mapping.name)!,
+      );
       byMapping.set(mapping.name, plan);
       this.noteNotCarried(plan);
     }
@@ -1203,14 +1543,18 @@ class EngineSession implements ChangeSink {
       await this.peerDown(peer, failed);
       broken.push(peer.name);
     }
-    if (broken.length) throw new PeerFailedMidBatch(`${broken.join(', ')} failed in the middle of a batch: the batch is replayed, its operations for ${broken.length > 1 ? 'them' : 'it'} queued`);
+    if (broken.length)
+      throw new PeerFailedMidBatch(
+        `${broken.join(', ')} failed in the middle of a batch: the batch is replayed, its operations for ${broken.length > 1 ? 'them' : 'it'} queued`,
+      );
     const lanes = peers.filter((p) => p.up).flatMap((p) => [...p.lanes.entries()].map(([pool, buffer]) => ({ peer: p, pool, buffer })));
     const failures = [...this.rejected, ...lanes.flatMap(({ buffer }) => buffer.lane.takeFailures())];
     this.rejected = [];
     const source = this.sourceLane!;
     if (failures.length) {
       await source.runAlone((client) => recordErrors(client, failures));
-      for (const f of failures) this.log.warn({ mapping: f.mapping.name, type: f.type, requestId: f.requestId, sqlstate: f.sqlstate }, f.error);
+      for (const f of failures)
+        this.log.warn({ mapping: f.mapping.name, type: f.type, requestId: f.requestId, sqlstate: f.sqlstate }, f.error);
     }
     // Targets commit first, then the source copies' bookkeeping: no transaction of this engine
     // stays open while it waits for another engine (two engines writing each other's rows would
@@ -1236,8 +1580,16 @@ class EngineSession implements ChangeSink {
     const bookkeeping = this.sourceBuffer!.takeAll();
     if (bookkeeping.length || queued.length || waiting.length || failures.length) {
       this.stats.sourceRetries += await source.transaction(last.finalLsn, last.commitTime, async (client) => {
-        for (const peer of queued) await enqueue(client, peer.batch, { nextAttemptAt: new Date(Math.max(Date.now(), peer.nextAttemptAt)), lastError: peer.lastError });
-        await markStatus(client, failures.filter((f) => !f.noStatus), 'failure');
+        for (const peer of queued)
+          await enqueue(client, peer.batch, {
+            nextAttemptAt: new Date(Math.max(Date.now(), peer.nextAttemptAt)),
+            lastError: peer.lastError,
+          });
+        await markStatus(
+          client,
+          failures.filter((f) => !f.noStatus),
+          'failure',
+        );
         for (const group of bookkeeping) await group.execute(client);
         await markStatus(client, waiting, 'retry');
       });
@@ -1359,7 +1711,8 @@ class EngineSession implements ChangeSink {
         await recordErrors(client, failures);
         await dequeue(client, failedIds);
       });
-      for (const f of failures) this.log.warn({ mapping: f.mapping.name, type: f.type, requestId: f.requestId, sqlstate: f.sqlstate }, f.error);
+      for (const f of failures)
+        this.log.warn({ mapping: f.mapping.name, type: f.type, requestId: f.requestId, sqlstate: f.sqlstate }, f.error);
     }
     const lastId = rows[rows.length - 1]!.id;
     if (lane.dirty) {
@@ -1373,19 +1726,44 @@ class EngineSession implements ChangeSink {
         const { op } = entry;
         const form = this.forms.get(op.form);
         if (!op.bookkeeping || !form) continue;
-        stageBookkeeping(bookkeeping, { op: op.bookkeeping.op }, entry.mapping, form, op.requestId, parseLsn(op.lsn), true, op.bookkeeping.seen, assigned);
+        stageBookkeeping(
+          bookkeeping,
+          { op: op.bookkeeping.op },
+          entry.mapping,
+          form,
+          op.requestId,
+          parseLsn(op.lsn),
+          true,
+          op.bookkeeping.seen,
+          assigned,
+        );
       }
-      await markStatus(client, failures.filter((f) => this.forms.has(`${f.source.schema}.${f.source.table}`)), 'failure');
+      await markStatus(
+        client,
+        failures.filter((f) => this.forms.has(`${f.source.schema}.${f.source.table}`)),
+        'failure',
+      );
       for (const group of bookkeeping.pendingGroups()) await group.execute(client);
-      await dequeue(client, delivered.map((e) => e.id!));
+      await dequeue(
+        client,
+        delivered.map((e) => e.id!),
+      );
     });
     this.stats.delivered += delivered.length;
     this.stats.failed += failures.length;
     if (failures.some(catalogChanged)) await this.refreshPeers([peer.name]);
-    const keys = new Map(rows.map((r) => [requestKey(this.entryOf(r).targetForm, r.op.targetKey), [this.entryOf(r).targetForm, r.op.targetKey] as [string, string]]));
+    const keys = new Map(
+      rows.map((r) => [
+        requestKey(this.entryOf(r).targetForm, r.op.targetKey),
+        [this.entryOf(r).targetForm, r.op.targetKey] as [string, string],
+      ]),
+    );
     const still = await stillQueued(this.control!, peer.name, [...keys.values()]);
     for (const key of keys.keys()) if (!still.has(key)) peer.queued.delete(key);
-    this.log.debug({ peer: peer.name, delivered: delivered.length, failed: failures.length, left: peer.queued.size }, 'queued operations delivered');
+    this.log.debug(
+      { peer: peer.name, delivered: delivered.length, failed: failures.length, left: peer.queued.size },
+      'queued operations delivered',
+    );
   }
 
   /** The current values (as text, canonical) of the source copies these operations act on, by form and request ID. */
@@ -1402,7 +1780,11 @@ class EngineSession implements ChangeSink {
       const form = this.forms.get(formKey);
       if (!form) continue;
       const res = await this.sourceLane!.outside((client) =>
-        client.query({ text: `SELECT * FROM ${qualified(form.schema, form.table)} WHERE ${quoteIdent(form.keyColumn)} = ANY ($1::text[]::${form.keyType}[])`, values: [ids], types: asText } as pg.QueryConfig),
+        client.query({
+          text: `SELECT * FROM ${qualified(form.schema, form.table)} WHERE ${quoteIdent(form.keyColumn)} = ANY ($1::text[]::${form.keyType}[])`,
+          values: [ids],
+          types: asText,
+        } as pg.QueryConfig),
       );
       for (const row of res.rows as TextRow[]) found.set(`${formKey}\u0000${row[form.keyColumn]}`, row);
     }
@@ -1425,16 +1807,34 @@ class EngineSession implements ChangeSink {
   }
 
   /** Buffers a queued operation in a lane; a failure when it can no longer be built. */
-  private rebuild(entry: PendingEntry, buffer: LaneBuffer<ApplyFailure>, assigned: Map<string, Map<string, string>>, plans: Map<string, ColumnPlan>): ApplyFailure | null {
+  private rebuild(
+    entry: PendingEntry,
+    buffer: LaneBuffer<ApplyFailure>,
+    assigned: Map<string, Map<string, string>>,
+    plans: Map<string, ColumnPlan>,
+  ): ApplyFailure | null {
     const { op } = entry;
     const ref = this.links.get(op.link);
     const form = this.forms.get(op.form);
     const lsn = parseLsn(op.lsn);
     const refuse = (error: string): ApplyFailure => {
       const [schema, table] = op.form.split('.') as [string, string];
-      return { type: entry.type, mapping: entry.mapping, source: form ?? ({ schema, table } as FormInfo), targetServer: entry.targetServer, requestId: op.requestId, lsn, payload: { op, targetForm: entry.targetForm, targetKey: op.targetKey }, error, sqlstate: null };
+      return {
+        type: entry.type,
+        mapping: entry.mapping,
+        source: form ?? ({ schema, table } as FormInfo),
+        targetServer: entry.targetServer,
+        requestId: op.requestId,
+        lsn,
+        payload: { op, targetForm: entry.targetForm, targetKey: op.targetKey },
+        error,
+        sqlstate: null,
+      };
     };
-    if (!ref?.resolved || !form) return refuse(`queued ${entry.type} of request ${op.requestId}: mapping "${entry.mapping.name}" or form ${op.form} is no longer in the rules`);
+    if (!ref?.resolved || !form)
+      return refuse(
+        `queued ${entry.type} of request ${op.requestId}: mapping "${entry.mapping.name}" or form ${op.form} is no longer in the rules`,
+      );
     const link = ref.resolved;
     const { mapping } = link;
     try {
@@ -1451,17 +1851,38 @@ class EngineSession implements ChangeSink {
         const newIds = ids;
         buffer
           .group(groupKey, entry.targetForm, op.targetKey, () => new TransferGroup(planned, form, newIds))
-          .addChange({ requestId: op.requestId, targetKey: op.targetKey, values: valuesOf(plan, op.row ?? {}, form), history: op.history, modifiedAt: op.modifiedAt ?? null, lsn }, false);
+          .addChange(
+            {
+              requestId: op.requestId,
+              targetKey: op.targetKey,
+              values: valuesOf(plan, op.row ?? {}, form),
+              history: op.history,
+              modifiedAt: op.modifiedAt ?? null,
+              lsn,
+            },
+            false,
+          );
       } else if (op.group === 'copy-update') {
         const kind = op.kind ?? 'chain';
         const withValues = op.withValues ?? false;
         groupKey = `${kind}:${withValues}:${op.link}`;
         buffer
           .group(groupKey, entry.targetForm, op.targetKey, () => new CopyUpdateGroup(link, kind, withValues, form, this.server))
-          .add({ requestId: op.requestId, targetKey: op.targetKey, history: op.history, values: withValues ? valuesOf(link.plan, op.row ?? {}, form) : [], current: op.current ?? null, master: op.master ?? null, newHistory: op.newHistory ?? null, lsn });
+          .add({
+            requestId: op.requestId,
+            targetKey: op.targetKey,
+            history: op.history,
+            values: withValues ? valuesOf(link.plan, op.row ?? {}, form) : [],
+            current: op.current ?? null,
+            master: op.master ?? null,
+            newHistory: op.newHistory ?? null,
+            lsn,
+          });
       } else {
         groupKey = `delete:${op.link}`;
-        buffer.group(groupKey, entry.targetForm, op.targetKey, () => new CopyDeleteGroup(link, form, this.server)).add({ requestId: op.requestId, targetKey: op.targetKey, history: op.history, lsn });
+        buffer
+          .group(groupKey, entry.targetForm, op.targetKey, () => new CopyDeleteGroup(link, form, this.server))
+          .add({ requestId: op.requestId, targetKey: op.targetKey, history: op.history, lsn });
       }
       this.added(buffer, groupKey, entry);
       return null;
@@ -1504,12 +1925,24 @@ function withOps(failures: ApplyFailure[], byKey: ReadonlyMap<string, PendingEnt
  * this session. The operations of one change on one request join their groups together.
  */
 function stageBookkeeping(
-  buffer: LaneBuffer<never>, outcome: Outcome, mapping: MappingConfig, form: FormInfo, requestId: string,
-  lsn: bigint, ran: boolean, seen: SeenState, assigned: ReadonlyMap<string, ReadonlyMap<string, string>>,
+  buffer: LaneBuffer<never>,
+  outcome: Outcome,
+  mapping: MappingConfig,
+  form: FormInfo,
+  requestId: string,
+  lsn: bigint,
+  ran: boolean,
+  seen: SeenState,
+  assigned: ReadonlyMap<string, ReadonlyMap<string, string>>,
 ): void {
-  buffer.stage(String(lsn), `${outcome.op}:${mapping.name}`, `${form.schema}.${form.table}`, requestId,
+  buffer.stage(
+    String(lsn),
+    `${outcome.op}:${mapping.name}`,
+    `${form.schema}.${form.table}`,
+    requestId,
     () => new SourceBookkeeping(outcome, mapping, form, assigned.get(mapping.name)),
-    (group) => group.add(requestId, lsn, ran, seen));
+    (group) => group.add(requestId, lsn, ran, seen),
+  );
 }
 
 /** What the source copy said in the change, for its bookkeeping. */
@@ -1548,7 +1981,8 @@ function targetKeyOf(row: TextRow, mapping: MappingConfig, requestId: string): s
 /** A plan's values from a row, as text, aligned with plan.columns. */
 function valuesOf(plan: ColumnPlan, row: TextRow, form: FormInfo): (string | null)[] {
   const values = plan.columns.map((c) => (c.from.kind === 'constant' ? c.from.text : row[c.from.column]));
-  if (values.some((v) => v === undefined)) throw new Error(`form ${form.schema}.${form.table} is not replica identity full: run pgdso forms enable`);
+  if (values.some((v) => v === undefined))
+    throw new Error(`form ${form.schema}.${form.table} is not replica identity full: run pgdso forms enable`);
   return values as (string | null)[];
 }
 

@@ -27,24 +27,38 @@ export interface Finding {
  * `decoded`: the servers whose slots an instance will decode (by default every server with a
  * form, as `pgdso run` without --server); the others only receive, and need no REPLICATION.
  */
-export async function preflight(config: PgdsoConfig, rules: CompiledRules, servers: readonly string[] = Object.keys(config.servers), decoded: readonly string[] = servers.filter((s) => rules.formsOf(s).length > 0)): Promise<Finding[]> {
+export async function preflight(
+  config: PgdsoConfig,
+  rules: CompiledRules,
+  servers: readonly string[] = Object.keys(config.servers),
+  decoded: readonly string[] = servers.filter((s) => rules.formsOf(s).length > 0),
+): Promise<Finding[]> {
   const findings: Finding[] = [];
   const catalogs = new Map<string, FormCatalog | null>();
   const clients = new Map<string, pg.Client>();
   try {
     for (const name of servers) {
       const server = config.servers[name]!;
-      const client = new pg.Client({ ...toPgClientConfig(server.connection), application_name: 'pgdso preflight', connectionTimeoutMillis: 5000 });
+      const client = new pg.Client({
+        ...toPgClientConfig(server.connection),
+        application_name: 'pgdso preflight',
+        connectionTimeoutMillis: 5000,
+      });
       client.on('error', () => {});
       try {
         await client.connect();
       } catch (err) {
-        findings.push({ server: name, severity: 'unreachable', message: `cannot connect to ${describeConnection(server.connection)}: ${(err as Error).message}` });
+        findings.push({
+          server: name,
+          severity: 'unreachable',
+          message: `cannot connect to ${describeConnection(server.connection)}: ${(err as Error).message}`,
+        });
         continue;
       }
       clients.set(name, client);
       const facts = await serverFacts(client);
-      for (const check of serverChecks(facts, { decodes: decoded.includes(name), creates: false })) findings.push({ server: name, severity: 'problem', message: describeCheck(check) });
+      for (const check of serverChecks(facts, { decodes: decoded.includes(name), creates: false }))
+        findings.push({ server: name, severity: 'problem', message: describeCheck(check) });
       if (versionCheck(facts.versionNum)) continue;
       const schema = await client.query(`SELECT to_regclass('pgdso.forms') IS NOT NULL AS ok`);
       // CREATE on the database matters while there is something to make (migrate, forms enable)
@@ -52,16 +66,23 @@ export async function preflight(config: PgdsoConfig, rules: CompiledRules, serve
       if (!schema.rows[0].ok) {
         findings.push({ server: name, severity: 'problem', message: 'the control schema pgdso is missing: run `pgdso migrate`' });
       } else if (rules.formsOf(name).length && !facts.slotExists) {
-        findings.push({ server: name, severity: 'problem', message: `the replication slot ${slotName(facts.database)} is missing (changes of the forms are not captured): run \`pgdso forms enable\` for a form of ${name}` });
+        findings.push({
+          server: name,
+          severity: 'problem',
+          message: `the replication slot ${slotName(facts.database)} is missing (changes of the forms are not captured): run \`pgdso forms enable\` for a form of ${name}`,
+        });
       }
       for (const { schema: s, table } of rules.formsOf(name)) {
         try {
           const form = await describeForm(client, s, table);
           const where = whereNamed(config, name, s, table);
-          const blocking = (await formChecks(client, form.oid, s, table, { needsPublicationChange: false, needsAlter: false })).filter((c) => c.blocking);
+          const blocking = (await formChecks(client, form.oid, s, table, { needsPublicationChange: false, needsAlter: false })).filter(
+            (c) => c.blocking,
+          );
           if (blocking.length) {
             catalogs.set(`${name}.${s}.${table}`, null);
-            for (const check of blocking) findings.push({ server: name, severity: 'problem', ...where, message: `form ${s}.${table}: ${describeCheck(check)}` });
+            for (const check of blocking)
+              findings.push({ server: name, severity: 'problem', ...where, message: `form ${s}.${table}: ${describeCheck(check)}` });
             continue;
           }
           const catalog = await describeFormColumns(client, s, table);
@@ -72,9 +93,17 @@ export async function preflight(config: PgdsoConfig, rules: CompiledRules, serve
           const enable = `pgdso forms enable --server ${name} --form ${s === 'public' ? '' : `${s}.`}${table}`;
           if (plan.missing.length) {
             toMake = true;
-            findings.push({ server: name, severity: 'problem', ...where, message: `form ${s}.${table} is not enabled (missing: ${plan.missing.join('; ')}): run \`${enable}\`` });
+            findings.push({
+              server: name,
+              severity: 'problem',
+              ...where,
+              message: `form ${s}.${table} is not enabled (missing: ${plan.missing.join('; ')}): run \`${enable}\``,
+            });
           }
-          for (const check of await formChecks(client, plan.form.oid, s, table, { needsPublicationChange: plan.publicationChange, needsAlter: plan.statements.length > 0 })) {
+          for (const check of await formChecks(client, plan.form.oid, s, table, {
+            needsPublicationChange: plan.publicationChange,
+            needsAlter: plan.statements.length > 0,
+          })) {
             findings.push({ server: name, severity: 'problem', ...where, message: `form ${s}.${table}: ${describeCheck(check)}` });
           }
         } catch (err) {
@@ -83,7 +112,8 @@ export async function preflight(config: PgdsoConfig, rules: CompiledRules, serve
           findings.push({ server: name, severity: 'problem', ...whereNamed(config, name, s, table), message: `${name}: ${err.message}` });
         }
       }
-      if (toMake && !facts.superuser && !facts.canCreateInDatabase) findings.push({ server: name, severity: 'problem', message: describeCheck(createCheck(facts)) });
+      if (toMake && !facts.superuser && !facts.canCreateInDatabase)
+        findings.push({ server: name, severity: 'problem', message: describeCheck(createCheck(facts)) });
     }
     for (const mapping of Object.values(config.mappings)) {
       const source = catalogs.get(`${mapping.from.server}.${mapping.from.schema}.${mapping.from.table}`);
@@ -95,36 +125,70 @@ export async function preflight(config: PgdsoConfig, rules: CompiledRules, serve
         const to = `${mapping.to.server}.${mapping.to.schema}.${mapping.to.table}`;
         for (const { column, reason } of plan.notCarried) {
           findings.push({
-            server: mapping.to.server, severity: 'warning', file: mapping.source.file, pointer: `${mapping.source.pointer}/fields`,
-            message: reason === 'generated'
-              ? `mapping "${mapping.name}": column "${column}" is generated on ${to}: computed there, not written (as PostgreSQL's own replication does)`
-              : `mapping "${mapping.name}": column "${column}" of ${from} is not on ${to}, so it is not carried: add it there, or list it in fields.exclude`,
+            server: mapping.to.server,
+            severity: 'warning',
+            file: mapping.source.file,
+            pointer: `${mapping.source.pointer}/fields`,
+            message:
+              reason === 'generated'
+                ? `mapping "${mapping.name}": column "${column}" is generated on ${to}: computed there, not written (as PostgreSQL's own replication does)`
+                : `mapping "${mapping.name}": column "${column}" of ${from} is not on ${to}, so it is not carried: add it there, or list it in fields.exclude`,
           });
         }
         for (const column of plan.columns) {
           if (column.from.kind !== 'column') continue;
           const from = source.columns.get(column.from.column)!;
           if (from.type !== column.type && !(await typesConvert(clients.get(mapping.to.server)!, from.castType, column.castType))) {
-            findings.push({ server: mapping.to.server, severity: 'problem', file: mapping.source.file, pointer: mapping.source.pointer, message: `mapping "${mapping.name}": column "${column.target}" is ${column.type} on ${mapping.to.server} but "${column.from.column}" is ${from.type} on ${mapping.from.server}: the values do not convert` });
+            findings.push({
+              server: mapping.to.server,
+              severity: 'problem',
+              file: mapping.source.file,
+              pointer: mapping.source.pointer,
+              message: `mapping "${mapping.name}": column "${column.target}" is ${column.type} on ${mapping.to.server} but "${column.from.column}" is ${from.type} on ${mapping.from.server}: the values do not convert`,
+            });
           }
         }
         if (mapping.match !== 'request-id') {
           mapping.match.fields.forEach((field, i) => {
             if (!plan.columns.some((c) => c.target === field)) {
-              findings.push({ server: mapping.to.server, severity: 'problem', file: mapping.source.file, pointer: `${mapping.source.pointer}/match/fields/${i}`, message: `mapping "${mapping.name}": match field "${field}" is not a column the mapping carries to ${mapping.to.server}.${mapping.to.table}` });
+              findings.push({
+                server: mapping.to.server,
+                severity: 'problem',
+                file: mapping.source.file,
+                pointer: `${mapping.source.pointer}/match/fields/${i}`,
+                message: `mapping "${mapping.name}": match field "${field}" is not a column the mapping carries to ${mapping.to.server}.${mapping.to.table}`,
+              });
             }
           });
         }
         if (mapping.duplicateRequestId === 'new-id' && !target.columns.get(target.keyColumn)?.hasDefault) {
-          findings.push({ server: mapping.to.server, severity: 'problem', file: mapping.source.file, pointer: `${mapping.source.pointer}/duplicateRequestId`, message: `mapping "${mapping.name}": duplicateRequestId "new-id" needs a default for the request ID ${target.keyColumn} of ${mapping.to.server}.${mapping.to.table} (a sequence, an identity or a generated value)` });
+          findings.push({
+            server: mapping.to.server,
+            severity: 'problem',
+            file: mapping.source.file,
+            pointer: `${mapping.source.pointer}/duplicateRequestId`,
+            message: `mapping "${mapping.name}": duplicateRequestId "new-id" needs a default for the request ID ${target.keyColumn} of ${mapping.to.server}.${mapping.to.table} (a sequence, an identity or a generated value)`,
+          });
         }
         if (source.keyType !== target.keyType && !(await typesConvert(clients.get(mapping.to.server)!, source.keyType, target.keyType))) {
-          findings.push({ server: mapping.to.server, severity: 'problem', file: mapping.source.file, pointer: mapping.source.pointer, message: `mapping "${mapping.name}": request ID ${source.keyColumn} is ${source.keyType} but ${target.keyColumn} is ${target.keyType} on ${mapping.to.server}` });
+          findings.push({
+            server: mapping.to.server,
+            severity: 'problem',
+            file: mapping.source.file,
+            pointer: mapping.source.pointer,
+            message: `mapping "${mapping.name}": request ID ${source.keyColumn} is ${source.keyType} but ${target.keyColumn} is ${target.keyType} on ${mapping.to.server}`,
+          });
         }
       } catch (err) {
         if (!(err instanceof PlanError)) throw err;
         for (const p of err.problems) {
-          findings.push({ server: mapping.to.server, severity: 'problem', file: mapping.source.file, pointer: `${mapping.source.pointer}${p.pointer}`, message: `mapping "${mapping.name}": ${p.message}` });
+          findings.push({
+            server: mapping.to.server,
+            severity: 'problem',
+            file: mapping.source.file,
+            pointer: `${mapping.source.pointer}${p.pointer}`,
+            message: `mapping "${mapping.name}": ${p.message}`,
+          });
         }
       }
     }
@@ -137,11 +201,14 @@ export async function preflight(config: PgdsoConfig, rules: CompiledRules, serve
 /** Where the rules first name a form: the mapping or filter that does, for findings. */
 function whereNamed(config: PgdsoConfig, server: string, schema: string, table: string): { file?: string; pointer?: string } {
   for (const m of Object.values(config.mappings)) {
-    if (m.from.server === server && m.from.schema === schema && m.from.table === table) return { file: m.source.file, pointer: `${m.source.pointer}/from/form` };
-    if (m.to.server === server && m.to.schema === schema && m.to.table === table) return { file: m.source.file, pointer: `${m.source.pointer}/to/form` };
+    if (m.from.server === server && m.from.schema === schema && m.from.table === table)
+      return { file: m.source.file, pointer: `${m.source.pointer}/from/form` };
+    if (m.to.server === server && m.to.schema === schema && m.to.table === table)
+      return { file: m.source.file, pointer: `${m.source.pointer}/to/form` };
   }
   for (const f of [...config.filters, ...config.escalations]) {
-    if (f.on.server === server && f.on.schema === schema && f.on.table === table) return { file: f.source.file, pointer: `${f.source.pointer}/on/form` };
+    if (f.on.server === server && f.on.schema === schema && f.on.table === table)
+      return { file: f.source.file, pointer: `${f.source.pointer}/on/form` };
   }
   return {};
 }
@@ -152,7 +219,10 @@ function whereNamed(config: PgdsoConfig, server: string, schema: string, table: 
  */
 export function unsupportedOptions(config: PgdsoConfig): Finding[] {
   return config.escalations.map((e) => ({
-    server: e.on.server, severity: 'problem' as const, file: e.source.file, pointer: e.source.pointer,
+    server: e.on.server,
+    severity: 'problem' as const,
+    file: e.source.file,
+    pointer: e.source.pointer,
     message: `escalation "${e.name}" (escalations) is not supported by this version of pgdso yet`,
   }));
 }
@@ -161,15 +231,19 @@ export function unsupportedOptions(config: PgdsoConfig): Finding[] {
 export function findingsAsConfigError(findings: readonly Finding[], configFile: string): ConfigError | null {
   const problems = findings.filter((f) => f.severity === 'problem');
   if (problems.length === 0) return null;
-  return new ConfigError(problems.map((f) => ({ file: f.file ?? configFile, pointer: f.pointer ?? `/servers/${f.server}`, message: f.message })));
+  return new ConfigError(
+    problems.map((f) => ({ file: f.file ?? configFile, pointer: f.pointer ?? `/servers/${f.server}`, message: f.message })),
+  );
 }
 
 /** Two types (without modifiers) convert when they are in the same category, or the target takes any string. */
 async function typesConvert(client: pg.Client, from: string, to: string): Promise<boolean> {
-  const res = await client.query(
-    `SELECT f.typcategory AS f, t.typcategory AS t FROM pg_type f, pg_type t WHERE f.oid = $1::regtype AND t.oid = $2::regtype`,
-    [from, to],
-  ).catch(() => null);
+  const res = await client
+    .query(`SELECT f.typcategory AS f, t.typcategory AS t FROM pg_type f, pg_type t WHERE f.oid = $1::regtype AND t.oid = $2::regtype`, [
+      from,
+      to,
+    ])
+    .catch(() => null);
   if (!res || res.rowCount === 0) return false;
   const { f, t } = res.rows[0];
   return f === t || t === 'S';

@@ -17,13 +17,17 @@ let cluster: TestCluster;
 const log = pino({ level: 'silent' });
 
 before(async () => {
-  [cluster] = await provideClusters(1) as [TestCluster];
+  [cluster] = (await provideClusters(1)) as [TestCluster];
 });
 after(async () => {
   await cluster.destroy();
 });
 
-interface Received { finalLsn: bigint; endLsn: bigint; ids: string[] }
+interface Received {
+  finalLsn: bigint;
+  endLsn: bigint;
+  ids: string[];
+}
 
 /** A sink that records transactions and confirms only what `confirmIf` allows. */
 class RecordingSink implements ChangeSink {
@@ -64,7 +68,10 @@ async function database(name: string): Promise<{ url: string; slot: string; admi
 function startStream(url: string, slot: string, sink: RecordingSink): { stream: ReplicationStream; done: Promise<unknown> } {
   const stream = new ReplicationStream({ connection: { connectionString: url }, slot, log, statusIntervalMs: 200 });
   sink.stream = stream;
-  const done = stream.run(sink).then(() => null, (err) => err);
+  const done = stream.run(sink).then(
+    () => null,
+    (err) => err,
+  );
   return { stream, done };
 }
 
@@ -87,21 +94,33 @@ test('two interleaved transactions committing back to back, a restart between th
       // Stream 1 applies and confirms only the first transaction to commit (the commits may land
       // in either order), then stops.
       const ids = [`a${round}`, `b${round}`];
-      const first = new RecordingSink((tx) => first.transactions.length === 1);
+      const first = new RecordingSink((_tx) => first.transactions.length === 1);
       const s1 = startStream(url, slot, first);
-      await waitFor(() => ids.every((id) => first.transactions.some((t) => t.ids.includes(id))), { message: 'stream 1 did not deliver both transactions' });
+      await waitFor(() => ids.every((id) => first.transactions.some((t) => t.ids.includes(id))), {
+        message: 'stream 1 did not deliver both transactions',
+      });
       const [tx1, tx2] = first.transactions.filter((t) => t.ids.some((id) => ids.includes(id)));
       assert.ok(tx1 && tx2 && tx1.endLsn <= tx2.finalLsn, 'transactions out of commit order');
       if (tx2.finalLsn === tx1.endLsn) adjacent += 1;
       // the server has recorded exactly the first transaction's end before the restart
-      await waitFor(async () => (await admin.query('SELECT confirmed_flush_lsn >= $2::text::pg_lsn AS done FROM pg_replication_slots WHERE slot_name = $1', [slot, formatLsn(tx1.endLsn)])).rows[0].done);
+      await waitFor(
+        async () =>
+          (
+            await admin.query('SELECT confirmed_flush_lsn >= $2::text::pg_lsn AS done FROM pg_replication_slots WHERE slot_name = $1', [
+              slot,
+              formatLsn(tx1.endLsn),
+            ])
+          ).rows[0].done,
+      );
       await s1.stream.stop();
       await s1.done;
 
       // Stream 2 (a restart) must deliver the second again and must not deliver the first.
       const second = new RecordingSink(() => true);
       const s2 = startStream(url, slot, second);
-      await waitFor(() => second.transactions.some((t) => t.ids.includes(tx2.ids[0]!)), { message: `the second transaction (${tx2.ids}) was lost after the restart` });
+      await waitFor(() => second.transactions.some((t) => t.ids.includes(tx2.ids[0]!)), {
+        message: `the second transaction (${tx2.ids}) was lost after the restart`,
+      });
       assert.ok(!second.transactions.some((t) => t.ids.includes(tx1.ids[0]!)), 'the confirmed transaction was delivered again');
       await s2.stream.stop();
       await s2.done;
@@ -133,7 +152,7 @@ test('a reconnect after a dropped stream replays what was received but not appli
       const attempt = startStream(url, slot, second);
       // the slot is released asynchronously after the backend exits
       const early = await Promise.race([attempt.done, new Promise((r) => setImmediate(r, 'running'))]);
-      return early === "running" ? attempt : undefined;
+      return early === 'running' ? attempt : undefined;
     }))!;
     await waitFor(() => second.transactions.some((t) => t.ids.includes('c2')), { message: 'c2 was not replayed after the reconnect' });
     assert.ok(!second.transactions.some((t) => t.ids.includes('c1')), 'c1 was confirmed and must not come again');
@@ -152,14 +171,25 @@ test('keepalives are answered: the stream outlives wal_sender_timeout while idle
   const stream = new ReplicationStream({ connection: { connectionString: url }, slot, log, statusIntervalMs: 60_000 });
   sink.stream = stream;
   let ended: unknown = 'running';
-  const done = stream.run(sink).then(() => (ended = 'stopped'), (err) => (ended = err));
+  const done = stream.run(sink).then(
+    () => (ended = 'stopped'),
+    (err) => (ended = err),
+  );
   try {
-    const started = (await waitFor(async () => (await admin.query(`SELECT backend_start FROM pg_stat_replication WHERE application_name = 'pgdso decoder'`)).rows[0]?.backend_start as Date | undefined))!;
+    const started = (await waitFor(
+      async () =>
+        (
+          await admin.query(`SELECT backend_start FROM pg_stat_replication WHERE application_name = 'pgdso decoder'`)
+        ).rows[0]?.backend_start as Date | undefined,
+    ))!;
     // several timeouts' worth of idle time pass with the same walsender still connected
-    await waitFor(async () => {
-      const now = (await admin.query('SELECT now() AS now')).rows[0].now as Date;
-      return now.getTime() - started.getTime() > 4000;
-    }, { timeoutMs: 15_000, intervalMs: 250 });
+    await waitFor(
+      async () => {
+        const now = (await admin.query('SELECT now() AS now')).rows[0].now as Date;
+        return now.getTime() - started.getTime() > 4000;
+      },
+      { timeoutMs: 15_000, intervalMs: 250 },
+    );
     assert.equal(ended, 'running', `the stream ended: ${String(ended)}`);
     const still = await admin.query(`SELECT backend_start FROM pg_stat_replication WHERE application_name = 'pgdso decoder'`);
     assert.equal(still.rows[0]?.backend_start?.getTime(), started.getTime());

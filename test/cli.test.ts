@@ -23,13 +23,21 @@ const routingRules = {
   filters: [
     filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }]),
     filter('route-lamps', 'sf', { all: [is('item', 'lamp')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }]),
-    filter('route-upholstery', 'chicago', { all: [is('needs_upholstery', true)] }, [{ type: 'transfer', mapping: 'chicago-to-upholstery' }]),
+    filter('route-upholstery', 'chicago', { all: [is('needs_upholstery', true)] }, [
+      { type: 'transfer', mapping: 'chicago-to-upholstery' },
+    ]),
   ],
 };
 
 before(async () => {
   clusters = await provideClusters(1);
-  env = await createDsoEnv({ clusters, servers: ['sf', 'chicago', 'chicago_uph'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: routingRules });
+  env = await createDsoEnv({
+    clusters,
+    servers: ['sf', 'chicago', 'chicago_uph'],
+    schemaSql: REPAIR_REQUEST_SQL,
+    forms: ['repair_request'],
+    rules: routingRules,
+  });
 });
 // every `pgdso` started here has exited by the end (a `run` that refused to start included)
 after(leakCheck({ allowPids: () => (clusters ?? []).flatMap((c) => c.ownedPids()) }));
@@ -47,14 +55,20 @@ let variants = 0;
  * Writes a config of its own into a subdirectory of env.dir: the env's servers (unless given)
  * and the rule files given (objects as JSON, strings as they are) under `rules/`.
  */
-async function variant(ruleFiles: Record<string, unknown>, servers?: Record<string, unknown>): Promise<{ configPath: string; ruleFile: (name: string) => string }> {
+async function variant(
+  ruleFiles: Record<string, unknown>,
+  servers?: Record<string, unknown>,
+): Promise<{ configPath: string; ruleFile: (name: string) => string }> {
   const dir = path.join(env.dir, `variant-${++variants}`);
   await mkdir(path.join(dir, 'rules'), { recursive: true });
   for (const [name, content] of Object.entries(ruleFiles)) {
     await writeFile(path.join(dir, 'rules', name), typeof content === 'string' ? content : JSON.stringify(content, null, 2));
   }
   const configPath = path.join(dir, 'pgdso.config.json');
-  const config = { servers: servers ?? Object.fromEntries(Object.entries(env.urls).map(([name, url]) => [name, { connection: url }])), rules: ['rules/*.json'] };
+  const config = {
+    servers: servers ?? Object.fromEntries(Object.entries(env.urls).map(([name, url]) => [name, { connection: url }])),
+    rules: ['rules/*.json'],
+  };
   await writeFile(configPath, JSON.stringify(config, null, 2));
   return { configPath, ruleFile: (name) => path.join(dir, 'rules', name) };
 }
@@ -71,7 +85,10 @@ const show = (r: CliResult): string => `exit ${r.code}\n--- stdout\n${r.stdout}\
  */
 async function runMustExit(configPath: string, extraEnv: NodeJS.ProcessEnv = {}, timeoutMs = 15_000): Promise<CliResult & { ms: number }> {
   const started = Date.now();
-  const child = spawn(PGDSO_BIN, ['run', '--config', configPath], { env: { ...process.env, PGDSO_LOG_LEVEL: 'info', ...extraEnv }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(PGDSO_BIN, ['run', '--config', configPath], {
+    env: { ...process.env, PGDSO_LOG_LEVEL: 'info', ...extraEnv },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (d) => (stdout += d));
@@ -79,7 +96,11 @@ async function runMustExit(configPath: string, extraEnv: NodeJS.ProcessEnv = {},
   let exit: { code: number | null; ms: number } | undefined;
   child.on('exit', (code) => (exit = { code, ms: Date.now() - started }));
   try {
-    await waitFor(() => exit, { timeoutMs, intervalMs: 25, message: () => `\`pgdso run\` to exit by itself (it must refuse to start); output so far:\n${stdout}${stderr}` });
+    await waitFor(() => exit, {
+      timeoutMs,
+      intervalMs: 25,
+      message: () => `\`pgdso run\` to exit by itself (it must refuse to start); output so far:\n${stdout}${stderr}`,
+    });
   } finally {
     if (!exit) {
       child.kill('SIGKILL');
@@ -163,9 +184,15 @@ test('a filter action naming an unknown mapping: rules check and run exit 2 nami
     },
   });
   const [check, run] = await Promise.all([cli(configPath, ['rules', 'check']), runMustExit(configPath)]);
-  for (const [what, r] of [['rules check', check], ['run', run]] as const) {
+  for (const [what, r] of [
+    ['rules check', check],
+    ['run', run],
+  ] as const) {
     assert.equal(r.code, 2, `${what}: ${show(r)}`);
-    assert.ok(r.stderr.includes(`${ruleFile('main.json')}#/filters/0/actions/0/mapping`), `${what}: stderr names the file and the pointer\n${show(r)}`);
+    assert.ok(
+      r.stderr.includes(`${ruleFile('main.json')}#/filters/0/actions/0/mapping`),
+      `${what}: stderr names the file and the pointer\n${show(r)}`,
+    );
     assert.match(r.stderr, /unknown mapping "sf-to-nowhere"/, `${what}: ${show(r)}`);
   }
   assert.ok(run.ms < 15_000);
@@ -180,7 +207,10 @@ test('a mapping whose fields.map names a target column that does not exist: rule
     },
   });
   const [check, run] = await Promise.all([cli(configPath, ['rules', 'check']), runMustExit(configPath)]);
-  for (const [what, r] of [['rules check', check], ['run', run]] as const) {
+  for (const [what, r] of [
+    ['rules check', check],
+    ['run', run],
+  ] as const) {
     assert.equal(r.code, 2, `${what}: ${show(r)}`);
     const out = r.stdout + r.stderr;
     assert.match(out, /"location"/, `${what} names the column\n${show(r)}`);
@@ -205,14 +235,24 @@ test('contract guarantee 7: a rule that does not match the live catalog is repor
   assert.equal(r.code, 2, show(r));
   const out = r.stdout + r.stderr;
   assert.ok(out.includes(ruleFile('main.json')), `the output names the rule file ${ruleFile('main.json')}\n${show(r)}`);
-  assert.ok(out.includes('/mappings/0/fields/map/location'), `the output names the JSON pointer /mappings/0/fields/map/location\n${show(r)}`);
+  assert.ok(
+    out.includes('/mappings/0/fields/map/location'),
+    `the output names the JSON pointer /mappings/0/fields/map/location\n${show(r)}`,
+  );
 });
 
 test('an option this version does not carry out yet (escalations) is refused with its file and pointer, never accepted and ignored', async () => {
   const { configPath, ruleFile } = await variant({
     'main.json': {
       mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
-      escalations: [{ name: 'nightly', on: { server: 'sf', form: 'repair_request' }, schedule: { cron: '0 17 * * 1-5' }, actions: [{ type: 'transfer', mapping: 'sf-to-chicago' }] }],
+      escalations: [
+        {
+          name: 'nightly',
+          on: { server: 'sf', form: 'repair_request' },
+          schedule: { cron: '0 17 * * 1-5' },
+          actions: [{ type: 'transfer', mapping: 'sf-to-chicago' }],
+        },
+      ],
     },
   });
   for (const command of [['rules', 'check'], ['run']]) {
@@ -258,8 +298,15 @@ test('rules test prints, as JSON, the filter that fires and its action; nothing 
 
   assert.equal(chair.code, 0, show(chair));
   const fired = JSON.parse(chair.stdout) as { fired: { filter: string; actions: { type: string; mapping?: string }[] }[] };
-  assert.deepEqual(fired.fired.map((f) => f.filter), ['route-chairs'], show(chair));
-  assert.deepEqual(fired.fired[0]!.actions.map((a) => [a.type, a.mapping]), [['transfer', 'sf-to-chicago']]);
+  assert.deepEqual(
+    fired.fired.map((f) => f.filter),
+    ['route-chairs'],
+    show(chair),
+  );
+  assert.deepEqual(
+    fired.fired[0]!.actions.map((a) => [a.type, a.mapping]),
+    [['transfer', 'sf-to-chicago']],
+  );
 
   assert.equal(desk.code, 0, show(desk));
   assert.deepEqual((JSON.parse(desk.stdout) as { fired: unknown[] }).fired, [], show(desk));
@@ -277,19 +324,40 @@ const CONTROL_COLUMNS: Record<string, string[]> = {
   servgrp_ranking: ['operation', 'instance_id', 'rank', 'delinquent_threshold'],
   servgrp_events: ['type', 'operation', 'new_owner', 'old_owner', 'at'],
   pending: ['id', 'pool', 'type', 'mapping', 'form', 'request_id', 'payload', 'status', 'attempts', 'next_attempt_at', 'last_error'],
-  pending_errors: ['id', 'pool', 'type', 'mapping', 'form', 'request_id', 'payload', 'status', 'attempts', 'next_attempt_at', 'last_error', 'error', 'failed_at'],
+  pending_errors: [
+    'id',
+    'pool',
+    'type',
+    'mapping',
+    'form',
+    'request_id',
+    'payload',
+    'status',
+    'attempts',
+    'next_attempt_at',
+    'last_error',
+    'error',
+    'failed_at',
+  ],
   conflicts: ['mapping', 'form', 'request_id', 'local', 'incoming', 'resolution', 'at'],
 };
 
 test('migrate: two processes at once on fresh databases, then again: all exit 0, each migration applied once, the control schema complete', async () => {
   const fresh = { east: await clusters[0]!.createDatabase('fresh_east'), west: await clusters[0]!.createDatabase('fresh_west') };
-  const { configPath } = await variant({ 'empty.json': {} }, Object.fromEntries(Object.entries(fresh).map(([name, url]) => [name, { connection: url }])));
+  const { configPath } = await variant(
+    { 'empty.json': {} },
+    Object.fromEntries(Object.entries(fresh).map(([name, url]) => [name, { connection: url }])),
+  );
 
   const both = await Promise.all([cli(configPath, ['migrate']), cli(configPath, ['migrate'])]);
   for (const r of both) assert.equal(r.code, 0, show(r));
   const out = both.map((r) => r.stdout).join('');
   for (const server of Object.keys(fresh)) {
-    assert.equal(out.match(new RegExp(`^${server} .*: applied `, 'gm'))?.length, 1, `one of the two applied the migrations on ${server}\n${out}`);
+    assert.equal(
+      out.match(new RegExp(`^${server} .*: applied `, 'gm'))?.length,
+      1,
+      `one of the two applied the migrations on ${server}\n${out}`,
+    );
     assert.equal(out.match(new RegExp(`^${server} .*: up to date`, 'gm'))?.length, 1, `the other found ${server} up to date\n${out}`);
   }
 
@@ -326,7 +394,12 @@ test('forms enable is idempotent; a table without a primary key and a missing ta
 
   const first = await enable('work_order');
   assert.equal(first.code, 0, show(first));
-  const [second, again, noKey, missing] = await Promise.all([enable('work_order'), enable('repair_request'), enable('no_key'), enable('no_such_form')]);
+  const [second, again, noKey, missing] = await Promise.all([
+    enable('work_order'),
+    enable('repair_request'),
+    enable('no_key'),
+    enable('no_such_form'),
+  ]);
   assert.equal(second.code, 0, show(second));
   assert.equal(again.code, 0, show(again));
 
@@ -336,8 +409,24 @@ test('forms enable is idempotent; a table without a primary key and a missing ta
       WHERE table_schema = 'public' AND table_name = 'work_order' AND column_name LIKE 'dso\\_%' ORDER BY ordinal_position`,
   );
   const byName = new Map(columns.map((c) => [c.column_name, c]));
-  const text = ['dso_transfer_status', 'dso_update_status', 'dso_current_server', 'dso_current_form', 'dso_from_server', 'dso_from_form', 'dso_from_request_id', 'dso_from_mapping', 'dso_to_server', 'dso_to_form', 'dso_to_request_id', 'dso_to_mapping'];
-  assert.deepEqual([...byName.keys()].sort(), ['dso_master', 'dso_mapping_history', 'dso_version', 'dso_modified_at', 'dso_synced_version', ...text].sort());
+  const text = [
+    'dso_transfer_status',
+    'dso_update_status',
+    'dso_current_server',
+    'dso_current_form',
+    'dso_from_server',
+    'dso_from_form',
+    'dso_from_request_id',
+    'dso_from_mapping',
+    'dso_to_server',
+    'dso_to_form',
+    'dso_to_request_id',
+    'dso_to_mapping',
+  ];
+  assert.deepEqual(
+    [...byName.keys()].sort(),
+    ['dso_master', 'dso_mapping_history', 'dso_version', 'dso_modified_at', 'dso_synced_version', ...text].sort(),
+  );
   assert.equal(columns.length, 17, 'each distributed column once');
   const shape = (name: string) => {
     const c = byName.get(name)!;
@@ -357,18 +446,28 @@ test('forms enable is idempotent; a table without a primary key and a missing ta
             (SELECT count(*)::int FROM pg_publication_tables p WHERE p.pubname = 'pgdso' AND p.schemaname = 'public' AND p.tablename = 'work_order') AS published
        FROM pg_class c WHERE c.oid = 'public.work_order'::regclass`,
   );
-  assert.deepEqual(table, { triggers: 3, identity: 'f', published: 1 }, 'the three guards (ownership, request ID, TRUNCATE) once each, replica identity full, in publication pgdso');
+  assert.deepEqual(
+    table,
+    { triggers: 3, identity: 'f', published: 1 },
+    'the three guards (ownership, request ID, TRUNCATE) once each, replica identity full, in publication pgdso',
+  );
 
   // The one guard: an update raises dso_version by exactly one (a doubled trigger would add two).
   await env.query('sf', `INSERT INTO work_order (id, title) VALUES (1, 'fix the door')`);
   await env.query('sf', `UPDATE work_order SET title = 'fix the back door' WHERE id = 1`);
-  const [row] = await env.query<{ dso_version: string; dso_master: boolean }>('sf', 'SELECT dso_version, dso_master FROM work_order WHERE id = 1');
+  const [row] = await env.query<{ dso_version: string; dso_master: boolean }>(
+    'sf',
+    'SELECT dso_version, dso_master FROM work_order WHERE id = 1',
+  );
   assert.deepEqual(row, { dso_version: '2', dso_master: true });
 
   assert.equal(noKey.code, 2, show(noKey));
   assert.match(noKey.stderr, /no_key/, show(noKey));
   assert.match(noKey.stderr, /primary key/, show(noKey));
-  const noKeyColumns = await env.query('sf', `SELECT column_name FROM information_schema.columns WHERE table_name = 'no_key' AND column_name LIKE 'dso\\_%'`);
+  const noKeyColumns = await env.query(
+    'sf',
+    `SELECT column_name FROM information_schema.columns WHERE table_name = 'no_key' AND column_name LIKE 'dso\\_%'`,
+  );
   assert.deepEqual(noKeyColumns, [], 'a refused table is left as it was');
 
   assert.equal(missing.code, 2, show(missing));
@@ -393,7 +492,11 @@ test('${env:SF_PASSWORD} in a connection URL: missing, every command exits 2 nam
     runMustExit(configPath, unset),
     cli(configPath, ['rules', 'check'], { SF_PASSWORD: password }),
   ]);
-  for (const [what, r] of [['rules check', check], ['status --json', status], ['run', run]] as const) {
+  for (const [what, r] of [
+    ['rules check', check],
+    ['status --json', status],
+    ['run', run],
+  ] as const) {
     assert.equal(r.code, 2, `${what}: ${show(r)}`);
     assert.match(r.stderr, /environment variable SF_PASSWORD is not set/, `${what}: ${show(r)}`);
     assert.match(r.stderr, /#\/servers\/sf\/connection/, `${what} names the pointer: ${show(r)}`);
@@ -412,11 +515,14 @@ test('an unreachable server and a wrong password: status and rules check never p
   const real = new URL(env.urls.sf!);
   const wrong = new URL(env.urls.sf!);
   wrong.password = secrets.wrong;
-  const { configPath } = await variant({ 'main.json': routingRules }, {
-    sf: { connection: `postgres://pgdso:${secrets.url}@127.0.0.1:${port}/ar` },
-    chicago: { connection: { host: '127.0.0.1', port, database: 'ar', user: 'pgdso', password: '${env:CHICAGO_PASSWORD}' } },
-    chicago_uph: { connection: wrong.toString() },
-  });
+  const { configPath } = await variant(
+    { 'main.json': routingRules },
+    {
+      sf: { connection: `postgres://pgdso:${secrets.url}@127.0.0.1:${port}/ar` },
+      chicago: { connection: { host: '127.0.0.1', port, database: 'ar', user: 'pgdso', password: '${env:CHICAGO_PASSWORD}' } },
+      chicago_uph: { connection: wrong.toString() },
+    },
+  );
   const extraEnv = { CHICAGO_PASSWORD: secrets.env };
   const results = await Promise.all([
     cli(configPath, ['status', '--json'], extraEnv),
@@ -446,11 +552,14 @@ test('rules check that cannot reach a server does not say ok: it exits non-zero 
   // A deployment script gates `pgdso run` on `pgdso rules check`; a check that looked at no
   // catalog must not pass as "ok" with exit 0.
   const port = await closedPort();
-  const { configPath } = await variant({ 'main.json': routingRules }, {
-    sf: { connection: `postgres://pgdso@127.0.0.1:${port}/ar` },
-    chicago: { connection: env.urls.chicago },
-    chicago_uph: { connection: env.urls.chicago_uph },
-  });
+  const { configPath } = await variant(
+    { 'main.json': routingRules },
+    {
+      sf: { connection: `postgres://pgdso@127.0.0.1:${port}/ar` },
+      chicago: { connection: env.urls.chicago },
+      chicago_uph: { connection: env.urls.chicago_uph },
+    },
+  );
   const r = await cli(configPath, ['rules', 'check']);
   assert.match(r.stdout + r.stderr, /sf: cannot connect/, show(r));
   assert.doesNotMatch(r.stdout, /^ok\b/m, `rules check says ok although sf was not checked\n${show(r)}`);
@@ -465,17 +574,36 @@ test('status --json on a working setup: every server with its real slot lag, pen
   // so that a count read from the wrong table or server shows
   const made = { sf: [2, 3, 1], chicago: [0, 1, 4], chicago_uph: [5, 0, 0] } as const;
   for (const [server, [pending, errors, conflicts]] of Object.entries(made)) {
-    await env.query(server, `INSERT INTO pgdso.pending (type, mapping, request_id, target_server, payload, status)
-      SELECT 'transfer', 'sf-to-chicago', 'ST-' || g, 'chicago', '{}', 'queued' FROM generate_series(1, $1::int) g`, [pending]);
-    await env.query(server, `INSERT INTO pgdso.pending_errors (type, mapping, request_id, target_server, payload, status, error)
-      SELECT 'transfer', 'sf-to-chicago', 'SE-' || g, 'chicago', '{}', 'failed', 'value too long' FROM generate_series(1, $1::int) g`, [errors]);
-    await env.query(server, `INSERT INTO pgdso.conflicts (mapping, form, request_id, resolution)
-      SELECT 'sf-to-chicago', 'public.repair_request', 'SC-' || g, 'applied-incoming' FROM generate_series(1, $1::int) g`, [conflicts]);
+    await env.query(
+      server,
+      `INSERT INTO pgdso.pending (type, mapping, request_id, target_server, payload, status)
+      SELECT 'transfer', 'sf-to-chicago', 'ST-' || g, 'chicago', '{}', 'queued' FROM generate_series(1, $1::int) g`,
+      [pending],
+    );
+    await env.query(
+      server,
+      `INSERT INTO pgdso.pending_errors (type, mapping, request_id, target_server, payload, status, error)
+      SELECT 'transfer', 'sf-to-chicago', 'SE-' || g, 'chicago', '{}', 'failed', 'value too long' FROM generate_series(1, $1::int) g`,
+      [errors],
+    );
+    await env.query(
+      server,
+      `INSERT INTO pgdso.conflicts (mapping, form, request_id, resolution)
+      SELECT 'sf-to-chicago', 'public.repair_request', 'SC-' || g, 'applied-incoming' FROM generate_series(1, $1::int) g`,
+      [conflicts],
+    );
   }
   // no engine runs here: sf's slot lags by the WAL written since its last confirmation; 64 kB more
   await env.query('sf', `SELECT pg_logical_emit_message(true, 'status-test', repeat('x', 65536))`);
-  const lagOf = async (server: string) => Number((await env.query<{ lag: string }>(server,
-    `SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::text AS lag FROM pg_replication_slots WHERE database = current_database()`))[0]!.lag);
+  const lagOf = async (server: string) =>
+    Number(
+      (
+        await env.query<{ lag: string }>(
+          server,
+          `SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::text AS lag FROM pg_replication_slots WHERE database = current_database()`,
+        )
+      )[0]!.lag,
+    );
   try {
     const before = { sf: await lagOf('sf'), chicago: await lagOf('chicago'), chicago_uph: await lagOf('chicago_uph') };
     const r = await env.cli(['status', '--json']);
@@ -486,16 +614,26 @@ test('status --json on a working setup: every server with its real slot lag, pen
     for (const [name, [pending, errors, conflicts]] of Object.entries(made)) {
       const s = status.servers[name]!;
       assert.equal(s.error, undefined, `${name}: ${String(s.error)}`);
-      assert.deepEqual({ pending: s.pending, pendingErrors: s.pendingErrors, conflicts: s.conflicts }, { pending, pendingErrors: errors, conflicts }, `${name}\n${r.stdout}`);
+      assert.deepEqual(
+        { pending: s.pending, pendingErrors: s.pendingErrors, conflicts: s.conflicts },
+        { pending, pendingErrors: errors, conflicts },
+        `${name}\n${r.stdout}`,
+      );
       // the slot's lag as PostgreSQL computes it, read between the two readings around the command
       const lag = s.slotLagBytes as number;
       const [low, high] = [before[name as keyof typeof before], after[name as keyof typeof after]];
-      assert.ok(typeof lag === 'number' && lag >= low && lag <= high, `servers.${name}.slotLagBytes ${String(lag)} is not between ${low} and ${high}\n${r.stdout}`);
+      assert.ok(
+        typeof lag === 'number' && lag >= low && lag <= high,
+        `servers.${name}.slotLagBytes ${String(lag)} is not between ${low} and ${high}\n${r.stdout}`,
+      );
       // Server groups are not built yet: no instance writes pgdso.servgrp_board, so status lists
       // no instance and no operation owner. The server-group issue fills these.
       assert.deepEqual({ instances: s.instances, owners: s.owners }, { instances: [], owners: {} }, name);
     }
-    assert.ok((status.servers.sf!.slotLagBytes as number) >= 65_536, `sf's slot lag counts the 64 kB written since its last confirmation\n${r.stdout}`);
+    assert.ok(
+      (status.servers.sf!.slotLagBytes as number) >= 65_536,
+      `sf's slot lag counts the 64 kB written since its last confirmation\n${r.stdout}`,
+    );
     assert.ok(!(r.stdout + r.stderr).includes(decodeURIComponent(new URL(env.urls.sf!).password)), 'the password is not printed');
   } finally {
     for (const server of Object.keys(made)) {

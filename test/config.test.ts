@@ -52,7 +52,12 @@ const validRules: { mappings: RuleItem[]; filters: RuleItem[]; escalations: Rule
       whenToUpdate: 'never',
       duplicateRequestId: 'overwrite',
       match: { fields: ['legacy_id'] },
-      fields: { byName: false, exclude: ['internal_note'], map: { location: 'site' }, set: { region: 'us-central', priority: 2, closed: false, note: null } },
+      fields: {
+        byName: false,
+        exclude: ['internal_note'],
+        map: { location: 'site' },
+        set: { region: 'us-central', priority: 2, closed: false, note: null },
+      },
       afterTransfer: 'delete',
       conflict: 'newer-wins',
       pool: 'archive',
@@ -68,7 +73,10 @@ const validRules: { mappings: RuleItem[]; filters: RuleItem[]; escalations: Rule
     {
       name: 'back-home',
       on: { server: 'chicago', form: 'repair_request', ops: ['update'] },
-      actions: [{ type: 'return', overrideLoopDetection: true }, { type: 'update', mapping: 'chicago-archive' }],
+      actions: [
+        { type: 'return', overrideLoopDetection: true },
+        { type: 'update', mapping: 'chicago-archive' },
+      ],
     },
   ],
   escalations: [
@@ -83,7 +91,10 @@ const validRules: { mappings: RuleItem[]; filters: RuleItem[]; escalations: Rule
 };
 
 /** Loads a tree that must be rejected; returns the problems with file names relative to the tree. */
-async function problemsOf(files: Record<string, unknown>, env: NodeJS.ProcessEnv = ENV): Promise<{ error: ConfigError; problems: ConfigProblem[] }> {
+async function problemsOf(
+  files: Record<string, unknown>,
+  env: NodeJS.ProcessEnv = ENV,
+): Promise<{ error: ConfigError; problems: ConfigProblem[] }> {
   const dir = await writeTree(files);
   try {
     await loadConfig(path.join(dir, 'pgdso.config.json'), env);
@@ -110,8 +121,17 @@ test('a valid config and rules load, with the defaults applied and everything fr
 
   assert.equal(config.file, path.join(dir, 'pgdso.config.json'));
   assert.deepEqual(config.ruleFiles, [path.join(dir, 'rules/main.json')]);
-  assert.deepEqual(config.servers.sf, { name: 'sf', connection: { host: '127.0.0.1', port: 5432, database: 'ar', user: 'pgdso', password: 'sf-pa55word' } });
-  assert.deepEqual(config.servers.chicago?.connection, { host: '127.0.0.1', port: 5433, database: 'ar', user: 'pgdso', password: 'chicago-pa55word' });
+  assert.deepEqual(config.servers.sf, {
+    name: 'sf',
+    connection: { host: '127.0.0.1', port: 5432, database: 'ar', user: 'pgdso', password: 'sf-pa55word' },
+  });
+  assert.deepEqual(config.servers.chicago?.connection, {
+    host: '127.0.0.1',
+    port: 5433,
+    database: 'ar',
+    user: 'pgdso',
+    password: 'chicago-pa55word',
+  });
   assert.deepEqual(config.group, { checkIntervalSeconds: 2, delinquentThreshold: 3 });
   assert.deepEqual(config.http, { port: null });
 
@@ -137,13 +157,30 @@ test('a valid config and rules load, with the defaults applied and everything fr
   const archive = config.mappings['chicago-archive']!;
   assert.deepEqual(archive.to, { server: 'sf', schema: 'archive', table: 'repair_request' });
   assert.deepEqual(archive.match, { fields: ['legacy_id'] });
-  assert.deepEqual(archive.fields, { byName: false, exclude: ['internal_note'], map: { location: 'site' }, set: { region: 'us-central', priority: 2, closed: false, note: null } });
-  assert.deepEqual([archive.transferMode, archive.whenToUpdate, archive.duplicateRequestId, archive.afterTransfer, archive.conflict, archive.pool], ['independent-copy', 'never', 'overwrite', 'delete', 'newer-wins', 'archive']);
+  assert.deepEqual(archive.fields, {
+    byName: false,
+    exclude: ['internal_note'],
+    map: { location: 'site' },
+    set: { region: 'us-central', priority: 2, closed: false, note: null },
+  });
+  assert.deepEqual(
+    [archive.transferMode, archive.whenToUpdate, archive.duplicateRequestId, archive.afterTransfer, archive.conflict, archive.pool],
+    ['independent-copy', 'never', 'overwrite', 'delete', 'newer-wins', 'archive'],
+  );
 
-  assert.deepEqual(config.filters[0]?.on, { server: 'sf', schema: 'public', table: 'repair_request', ops: ['insert', 'update'], transitions: false });
+  assert.deepEqual(config.filters[0]?.on, {
+    server: 'sf',
+    schema: 'public',
+    table: 'repair_request',
+    ops: ['insert', 'update'],
+    transitions: false,
+  });
   assert.deepEqual(config.filters[0]?.actions, [{ type: 'transfer', mapping: 'sf-chairs-to-chicago', overrideLoopDetection: false }]);
   assert.equal(config.filters[1]?.conditions, null);
-  assert.deepEqual(config.filters[1]?.actions, [{ type: 'return', overrideLoopDetection: true }, { type: 'update', mapping: 'chicago-archive' }]);
+  assert.deepEqual(config.filters[1]?.actions, [
+    { type: 'return', overrideLoopDetection: true },
+    { type: 'update', mapping: 'chicago-archive' },
+  ]);
   assert.deepEqual(config.escalations[0]?.schedule, { cron: '0 17 * * 1-5', timezone: 'America/Los_Angeles' });
   assert.deepEqual(config.escalations[0]?.source, { file: path.join(dir, 'rules/main.json'), pointer: '/escalations/0' });
 
@@ -165,7 +202,10 @@ test('group, http, URL parameters and a percent-encoded password placeholder are
       http: { port: 9464 },
     }),
   );
-  const config = await loadConfig(path.join(dir, 'pgdso.config.json'), { SF_PASSWORD: 'p@ss/w#rd?', CHICAGO_URL: 'postgres://ops@chicago.example/ar' });
+  const config = await loadConfig(path.join(dir, 'pgdso.config.json'), {
+    SF_PASSWORD: 'p@ss/w#rd?',
+    CHICAGO_URL: 'postgres://ops@chicago.example/ar',
+  });
   assert.deepEqual(config.servers.sf?.connection, {
     host: 'db.example',
     port: 6543,
@@ -188,7 +228,10 @@ test('the routing example loads', async () => {
   });
   assert.deepEqual(Object.keys(config.servers), ['sf', 'chicago', 'chicago_uph']);
   assert.deepEqual(Object.keys(config.mappings), ['sf-to-chicago', 'chicago-to-upholstery']);
-  assert.deepEqual(config.filters.map((f) => `${f.name}@${f.on.server}`), ['route-chairs@sf', 'route-upholstery@chicago']);
+  assert.deepEqual(
+    config.filters.map((f) => `${f.name}@${f.on.server}`),
+    ['route-chairs@sf', 'route-upholstery@chicago'],
+  );
   assert.ok(Object.values(config.mappings).every((m) => m.transferMode === 'data+ownership'));
 });
 
@@ -211,7 +254,15 @@ test('the rules schema and the condition compiler accept and reject the same con
     [{ any: [leaf, { not: { all: [leaf] } }] }, true],
     [{ not: { any: [] } }, true],
     [{ all: [{ fact: 'old', path: "$['a b'].c", operator: 'in', value: { fact: 'row', path: '$.list' } }] }, true],
-    [{ all: [{ fact: 'changed', operator: 'contains', value: 'status' }, { fact: 'row', operator: 'equal', value: { k: 1 } }] }, true],
+    [
+      {
+        all: [
+          { fact: 'changed', operator: 'contains', value: 'status' },
+          { fact: 'row', operator: 'equal', value: { k: 1 } },
+        ],
+      },
+      true,
+    ],
     [{ all: [{ fact: 'row', path: '$.a', operator: 'notIn', value: [1, 'x', null] }] }, true],
     [leaf, false],
     [{ all: [leaf], any: [] }, false],
@@ -240,7 +291,10 @@ test('malformed JSON is reported with its line and column', async () => {
   assert.match(problem.message, /invalid JSON at line 3, column 20: trailing comma before '}'/);
 
   const config = await problemsOf({ 'pgdso.config.json': '{ "servers": {}\n  "rules": [] }' });
-  assert.match(problemAt(config.problems, 'pgdso.config.json', '/servers').message, /line 2, column 3: unexpected character '"', expected ',' or '}'/);
+  assert.match(
+    problemAt(config.problems, 'pgdso.config.json', '/servers').message,
+    /line 2, column 3: unexpected character '"', expected ',' or '}'/,
+  );
 });
 
 test('a duplicate key in a JSON file is reported', async () => {
@@ -252,22 +306,34 @@ test('an unknown option name is reported at its pointer, with the likely intende
   const rules = structuredClone(validRules);
   rules.mappings[0]!.trasnferMode = 'data-only';
   const { problems } = await problemsOf(withRules(rules));
-  assert.equal(problemAt(problems, 'rules/main.json', '/mappings/0/trasnferMode').message, 'unknown property "trasnferMode" (did you mean "transferMode"?)');
+  assert.equal(
+    problemAt(problems, 'rules/main.json', '/mappings/0/trasnferMode').message,
+    'unknown property "trasnferMode" (did you mean "transferMode"?)',
+  );
 });
 
 test('a bad enum value is reported with the allowed values', async () => {
   const rules = structuredClone(validRules);
   rules.mappings[0]!.transferMode = 'ownership-only';
   const { problems } = await problemsOf(withRules(rules));
-  assert.equal(problemAt(problems, 'rules/main.json', '/mappings/0/transferMode').message, 'must be one of "data-only", "data+ownership", "independent-copy"');
+  assert.equal(
+    problemAt(problems, 'rules/main.json', '/mappings/0/transferMode').message,
+    'must be one of "data-only", "data+ownership", "independent-copy"',
+  );
 });
 
 test('an action naming an unknown mapping, or a mapping of another form, is reported', async () => {
   const rules = structuredClone(validRules);
-  rules.filters[0]!.actions = [{ type: 'transfer', mapping: 'sf-chairs-to-chicag' }, { type: 'update', mapping: 'chicago-archive' }];
+  rules.filters[0]!.actions = [
+    { type: 'transfer', mapping: 'sf-chairs-to-chicag' },
+    { type: 'update', mapping: 'chicago-archive' },
+  ];
   rules.filters[1]!.actions = [{ type: 'return', mapping: 'nope', overrideLoopDetection: false }];
   const { problems } = await problemsOf(withRules(rules));
-  assert.equal(problemAt(problems, 'rules/main.json', '/filters/0/actions/0/mapping').message, 'unknown mapping "sf-chairs-to-chicag" (did you mean "sf-chairs-to-chicago"?)');
+  assert.equal(
+    problemAt(problems, 'rules/main.json', '/filters/0/actions/0/mapping').message,
+    'unknown mapping "sf-chairs-to-chicag" (did you mean "sf-chairs-to-chicago"?)',
+  );
   assert.match(
     problemAt(problems, 'rules/main.json', '/filters/0/actions/1/mapping').message,
     /mapping "chicago-archive" reads from chicago:public\.repair_request, but filter "route-chairs" is on sf:public\.repair_request/,
@@ -281,14 +347,23 @@ test('a mapping, filter or escalation naming an unknown server is reported', asy
   rules.filters[0]!.on.server = 'chicgo';
   rules.escalations[0]!.on.server = 'osaka';
   const { problems } = await problemsOf(withRules(rules));
-  assert.equal(problemAt(problems, 'rules/main.json', '/mappings/0/to/server').message, 'unknown server "tokyo"; the config defines "sf", "chicago"');
-  assert.match(problemAt(problems, 'rules/main.json', '/filters/0/on/server').message, /unknown server "chicgo" \(did you mean "chicago"\?\)/);
+  assert.equal(
+    problemAt(problems, 'rules/main.json', '/mappings/0/to/server').message,
+    'unknown server "tokyo"; the config defines "sf", "chicago"',
+  );
+  assert.match(
+    problemAt(problems, 'rules/main.json', '/filters/0/on/server').message,
+    /unknown server "chicgo" \(did you mean "chicago"\?\)/,
+  );
   problemAt(problems, 'rules/main.json', '/escalations/0/on/server');
 });
 
 test('a missing environment variable is named with its pointer, and no other value appears', async () => {
   const { error, problems } = await problemsOf(withRules(validRules), { SF_PASSWORD: 'sf-pa55word' });
-  assert.equal(problemAt(problems, 'pgdso.config.json', '/servers/chicago/connection/password').message, 'environment variable CHICAGO_PASSWORD is not set');
+  assert.equal(
+    problemAt(problems, 'pgdso.config.json', '/servers/chicago/connection/password').message,
+    'environment variable CHICAGO_PASSWORD is not set',
+  );
   assert.equal(problems.length, 1, 'the missing variable is not reported a second time as a bad connection');
   assert.ok(!error.message.includes('sf-pa55word'));
 });
@@ -307,7 +382,10 @@ test('a cron expression that does not parse, one that never fires, and an unknow
     { ...structuredClone(rules.escalations[0]!), name: 'bad-zone', schedule: { cron: '0 9 * * *', timezone: 'Europe/Atlantis' } },
   );
   const { problems } = await problemsOf(withRules(rules));
-  assert.match(problemAt(problems, 'rules/main.json', '/escalations/1/schedule/cron').message, /invalid cron expression "0 25 \* \* \*": .*hour/i);
+  assert.match(
+    problemAt(problems, 'rules/main.json', '/escalations/1/schedule/cron').message,
+    /invalid cron expression "0 25 \* \* \*": .*hour/i,
+  );
   assert.match(problemAt(problems, 'rules/main.json', '/escalations/2/schedule/cron').message, /never fires/);
   assert.match(problemAt(problems, 'rules/main.json', '/escalations/3/schedule/timezone').message, /unknown time zone "Europe\/Atlantis"/);
 });
@@ -324,16 +402,29 @@ test('duplicate names across rule files name both places', async () => {
   );
   const problem = error.problems.find((p) => p.pointer === '/filters/0/name');
   assert.equal(problem?.file, path.join(dir, 'rules/b.json'));
-  assert.equal(problem?.message, `duplicate filter name "route-chairs": already defined at ${path.join(dir, 'rules/a.json')}#/filters/0/name`);
+  assert.equal(
+    problem?.message,
+    `duplicate filter name "route-chairs": already defined at ${path.join(dir, 'rules/a.json')}#/filters/0/name`,
+  );
 });
 
 test('mapping checks: same server and form, a column mapped twice, an excluded column mapped, a distributed column', async () => {
   const rules = structuredClone(validRules);
   rules.mappings[0]!.to = { server: 'sf', form: 'public.repair_request' };
-  rules.mappings[1]!.fields = { exclude: ['location', 'region'], map: { location: 'site', dso_master: 'x' }, set: { location: 'x', region: 'y' } };
+  rules.mappings[1]!.fields = {
+    exclude: ['location', 'region'],
+    map: { location: 'site', dso_master: 'x' },
+    set: { location: 'x', region: 'y' },
+  };
   const { problems } = await problemsOf(withRules(rules));
-  assert.match(problemAt(problems, 'rules/main.json', '/mappings/0/to').message, /cannot carry requests to the form it reads from \(sf:public\.repair_request\)/);
-  assert.match(problemAt(problems, 'rules/main.json', '/mappings/1/fields/map/location').message, /both in "fields.exclude" and a target of "fields.map"/);
+  assert.match(
+    problemAt(problems, 'rules/main.json', '/mappings/0/to').message,
+    /cannot carry requests to the form it reads from \(sf:public\.repair_request\)/,
+  );
+  assert.match(
+    problemAt(problems, 'rules/main.json', '/mappings/1/fields/map/location').message,
+    /both in "fields.exclude" and a target of "fields.map"/,
+  );
   assert.ok(problems.some((p) => p.pointer === '/mappings/1/fields/set/location' && /given twice/.test(p.message)));
   assert.match(problemAt(problems, 'rules/main.json', '/mappings/1/fields/set/region').message, /both in "fields.exclude"/);
   assert.match(problemAt(problems, 'rules/main.json', '/mappings/1/fields/map/dso_master').message, /distributed column/);
@@ -345,7 +436,11 @@ test('conditions outside the supported subset are reported with their pointers',
   const { problems } = await problemsOf(withRules(rules));
   assert.match(problemAt(problems, 'rules/main.json', '/filters/0/conditions/any/0/condition').message, /condition references/);
   assert.match(problemAt(problems, 'rules/main.json', '/filters/0/conditions/any/1/operator').message, /unsupported operator "not:equal"/);
-  assert.equal(problems.filter((p) => p.pointer.startsWith('/filters/0/conditions')).length, 2, 'no schema noise on top of the precise messages');
+  assert.equal(
+    problems.filter((p) => p.pointer.startsWith('/filters/0/conditions')).length,
+    2,
+    'no schema noise on top of the precise messages',
+  );
 });
 
 test('several problems in several files are all reported in one run', async () => {
@@ -374,11 +469,17 @@ test('error messages never contain a password from the config', async () => {
     // URL that does not parse at all
     withRules(validRules, { ...validConfig, servers: { sf: { connection: `postgres://pgdso:${secret}@[bad/ar` } } }),
     // a password in an object connection next to schema problems
-    withRules(validRules, { ...validConfig, servers: { sf: { connection: { host: 'h', database: 'ar', user: 'u', password: secret, port: 'x', sslmode: 'sometimes' } } } }),
+    withRules(validRules, {
+      ...validConfig,
+      servers: { sf: { connection: { host: 'h', database: 'ar', user: 'u', password: secret, port: 'x', sslmode: 'sometimes' } } },
+    }),
     // a password that makes the JSON invalid right after it
     { 'pgdso.config.json': `{ "servers": { "sf": { "connection": "postgres://u:${secret}@h/ar" x } }, "rules": [] }` },
     // a password given through the environment, next to a missing variable and a bad URL
-    withRules(validRules, { ...validConfig, servers: { sf: { connection: 'postgres://u:${env:SF_PASSWORD}@h:0/' }, chicago: { connection: 'mysql://${env:NOPE}@h/ar' } } }),
+    withRules(validRules, {
+      ...validConfig,
+      servers: { sf: { connection: 'postgres://u:${env:SF_PASSWORD}@h:0/' }, chicago: { connection: 'mysql://${env:NOPE}@h/ar' } },
+    }),
   ];
   for (const files of cases) {
     const { error } = await problemsOf(files, { SF_PASSWORD: secret, CHICAGO_PASSWORD: secret });
@@ -389,15 +490,35 @@ test('error messages never contain a password from the config', async () => {
 });
 
 test('describeConnection never shows the password; toPgClientConfig carries it and maps sslmode', () => {
-  const connection = { host: 'db.example', port: 5433, database: 'ar', user: 'pgdso', password: 'hunter2', options: { sslmode: 'require', application_name: 'x', connect_timeout: '5' } };
+  const connection = {
+    host: 'db.example',
+    port: 5433,
+    database: 'ar',
+    user: 'pgdso',
+    password: 'hunter2',
+    options: { sslmode: 'require', application_name: 'x', connect_timeout: '5' },
+  };
   assert.equal(describeConnection(connection), 'pgdso@db.example:5433/ar');
   assert.equal(describeConnection({ ...connection, host: '::1' }), 'pgdso@[::1]:5433/ar');
   const pgConfig = toPgClientConfig(connection);
   assert.deepEqual(
     { ...pgConfig },
-    { host: 'db.example', port: 5433, database: 'ar', user: 'pgdso', password: 'hunter2', fallback_application_name: 'pgdso', application_name: 'x', connectionTimeoutMillis: 5000, ssl: { rejectUnauthorized: false } },
+    {
+      host: 'db.example',
+      port: 5433,
+      database: 'ar',
+      user: 'pgdso',
+      password: 'hunter2',
+      fallback_application_name: 'pgdso',
+      application_name: 'x',
+      connectionTimeoutMillis: 5000,
+      ssl: { rejectUnauthorized: false },
+    },
   );
   assert.equal(toPgClientConfig({ ...connection, options: { sslmode: 'disable' } }).ssl, false);
   assert.equal(toPgClientConfig({ ...connection, options: undefined }).ssl, undefined);
-  assert.equal((toPgClientConfig({ ...connection, options: { sslmode: 'verify-full' } }).ssl as { rejectUnauthorized: boolean }).rejectUnauthorized, true);
+  assert.equal(
+    (toPgClientConfig({ ...connection, options: { sslmode: 'verify-full' } }).ssl as { rejectUnauthorized: boolean }).rejectUnauthorized,
+    true,
+  );
 });

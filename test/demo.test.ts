@@ -6,7 +6,9 @@ import net from 'node:net';
 import { runCli } from './support/dso.ts';
 import { providerName } from './support/servers.ts';
 
-test('pgdso demo narrates routing, knowledge base and archiving on embedded PostgreSQL and cleans up', { skip: providerName() !== 'embedded' && 'the demo always uses embedded PostgreSQL' }, async () => {
+test('pgdso demo narrates routing, knowledge base and archiving on embedded PostgreSQL and cleans up', {
+  skip: providerName() !== 'embedded' && 'the demo always uses embedded PostgreSQL',
+}, async () => {
   const { code, stdout, stderr } = await runCli(['demo']);
   assert.equal(code, 0, stderr);
   assert.doesNotMatch(stdout, /unexpected/, 'a step of the demo did not do what it narrates');
@@ -31,7 +33,7 @@ test('pgdso demo narrates routing, knowledge base and archiving on embedded Post
   assert.doesNotMatch(stdout, /SF-20\s+sf\s/);
   assert.match(stdout, /SF-21\s+sf\s+true\s/);
   // sf's own rows, as its query printed them: SF-21 only
-  const listing = /sf> SELECT id, status FROM repair_request ORDER BY id\n((?:  .*\n)*)/.exec(stdout);
+  const listing = /sf> SELECT id, status FROM repair_request ORDER BY id\n((?: {2}.*\n)*)/.exec(stdout);
   assert.equal(listing?.[1], '  SF-21  new\n', `sf's rows after the archiving:\n${stdout}`);
   // cleaned up: the demo's cluster (as it reported it once started) is gone
   const cluster = /Cluster up: 127\.0\.0\.1:(\d+), postmaster pid (\d+), data directory (\S+)\n/.exec(stdout);

@@ -22,7 +22,10 @@ async function deployRecipe(): Promise<string> {
   const block = /^([ \t]*)```sql\n([\s\S]*?)\n[ \t]*```/m.exec(readme.slice(marker));
   assert.ok(block, 'a ```sql block follows the marker');
   const indent = block[1]!;
-  return block[2]!.split('\n').map((line) => (line.startsWith(indent) ? line.slice(indent.length) : line)).join('\n');
+  return block[2]!
+    .split('\n')
+    .map((line) => (line.startsWith(indent) ? line.slice(indent.length) : line))
+    .join('\n');
 }
 
 const rules = {
@@ -37,8 +40,11 @@ test('the README recipe, followed literally: pgdso as an ordinary role enables, 
   const e = await suite.env({ servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, rules });
   const [{ db }] = (await e.query<{ db: string }>('sf', 'SELECT current_database() AS db')) as [{ db: string }];
   // the database as the DBA finds it: an application role owning its table, no pgdso anywhere
-  await e.query('sf', `DROP SCHEMA pgdso CASCADE; DROP PUBLICATION pgdso;
-    CREATE ROLE app LOGIN PASSWORD 'app-pw'; ALTER TABLE repair_request OWNER TO app`);
+  await e.query(
+    'sf',
+    `DROP SCHEMA pgdso CASCADE; DROP PUBLICATION pgdso;
+    CREATE ROLE app LOGIN PASSWORD 'app-pw'; ALTER TABLE repair_request OWNER TO app`,
+  );
   const recipe = await deployRecipe();
   assert.match(recipe, /GRANT app TO pgdso;/);
   assert.doesNotMatch(recipe, /OWNER TO/i, 'the recipe leaves the ownership of the forms as it was');
@@ -51,7 +57,13 @@ test('the README recipe, followed literally: pgdso as an ordinary role enables, 
     return url.toString();
   };
   const config = path.join(e.dir, 'deploy.config.json');
-  await writeFile(config, JSON.stringify({ servers: { sf: { connection: urlAs('pgdso', 'change-me') }, chicago: { connection: e.urls.chicago } }, rules: ['rules/*.json'] }));
+  await writeFile(
+    config,
+    JSON.stringify({
+      servers: { sf: { connection: urlAs('pgdso', 'change-me') }, chicago: { connection: e.urls.chicago } },
+      rules: ['rules/*.json'],
+    }),
+  );
   const cli = (args: string[]) => runCli([...args, '--config', config]);
 
   // the application: inserts, updates and deletes its own requests all along
@@ -75,7 +87,9 @@ test('the README recipe, followed literally: pgdso as an ordinary role enables, 
     }
   })();
   const wrote = async (name: string) => {
-    await waitFor(() => (writes.get(name) ?? 0) > 0, { message: () => `the application wrote during "${name}" (${errors.length} errors, the first: ${errors.slice(0, 5).join('; ')})` });
+    await waitFor(() => (writes.get(name) ?? 0) > 0, {
+      message: () => `the application wrote during "${name}" (${errors.length} errors, the first: ${errors.slice(0, 5).join('; ')})`,
+    });
   };
   const step = async (name: string, run: () => Promise<void>) => {
     phase = name;
@@ -103,11 +117,19 @@ test('the README recipe, followed literally: pgdso as an ordinary role enables, 
       engine = new EngineProcess(['--config', config]);
       await app.query(`INSERT INTO repair_request (id, item) VALUES ('CHAIR-1', 'chair')`);
       const e2 = engine;
-      await until(e2, 'CHAIR-1 did not move to chicago with ownership', async () =>
-        (await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'CHAIR-1' AND dso_master`)).length === 1 &&
-        (await e.query('sf', `SELECT 1 FROM repair_request WHERE id = 'CHAIR-1' AND NOT dso_master AND dso_transfer_status = 'success'`)).length === 1);
+      await until(
+        e2,
+        'CHAIR-1 did not move to chicago with ownership',
+        async () =>
+          (await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'CHAIR-1' AND dso_master`)).length === 1 &&
+          (await e.query('sf', `SELECT 1 FROM repair_request WHERE id = 'CHAIR-1' AND NOT dso_master AND dso_transfer_status = 'success'`))
+            .length === 1,
+      );
       // the read-only copy refuses the application, naming the owner
-      await assert.rejects(app.query(`UPDATE repair_request SET status = 'mine' WHERE id = 'CHAIR-1'`), { code: 'P0001', message: 'pgdso: request CHAIR-1 of repair_request is owned by chicago' });
+      await assert.rejects(app.query(`UPDATE repair_request SET status = 'mine' WHERE id = 'CHAIR-1'`), {
+        code: 'P0001',
+        message: 'pgdso: request CHAIR-1 of repair_request is owned by chicago',
+      });
       await assert.rejects(app.query(`DELETE FROM repair_request WHERE id = 'CHAIR-1'`), { code: 'P0001' });
       // no backing out under a running engine
       const busy = await cli(['uninstall', '--server', 'sf', '--yes']);
@@ -119,10 +141,14 @@ test('the README recipe, followed literally: pgdso as an ordinary role enables, 
       const preview = await cli(['uninstall', '--server', 'sf']);
       assert.equal(preview.code, 0, show(preview));
       assert.match(preview.stdout, /note: --yes would be refused now: an engine streams the slot/, show(preview));
-      assert.equal((await e.query('sf', `SELECT 1 FROM pg_trigger WHERE tgrelid = 'repair_request'::regclass AND tgname LIKE 'pgdso%'`)).length, 3);
+      assert.equal(
+        (await e.query('sf', `SELECT 1 FROM pg_trigger WHERE tgrelid = 'repair_request'::regclass AND tgname LIKE 'pgdso%'`)).length,
+        3,
+      );
       assert.equal(await e2.stop(), 0, e2.output);
     });
-    const pgdsoTriggers = async () => (await e.query('sf', `SELECT tgname FROM pg_trigger WHERE tgrelid = 'repair_request'::regclass AND NOT tgisinternal`)).length;
+    const pgdsoTriggers = async () =>
+      (await e.query('sf', `SELECT tgname FROM pg_trigger WHERE tgrelid = 'repair_request'::regclass AND NOT tgisinternal`)).length;
     await step('forms disable', async () => {
       const preview = await cli(['forms', 'disable', '--server', 'sf', '--form', 'repair_request']);
       assert.equal(preview.code, 0, show(preview));
@@ -133,11 +159,17 @@ test('the README recipe, followed literally: pgdso as an ordinary role enables, 
       const done = await cli(['forms', 'disable', '--server', 'sf', '--form', 'repair_request', '--yes']);
       assert.equal(done.code, 0, show(done));
       assert.equal(await pgdsoTriggers(), 0);
-      const [state] = await e.query<{ identity: string; published: boolean; columns: number }>('sf',
+      const [state] = await e.query<{ identity: string; published: boolean; columns: number }>(
+        'sf',
         `SELECT relreplident::text AS identity, EXISTS (SELECT 1 FROM pg_publication_rel WHERE prrelid = c.oid) AS published,
                 (SELECT count(*)::int FROM pg_attribute WHERE attrelid = c.oid AND attname LIKE 'dso\\_%' AND NOT attisdropped) AS columns
-           FROM pg_class c WHERE c.oid = 'repair_request'::regclass`);
-      assert.deepEqual(state, { identity: 'd', published: false, columns: 17 }, 'identity as it was, out of the publication, the columns kept');
+           FROM pg_class c WHERE c.oid = 'repair_request'::regclass`,
+      );
+      assert.deepEqual(
+        state,
+        { identity: 'd', published: false, columns: 17 },
+        'identity as it was, out of the publication, the columns kept',
+      );
       // the former read-only copy is the application's again
       await app.query(`UPDATE repair_request SET status = 'back' WHERE id = 'CHAIR-1'`);
     });
@@ -145,18 +177,29 @@ test('the README recipe, followed literally: pgdso as an ordinary role enables, 
       const preview = await cli(['uninstall', '--server', 'sf', '--drop-schema']);
       assert.equal(preview.code, 0, show(preview));
       // the origin of the engine's source lane (originName(): pgdso:<writer>:<pool>:<database>) goes too
-      for (const line of ['DROP PUBLICATION "pgdso";', `SELECT pg_drop_replication_slot('pgdso_`, 'DROP SCHEMA pgdso CASCADE;', `SELECT pg_replication_origin_drop('pgdso:sf:~source:${db}');`]) {
+      for (const line of [
+        'DROP PUBLICATION "pgdso";',
+        `SELECT pg_drop_replication_slot('pgdso_`,
+        'DROP SCHEMA pgdso CASCADE;',
+        `SELECT pg_replication_origin_drop('pgdso:sf:~source:${db}');`,
+      ]) {
         assert.ok(preview.stdout.includes(line), `the preview shows ${line}: ${show(preview)}`);
       }
-      assert.equal((await e.query('sf', `SELECT 1 FROM pg_replication_slots WHERE database = current_database()`)).length, 1, 'the preview changed nothing');
+      assert.equal(
+        (await e.query('sf', `SELECT 1 FROM pg_replication_slots WHERE database = current_database()`)).length,
+        1,
+        'the preview changed nothing',
+      );
       const done = await cli(['uninstall', '--server', 'sf', '--drop-schema', '--yes']);
       assert.equal(done.code, 0, show(done));
-      const [left] = await e.query<Record<string, number>>('sf',
+      const [left] = await e.query<Record<string, number>>(
+        'sf',
         `SELECT (SELECT count(*)::int FROM pg_replication_slots WHERE database = current_database()) AS slots,
                 (SELECT count(*)::int FROM pg_publication) AS publications,
                 (SELECT count(*)::int FROM pg_namespace WHERE nspname = 'pgdso') AS schemas,
                 (SELECT count(*)::int FROM pg_trigger WHERE tgname LIKE 'pgdso%') AS triggers,
-                (SELECT count(*)::int FROM pg_replication_origin WHERE right(roname, length(current_database()) + 1) = ':' || current_database()) AS origins`);
+                (SELECT count(*)::int FROM pg_replication_origin WHERE right(roname, length(current_database()) + 1) = ':' || current_database()) AS origins`,
+      );
       assert.deepEqual(left, { slots: 0, publications: 0, schemas: 0, triggers: 0, origins: 0 });
       const again = await cli(['uninstall', '--server', 'sf']);
       assert.equal(again.code, 0, show(again));
@@ -169,7 +212,11 @@ test('the README recipe, followed literally: pgdso as an ordinary role enables, 
     await app.end();
     await (engine as EngineProcess | undefined)?.kill9();
   }
-  assert.equal(errors.length, 0, `no write of the application may fail; ${errors.length} did, the first:\n${errors.slice(0, 10).join('\n')}`);
+  assert.equal(
+    errors.length,
+    0,
+    `no write of the application may fail; ${errors.length} did, the first:\n${errors.slice(0, 10).join('\n')}`,
+  );
   for (const name of ['before pgdso', 'migrate', 'forms enable', 'run', 'forms disable', 'uninstall', 'after pgdso']) {
     assert.ok((writes.get(name) ?? 0) > 0, `the application wrote during ${name}`);
   }

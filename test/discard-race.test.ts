@@ -10,19 +10,29 @@ import { LOCK_NAMESPACE, LOCKS } from '../src/sql/identifiers.ts';
 
 const suite = dsoSuite(2);
 
-test('discard --queued of an operation being delivered waits for the delivery, then finds nothing to drop', { skip: restartSkipReason(), timeout: 90_000 }, async (t) => {
+test('discard --queued of an operation being delivered waits for the delivery, then finds nothing to drop', {
+  skip: restartSkipReason(),
+  timeout: 90_000,
+}, async (t) => {
   const e = await suite.env({
     servers: ['sf', 'chicago'],
     placement: { sf: 0, chicago: 1 },
     schemaSql: REPAIR_REQUEST_SQL,
     forms: ['repair_request'],
-    rules: { mappings: [mapping('sf-to-chicago', 'sf', 'chicago')], filters: [filter('all', 'sf', null, [{ type: 'transfer', mapping: 'sf-to-chicago' }], ['insert'])] },
+    rules: {
+      mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
+      filters: [filter('all', 'sf', null, [{ type: 'transfer', mapping: 'sf-to-chicago' }], ['insert'])],
+    },
     config: { pending: { retry: { firstSeconds: 0.2, maxSeconds: 0.5 } } },
   });
   const chicago = suite.clusters[1]!;
   const engine = e.engine();
   await e.query('sf', `INSERT INTO repair_request (id, item) VALUES ('R-0', 'desk')`);
-  await until(engine, 'R-0 did not reach chicago', async () => (await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'R-0'`)).length === 1);
+  await until(
+    engine,
+    'R-0 did not reach chicago',
+    async () => (await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'R-0'`)).length === 1,
+  );
 
   await chicago.stop();
   await e.query('sf', `INSERT INTO repair_request (id, item) VALUES ('R-1', 'chair')`);
@@ -38,7 +48,12 @@ test('discard --queued of an operation being delivered waits for the delivery, t
   await holder.query('SELECT pg_advisory_lock($1, $2)', [LOCK_NAMESPACE, LOCKS.queueDelivery]);
   await chicago.start();
   const advisoryWaiters = async () =>
-    (await e.query<{ n: number }>('sf', `SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory'`))[0]!.n;
+    (
+      await e.query<{ n: number }>(
+        'sf',
+        `SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory'`,
+      )
+    )[0]!.n;
   await until(engine, 'the engine did not come to deliver R-1', async () => (await advisoryWaiters()) >= 1);
   const discard = e.cli(['pending', 'discard', '--queued', '--server', 'sf', '--id', queued!.id]);
   await until(engine, 'pending discard --queued did not wait for the delivery', async () => (await advisoryWaiters()) >= 2);
@@ -49,7 +64,11 @@ test('discard --queued of an operation being delivered waits for the delivery, t
   assert.equal(result.code, 1, `${result.stdout}${result.stderr}`);
   assert.match(result.stdout, /^sf: 0 queued operations dropped$/m);
   assert.match(result.stderr, new RegExp(`no queued operation #${queued!.id}`));
-  await until(engine, 'R-1 did not reach chicago', async () => (await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'R-1'`)).length === 1);
+  await until(
+    engine,
+    'R-1 did not reach chicago',
+    async () => (await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'R-1'`)).length === 1,
+  );
   assert.deepEqual(await e.query('sf', 'SELECT id FROM pgdso.pending'), []);
   assert.equal(await engine.stop(), 0);
 });

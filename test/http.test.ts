@@ -8,30 +8,47 @@ import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, is } from './support/dso
 const suite = dsoSuite(2);
 
 test('a running instance serves /healthz and Prometheus /metrics with pgdso_ names that count what it did', async () => {
-  const e = await suite.env({ servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: {
-    mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
-    filters: [filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }])],
-  } });
+  const e = await suite.env({
+    servers: ['sf', 'chicago'],
+    schemaSql: REPAIR_REQUEST_SQL,
+    forms: ['repair_request'],
+    rules: {
+      mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
+      filters: [filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }])],
+    },
+  });
   const config = JSON.parse(await readFile(e.configPath, 'utf8'));
   await writeFile(e.configPath, JSON.stringify({ ...config, http: { port: 0 } }));
   const engine = e.engine();
   const port = (await waitFor(() => /"httpPort":(\d+)/.exec(engine.output)?.[1], { message: () => engine.output }))!;
   const base = `http://127.0.0.1:${port}`;
-  const health = await waitFor(async () => {
-    const res = await fetch(`${base}/healthz`);
-    return res.status === 200 ? res.json() : undefined;
-  }, { message: () => engine.output });
+  const health = await waitFor(
+    async () => {
+      const res = await fetch(`${base}/healthz`);
+      return res.status === 200 ? res.json() : undefined;
+    },
+    { message: () => engine.output },
+  );
   assert.deepEqual(Object.keys(health.servers).sort(), ['chicago', 'sf']);
   assert.equal(health.status, 'ok');
 
   await e.query('sf', `INSERT INTO repair_request (id, item) VALUES ('M-1', 'chair'), ('M-2', 'chair'), ('M-3', 'desk')`);
   await waitFor(async () => (await e.query('chicago', 'SELECT 1 FROM repair_request')).length === 2, { message: () => engine.output });
   let body = '';
-  const text = (await waitFor(async () => {
-    body = await (await fetch(`${base}/metrics`)).text();
-    // 2 transfers applied on chicago and their 2 bookkeeping operations on sf
-    return /pgdso_operations_applied_total\{server="sf"\} 4\b/.test(body) ? body : undefined;
-  }, { message: () => `${engine.output}\n${body.split('\n').filter((l) => l.startsWith('pgdso_') && !l.startsWith('pgdso_process')).join('\n')}` }))!;
+  const text = (await waitFor(
+    async () => {
+      body = await (await fetch(`${base}/metrics`)).text();
+      // 2 transfers applied on chicago and their 2 bookkeeping operations on sf
+      return /pgdso_operations_applied_total\{server="sf"\} 4\b/.test(body) ? body : undefined;
+    },
+    {
+      message: () =>
+        `${engine.output}\n${body
+          .split('\n')
+          .filter((l) => l.startsWith('pgdso_') && !l.startsWith('pgdso_process'))
+          .join('\n')}`,
+    },
+  ))!;
   assert.match(text, /^# TYPE pgdso_operations_applied_total counter$/m);
   // 3 inserts, and the 2 bookkeeping updates the engine read back from the WAL
   assert.match(text, /pgdso_changes_total\{server="sf"\} 5\b/);

@@ -38,7 +38,16 @@ function knowledgeBaseRules(): Record<string, unknown> {
 function assertIndependentCopy(copy: Copy | undefined, id: string, from: string, to: string, description: string): void {
   assert.ok(copy, `${to} has no copy of ${id}`);
   assert.deepEqual(
-    [copy.dso_master, copy.dso_current_server, copy.dso_from_server, copy.dso_from_form, copy.dso_from_request_id, copy.dso_from_mapping, copy.status, copy.description],
+    [
+      copy.dso_master,
+      copy.dso_current_server,
+      copy.dso_from_server,
+      copy.dso_from_form,
+      copy.dso_from_request_id,
+      copy.dso_from_mapping,
+      copy.status,
+      copy.description,
+    ],
     [true, to, from, 'repair_request', id, kbMapping(from, to), 'closed', description],
     `the copy of ${id} on ${to}`,
   );
@@ -50,10 +59,20 @@ function assertIndependentCopy(copy: Copy | undefined, id: string, from: string,
 test('knowledge base: a request closed by a user of sf is broadcast to chicago and tokyo as independent master copies; sf stays master and records the last transfer; an open request goes nowhere', async () => {
   const e = await env(knowledgeBaseRules());
   const engine = e.engine();
-  await e.query('sf', `INSERT INTO repair_request (id, item, status, description) VALUES ('KB-1', 'desk', 'open', 'wobbly leg'), ('KB-2', 'lamp', 'open', 'flickers')`);
+  await e.query(
+    'sf',
+    `INSERT INTO repair_request (id, item, status, description) VALUES ('KB-1', 'desk', 'open', 'wobbly leg'), ('KB-2', 'lamp', 'open', 'flickers')`,
+  );
   await e.query('sf', `UPDATE repair_request SET status = 'closed', description = 'tightened the screws' WHERE id = 'KB-1'`);
   await e.query('sf', `UPDATE repair_request SET status = 'in progress' WHERE id = 'KB-2'`);
-  await until(engine, 'KB-1 was not broadcast', async () => (await copyOf(e, 'chicago', 'KB-1')) && (await copyOf(e, 'tokyo', 'KB-1')) && (await copyOf(e, 'sf', 'KB-1'))?.dso_transfer_status === 'success');
+  await until(
+    engine,
+    'KB-1 was not broadcast',
+    async () =>
+      (await copyOf(e, 'chicago', 'KB-1')) &&
+      (await copyOf(e, 'tokyo', 'KB-1')) &&
+      (await copyOf(e, 'sf', 'KB-1'))?.dso_transfer_status === 'success',
+  );
 
   assertIndependentCopy(await copyOf(e, 'chicago', 'KB-1'), 'KB-1', 'sf', 'chicago', 'tightened the screws');
   assertIndependentCopy(await copyOf(e, 'tokyo', 'KB-1'), 'KB-1', 'sf', 'tokyo', 'tightened the screws');
@@ -61,7 +80,15 @@ test('knowledge base: a request closed by a user of sf is broadcast to chicago a
   // the source stays its own master; dso_to_* names the last transfer of the filter
   const source = (await copyOf(e, 'sf', 'KB-1'))!;
   assert.deepEqual(
-    [source.dso_master, source.dso_current_server, source.dso_transfer_status, source.dso_to_server, source.dso_to_form, source.dso_to_request_id, source.dso_to_mapping],
+    [
+      source.dso_master,
+      source.dso_current_server,
+      source.dso_transfer_status,
+      source.dso_to_server,
+      source.dso_to_form,
+      source.dso_to_request_id,
+      source.dso_to_mapping,
+    ],
     [true, 'sf', 'success', 'tokyo', 'repair_request', 'KB-1', kbMapping('sf', 'tokyo')],
   );
 
@@ -81,13 +108,27 @@ test('knowledge base: a request closed by a user of chicago reaches sf and tokyo
   const engine = e.engine();
   await e.query('chicago', `INSERT INTO repair_request (id, item, status, description) VALUES ('CH-1', 'chair', 'open', 'squeaks')`);
   await e.query('chicago', `UPDATE repair_request SET status = 'closed', description = 'oiled the hinge' WHERE id = 'CH-1'`);
-  await until(engine, 'CH-1 was not broadcast', async () => (await copyOf(e, 'sf', 'CH-1')) && (await copyOf(e, 'tokyo', 'CH-1')) && (await copyOf(e, 'chicago', 'CH-1'))?.dso_transfer_status === 'success');
+  await until(
+    engine,
+    'CH-1 was not broadcast',
+    async () =>
+      (await copyOf(e, 'sf', 'CH-1')) &&
+      (await copyOf(e, 'tokyo', 'CH-1')) &&
+      (await copyOf(e, 'chicago', 'CH-1'))?.dso_transfer_status === 'success',
+  );
 
   assertIndependentCopy(await copyOf(e, 'sf', 'CH-1'), 'CH-1', 'chicago', 'sf', 'oiled the hinge');
   assertIndependentCopy(await copyOf(e, 'tokyo', 'CH-1'), 'CH-1', 'chicago', 'tokyo', 'oiled the hinge');
   const source = (await copyOf(e, 'chicago', 'CH-1'))!;
   assert.deepEqual(
-    [source.dso_master, source.dso_current_server, source.dso_transfer_status, source.dso_to_server, source.dso_to_request_id, source.dso_to_mapping],
+    [
+      source.dso_master,
+      source.dso_current_server,
+      source.dso_transfer_status,
+      source.dso_to_server,
+      source.dso_to_request_id,
+      source.dso_to_mapping,
+    ],
     [true, 'chicago', 'success', 'tokyo', 'CH-1', kbMapping('chicago', 'tokyo')],
   );
   await engine.stop();
@@ -97,7 +138,14 @@ test('knowledge base: a user updating an independent copy at its target does not
   const e = await env(knowledgeBaseRules());
   const engine = e.engine();
   await e.query('sf', `INSERT INTO repair_request (id, item, status, description) VALUES ('PP-1', 'desk', 'closed', 'glued the drawer')`);
-  await until(engine, 'PP-1 was not broadcast', async () => (await copyOf(e, 'chicago', 'PP-1')) && (await copyOf(e, 'tokyo', 'PP-1')) && (await copyOf(e, 'sf', 'PP-1'))?.dso_transfer_status === 'success');
+  await until(
+    engine,
+    'PP-1 was not broadcast',
+    async () =>
+      (await copyOf(e, 'chicago', 'PP-1')) &&
+      (await copyOf(e, 'tokyo', 'PP-1')) &&
+      (await copyOf(e, 'sf', 'PP-1'))?.dso_transfer_status === 'success',
+  );
   await settled(e, engine);
   const before = (await copyOf(e, 'sf', 'PP-1'))!;
 
@@ -118,18 +166,40 @@ test('knowledge base: a user updating an independent copy at its target does not
 test('ownership cannot be broadcast: of two transfers with ownership in one filter, the first target gets the master copy, the second is recorded in pending_errors on the source, and the stream goes on', async () => {
   const e = await env({
     mappings: [mapping('sf-to-chicago', 'sf', 'chicago'), mapping('sf-to-tokyo', 'sf', 'tokyo')],
-    filters: [filter('route-chairs-twice', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }, { type: 'transfer', mapping: 'sf-to-tokyo' }])],
+    filters: [
+      filter('route-chairs-twice', 'sf', { all: [is('item', 'chair')] }, [
+        { type: 'transfer', mapping: 'sf-to-chicago' },
+        { type: 'transfer', mapping: 'sf-to-tokyo' },
+      ]),
+    ],
   });
   const engine = e.engine();
   await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ('OB-1', 'chair', 'torn seat')`);
-  await until(engine, 'OB-1 did not move to chicago with ownership', async () => (await copyOf(e, 'chicago', 'OB-1'))?.dso_master === true && (await copyOf(e, 'sf', 'OB-1'))?.dso_master === false);
-  await until(engine, 'no pending error for the second transfer', async () => (await e.query('sf', `SELECT 1 FROM pgdso.pending_errors WHERE request_id = 'OB-1'`)).length > 0);
+  await until(
+    engine,
+    'OB-1 did not move to chicago with ownership',
+    async () => (await copyOf(e, 'chicago', 'OB-1'))?.dso_master === true && (await copyOf(e, 'sf', 'OB-1'))?.dso_master === false,
+  );
+  await until(
+    engine,
+    'no pending error for the second transfer',
+    async () => (await e.query('sf', `SELECT 1 FROM pgdso.pending_errors WHERE request_id = 'OB-1'`)).length > 0,
+  );
 
   const [sf, chicago] = [(await copyOf(e, 'sf', 'OB-1'))!, (await copyOf(e, 'chicago', 'OB-1'))!];
-  assert.deepEqual([sf.dso_master, sf.dso_current_server, sf.dso_to_server, sf.dso_to_mapping], [false, 'chicago', 'chicago', 'sf-to-chicago']);
-  assert.deepEqual([chicago.dso_master, chicago.dso_current_server, chicago.dso_from_server, chicago.dso_from_mapping], [true, 'chicago', 'sf', 'sf-to-chicago']);
+  assert.deepEqual(
+    [sf.dso_master, sf.dso_current_server, sf.dso_to_server, sf.dso_to_mapping],
+    [false, 'chicago', 'chicago', 'sf-to-chicago'],
+  );
+  assert.deepEqual(
+    [chicago.dso_master, chicago.dso_current_server, chicago.dso_from_server, chicago.dso_from_mapping],
+    [true, 'chicago', 'sf', 'sf-to-chicago'],
+  );
 
-  const errors = await e.query<{ type: string; mapping: string; request_id: string; error: string }>('sf', `SELECT type, mapping, request_id, error FROM pgdso.pending_errors WHERE request_id = 'OB-1'`);
+  const errors = await e.query<{ type: string; mapping: string; request_id: string; error: string }>(
+    'sf',
+    `SELECT type, mapping, request_id, error FROM pgdso.pending_errors WHERE request_id = 'OB-1'`,
+  );
   assert.equal(errors.length, 1, JSON.stringify(errors));
   assert.deepEqual([errors[0]!.type, errors[0]!.mapping], ['transfer', 'sf-to-tokyo']);
   assert.match(errors[0]!.error, /ownership cannot be broadcast/);

@@ -13,15 +13,21 @@ const suite = dsoSuite(2);
 async function engineRole(e: DsoEnv, server: string, role: string): Promise<string> {
   const password = `pw-${Math.random().toString(36).slice(2)}`;
   const db = new URL(e.urls[server]!).pathname.slice(1);
-  await e.query(server, `DO $$ BEGIN
+  await e.query(
+    server,
+    `DO $$ BEGIN
       IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '${role}') THEN CREATE ROLE ${role} LOGIN REPLICATION PASSWORD '${password}';
-      ELSE ALTER ROLE ${role} LOGIN REPLICATION PASSWORD '${password}'; END IF; END $$`);
-  await e.query(server, `GRANT CONNECT ON DATABASE ${db} TO ${role};
+      ELSE ALTER ROLE ${role} LOGIN REPLICATION PASSWORD '${password}'; END IF; END $$`,
+  );
+  await e.query(
+    server,
+    `GRANT CONNECT ON DATABASE ${db} TO ${role};
     GRANT USAGE ON SCHEMA pgdso TO ${role};
     GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgdso TO ${role};
     GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA pgdso TO ${role};
     GRANT SELECT, INSERT, UPDATE, DELETE ON repair_request TO ${role};
-    GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), pg_replication_origin_session_setup(text), pg_replication_origin_session_is_setup() TO ${role}`);
+    GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), pg_replication_origin_session_setup(text), pg_replication_origin_session_is_setup() TO ${role}`,
+  );
   const url = new URL(e.urls[server]!);
   url.username = role;
   url.password = password;
@@ -33,14 +39,23 @@ async function engineRole(e: DsoEnv, server: string, role: string): Promise<stri
 
 test('a privilege taken away at run time stops the engine of that server with one error line naming the statement to run; status shows it; after the fix run starts again', async () => {
   const e = await suite.env({
-    servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'],
-    rules: { mappings: [mapping('sf-chairs', 'sf', 'chicago')], filters: [filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-chairs' }])] },
+    servers: ['sf', 'chicago'],
+    schemaSql: REPAIR_REQUEST_SQL,
+    forms: ['repair_request'],
+    rules: {
+      mappings: [mapping('sf-chairs', 'sf', 'chicago')],
+      filters: [filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-chairs' }])],
+    },
   });
   const role = `pgdso_engine_${process.pid}`;
   const password = await engineRole(e, 'sf', role);
   const engine = e.engine(['--server', 'sf', '--instance-id', 'sf-a']);
   await e.query('sf', `INSERT INTO repair_request (id, item) VALUES ('R-1', 'chair')`);
-  await until(engine, 'R-1 on chicago', async () => (await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'R-1'`)).length === 1);
+  await until(
+    engine,
+    'R-1 on chicago',
+    async () => (await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'R-1'`)).length === 1,
+  );
 
   // the DBA takes REPLICATION away, and the walsender goes (as at a server restart)
   await e.query('sf', `ALTER ROLE ${role} NOREPLICATION`);
@@ -49,7 +64,10 @@ test('a privilege taken away at run time stops the engine of that server with on
   const code = await Promise.race([engine.exited, new Promise((resolve) => setTimeout(() => resolve('still running'), 60_000))]);
   assert.equal(code, 1, `the engine should stop with exit 1; output:\n${engine.output}`);
 
-  const lines = engine.output.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as { level: number; msg: string });
+  const lines = engine.output
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as { level: number; msg: string });
   const errors = lines.filter((l) => l.level >= 50);
   assert.equal(errors.length, 1, `exactly one error-level line:\n${engine.output}`);
   assert.match(errors[0]!.msg, new RegExp(`ALTER ROLE "?${role}"? REPLICATION`));
@@ -59,14 +77,21 @@ test('a privilege taken away at run time stops the engine of that server with on
   const status = await e.cli(['status', '--json']);
   assert.equal(status.code, 1, status.stdout + status.stderr);
   const sf = JSON.parse(status.stdout).servers.sf;
-  assert.deepEqual(sf.instances.map((i: { instanceId: string; state: string }) => [i.instanceId, i.state]), [['sf-a', 'stopped']]);
+  assert.deepEqual(
+    sf.instances.map((i: { instanceId: string; state: string }) => [i.instanceId, i.state]),
+    [['sf-a', 'stopped']],
+  );
   assert.match(sf.instances[0].fix, new RegExp(`ALTER ROLE "?${role}"? REPLICATION`));
   assert.equal((await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'R-2'`)).length, 0);
 
   // the fix, and run again: R-2 arrives, status is clean
   await e.query('sf', `ALTER ROLE ${role} REPLICATION`);
   const again = e.engine(['--server', 'sf', '--instance-id', 'sf-a']);
-  await until(again, 'R-2 on chicago after the fix', async () => (await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'R-2'`)).length === 1);
+  await until(
+    again,
+    'R-2 on chicago after the fix',
+    async () => (await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'R-2'`)).length === 1,
+  );
   const clean = await e.cli(['status', '--json']);
   assert.equal(clean.code, 0, clean.stdout + clean.stderr);
   assert.deepEqual(JSON.parse(clean.stdout).servers.sf.instances, []);

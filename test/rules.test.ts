@@ -77,12 +77,23 @@ function change(op: RowChange['op'], newRow: RowChange['new'], oldRow: RowChange
 
 test('buildFacts for an insert converts the new row and has no old row', () => {
   const facts = buildFacts(change('insert', { id: 'R1', item: 'chair', qty: '3', meta: '{"k":1}', dso_master: 't' }, null), null);
-  assert.deepEqual(facts, { row: { id: 'R1', item: 'chair', qty: 3, meta: { k: 1 }, dso_master: true }, old: null, op: 'insert', changed: [], origin: null, master: true });
+  assert.deepEqual(facts, {
+    row: { id: 'R1', item: 'chair', qty: 3, meta: { k: 1 }, dso_master: true },
+    old: null,
+    op: 'insert',
+    changed: [],
+    origin: null,
+    master: true,
+  });
 });
 
 test('buildFacts for an update with a complete old row lists the changed columns; an unchanged TOAST value is not a change', () => {
   const facts = buildFacts(
-    change('update', { id: 'R1', item: 'desk', qty: '3', meta: undefined, dso_master: 'f' }, { id: 'R1', item: 'chair', qty: '3', meta: '{}', dso_master: 't' }),
+    change(
+      'update',
+      { id: 'R1', item: 'desk', qty: '3', meta: undefined, dso_master: 'f' },
+      { id: 'R1', item: 'chair', qty: '3', meta: '{}', dso_master: 't' },
+    ),
     'chicago',
   );
   assert.deepEqual(facts.changed, ['item', 'dso_master']);
@@ -143,10 +154,62 @@ function prng(seed: number): () => number {
   };
 }
 
-const SCALARS: unknown[] = [0, 1, 5, -3, 2.5, 10, 9, 1e3, '5', '05', '5.0', ' 5', '5abc', '', 'abc', 'chair', '10', '9', '1e3', 'Infinity', '-Infinity', '2024-01-02', 'true', null, true, false];
+const SCALARS: unknown[] = [
+  0,
+  1,
+  5,
+  -3,
+  2.5,
+  10,
+  9,
+  1e3,
+  '5',
+  '05',
+  '5.0',
+  ' 5',
+  '5abc',
+  '',
+  'abc',
+  'chair',
+  '10',
+  '9',
+  '1e3',
+  'Infinity',
+  '-Infinity',
+  '2024-01-02',
+  'true',
+  null,
+  true,
+  false,
+];
 const COMPOUNDS: unknown[] = [[], ['a', 'b'], [1, 5], ['5', 'chair'], { k: 1, sub: { x: '5' } }, { k: '1' }, [null]];
 const ROW_KEYS = ['a', 'b', 'n', 'status', 'a b', 'x.y', 'tags', 'j', 'length', '.', '...', ' s ', '-', '0', 'a.'];
-const PATHS = ['$.a', '$.b', '$.n', '$.status', '$.missing', "$['a b']", "$['x.y']", '$.j', '$.j.k', '$.j.sub.x', "$['j'].sub['x']", '$.j.missing.deep', '$.tags', '$.a.length', '$.length', '$.status.x', "$['.']", "$['...']", "$[' s ']", "$['-']", "$['0']", "$['a.']", "$['0'].x", '$.tags.length'];
+const PATHS = [
+  '$.a',
+  '$.b',
+  '$.n',
+  '$.status',
+  '$.missing',
+  "$['a b']",
+  "$['x.y']",
+  '$.j',
+  '$.j.k',
+  '$.j.sub.x',
+  "$['j'].sub['x']",
+  '$.j.missing.deep',
+  '$.tags',
+  '$.a.length',
+  '$.length',
+  '$.status.x',
+  "$['.']",
+  "$['...']",
+  "$[' s ']",
+  "$['-']",
+  "$['0']",
+  "$['a.']",
+  "$['0'].x",
+  '$.tags.length',
+];
 
 function pick<T>(random: () => number, values: readonly T[]): T {
   return values[Math.floor(random() * values.length)]!;
@@ -184,7 +247,11 @@ const FACTS = ['row', 'old', 'op', 'changed', 'origin', 'master'] as const;
 
 function randomFactReference(random: () => number): Record<string, unknown> {
   const fact = pick(random, FACTS);
-  return fact === 'row' || fact === 'old' ? { fact, path: pick(random, PATHS) } : random() < 0.8 ? { fact } : { fact, path: pick(random, PATHS) };
+  return fact === 'row' || fact === 'old'
+    ? { fact, path: pick(random, PATHS) }
+    : random() < 0.8
+      ? { fact }
+      : { fact, path: pick(random, PATHS) };
 }
 
 function randomLeaf(random: () => number): Record<string, unknown> {
@@ -192,7 +259,8 @@ function randomLeaf(random: () => number): Record<string, unknown> {
   const operator = pick(random, SUPPORTED_OPERATORS);
   let value: unknown;
   if (random() < 0.2) value = randomFactReference(random);
-  else if (operator === 'in' || operator === 'notIn') value = Array.from({ length: Math.floor(random() * 12) }, () => pick(random, SCALARS));
+  else if (operator === 'in' || operator === 'notIn')
+    value = Array.from({ length: Math.floor(random() * 12) }, () => pick(random, SCALARS));
   else value = randomValue(random);
   return { ...left, operator, value };
 }
@@ -217,7 +285,11 @@ test('compiled predicates agree with json-rules-engine on thousands of generated
   const counts = { true: 0, false: 0, throws: 0 };
   for (let i = 0; i < 2500; i++) {
     const conditions = randomTopLevel(random);
-    assert.deepEqual(checkConditions(conditions), [], `generated conditions must be in the supported subset: ${JSON.stringify(conditions)}`);
+    assert.deepEqual(
+      checkConditions(conditions),
+      [],
+      `generated conditions must be in the supported subset: ${JSON.stringify(conditions)}`,
+    );
     for (let j = 0; j < 2; j++) {
       const facts = randomFacts(random);
       const expected = await engineVerdict(conditions, facts);
@@ -231,22 +303,102 @@ test('compiled predicates agree with json-rules-engine on thousands of generated
 });
 
 const semanticsCases: { name: string; conditions: Record<string, unknown>; facts: Partial<Facts>; expected: Outcome }[] = [
-  { name: 'equal is strict: the number 5 is not the string "5"', conditions: { all: [{ fact: 'row', path: '$.n', operator: 'equal', value: 5 }] }, facts: { row: { n: '5' } }, expected: false },
-  { name: 'numeric operators compare a numeric string with a number as numbers', conditions: { all: [{ fact: 'row', path: '$.n', operator: 'greaterThan', value: 9 }] }, facts: { row: { n: '10' } }, expected: true },
-  { name: 'numeric operators compare two strings as text', conditions: { all: [{ fact: 'row', path: '$.n', operator: 'greaterThan', value: '9' }] }, facts: { row: { n: '10' } }, expected: false },
-  { name: 'a fact that does not parse as a number fails numeric operators', conditions: { all: [{ fact: 'row', path: '$.n', operator: 'lessThan', value: 100 }] }, facts: { row: { n: 'abc' } }, expected: false },
-  { name: 'null fails numeric operators', conditions: { all: [{ fact: 'row', path: '$.n', operator: 'lessThanInclusive', value: 0 }] }, facts: { row: { n: null } }, expected: false },
-  { name: 'a missing path is undefined', conditions: { all: [{ fact: 'row', path: '$.nope', operator: 'notEqual', value: null }] }, facts: { row: {} }, expected: true },
-  { name: 'a path does not enter an empty string (JSONPath skips falsy values)', conditions: { all: [{ fact: 'row', path: '$.a.length', operator: 'equal', value: 0 }] }, facts: { row: { a: '' } }, expected: false },
-  { name: 'a path enters a non-empty string', conditions: { all: [{ fact: 'row', path: '$.a.length', operator: 'equal', value: 3 }] }, facts: { row: { a: 'abc' } }, expected: true },
-  { name: 'a path on a null old row gives null', conditions: { all: [{ fact: 'old', path: '$.status', operator: 'equal', value: null }] }, facts: { old: null }, expected: true },
-  { name: 'contains needs an array fact', conditions: { any: [{ fact: 'changed', operator: 'contains', value: 'status' }] }, facts: { changed: ['item', 'status'] }, expected: true },
-  { name: 'doesNotContain is false on a string fact', conditions: { any: [{ fact: 'row', path: '$.item', operator: 'doesNotContain', value: 'z' }] }, facts: { row: { item: 'chair' } }, expected: false },
-  { name: 'fact-to-fact comparison', conditions: { all: [{ fact: 'row', path: '$.status', operator: 'notEqual', value: { fact: 'old', path: '$.status' } }] }, facts: { row: { status: 'open' }, old: { status: 'new' } }, expected: true },
-  { name: 'in against a fact that is null throws, as Engine.run rejects', conditions: { all: [{ fact: 'op', operator: 'in', value: { fact: 'origin' } }] }, facts: { origin: null }, expected: 'throws' },
-  { name: 'an error in one branch of all throws even when another branch is false', conditions: { all: [{ fact: 'master', operator: 'equal', value: 'never' }, { fact: 'op', operator: 'in', value: { fact: 'origin' } }] }, facts: { origin: null }, expected: 'throws' },
+  {
+    name: 'equal is strict: the number 5 is not the string "5"',
+    conditions: { all: [{ fact: 'row', path: '$.n', operator: 'equal', value: 5 }] },
+    facts: { row: { n: '5' } },
+    expected: false,
+  },
+  {
+    name: 'numeric operators compare a numeric string with a number as numbers',
+    conditions: { all: [{ fact: 'row', path: '$.n', operator: 'greaterThan', value: 9 }] },
+    facts: { row: { n: '10' } },
+    expected: true,
+  },
+  {
+    name: 'numeric operators compare two strings as text',
+    conditions: { all: [{ fact: 'row', path: '$.n', operator: 'greaterThan', value: '9' }] },
+    facts: { row: { n: '10' } },
+    expected: false,
+  },
+  {
+    name: 'a fact that does not parse as a number fails numeric operators',
+    conditions: { all: [{ fact: 'row', path: '$.n', operator: 'lessThan', value: 100 }] },
+    facts: { row: { n: 'abc' } },
+    expected: false,
+  },
+  {
+    name: 'null fails numeric operators',
+    conditions: { all: [{ fact: 'row', path: '$.n', operator: 'lessThanInclusive', value: 0 }] },
+    facts: { row: { n: null } },
+    expected: false,
+  },
+  {
+    name: 'a missing path is undefined',
+    conditions: { all: [{ fact: 'row', path: '$.nope', operator: 'notEqual', value: null }] },
+    facts: { row: {} },
+    expected: true,
+  },
+  {
+    name: 'a path does not enter an empty string (JSONPath skips falsy values)',
+    conditions: { all: [{ fact: 'row', path: '$.a.length', operator: 'equal', value: 0 }] },
+    facts: { row: { a: '' } },
+    expected: false,
+  },
+  {
+    name: 'a path enters a non-empty string',
+    conditions: { all: [{ fact: 'row', path: '$.a.length', operator: 'equal', value: 3 }] },
+    facts: { row: { a: 'abc' } },
+    expected: true,
+  },
+  {
+    name: 'a path on a null old row gives null',
+    conditions: { all: [{ fact: 'old', path: '$.status', operator: 'equal', value: null }] },
+    facts: { old: null },
+    expected: true,
+  },
+  {
+    name: 'contains needs an array fact',
+    conditions: { any: [{ fact: 'changed', operator: 'contains', value: 'status' }] },
+    facts: { changed: ['item', 'status'] },
+    expected: true,
+  },
+  {
+    name: 'doesNotContain is false on a string fact',
+    conditions: { any: [{ fact: 'row', path: '$.item', operator: 'doesNotContain', value: 'z' }] },
+    facts: { row: { item: 'chair' } },
+    expected: false,
+  },
+  {
+    name: 'fact-to-fact comparison',
+    conditions: { all: [{ fact: 'row', path: '$.status', operator: 'notEqual', value: { fact: 'old', path: '$.status' } }] },
+    facts: { row: { status: 'open' }, old: { status: 'new' } },
+    expected: true,
+  },
+  {
+    name: 'in against a fact that is null throws, as Engine.run rejects',
+    conditions: { all: [{ fact: 'op', operator: 'in', value: { fact: 'origin' } }] },
+    facts: { origin: null },
+    expected: 'throws',
+  },
+  {
+    name: 'an error in one branch of all throws even when another branch is false',
+    conditions: {
+      all: [
+        { fact: 'master', operator: 'equal', value: 'never' },
+        { fact: 'op', operator: 'in', value: { fact: 'origin' } },
+      ],
+    },
+    facts: { origin: null },
+    expected: 'throws',
+  },
   { name: 'any of nothing is true', conditions: { any: [] }, facts: {}, expected: true },
-  { name: 'not inverts', conditions: { not: { fact: 'master', operator: 'equal', value: true } }, facts: { master: false }, expected: true },
+  {
+    name: 'not inverts',
+    conditions: { not: { fact: 'master', operator: 'equal', value: true } },
+    facts: { master: false },
+    expected: true,
+  },
 ];
 
 for (const c of semanticsCases) {
@@ -279,7 +431,10 @@ test('conditions outside the compiled subset are rejected with a pointer and a r
   assert.match(byPointer['/all/3/value/params']!, /params/);
   assert.match(byPointer['/all/4/fact']!, /unknown fact "account"/);
   assert.match(byPointer['/all/4/value']!, /must be an array/);
-  assert.deepEqual(checkConditions({ fact: 'op', operator: 'equal', value: 'insert' }).map((p) => p.pointer), ['']);
+  assert.deepEqual(
+    checkConditions({ fact: 'op', operator: 'equal', value: 'insert' }).map((p) => p.pointer),
+    [''],
+  );
   assert.throws(() => compileConditions({ any: [{ condition: 'x' }] }), /condition references/);
 });
 
@@ -315,26 +470,55 @@ function configWith(partial: Partial<PgdsoConfig>): PgdsoConfig {
 const baseFacts: Facts = { row: {}, old: null, op: 'insert', changed: [], origin: null, master: true };
 
 test('compileRules indexes filters by server, form and op, and evaluates them in definition order', () => {
-  const on = (ops: ('insert' | 'update' | 'delete')[]) => ({ server: 'sf', schema: 'public', table: 'repair_request', ops, transitions: false });
+  const on = (ops: ('insert' | 'update' | 'delete')[]) => ({
+    server: 'sf',
+    schema: 'public',
+    table: 'repair_request',
+    ops,
+    transitions: false,
+  });
   const rules = compileRules(
     configWith({
       filters: [
-        { name: 'first', on: on(['insert', 'update']), conditions: { all: [{ fact: 'row', path: '$.item', operator: 'equal', value: 'chair' }] }, actions: [{ type: 'transfer', mapping: 'm1', overrideLoopDetection: false }], source },
+        {
+          name: 'first',
+          on: on(['insert', 'update']),
+          conditions: { all: [{ fact: 'row', path: '$.item', operator: 'equal', value: 'chair' }] },
+          actions: [{ type: 'transfer', mapping: 'm1', overrideLoopDetection: false }],
+          source,
+        },
         { name: 'deletes', on: on(['delete']), conditions: null, actions: [{ type: 'delete', mapping: 'm1' }], source },
         { name: 'second', on: on(['insert']), conditions: null, actions: [{ type: 'update', mapping: 'm1' }], source },
-        { name: 'elsewhere', on: { ...on(['insert']), server: 'chicago' }, conditions: null, actions: [{ type: 'return', overrideLoopDetection: false }], source },
+        {
+          name: 'elsewhere',
+          on: { ...on(['insert']), server: 'chicago' },
+          conditions: null,
+          actions: [{ type: 'return', overrideLoopDetection: false }],
+          source,
+        },
       ],
     }),
   );
-  assert.deepEqual(rules.filtersFor('sf', 'public', 'repair_request', 'insert').map((f) => f.name), ['first', 'second']);
-  assert.deepEqual(rules.filtersFor('sf', 'public', 'repair_request', 'update').map((f) => f.name), ['first']);
+  assert.deepEqual(
+    rules.filtersFor('sf', 'public', 'repair_request', 'insert').map((f) => f.name),
+    ['first', 'second'],
+  );
+  assert.deepEqual(
+    rules.filtersFor('sf', 'public', 'repair_request', 'update').map((f) => f.name),
+    ['first'],
+  );
   assert.deepEqual(rules.filtersFor('sf', 'public', 'other', 'insert'), []);
   assert.deepEqual(
     rules.evaluate('sf', 'public', 'repair_request', { ...baseFacts, row: { item: 'chair' } }).map((m) => m.filter),
     ['first', 'second'],
   );
-  assert.deepEqual(rules.evaluate('sf', 'public', 'repair_request', { ...baseFacts, row: { item: 'desk' } }), [{ filter: 'second', actions: [{ type: 'update', mapping: 'm1' }] }]);
-  assert.deepEqual(rules.evaluate('sf', 'public', 'repair_request', { ...baseFacts, op: 'delete' }).map((m) => m.filter), ['deletes']);
+  assert.deepEqual(rules.evaluate('sf', 'public', 'repair_request', { ...baseFacts, row: { item: 'desk' } }), [
+    { filter: 'second', actions: [{ type: 'update', mapping: 'm1' }] },
+  ]);
+  assert.deepEqual(
+    rules.evaluate('sf', 'public', 'repair_request', { ...baseFacts, op: 'delete' }).map((m) => m.filter),
+    ['deletes'],
+  );
   assert.ok(Object.isFrozen(rules));
   assert.ok(Object.isFrozen(rules.filtersFor('sf', 'public', 'repair_request', 'insert')));
 });
@@ -342,10 +526,21 @@ test('compileRules indexes filters by server, form and op, and evaluates them in
 test('a filter whose conditions fail to evaluate raises RuleEvaluationError naming it', () => {
   const rules = compileRules(
     configWith({
-      filters: [{ name: 'broken', on: { server: 'sf', schema: 'public', table: 't', ops: ['insert'], transitions: false }, conditions: { all: [{ fact: 'op', operator: 'in', value: { fact: 'origin' } }] }, actions: [], source }],
+      filters: [
+        {
+          name: 'broken',
+          on: { server: 'sf', schema: 'public', table: 't', ops: ['insert'], transitions: false },
+          conditions: { all: [{ fact: 'op', operator: 'in', value: { fact: 'origin' } }] },
+          actions: [],
+          source,
+        },
+      ],
     }),
   );
-  assert.throws(() => rules.evaluate('sf', 'public', 't', baseFacts), (err: unknown) => err instanceof RuleEvaluationError && err.filter === 'broken');
+  assert.throws(
+    () => rules.evaluate('sf', 'public', 't', baseFacts),
+    (err: unknown) => err instanceof RuleEvaluationError && err.filter === 'broken',
+  );
 });
 
 test('formsOf lists every form a server takes part in, from mappings, filters and escalations', () => {
@@ -365,16 +560,43 @@ test('formsOf lists every form a server takes part in, from mappings, filters an
   });
   const rules = compileRules(
     configWith({
-      mappings: { a: mapping('a', ['sf', 'repair_request'], ['chicago', 'repair_request']), b: mapping('b', ['chicago', 'repair_request'], ['sf', 'archive']) },
-      filters: [{ name: 'f', on: { server: 'sf', schema: 'ops', table: 'tickets', ops: ['insert'], transitions: false }, conditions: null, actions: [], source }],
-      escalations: [{ name: 'e', on: { server: 'tokyo', schema: 'public', table: 'support_case' }, schedule: { cron: '0 17 * * 1-5', timezone: 'Asia/Tokyo' }, conditions: null, actions: [], source }],
+      mappings: {
+        a: mapping('a', ['sf', 'repair_request'], ['chicago', 'repair_request']),
+        b: mapping('b', ['chicago', 'repair_request'], ['sf', 'archive']),
+      },
+      filters: [
+        {
+          name: 'f',
+          on: { server: 'sf', schema: 'ops', table: 'tickets', ops: ['insert'], transitions: false },
+          conditions: null,
+          actions: [],
+          source,
+        },
+      ],
+      escalations: [
+        {
+          name: 'e',
+          on: { server: 'tokyo', schema: 'public', table: 'support_case' },
+          schedule: { cron: '0 17 * * 1-5', timezone: 'Asia/Tokyo' },
+          conditions: null,
+          actions: [],
+          source,
+        },
+      ],
     }),
   );
-  assert.deepEqual(rules.formsOf('sf'), [{ schema: 'public', table: 'repair_request' }, { schema: 'public', table: 'archive' }, { schema: 'ops', table: 'tickets' }]);
+  assert.deepEqual(rules.formsOf('sf'), [
+    { schema: 'public', table: 'repair_request' },
+    { schema: 'public', table: 'archive' },
+    { schema: 'ops', table: 'tickets' },
+  ]);
   assert.deepEqual(rules.formsOf('chicago'), [{ schema: 'public', table: 'repair_request' }]);
   assert.deepEqual(rules.formsOf('tokyo'), [{ schema: 'public', table: 'support_case' }]);
   assert.deepEqual(rules.formsOf('nowhere'), []);
-  assert.deepEqual(rules.escalationsFor('tokyo').map((e) => e.name), ['e']);
+  assert.deepEqual(
+    rules.escalationsFor('tokyo').map((e) => e.name),
+    ['e'],
+  );
   assert.equal(rules.escalation('e')?.predicate(baseFacts), true);
 });
 
@@ -386,12 +608,23 @@ test('the routing example routes chairs from sf to chicago and upholstery from c
     CHICAGO_UPH_URL: 'postgres://pgdso:uph-secret@127.0.0.1:5434/ar',
   });
   const rules = compileRules(config);
-  const row = (item: string, upholstery: boolean) => ({ id: 'R1', item, needs_upholstery: upholstery, status: 'new', site: 'sf', description: 'x', dso_master: true });
+  const row = (item: string, upholstery: boolean) => ({
+    id: 'R1',
+    item,
+    needs_upholstery: upholstery,
+    status: 'new',
+    site: 'sf',
+    description: 'x',
+    dso_master: true,
+  });
   assert.deepEqual(rules.evaluate('sf', 'public', 'repair_request', { ...baseFacts, row: row('chair', false) }), [
     { filter: 'route-chairs', actions: [{ type: 'transfer', mapping: 'sf-to-chicago', overrideLoopDetection: false }] },
   ]);
   assert.deepEqual(rules.evaluate('sf', 'public', 'repair_request', { ...baseFacts, row: row('desk', true) }), []);
-  assert.deepEqual(rules.evaluate('chicago', 'public', 'repair_request', { ...baseFacts, row: row('chair', true), origin: 'sf' }).map((m) => m.filter), ['route-upholstery']);
+  assert.deepEqual(
+    rules.evaluate('chicago', 'public', 'repair_request', { ...baseFacts, row: row('chair', true), origin: 'sf' }).map((m) => m.filter),
+    ['route-upholstery'],
+  );
   assert.deepEqual(rules.evaluate('chicago', 'public', 'repair_request', { ...baseFacts, row: row('chair', false) }), []);
   assert.deepEqual(rules.formsOf('chicago_uph'), [{ schema: 'public', table: 'repair_request' }]);
 });

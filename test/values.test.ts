@@ -55,10 +55,39 @@ CREATE TABLE sample (
 )`;
 
 const SAMPLE_COLUMNS = [
-  'big', 'big_neg', 'exact', 'free_numeric', 'small_float', 'huge_float', 'third', 'real_val',
-  'at_tz', 'at_local', 'day', 'clock', 'clock_tz', 'span', 'uid', 'doc', 'doc_json',
-  'note', 'empty_note', 'null_note', 'short_name', 'fixed', 'tags', 'nums', 'grid',
-  'blob', 'flag', 'addr', 'net', 'mac', 'amount', 'feeling', 'feelings',
+  'big',
+  'big_neg',
+  'exact',
+  'free_numeric',
+  'small_float',
+  'huge_float',
+  'third',
+  'real_val',
+  'at_tz',
+  'at_local',
+  'day',
+  'clock',
+  'clock_tz',
+  'span',
+  'uid',
+  'doc',
+  'doc_json',
+  'note',
+  'empty_note',
+  'null_note',
+  'short_name',
+  'fixed',
+  'tags',
+  'nums',
+  'grid',
+  'blob',
+  'flag',
+  'addr',
+  'net',
+  'mac',
+  'amount',
+  'feeling',
+  'feelings',
 ];
 
 // A request of every kind of value: values near the limits of JavaScript numbers, microseconds,
@@ -109,7 +138,8 @@ async function printedSamples(e: DsoEnv, server: string): Promise<{ rows: Row[];
   await client.connect();
   try {
     const rows = (await client.query(sampleSelect())).rows as Row[];
-    const digest = (await client.query(`SELECT md5(string_agg(t::text, E'\\n' ORDER BY id)) AS d FROM (${sampleSelect()}) t`)).rows[0].d as string;
+    const digest = (await client.query(`SELECT md5(string_agg(t::text, E'\\n' ORDER BY id)) AS d FROM (${sampleSelect()}) t`)).rows[0]
+      .d as string;
     return { rows, digest };
   } finally {
     await client.end();
@@ -126,8 +156,14 @@ function sampleRules() {
 async function assertSamplesEqual(e: DsoEnv, engine: EngineProcess): Promise<void> {
   const count = async (server: string, sql: string) => (await e.query<{ n: number }>(server, sql))[0]!.n;
   // every request arrives, or fails into pending_errors (reported below)
-  await until(engine, 'the samples did not reach chicago', async () =>
-    (await count('chicago', 'SELECT count(*)::int AS n FROM sample')) + (await count('sf', 'SELECT count(DISTINCT request_id)::int AS n FROM pgdso.pending_errors')) >= SAMPLE_IDS.length);
+  await until(
+    engine,
+    'the samples did not reach chicago',
+    async () =>
+      (await count('chicago', 'SELECT count(*)::int AS n FROM sample')) +
+        (await count('sf', 'SELECT count(DISTINCT request_id)::int AS n FROM pgdso.pending_errors')) >=
+      SAMPLE_IDS.length,
+  );
   const source = await printedSamples(e, 'sf');
   const target = await printedSamples(e, 'chicago');
   // the source holds what was meant (so equality on the target is not vacuous)
@@ -145,13 +181,24 @@ async function assertSamplesEqual(e: DsoEnv, engine: EngineProcess): Promise<voi
     const t = target.rows.find((r) => r.id === id);
     if (!t) continue;
     for (const column of SAMPLE_COLUMNS) {
-      if (t[column] !== s[column]) differences.push(`request ${id}, column ${column}: sf has ${JSON.stringify(s[column])}, chicago has ${JSON.stringify(t[column])}`);
+      if (t[column] !== s[column])
+        differences.push(`request ${id}, column ${column}: sf has ${JSON.stringify(s[column])}, chicago has ${JSON.stringify(t[column])}`);
     }
   }
   assert.deepEqual(differences, [], 'values changed on the way');
-  const errors = await e.query<{ request_id: string; error: string }>('sf', 'SELECT request_id, error FROM pgdso.pending_errors ORDER BY id');
-  assert.deepEqual(errors.map((r) => `${r.request_id}: ${r.error}`), [], 'requests that could not be applied');
-  assert.deepEqual(target.rows.map((r) => r.id), SAMPLE_IDS);
+  const errors = await e.query<{ request_id: string; error: string }>(
+    'sf',
+    'SELECT request_id, error FROM pgdso.pending_errors ORDER BY id',
+  );
+  assert.deepEqual(
+    errors.map((r) => `${r.request_id}: ${r.error}`),
+    [],
+    'requests that could not be applied',
+  );
+  assert.deepEqual(
+    target.rows.map((r) => r.id),
+    SAMPLE_IDS,
+  );
   // and, as a whole, byte for byte
   assert.equal(target.digest, source.digest);
 }
@@ -163,7 +210,11 @@ test('every value is equal on the target: int8 beyond 2^53, numeric(40,20), floa
   await assertSamplesEqual(e, engine);
   // An update carries the values again, through the update path (old and new tuples).
   await e.query('sf', `UPDATE sample SET flag = NOT coalesce(flag, false)`);
-  await until(engine, 'the update did not reach chicago', async () => (await e.query('chicago', `SELECT count(*)::int AS n FROM sample WHERE dso_version > 1`))[0]!.n === SAMPLE_IDS.length);
+  await until(
+    engine,
+    'the update did not reach chicago',
+    async () => (await e.query('chicago', `SELECT count(*)::int AS n FROM sample WHERE dso_version > 1`))[0]!.n === SAMPLE_IDS.length,
+  );
   await assertSamplesEqual(e, engine);
   await engine.stop();
 });
@@ -172,17 +223,23 @@ test('every value is equal on the target when the source database prints dates a
   const e = await makeEnv(['sf', 'chicago'], SAMPLE_SQL, ['sample'], sampleRules());
   // Settings a DBA may well have on a database; they change how PostgreSQL prints values to
   // every session of that database, the walsender's included.
-  await e.query('sf', `DO $$ BEGIN
+  await e.query(
+    'sf',
+    `DO $$ BEGIN
     EXECUTE format('ALTER DATABASE %I SET datestyle = %L', current_database(), 'SQL, DMY');
     EXECUTE format('ALTER DATABASE %I SET intervalstyle = %L', current_database(), 'sql_standard');
     EXECUTE format('ALTER DATABASE %I SET extra_float_digits = 0', current_database());
     EXECUTE format('ALTER DATABASE %I SET bytea_output = %L', current_database(), 'escape');
-  END $$`);
+  END $$`,
+  );
   // and the target's own, different ones (the engine's sessions there read what it sends)
-  await e.query('chicago', `DO $$ BEGIN
+  await e.query(
+    'chicago',
+    `DO $$ BEGIN
     EXECUTE format('ALTER DATABASE %I SET datestyle = %L', current_database(), 'Postgres, MDY');
     EXECUTE format('ALTER DATABASE %I SET intervalstyle = %L', current_database(), 'iso_8601');
-  END $$`);
+  END $$`,
+  );
   const engine = e.engine();
   await e.query('sf', SAMPLE_INSERT);
   await assertSamplesEqual(e, engine);
@@ -212,7 +269,8 @@ test('an update of another column keeps the unchanged TOASTed value on the targe
   );
   assert.equal(source!.len, 204_800);
   assert.equal(source!.toasted, true, 'the body is stored out of line on the source');
-  const bodyOnChicago = async () => (await e.query<{ md5: string | null; status: string }>('chicago', `SELECT md5(body), status FROM bulky WHERE id = 'T-1'`))[0];
+  const bodyOnChicago = async () =>
+    (await e.query<{ md5: string | null; status: string }>('chicago', `SELECT md5(body), status FROM bulky WHERE id = 'T-1'`))[0];
   await until(engine, 'T-1 did not reach chicago', async () => (await bodyOnChicago())?.md5 === source!.md5);
 
   // An UPDATE of another column: the WAL does not repeat the unchanged TOAST value.
@@ -266,7 +324,11 @@ test('fields: byName false carries only mapped columns under their target names;
     mappings: [
       transferMapping('sf-dispatch', ['sf', 'repair_request'], ['chicago', 'dispatch'], {
         transferMode: 'data-only',
-        fields: { byName: false, map: { location: 'site', summary: 'description' }, set: { region: 'us-central', priority: 3, urgent: true } },
+        fields: {
+          byName: false,
+          map: { location: 'site', summary: 'description' },
+          set: { region: 'us-central', priority: 3, urgent: true },
+        },
       }),
       transferMapping('sf-archive', ['sf', 'repair_request'], ['chicago', 'archive'], {
         transferMode: 'data-only',
@@ -285,13 +347,26 @@ test('fields: byName false carries only mapped columns under their target names;
     ],
   });
   const engine = e.engine();
-  await e.query('sf', `INSERT INTO repair_request (id, item, needs_upholstery, status, site, description, internal_note)
-                       VALUES ('F-1', 'chair', true, 'open', 'sf-hq', 'squeaks', 'secret')`);
-  await until(engine, 'F-1 did not reach both forms on chicago', async () => (await rowOf(e, 'chicago', 'dispatch', 'F-1')) && (await rowOf(e, 'chicago', 'archive', 'F-1')));
+  await e.query(
+    'sf',
+    `INSERT INTO repair_request (id, item, needs_upholstery, status, site, description, internal_note)
+                       VALUES ('F-1', 'chair', true, 'open', 'sf-hq', 'squeaks', 'secret')`,
+  );
+  await until(
+    engine,
+    'F-1 did not reach both forms on chicago',
+    async () => (await rowOf(e, 'chicago', 'dispatch', 'F-1')) && (await rowOf(e, 'chicago', 'archive', 'F-1')),
+  );
 
   const dispatch = (await rowOf(e, 'chicago', 'dispatch', 'F-1'))!;
   assert.deepEqual(
-    { location: dispatch.location, summary: dispatch.summary, region: dispatch.region, priority: dispatch.priority, urgent: dispatch.urgent },
+    {
+      location: dispatch.location,
+      summary: dispatch.summary,
+      region: dispatch.region,
+      priority: dispatch.priority,
+      urgent: dispatch.urgent,
+    },
     { location: 'sf-hq', summary: 'squeaks', region: 'us-central', priority: 3, urgent: true },
     'mapped columns under their new names, and the constants',
   );
@@ -307,11 +382,20 @@ test('fields: byName false carries only mapped columns under their target names;
   );
   assert.equal(archive.status, 'triage', 'an excluded column keeps the target default');
   assert.equal(archive.internal_note, 'none given', 'an excluded column keeps the target default');
-  assert.deepEqual({ archived: archive.archived, priority: archive.priority, region: archive.region }, { archived: true, priority: 0, region: 'it\'s "quoted"' });
+  assert.deepEqual(
+    { archived: archive.archived, priority: archive.priority, region: archive.region },
+    { archived: true, priority: 0, region: 'it\'s "quoted"' },
+  );
 
   // A later change carries the mapped columns again and still leaves the others alone.
   await e.query('sf', `UPDATE repair_request SET site = 'sf-annex', status = 'closed', internal_note = 'still secret' WHERE id = 'F-1'`);
-  await until(engine, 'the new site did not reach chicago', async () => (await rowOf(e, 'chicago', 'dispatch', 'F-1'))?.location === 'sf-annex' && (await rowOf(e, 'chicago', 'archive', 'F-1'))?.site === 'sf-annex');
+  await until(
+    engine,
+    'the new site did not reach chicago',
+    async () =>
+      (await rowOf(e, 'chicago', 'dispatch', 'F-1'))?.location === 'sf-annex' &&
+      (await rowOf(e, 'chicago', 'archive', 'F-1'))?.site === 'sf-annex',
+  );
   const [dispatch2, archive2] = [(await rowOf(e, 'chicago', 'dispatch', 'F-1'))!, (await rowOf(e, 'chicago', 'archive', 'F-1'))!];
   assert.deepEqual([dispatch2.status, dispatch2.item, dispatch2.internal_note, dispatch2.priority], ['unassigned', null, null, 3]);
   assert.deepEqual([archive2.status, archive2.internal_note, archive2.archived], ['triage', 'none given', true]);
@@ -340,9 +424,18 @@ test('a request of repair_request on sf becomes a work_order on chicago: dso_fro
     },
   );
   const engine = e.engine();
-  await e.query('sf', `INSERT INTO repair_request (id, item, status, site, description, internal_note) VALUES ('W-1', 'desk', 'open', 'sf', 'drawer stuck', 'n')`);
+  await e.query(
+    'sf',
+    `INSERT INTO repair_request (id, item, status, site, description, internal_note) VALUES ('W-1', 'desk', 'open', 'sf', 'drawer stuck', 'n')`,
+  );
   await e.query('sf', `INSERT INTO job (id, item) VALUES (42, 'lamp')`);
-  await until(engine, 'W-1 and job 42 did not reach chicago', async () => (await rowOf(e, 'sf', 'repair_request', 'W-1'))?.dso_master === false && (await rowOf(e, 'sf', 'job', 42))?.dso_transfer_status === 'success');
+  await until(
+    engine,
+    'W-1 and job 42 did not reach chicago',
+    async () =>
+      (await rowOf(e, 'sf', 'repair_request', 'W-1'))?.dso_master === false &&
+      (await rowOf(e, 'sf', 'job', 42))?.dso_transfer_status === 'success',
+  );
 
   const order = (await rowOf(e, 'chicago', 'work_order', 'W-1'))!;
   assert.deepEqual(
@@ -350,7 +443,15 @@ test('a request of repair_request on sf becomes a work_order on chicago: dso_fro
     ['desk', 'open', 'sf', 'drawer stuck', 'unassigned'],
   );
   assert.deepEqual(
-    [order.dso_master, order.dso_from_server, order.dso_from_form, order.dso_from_request_id, order.dso_from_mapping, order.dso_current_server, order.dso_current_form],
+    [
+      order.dso_master,
+      order.dso_from_server,
+      order.dso_from_form,
+      order.dso_from_request_id,
+      order.dso_from_mapping,
+      order.dso_current_server,
+      order.dso_current_form,
+    ],
     [true, 'sf', 'repair_request', 'W-1', 'requests-to-orders', 'chicago', 'work_order'],
   );
   const history = order.dso_mapping_history as Row[];
@@ -361,7 +462,16 @@ test('a request of repair_request on sf becomes a work_order on chicago: dso_fro
   );
   const request = (await rowOf(e, 'sf', 'repair_request', 'W-1'))!;
   assert.deepEqual(
-    [request.dso_master, request.dso_transfer_status, request.dso_to_server, request.dso_to_form, request.dso_to_request_id, request.dso_to_mapping, request.dso_current_server, request.dso_current_form],
+    [
+      request.dso_master,
+      request.dso_transfer_status,
+      request.dso_to_server,
+      request.dso_to_form,
+      request.dso_to_request_id,
+      request.dso_to_mapping,
+      request.dso_current_server,
+      request.dso_current_form,
+    ],
     [false, 'success', 'chicago', 'work_order', 'W-1', 'requests-to-orders', 'chicago', 'work_order'],
   );
   await assert.rejects(e.query('sf', `UPDATE repair_request SET status = 'mine' WHERE id = 'W-1'`), {
@@ -372,14 +482,26 @@ test('a request of repair_request on sf becomes a work_order on chicago: dso_fro
   // job 42 (integer ID) is work order '42' (text ID)
   const jobOrder = (await rowOf(e, 'chicago', 'work_order', '42'))!;
   assert.deepEqual(
-    [jobOrder.item, jobOrder.status, jobOrder.dso_master, jobOrder.dso_from_form, jobOrder.dso_from_request_id, jobOrder.dso_current_server, jobOrder.dso_current_form],
+    [
+      jobOrder.item,
+      jobOrder.status,
+      jobOrder.dso_master,
+      jobOrder.dso_from_form,
+      jobOrder.dso_from_request_id,
+      jobOrder.dso_current_server,
+      jobOrder.dso_current_form,
+    ],
     ['lamp', 'new', false, 'job', '42', 'sf', 'job'],
   );
   const job = (await rowOf(e, 'sf', 'job', 42))!;
   assert.deepEqual([job.dso_master, job.dso_to_form, job.dso_to_request_id, job.dso_current_form], [true, 'work_order', '42', 'job']);
   // the master job changes; the copy under its other name follows
   await e.query('sf', `UPDATE job SET status = 'done' WHERE id = 42`);
-  await until(engine, 'the job update did not reach chicago', async () => (await rowOf(e, 'chicago', 'work_order', '42'))?.status === 'done');
+  await until(
+    engine,
+    'the job update did not reach chicago',
+    async () => (await rowOf(e, 'chicago', 'work_order', '42'))?.status === 'done',
+  );
   await engine.stop();
 });
 
@@ -389,7 +511,12 @@ test('a request of repair_request on sf becomes a work_order on chicago: dso_fro
 test('a filter on update only, with changed contains "status" and old status not closed: closing a request transfers it once; inserting a closed one or editing a closed one does not', async () => {
   const e = await makeEnv(['sf', 'chicago'], REPAIR_REQUEST_SQL, ['repair_request'], {
     // whenToUpdate never: edits reach chicago only if the filter transfers again
-    mappings: [transferMapping('closed-to-chicago', ['sf', 'repair_request'], ['chicago', 'repair_request'], { transferMode: 'data-only', whenToUpdate: 'never' })],
+    mappings: [
+      transferMapping('closed-to-chicago', ['sf', 'repair_request'], ['chicago', 'repair_request'], {
+        transferMode: 'data-only',
+        whenToUpdate: 'never',
+      }),
+    ],
     filters: [
       {
         name: 'on-closing',
@@ -408,7 +535,10 @@ test('a filter on update only, with changed contains "status" and old status not
   const engine = e.engine();
   const onChicago = (id: string) => rowOf(e, 'chicago', 'repair_request', id);
 
-  await e.query('sf', `INSERT INTO repair_request (id, item, status) VALUES ('C-1', 'desk', 'closed'), ('O-1', 'chair', 'open'), ('O-2', 'lamp', 'open'), ('O-3', 'sofa', 'open')`);
+  await e.query(
+    'sf',
+    `INSERT INTO repair_request (id, item, status) VALUES ('C-1', 'desk', 'closed'), ('O-1', 'chair', 'open'), ('O-2', 'lamp', 'open'), ('O-3', 'sofa', 'open')`,
+  );
   // not a status change: no transfer
   await e.query('sf', `UPDATE repair_request SET description = 'edited while open' WHERE id = 'O-2'`);
   // the same status written again: nothing changed, no transfer
@@ -479,11 +609,21 @@ test('origin: a chicago filter on origin "sf" routes requests that came from sf\
   const engine = e.engine();
   await e.query('chicago', `INSERT INTO repair_request (id, item, description) VALUES ('CHI-1', 'desk', 'entered in chicago')`);
   await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ('SF-1', 'chair', 'entered in sf')`);
-  await until(engine, 'CHI-1 and SF-1 did not reach tokyo', async () => (await rowOf(e, 'tokyo', 'local_request', 'CHI-1')) && (await rowOf(e, 'tokyo', 'repair_request', 'SF-1')));
+  await until(
+    engine,
+    'CHI-1 and SF-1 did not reach tokyo',
+    async () => (await rowOf(e, 'tokyo', 'local_request', 'CHI-1')) && (await rowOf(e, 'tokyo', 'repair_request', 'SF-1')),
+  );
 
   const relayed = (await rowOf(e, 'tokyo', 'repair_request', 'SF-1'))!;
-  assert.deepEqual([relayed.description, relayed.dso_from_server, relayed.dso_from_mapping], ['entered in sf', 'chicago', 'relay-to-tokyo']);
-  assert.deepEqual((relayed.dso_mapping_history as Row[]).map((h) => `${h.fromServer}->${h.toServer}`), ['sf->chicago', 'chicago->tokyo']);
+  assert.deepEqual(
+    [relayed.description, relayed.dso_from_server, relayed.dso_from_mapping],
+    ['entered in sf', 'chicago', 'relay-to-tokyo'],
+  );
+  assert.deepEqual(
+    (relayed.dso_mapping_history as Row[]).map((h) => `${h.fromServer}->${h.toServer}`),
+    ['sf->chicago', 'chicago->tokyo'],
+  );
   const local = (await rowOf(e, 'tokyo', 'local_request', 'CHI-1'))!;
   assert.deepEqual([local.description, local.dso_from_server, local.dso_from_mapping], ['entered in chicago', 'chicago', 'local-to-tokyo']);
   assert.equal(await rowOf(e, 'tokyo', 'repair_request', 'CHI-1'), undefined, 'a request a chicago user entered has origin null');
@@ -491,7 +631,11 @@ test('origin: a chicago filter on origin "sf" routes requests that came from sf\
 
   // A chicago user changes the request that came from sf (chicago owns it now): origin null.
   await e.query('chicago', `UPDATE repair_request SET description = 'edited in chicago' WHERE id = 'SF-1'`);
-  await until(engine, 'the chicago edit of SF-1 was not routed as a local change', async () => (await rowOf(e, 'tokyo', 'local_request', 'SF-1'))?.description === 'edited in chicago');
+  await until(
+    engine,
+    'the chicago edit of SF-1 was not routed as a local change',
+    async () => (await rowOf(e, 'tokyo', 'local_request', 'SF-1'))?.description === 'edited in chicago',
+  );
   assert.equal((await rowOf(e, 'tokyo', 'repair_request', 'SF-1'))?.description, 'entered in sf', 'not relayed as coming from sf');
   await engine.stop();
 });
@@ -503,19 +647,32 @@ test('int8 and numeric columns compare as numbers: greaterThan a constant, great
   const targets = ['over_100', 'over_limit', 'equal_42', 'price_from_10_5'];
   const e = await makeEnv(
     ['sf', 'chicago'],
-    [`CREATE TABLE stock (id text PRIMARY KEY, qty bigint, lim bigint, price numeric(12,2))`, ...targets.map((t) => `CREATE TABLE ${t} (id text PRIMARY KEY, qty bigint, lim bigint, price numeric(12,2))`)].join(';\n'),
+    [
+      `CREATE TABLE stock (id text PRIMARY KEY, qty bigint, lim bigint, price numeric(12,2))`,
+      ...targets.map((t) => `CREATE TABLE ${t} (id text PRIMARY KEY, qty bigint, lim bigint, price numeric(12,2))`),
+    ].join(';\n'),
     ['stock', ...targets],
     {
       mappings: targets.map((t) => transferMapping(`to-${t}`, ['sf', 'stock'], ['chicago', t], { transferMode: 'data-only' })),
       filters: [
-        { name: 'over-100', on: on('sf', 'stock'), conditions: { all: [{ fact: 'row', path: '$.qty', operator: 'greaterThan', value: 100 }] }, actions: [{ type: 'transfer', mapping: 'to-over_100' }] },
+        {
+          name: 'over-100',
+          on: on('sf', 'stock'),
+          conditions: { all: [{ fact: 'row', path: '$.qty', operator: 'greaterThan', value: 100 }] },
+          actions: [{ type: 'transfer', mapping: 'to-over_100' }],
+        },
         {
           name: 'over-limit',
           on: on('sf', 'stock'),
           conditions: { all: [{ fact: 'row', path: '$.qty', operator: 'greaterThan', value: { fact: 'row', path: '$.lim' } }] },
           actions: [{ type: 'transfer', mapping: 'to-over_limit' }],
         },
-        { name: 'equal-42', on: on('sf', 'stock'), conditions: { all: [{ fact: 'row', path: '$.qty', operator: 'equal', value: 42 }] }, actions: [{ type: 'transfer', mapping: 'to-equal_42' }] },
+        {
+          name: 'equal-42',
+          on: on('sf', 'stock'),
+          conditions: { all: [{ fact: 'row', path: '$.qty', operator: 'equal', value: 42 }] },
+          actions: [{ type: 'transfer', mapping: 'to-equal_42' }],
+        },
         {
           name: 'price-from-10.5',
           on: on('sf', 'stock'),
@@ -527,15 +684,26 @@ test('int8 and numeric columns compare as numbers: greaterThan a constant, great
   );
   const engine = e.engine();
   // As text, "9" > "10" and "101" < "9": only a numeric comparison gets these right.
-  await e.query('sf', `INSERT INTO stock (id, qty, lim, price) VALUES
+  await e.query(
+    'sf',
+    `INSERT INTO stock (id, qty, lim, price) VALUES
     ('A', 42, 100, 10.50),
     ('B', 101, 9, 10.49),
     ('C', 9, 10, 1000.00),
     ('D', 9007199254740993, 9007199254740992, 9.99),
-    ('E', NULL, NULL, NULL)`);
+    ('E', NULL, NULL, NULL)`,
+  );
   // every row ends up in at least one target except E; wait for the last one (D) in each target it belongs to
   const idsIn = async (form: string) => (await e.query<{ id: string }>('chicago', `SELECT id FROM ${form} ORDER BY id`)).map((r) => r.id);
-  await until(engine, 'the stock rows were not routed', async () => (await idsIn('over_100')).includes('D') && (await idsIn('over_limit')).includes('D') && (await idsIn('price_from_10_5')).includes('C') && (await idsIn('equal_42')).includes('A'));
+  await until(
+    engine,
+    'the stock rows were not routed',
+    async () =>
+      (await idsIn('over_100')).includes('D') &&
+      (await idsIn('over_limit')).includes('D') &&
+      (await idsIn('price_from_10_5')).includes('C') &&
+      (await idsIn('equal_42')).includes('A'),
+  );
   // the last insert's transaction is applied as one: nothing more comes for it
   assert.deepEqual(await idsIn('over_100'), ['B', 'D'], 'qty > 100 (9007199254740993, beyond 2^53, too)');
   assert.deepEqual(await idsIn('over_limit'), ['B', 'D'], 'qty > lim as numbers (9 > 10 is false, 101 > 9 is true)');
@@ -559,13 +727,25 @@ test('a column whose type is a domain compares as its base type (a domain over b
     {
       mappings: [transferMapping('to-plenty', ['sf', 'stock'], ['chicago', 'plenty'], { transferMode: 'data-only' })],
       // `in` is strict: it matches only if the domain's values arrive as numbers, not text
-      filters: [{ name: 'listed', on: on('sf', 'stock'), conditions: { all: [{ fact: 'row', path: '$.qty', operator: 'in', value: [101, 1000] }] }, actions: [{ type: 'transfer', mapping: 'to-plenty' }] }],
+      filters: [
+        {
+          name: 'listed',
+          on: on('sf', 'stock'),
+          conditions: { all: [{ fact: 'row', path: '$.qty', operator: 'in', value: [101, 1000] }] },
+          actions: [{ type: 'transfer', mapping: 'to-plenty' }],
+        },
+      ],
     },
   );
   const engine = e.engine();
   await e.query('sf', `INSERT INTO stock VALUES ('small', 9), ('large', 101)`);
   await e.query('sf', `INSERT INTO stock VALUES ('barrier', 1000)`);
-  await waitFor(async () => (await e.query('chicago', `SELECT 1 FROM plenty WHERE id = 'barrier'`)).length === 1, { message: () => engine.output });
-  assert.deepEqual((await e.query<{ id: string }>('chicago', 'SELECT id FROM plenty ORDER BY id')).map((r) => r.id), ['barrier', 'large']);
+  await waitFor(async () => (await e.query('chicago', `SELECT 1 FROM plenty WHERE id = 'barrier'`)).length === 1, {
+    message: () => engine.output,
+  });
+  assert.deepEqual(
+    (await e.query<{ id: string }>('chicago', 'SELECT id FROM plenty ORDER BY id')).map((r) => r.id),
+    ['barrier', 'large'],
+  );
   await engine.stop();
 });

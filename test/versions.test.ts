@@ -45,14 +45,18 @@ function skipReason(major: number): string | false {
   if (providerName() !== 'embedded') return `the version matrix runs on embedded clusters only (provider: ${providerName()})`;
   // the devDependencies hold every major for linux-x64 only: there, a missing one is a failure
   const platform = `${process.platform}-${process.arch}`;
-  if (platform !== 'linux-x64' && !hasNativeBinaries(major)) return `no PostgreSQL ${major} binaries for ${platform} (the devDependencies have them for linux-x64)`;
+  if (platform !== 'linux-x64' && !hasNativeBinaries(major))
+    return `no PostgreSQL ${major} binaries for ${platform} (the devDependencies have them for linux-x64)`;
   return false;
 }
 
 after(leakCheck());
 
 for (const major of MAJORS) {
-  test(`PostgreSQL ${major}: deployed by a DBA, pgdso as a non-superuser routes a request with ownership, guards the read-only copy, and survives kill -9 mid-load with every row once`, { skip: skipReason(major), timeout: 180_000 }, async (t) => {
+  test(`PostgreSQL ${major}: deployed by a DBA, pgdso as a non-superuser routes a request with ownership, guards the read-only copy, and survives kill -9 mid-load with every row once`, {
+    skip: skipReason(major),
+    timeout: 180_000,
+  }, async (t) => {
     const started = Date.now();
     const phases: Record<string, number> = {};
     const mark = (phase: string) => (phases[phase] = Date.now() - started);
@@ -74,7 +78,9 @@ for (const major of MAJORS) {
     };
     const sfSuper = superuser(sfAdmin);
     const chicagoSuper = superuser(chicagoAdmin);
-    const [{ version }] = (await sfSuper.query<{ version: string }>(`SELECT current_setting('server_version_num') AS version`)).rows as [{ version: string }];
+    const [{ version }] = (await sfSuper.query<{ version: string }>(`SELECT current_setting('server_version_num') AS version`)).rows as [
+      { version: string },
+    ];
     assert.equal(Math.floor(Number(version) / 10_000), major, `sf runs PostgreSQL ${version}`);
 
     // The DBA's part: roles, grants, the application's tables.
@@ -85,13 +91,20 @@ for (const major of MAJORS) {
     const dir = await mkdtemp(path.join(os.tmpdir(), `pgdso-versions-${major}-`));
     await mkdir(path.join(dir, 'rules'));
     const configPath = path.join(dir, 'pgdso.config.json');
-    await writeFile(configPath, JSON.stringify({
-      servers: { sf: { connection: deployed.sf!.pgdsoUrl }, chicago: { connection: deployed.chicago!.pgdsoUrl } },
-      rules: ['rules/*.json'],
-      // heartbeats (pg_logical_emit_message) run as pgdso too
-      pending: { heartbeatSeconds: 1, retry: { firstSeconds: 0.2, maxSeconds: 1 } },
-      http: { port: 0 },
-    }, null, 2));
+    await writeFile(
+      configPath,
+      JSON.stringify(
+        {
+          servers: { sf: { connection: deployed.sf!.pgdsoUrl }, chicago: { connection: deployed.chicago!.pgdsoUrl } },
+          rules: ['rules/*.json'],
+          // heartbeats (pg_logical_emit_message) run as pgdso too
+          pending: { heartbeatSeconds: 1, retry: { firstSeconds: 0.2, maxSeconds: 1 } },
+          http: { port: 0 },
+        },
+        null,
+        2,
+      ),
+    );
     // the environment's pools are the application's sessions; the config is pgdso's
     env = new DsoEnv(dir, configPath, { sf: deployed.sf!.appUrl, chicago: deployed.chicago!.appUrl });
     const e = env;
@@ -109,11 +122,18 @@ for (const major of MAJORS) {
     await Promise.all(['sf', 'chicago'].map((server) => cli(['forms', 'enable', '--server', server, '--form', 'repair_request'])));
     await cli(['rules', 'check']);
     mark('migrate, forms enable, rules check');
-    for (const [server, pool] of [['sf', sfSuper], ['chicago', chicagoSuper]] as const) {
+    for (const [server, pool] of [
+      ['sf', sfSuper],
+      ['chicago', chicagoSuper],
+    ] as const) {
       const { rows } = await pool.query<{ owner: string; superuser: boolean }>(
         `SELECT c.relowner::regrole::text AS owner, (SELECT rolsuper FROM pg_roles WHERE rolname = 'pgdso') AS superuser FROM pg_class c WHERE c.oid = 'public.repair_request'::regclass`,
       );
-      assert.deepEqual(rows[0], { owner: 'dso_app', superuser: false }, `${server}: the form stays the application's, pgdso is no superuser`);
+      assert.deepEqual(
+        rows[0],
+        { owner: 'dso_app', superuser: false },
+        `${server}: the form stays the application's, pgdso is no superuser`,
+      );
     }
 
     let engine: EngineProcess = e.engine();
@@ -122,39 +142,64 @@ for (const major of MAJORS) {
 
     // A chair moves to chicago with ownership; a desk stays.
     await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ('V-1', 'chair', 'squeaks'), ('V-2', 'desk', 'wobbly')`);
-    await until(engine, 'V-1 did not move to chicago with ownership', async () => (await copyOf(e, 'chicago', 'V-1'))?.dso_master === true && (await copyOf(e, 'sf', 'V-1'))?.dso_master === false, 30_000);
+    await until(
+      engine,
+      'V-1 did not move to chicago with ownership',
+      async () => (await copyOf(e, 'chicago', 'V-1'))?.dso_master === true && (await copyOf(e, 'sf', 'V-1'))?.dso_master === false,
+      30_000,
+    );
     assert.equal((await copyOf(e, 'chicago', 'V-1'))?.dso_from_server, 'sf');
-    assert.deepEqual([(await copyOf(e, 'sf', 'V-1'))?.dso_transfer_status, (await copyOf(e, 'sf', 'V-1'))?.dso_current_server], ['success', 'chicago']);
+    assert.deepEqual(
+      [(await copyOf(e, 'sf', 'V-1'))?.dso_transfer_status, (await copyOf(e, 'sf', 'V-1'))?.dso_current_server],
+      ['success', 'chicago'],
+    );
     assert.equal((await copyOf(e, 'sf', 'V-2'))?.dso_master, true);
     assert.equal(await copyOf(e, 'chicago', 'V-2'), undefined);
 
     // The sf copy is read-only for the application; the chicago copy is its to change, and the
     // change comes back to sf.
-    await assert.rejects(e.query('sf', `UPDATE repair_request SET status = 'mine' WHERE id = 'V-1'`), (err: { code?: string; message?: string }) => {
-      assert.equal(err.code, 'P0001');
-      assert.equal(err.message, 'pgdso: request V-1 of repair_request is owned by chicago');
-      return true;
-    });
+    await assert.rejects(
+      e.query('sf', `UPDATE repair_request SET status = 'mine' WHERE id = 'V-1'`),
+      (err: { code?: string; message?: string }) => {
+        assert.equal(err.code, 'P0001');
+        assert.equal(err.message, 'pgdso: request V-1 of repair_request is owned by chicago');
+        return true;
+      },
+    );
     await e.query('chicago', `UPDATE repair_request SET status = 'in progress' WHERE id = 'V-1'`);
-    await until(engine, 'the change of the master on chicago did not reach the sf copy', async () => (await copyOf(e, 'sf', 'V-1'))?.status === 'in progress');
+    await until(
+      engine,
+      'the change of the master on chicago did not reach the sf copy',
+      async () => (await copyOf(e, 'sf', 'V-1'))?.status === 'in progress',
+    );
     mark('routing and guard');
 
     // kill -9 during a 2,000-row load; the load goes on while the engine is down.
-    const chicagoLoadRows = async () => Number((await e.query<{ n: string }>('chicago', `SELECT count(*) AS n FROM repair_request WHERE id LIKE 'L-%'`))[0]!.n);
+    const chicagoLoadRows = async () =>
+      Number((await e.query<{ n: string }>('chicago', `SELECT count(*) AS n FROM repair_request WHERE id LIKE 'L-%'`))[0]!.n);
     let killed!: () => void;
     const killedPromise = new Promise<void>((resolve) => (killed = resolve));
     const load = (async () => {
       for (let k = 0; k < LOAD_TRANSACTIONS; k++) {
         if (k === GATE_AT) await killedPromise;
-        await e.query('sf', `INSERT INTO repair_request (id, item, description)
-          SELECT 'L-' || lpad(g::text, 5, '0'), 'chair', md5(g::text) FROM generate_series($1::int, $2::int) g`, [k * PER_TRANSACTION, (k + 1) * PER_TRANSACTION - 1]);
+        await e.query(
+          'sf',
+          `INSERT INTO repair_request (id, item, description)
+          SELECT 'L-' || lpad(g::text, 5, '0'), 'chair', md5(g::text) FROM generate_series($1::int, $2::int) g`,
+          [k * PER_TRANSACTION, (k + 1) * PER_TRANSACTION - 1],
+        );
       }
     })();
     load.catch(() => undefined);
-    const atKill = await until(engine, 'chicago received no rows of the load', async () => {
-      const n = await chicagoLoadRows();
-      return n >= 300 ? n : 0;
-    }, 60_000).catch(async (err) => {
+    const atKill = await until(
+      engine,
+      'chicago received no rows of the load',
+      async () => {
+        const n = await chicagoLoadRows();
+        return n >= 300 ? n : 0;
+      },
+      60_000,
+    ).catch(async (err) => {
       killed();
       await load.catch(() => undefined);
       throw err;
@@ -167,10 +212,19 @@ for (const major of MAJORS) {
 
     engine = e.engine();
     engines.push(engine);
-    await waitFor(async () => {
-      const [row] = await e.query<{ n: string }>('sf', `SELECT count(*) AS n FROM repair_request WHERE id LIKE 'L-%' AND dso_transfer_status = 'success' AND NOT dso_master`);
-      return Number(row!.n) === LOAD_TOTAL && (await chicagoLoadRows()) === LOAD_TOTAL;
-    }, { timeoutMs: 120_000, message: () => `not every row of the load arrived after the restart (killed at ${atKill} rows on chicago):\n${outputs()}` });
+    await waitFor(
+      async () => {
+        const [row] = await e.query<{ n: string }>(
+          'sf',
+          `SELECT count(*) AS n FROM repair_request WHERE id LIKE 'L-%' AND dso_transfer_status = 'success' AND NOT dso_master`,
+        );
+        return Number(row!.n) === LOAD_TOTAL && (await chicagoLoadRows()) === LOAD_TOTAL;
+      },
+      {
+        timeoutMs: 120_000,
+        message: () => `not every row of the load arrived after the restart (killed at ${atKill} rows on chicago):\n${outputs()}`,
+      },
+    );
     await settled(e, engine); // nothing left to replay
     mark('caught up');
 
@@ -178,19 +232,32 @@ for (const major of MAJORS) {
     const port = await until(engine, 'no HTTP port in the engine output', () => /"httpPort":(\d+)/.exec(engine.output)?.[1]);
     await until(engine, 'no heartbeat on sf and chicago', async () => {
       const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-      return ['sf', 'chicago'].every((server) => Number(new RegExp(`^pgdso_heartbeats_total\\{server="${server}"\\} (\\d+)`, 'm').exec(metrics)?.[1]) > 0);
+      return ['sf', 'chicago'].every(
+        (server) => Number(new RegExp(`^pgdso_heartbeats_total\\{server="${server}"\\} (\\d+)`, 'm').exec(metrics)?.[1]) > 0,
+      );
     });
 
     // Every row written once on chicago, by pgdso, as an insert.
-    const { rows: [log] } = await chicagoSuper.query<{ ids: string; writes: string; twice: string; other: string }>(
+    const {
+      rows: [log],
+    } = await chicagoSuper.query<{ ids: string; writes: string; twice: string; other: string }>(
       `SELECT count(DISTINCT id) AS ids, count(*) AS writes,
               count(DISTINCT id) FILTER (WHERE id IN (SELECT id FROM write_log WHERE id LIKE 'L-%' GROUP BY id HAVING count(*) > 1)) AS twice,
               count(*) FILTER (WHERE op <> 'INSERT' OR by_role <> 'pgdso') AS other
          FROM write_log WHERE id LIKE 'L-%'`,
     );
-    assert.deepEqual(log, { ids: String(LOAD_TOTAL), writes: String(LOAD_TOTAL), twice: '0', other: '0' }, `chicago's write log of the load (killed at ${atKill} rows)`);
-    for (const [server, pool] of [['sf', sfSuper], ['chicago', chicagoSuper]] as const) {
-      const { rows } = await pool.query<{ pending: string; errors: string }>(`SELECT (SELECT count(*) FROM pgdso.pending) AS pending, (SELECT count(*) FROM pgdso.pending_errors) AS errors`);
+    assert.deepEqual(
+      log,
+      { ids: String(LOAD_TOTAL), writes: String(LOAD_TOTAL), twice: '0', other: '0' },
+      `chicago's write log of the load (killed at ${atKill} rows)`,
+    );
+    for (const [server, pool] of [
+      ['sf', sfSuper],
+      ['chicago', chicagoSuper],
+    ] as const) {
+      const { rows } = await pool.query<{ pending: string; errors: string }>(
+        `SELECT (SELECT count(*) FROM pgdso.pending) AS pending, (SELECT count(*) FROM pgdso.pending_errors) AS errors`,
+      );
       assert.deepEqual(rows[0], { pending: '0', errors: '0' }, `pgdso.pending and pending_errors on ${server}`);
     }
     assert.equal(await engine.stop(), 0, `the engine did not stop cleanly:\n${engine.output.slice(-5000)}`);

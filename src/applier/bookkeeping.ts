@@ -115,7 +115,8 @@ export class SourceBookkeeping implements OpGroup<never> {
     // The target's engine may act on its new copy before this step runs, and write back: a
     // return or a transfer back (ownership here again: a longer history whose last hop came
     // here), or where the master went next (dso_current_server changed). Its news stands.
-    const ownedAgain = (here: string) => `(s.dso_master AND jsonb_array_length(s.dso_mapping_history) > t.hops AND s.dso_mapping_history -> -1 ->> 'toServer' = ${here})`;
+    const ownedAgain = (here: string) =>
+      `(s.dso_master AND jsonb_array_length(s.dso_mapping_history) > t.hops AND s.dso_mapping_history -> -1 ->> 'toServer' = ${here})`;
     const masterMoved = '(s.dso_current_server IS DISTINCT FROM t.cur)';
     const match = `FROM done t WHERE s.${key} = t.rid::${form.keyType}`;
     if (this.outcome.op === 'transfer' && mapping.afterTransfer === 'delete') {
@@ -169,7 +170,12 @@ export class SourceBookkeeping implements OpGroup<never> {
   }
 }
 
-const STATUS_COLUMN: Readonly<Record<OpType, string | null>> = { transfer: 'dso_transfer_status', return: 'dso_transfer_status', update: 'dso_update_status', delete: null };
+const STATUS_COLUMN: Readonly<Record<OpType, string | null>> = {
+  transfer: 'dso_transfer_status',
+  return: 'dso_transfer_status',
+  update: 'dso_update_status',
+  delete: null,
+};
 
 /**
  * Records failures in the source's pending_errors, idempotently (a replay records nothing
@@ -178,9 +184,18 @@ const STATUS_COLUMN: Readonly<Record<OpType, string | null>> = { transfer: 'dso_
 export async function recordErrors(client: pg.ClientBase, failures: readonly ApplyFailure[]): Promise<void> {
   if (failures.length === 0) return;
   const rows = failures.map((f) => ({
-    pool: f.mapping.pool, type: f.type, mapping: f.mapping.name, form: `${f.source.schema}.${f.source.table}`,
-    request_id: f.requestId, target_server: f.targetServer, target_form: f.payload.targetForm ?? null, target_key: f.payload.targetKey ?? null,
-    payload: f.payload, error: f.error, sqlstate: f.sqlstate, source_lsn: formatLsn(f.lsn),
+    pool: f.mapping.pool,
+    type: f.type,
+    mapping: f.mapping.name,
+    form: `${f.source.schema}.${f.source.table}`,
+    request_id: f.requestId,
+    target_server: f.targetServer,
+    target_form: f.payload.targetForm ?? null,
+    target_key: f.payload.targetKey ?? null,
+    payload: f.payload,
+    error: f.error,
+    sqlstate: f.sqlstate,
+    source_lsn: formatLsn(f.lsn),
   }));
   await client.query(
     `INSERT INTO pgdso.pending_errors (pool, type, mapping, form, request_id, target_server, target_form, target_key, payload, status, attempts, last_error, error, sqlstate, source_lsn)

@@ -21,7 +21,11 @@ export class LaneBuffer<F> {
   /** the operations of the change being staged (see stage()) */
   private staged: { table: string; requestId: string; token: string; ops: Staged<OpGroup<F>>[] } | null = null;
 
-  constructor(readonly lane: ApplyLane<F>, private readonly chunkRows: number, private readonly hold = false) {}
+  constructor(
+    readonly lane: ApplyLane<F>,
+    private readonly chunkRows: number,
+    private readonly hold = false,
+  ) {}
 
   /** The open group `groupKey` (created if needed), ready to take an operation on a request. */
   group<G extends OpGroup<F>>(groupKey: string, table: string, requestId: string, create: () => G): G {
@@ -46,7 +50,14 @@ export class LaneBuffer<F> {
    * groups, and the change's groups run in the change's order. Else the open groups are closed
    * first. So a change sent to several targets (a broadcast) does not split the groups.
    */
-  stage<G extends OpGroup<F>>(token: string, groupKey: string, table: string, requestId: string, create: () => G, add: (group: G) => void): void {
+  stage<G extends OpGroup<F>>(
+    token: string,
+    groupKey: string,
+    table: string,
+    requestId: string,
+    create: () => G,
+    add: (group: G) => void,
+  ): void {
     const s = this.staged;
     if (!s || s.token !== token || s.requestId !== requestId || s.table !== table) {
       this.commitStaged();

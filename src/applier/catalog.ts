@@ -37,6 +37,14 @@ export async function describeFormColumns(client: pg.ClientBase, schema: string,
     [schema, table],
   );
   const columns = new Map<string, ColumnInfo>();
-  for (const row of res.rows) columns.set(row.name, { name: row.name, type: row.type, castType: row.cast_type, notNull: row.not_null, hasDefault: row.has_default, generated: row.generated });
+  for (const row of res.rows)
+    columns.set(row.name, {
+      name: row.name,
+      type: row.type,
+      castType: row.cast_type,
+      notNull: row.not_null,
+      hasDefault: row.has_default,
+      generated: row.generated,
+    });
   return { ...info, columns };
 }

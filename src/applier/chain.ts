@@ -12,7 +12,15 @@ import { qualified, quoteIdent } from '../sql/identifiers.ts';
 import { classifyError } from './errors.ts';
 import type { ColumnPlan } from './plan.ts';
 import type { FormCatalog } from './catalog.ts';
-import { RequestGroup, applyIsolating, boolArrayLiteral, parseJsonOr, sameRequestSql, textArrayLiteral, type ApplyFailure } from './sets.ts';
+import {
+  RequestGroup,
+  applyIsolating,
+  boolArrayLiteral,
+  parseJsonOr,
+  sameRequestSql,
+  textArrayLiteral,
+  type ApplyFailure,
+} from './sets.ts';
 
 /** A mapping used in one direction, with the columns it carries that way. */
 export interface Link {
@@ -110,7 +118,12 @@ export class CopyUpdateGroup extends RequestGroup<CopyUpdate> {
   }
 
   async execute(client: pg.ClientBase): Promise<ApplyFailure[]> {
-    return applyIsolating(client, [...this.rows.values()], (rows) => this.applyRows(client, rows), (row, err) => this.failure(row, classifyError(err)));
+    return applyIsolating(
+      client,
+      [...this.rows.values()],
+      (rows) => this.applyRows(client, rows),
+      (row, err) => this.failure(row, classifyError(err)),
+    );
   }
 
   private async applyRows(client: pg.ClientBase, rows: CopyUpdate[]): Promise<ApplyFailure[]> {
@@ -136,7 +149,12 @@ export class CopyUpdateGroup extends RequestGroup<CopyUpdate> {
     const { target } = this.link.plan;
     return rows
       .filter((row) => !found.has(row.requestId))
-      .map((row) => this.failure(row, { sqlstate: null, message: `${this.link.server}.${target.table} has no copy of this request (request ID ${row.targetKey}): it was deleted there, or never transferred` }));
+      .map((row) =>
+        this.failure(row, {
+          sqlstate: null,
+          message: `${this.link.server}.${target.table} has no copy of this request (request ID ${row.targetKey}): it was deleted there, or never transferred`,
+        }),
+      );
   }
 
   private failure(row: CopyUpdate, err: { sqlstate: string | null; message: string }): ApplyFailure {
@@ -151,7 +169,13 @@ export class CopyUpdateGroup extends RequestGroup<CopyUpdate> {
       targetServer: this.link.server,
       requestId: row.requestId,
       lsn: row.lsn,
-      payload: { target, values, ...(row.current ? { current: row.current } : {}), ...(row.master !== null ? { master: row.master } : {}), ...(row.newHistory ? { history: parseJsonOr(row.newHistory) } : {}) },
+      payload: {
+        target,
+        values,
+        ...(row.current ? { current: row.current } : {}),
+        ...(row.master !== null ? { master: row.master } : {}),
+        ...(row.newHistory ? { history: parseJsonOr(row.newHistory) } : {}),
+      },
       error: `mapping "${mapping.name}": ${this.kind === 'return' ? 'return' : 'update'} of request ${row.requestId} to ${target}: ${err.message}`,
       sqlstate: err.sqlstate,
     };
@@ -167,7 +191,11 @@ export interface CopyDelete {
 
 /** Deletes of copies along one link (a copy already gone is not an error). */
 export class CopyDeleteGroup extends RequestGroup<CopyDelete> {
-  constructor(readonly link: Link, private readonly source: FormInfo, private readonly sourceServer: string) {
+  constructor(
+    readonly link: Link,
+    private readonly source: FormInfo,
+    private readonly sourceServer: string,
+  ) {
     super(`${link.plan.target.schema}.${link.plan.target.table}`);
   }
 
@@ -183,7 +211,13 @@ export class CopyDeleteGroup extends RequestGroup<CopyDelete> {
                         FROM unnest($1::text[], $2::text[], $3::text[]) AS u(k, rid, h))
            DELETE FROM ${qualified(target.schema, target.table)} t USING u
             WHERE t.${key} = u.k::${target.keyType} AND ${sameRequestSql(target.keyColumn, '$5', 'u.rs', 'u.ri')}`,
-          [textArrayLiteral(rows.map((r) => r.targetKey)), textArrayLiteral(rows.map((r) => r.requestId)), textArrayLiteral(rows.map((r) => r.history)), this.sourceServer, this.link.server],
+          [
+            textArrayLiteral(rows.map((r) => r.targetKey)),
+            textArrayLiteral(rows.map((r) => r.requestId)),
+            textArrayLiteral(rows.map((r) => r.history)),
+            this.sourceServer,
+            this.link.server,
+          ],
         );
         return [];
       },

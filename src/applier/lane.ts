@@ -194,7 +194,10 @@ export class ApplyLane<F = unknown> {
       } catch (err) {
         const sqlstate = sqlstateOf(err);
         if ((sqlstate !== '40P01' && sqlstate !== '40001') || attempt >= attempts) throw err;
-        this.opts.log.info({ lane: this.name, sqlstate, attempt }, 'transaction rolled back by a lock conflict (deadlock or serialization failure): running it again');
+        this.opts.log.info(
+          { lane: this.name, sqlstate, attempt },
+          'transaction rolled back by a lock conflict (deadlock or serialization failure): running it again',
+        );
       }
     }
   }

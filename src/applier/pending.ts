@@ -91,11 +91,25 @@ const SUPERSEDES_SQL = `concat_ws(':', p.payload ->> 'group', coalesce(p.payload
  * Writes a batch's operations for one target server, in order. The first operation of each
  * request in the batch drops the request's last queued one when it supersedes it.
  */
-export async function enqueue(client: pg.ClientBase, entries: readonly PendingEntry[], status: { nextAttemptAt: Date; lastError: string | null }): Promise<void> {
+export async function enqueue(
+  client: pg.ClientBase,
+  entries: readonly PendingEntry[],
+  status: { nextAttemptAt: Date; lastError: string | null },
+): Promise<void> {
   if (entries.length === 0) return;
   const rows = entries.map((e, ord) => ({
-    ord, pool: e.mapping.pool, type: e.type, mapping: e.mapping.name, form: e.op.form, request_id: e.op.requestId,
-    target_server: e.targetServer, target_form: e.targetForm, target_key: e.op.targetKey, payload: e.op, source_lsn: e.op.lsn, sup: supersedes(e.op),
+    ord,
+    pool: e.mapping.pool,
+    type: e.type,
+    mapping: e.mapping.name,
+    form: e.op.form,
+    request_id: e.op.requestId,
+    target_server: e.targetServer,
+    target_form: e.targetForm,
+    target_key: e.op.targetKey,
+    payload: e.op,
+    source_lsn: e.op.lsn,
+    sup: supersedes(e.op),
   }));
   await client.query(
     `WITH q AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS q(ord int, pool text, type text, mapping text, form text, request_id text, target_server text, target_form text, target_key text, payload jsonb, source_lsn text, sup text)),
@@ -124,9 +138,16 @@ export async function queuedRequests(client: pg.ClientBase): Promise<Map<string,
 }
 
 /** The next queued operations for a target server, oldest first. */
-export async function nextQueued(client: pg.ClientBase, server: string, limit: number): Promise<{ id: string; op: QueuedOp; mapping: string }[]> {
+export async function nextQueued(
+  client: pg.ClientBase,
+  server: string,
+  limit: number,
+): Promise<{ id: string; op: QueuedOp; mapping: string }[]> {
   // ORDER BY p.id, the bigint: `id` alone would be the text output column, and "55" > "5499"
-  const res = await client.query(`SELECT p.id::text AS id, p.payload, p.mapping FROM pgdso.pending p WHERE p.target_server = $1 ORDER BY p.id LIMIT $2`, [server, limit]);
+  const res = await client.query(
+    `SELECT p.id::text AS id, p.payload, p.mapping FROM pgdso.pending p WHERE p.target_server = $1 ORDER BY p.id LIMIT $2`,
+    [server, limit],
+  );
   return res.rows.map((r: { id: string; payload: QueuedOp; mapping: string }) => ({ id: r.id, op: r.payload, mapping: r.mapping }));
 }
 
@@ -145,7 +166,11 @@ export async function stillQueued(client: pg.ClientBase, server: string, keys: r
  * A target server's delivery attempts (pgdso.pending_targets: one row per server, whatever the
  * length of its queue); `null` when it is reachable again.
  */
-export async function recordAttempt(client: pg.ClientBase, server: string, attempt: { attempts: number; downSince: Date; nextAttemptAt: Date; error: string } | null): Promise<void> {
+export async function recordAttempt(
+  client: pg.ClientBase,
+  server: string,
+  attempt: { attempts: number; downSince: Date; nextAttemptAt: Date; error: string } | null,
+): Promise<void> {
   if (!attempt) {
     await client.query(`DELETE FROM pgdso.pending_targets WHERE target_server = $1`, [server]);
     return;

@@ -29,7 +29,10 @@ export interface ColumnPlan {
 
 /** Columns a mapping names that do not exist; `pointer` is relative to the mapping. */
 export class PlanError extends Error {
-  constructor(readonly mappingName: string, readonly problems: readonly { pointer: string; message: string }[]) {
+  constructor(
+    readonly mappingName: string,
+    readonly problems: readonly { pointer: string; message: string }[],
+  ) {
     super(`mapping "${mappingName}": ${problems.map((p) => p.message).join('; ')}`);
   }
 }
@@ -43,7 +46,12 @@ export function constantText(value: unknown): string | null {
 }
 
 /** Builds the plan; throws PlanError naming every column that does not exist. */
-export function buildColumnPlan(mapping: MappingConfig, sourceColumns: readonly string[], sourceKey: string, target: FormCatalog): ColumnPlan {
+export function buildColumnPlan(
+  mapping: MappingConfig,
+  sourceColumns: readonly string[],
+  sourceKey: string,
+  target: FormCatalog,
+): ColumnPlan {
   const problems: { pointer: string; message: string }[] = [];
   const source = new Set(sourceColumns);
   const planned = new Map<string, PlannedColumn>();
@@ -59,24 +67,60 @@ export function buildColumnPlan(mapping: MappingConfig, sourceColumns: readonly 
       else if (column.generated) notCarried.push({ column: name, reason: 'generated' });
     }
     for (const column of target.columns.values()) {
-      if (skip(column.name) || column.generated || !source.has(column.name) || mapping.fields.exclude.includes(column.name) || column.name === sourceKey) continue;
-      planned.set(column.name, { target: column.name, type: column.type, castType: column.castType, from: { kind: 'column', column: column.name } });
+      if (
+        skip(column.name) ||
+        column.generated ||
+        !source.has(column.name) ||
+        mapping.fields.exclude.includes(column.name) ||
+        column.name === sourceKey
+      )
+        continue;
+      planned.set(column.name, {
+        target: column.name,
+        type: column.type,
+        castType: column.castType,
+        from: { kind: 'column', column: column.name },
+      });
     }
   }
-  const generated = (pointer: string, name: string) => problems.push({ pointer, message: `column "${name}" is a generated column on ${targetName}: it is computed there and cannot be written` });
+  const generated = (pointer: string, name: string) =>
+    problems.push({
+      pointer,
+      message: `column "${name}" is a generated column on ${targetName}: it is computed there and cannot be written`,
+    });
   for (const [targetColumn, sourceColumn] of Object.entries(mapping.fields.map)) {
     const column = target.columns.get(targetColumn);
     const pointer = `/fields/map/${escapePointer(targetColumn)}`;
     if (!column) problems.push({ pointer, message: `column "${targetColumn}" does not exist on ${targetName}` });
-    if (!source.has(sourceColumn)) problems.push({ pointer, message: `source column "${sourceColumn}" does not exist on ${mapping.from.server}.${mapping.from.schema}.${mapping.from.table}` });
+    if (!source.has(sourceColumn))
+      problems.push({
+        pointer,
+        message: `source column "${sourceColumn}" does not exist on ${mapping.from.server}.${mapping.from.schema}.${mapping.from.table}`,
+      });
     if (column?.generated) generated(pointer, targetColumn);
-    else if (column && source.has(sourceColumn) && !skip(targetColumn)) planned.set(targetColumn, { target: targetColumn, type: column.type, castType: column.castType, from: { kind: 'column', column: sourceColumn } });
+    else if (column && source.has(sourceColumn) && !skip(targetColumn))
+      planned.set(targetColumn, {
+        target: targetColumn,
+        type: column.type,
+        castType: column.castType,
+        from: { kind: 'column', column: sourceColumn },
+      });
   }
   for (const [targetColumn, value] of Object.entries(mapping.fields.set)) {
     const column = target.columns.get(targetColumn);
-    if (!column) problems.push({ pointer: `/fields/set/${escapePointer(targetColumn)}`, message: `column "${targetColumn}" does not exist on ${targetName}` });
+    if (!column)
+      problems.push({
+        pointer: `/fields/set/${escapePointer(targetColumn)}`,
+        message: `column "${targetColumn}" does not exist on ${targetName}`,
+      });
     else if (column.generated) generated(`/fields/set/${escapePointer(targetColumn)}`, targetColumn);
-    else if (!skip(targetColumn)) planned.set(targetColumn, { target: targetColumn, type: column.type, castType: column.castType, from: { kind: 'constant', text: constantText(value) } });
+    else if (!skip(targetColumn))
+      planned.set(targetColumn, {
+        target: targetColumn,
+        type: column.type,
+        castType: column.castType,
+        from: { kind: 'constant', text: constantText(value) },
+      });
   }
   if (problems.length) throw new PlanError(mapping.name, problems);
   return { mapping, target, columns: [...planned.values()], notCarried };

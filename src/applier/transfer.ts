@@ -54,20 +54,21 @@ function transferStatements(plan: ColumnPlan): TransferStatements {
   const casts = plan.columns.map((c, i) => `u.c${i}::${c.castType}`);
   const arrays = plan.columns.map((_, i) => `$${i + 1}::text[]`);
   const cols = plan.columns.map((_, i) => `c${i}`);
-  const dsoValues = (p: (k: number) => string) => [
-    ['dso_master', `${p(1)}::boolean`],
-    ['dso_current_server', `${p(2)}::text`],
-    ['dso_current_form', `${p(3)}::text`],
-    ['dso_from_server', `${p(4)}::text`],
-    ['dso_from_form', `${p(5)}::text`],
-    ['dso_from_request_id', 'u.rid'],
-    ['dso_from_mapping', `${p(6)}::text`],
-    ['dso_mapping_history', 'u.hist::jsonb'],
-    ['dso_to_server', 'NULL::text'],
-    ['dso_to_form', 'NULL::text'],
-    ['dso_to_request_id', 'NULL::text'],
-    ['dso_to_mapping', 'NULL::text'],
-  ] as const;
+  const dsoValues = (p: (k: number) => string) =>
+    [
+      ['dso_master', `${p(1)}::boolean`],
+      ['dso_current_server', `${p(2)}::text`],
+      ['dso_current_form', `${p(3)}::text`],
+      ['dso_from_server', `${p(4)}::text`],
+      ['dso_from_form', `${p(5)}::text`],
+      ['dso_from_request_id', 'u.rid'],
+      ['dso_from_mapping', `${p(6)}::text`],
+      ['dso_mapping_history', 'u.hist::jsonb'],
+      ['dso_to_server', 'NULL::text'],
+      ['dso_to_form', 'NULL::text'],
+      ['dso_to_request_id', 'NULL::text'],
+      ['dso_to_mapping', 'NULL::text'],
+    ] as const;
   const insertInto = (withKey: boolean, dso: ReturnType<typeof dsoValues>) =>
     `INSERT INTO ${table} AS t (${[...(withKey ? [key] : []), ...dataColumns, ...dso.map(([name]) => quoteIdent(name)), 'dso_synced_version'].join(', ')})
 SELECT ${[...(withKey ? [`u.rid::${target.keyType}`] : []), ...casts, ...dso.map(([, value]) => value), '1'].join(', ')}`;
@@ -92,8 +93,15 @@ RETURNING t.${key}::text AS key, t.dso_from_request_id AS rid`;
   // compare as the target type's text (json, point, xml have no equality operator).
   // Where a copy was sent (dso_to_*) is not news either. With ownership, a new hop is: the
   // ownership moves, even when the values do not change (loop detection stops a loop).
-  const compared = updatedDso.filter(([name]) => !name.startsWith('dso_to_') && (name !== 'dso_mapping_history' || mapping.transferMode === 'data+ownership'));
-  const sameRequest = sameRequestSql(target.keyColumn, `${p(11)}`, `(u.hist::jsonb -> 0 ->> 'fromServer')`, `(u.hist::jsonb -> 0 ->> 'fromRequestId')`);
+  const compared = updatedDso.filter(
+    ([name]) => !name.startsWith('dso_to_') && (name !== 'dso_mapping_history' || mapping.transferMode === 'data+ownership'),
+  );
+  const sameRequest = sameRequestSql(
+    target.keyColumn,
+    `${p(11)}`,
+    `(u.hist::jsonb -> 0 ->> 'fromServer')`,
+    `(u.hist::jsonb -> 0 ->> 'fromRequestId')`,
+  );
   let match: string;
   // changed since the last sync; a copy never synced (an original whose bookkeeping has not run
   // yet, a request created here) holds local changes too
@@ -112,7 +120,12 @@ RETURNING t.${key}::text AS key, t.dso_from_request_id AS rid`;
   } else {
     match = `t.${key} = u.tkey::${target.keyType} AND ${sameRequest}`;
   }
-  const kept = mapping.conflict === 'target-wins' ? 'true' : mapping.conflict === 'newer-wins' ? `t.dso_modified_at > coalesce(u.mods::timestamptz, '-infinity')` : 'false';
+  const kept =
+    mapping.conflict === 'target-wins'
+      ? 'true'
+      : mapping.conflict === 'newer-wins'
+        ? `t.dso_modified_at > coalesce(u.mods::timestamptz, '-infinity')`
+        : 'false';
   const upsert = `WITH u AS (SELECT *, ${p(11)}::text AS here FROM unnest(${[...arrays, ...[1, 2, 3, 4].map((k) => `${p(k)}::text[]`)].join(', ')}) AS u(${[...cols, 'rid', 'hist', 'tkey', 'mods'].join(', ')})),
 f AS (SELECT u.rid, t.${key}::text AS key, c.conflicted, c.conflicted AND (${kept}) AS kept, CASE WHEN c.conflicted THEN to_jsonb(t) END AS local
         FROM u JOIN ${table} t ON ${match}
@@ -148,7 +161,11 @@ export class TransferGroup extends RequestGroup<TransferRow> {
    * `assigned` receives the target keys that differ from the request ID (new-id, match by
    * fields), for the source copy's dso_to_request_id.
    */
-  constructor(readonly plan: ColumnPlan, private readonly source: FormInfo, private readonly assigned: Map<string, string>) {
+  constructor(
+    readonly plan: ColumnPlan,
+    private readonly source: FormInfo,
+    private readonly assigned: Map<string, string>,
+  ) {
     super(`${plan.target.schema}.${plan.target.table}`);
   }
 
@@ -159,7 +176,12 @@ export class TransferGroup extends RequestGroup<TransferRow> {
   }
 
   async execute(client: pg.ClientBase): Promise<ApplyFailure[]> {
-    return applyIsolating(client, [...this.rows.values()], (rows) => this.applyRows(client, rows), (row, err) => this.failure(row, err));
+    return applyIsolating(
+      client,
+      [...this.rows.values()],
+      (rows) => this.applyRows(client, rows),
+      (row, err) => this.failure(row, err),
+    );
   }
 
   private columnArrays(rows: TransferRow[]): string[] {
@@ -187,9 +209,16 @@ export class TransferGroup extends RequestGroup<TransferRow> {
     ];
     const sql = transferStatements(plan);
     // (matched by fields, a new request may still have a copy under another ID: no fast path)
-    if (this.plainInsert && mapping.match === 'request-id' && (await this.tryInsert(client, sql.insert, [...arrays, ids, histories, ...scalars]))) return [];
+    if (
+      this.plainInsert &&
+      mapping.match === 'request-id' &&
+      (await this.tryInsert(client, sql.insert, [...arrays, ids, histories, ...scalars]))
+    )
+      return [];
     const result = await client.query(sql.upsert, [
-      ...arrays, ids, histories,
+      ...arrays,
+      ids,
+      histories,
       textArrayLiteral(rows.map((r) => r.targetKey)),
       textArrayLiteral(rows.map((r) => r.modifiedAt)),
       ...scalars,
@@ -257,7 +286,11 @@ export class TransferGroup extends RequestGroup<TransferRow> {
       targetServer: mapping.to.server,
       requestId: row.requestId,
       lsn: row.lsn,
-      payload: { target: `${mapping.to.server}.${mapping.to.schema}.${mapping.to.table}`, values: payload, history: parseJsonOr(row.history) },
+      payload: {
+        target: `${mapping.to.server}.${mapping.to.schema}.${mapping.to.table}`,
+        values: payload,
+        history: parseJsonOr(row.history),
+      },
       error: `mapping "${mapping.name}": request ${row.requestId} to ${mapping.to.server}.${mapping.to.table}: ${classified.message}`,
       sqlstate: classified.sqlstate,
     };

@@ -10,78 +10,120 @@ program
   .name('pgdso')
   .description('Distributed Server Option for PostgreSQL: rule-driven request transfer between databases')
   .option('--config <file>', 'config file', './pgdso.config.json')
-  .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).default(process.env.PGDSO_LOG_LEVEL ?? 'info'))
+  .addOption(
+    new Option('--log-level <level>', 'log level')
+      .choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace'])
+      .default(process.env.PGDSO_LOG_LEVEL ?? 'info'),
+  )
   .showHelpAfterError()
   .exitOverride();
 
-const lazy = (path: string, name: string) => async (...args: unknown[]) => {
-  const mod = await import(path);
-  await mod[name](program.opts(), ...args);
-};
+const lazy =
+  (path: string, name: string) =>
+  async (...args: unknown[]) => {
+    const mod = await import(path);
+    await mod[name](program.opts(), ...args);
+  };
 
-program.command('migrate').description('create or upgrade the control schema on every server')
+program
+  .command('migrate')
+  .description('create or upgrade the control schema on every server')
   .option('--server <name>', 'only this server')
   .action(lazy('./commands/admin.ts', 'migrateCommand'));
 
 const forms = program.command('forms').description('manage forms');
-const lockFlags = (cmd: Command) => cmd
-  .option('--lock-timeout <duration>', 'how long each attempt waits for a lock on the form (5s, 500ms)', '5s')
-  .option('--lock-attempts <n>', 'attempts before giving up', '3');
-lockFlags(forms.command('enable').description('check privileges and settings, then add the distributed columns, the guards, replica identity, publication and slot to a form, all or nothing; idempotent')
-  .requiredOption('--server <name>', 'server').requiredOption('--form <form>', 'form (table, or schema.table)'))
-  .action(lazy('./commands/admin.ts', 'formsEnableCommand'));
-lockFlags(forms.command('disable').description("remove a form's guards, publication membership and replica identity (shows what it would do; --yes does it)")
-  .requiredOption('--server <name>', 'server').requiredOption('--form <form>', 'form (table, or schema.table)')
-  .option('--drop-columns', 'also drop the distributed columns dso_* and their values')
-  .option('--yes', 'do it (without: print what would be done, change nothing)'))
-  .action(lazy('./commands/admin.ts', 'formsDisableCommand'));
+const lockFlags = (cmd: Command) =>
+  cmd
+    .option('--lock-timeout <duration>', 'how long each attempt waits for a lock on the form (5s, 500ms)', '5s')
+    .option('--lock-attempts <n>', 'attempts before giving up', '3');
+lockFlags(
+  forms
+    .command('enable')
+    .description(
+      'check privileges and settings, then add the distributed columns, the guards, replica identity, publication and slot to a form, all or nothing; idempotent',
+    )
+    .requiredOption('--server <name>', 'server')
+    .requiredOption('--form <form>', 'form (table, or schema.table)'),
+).action(lazy('./commands/admin.ts', 'formsEnableCommand'));
+lockFlags(
+  forms
+    .command('disable')
+    .description("remove a form's guards, publication membership and replica identity (shows what it would do; --yes does it)")
+    .requiredOption('--server <name>', 'server')
+    .requiredOption('--form <form>', 'form (table, or schema.table)')
+    .option('--drop-columns', 'also drop the distributed columns dso_* and their values')
+    .option('--yes', 'do it (without: print what would be done, change nothing)'),
+).action(lazy('./commands/admin.ts', 'formsDisableCommand'));
 
-lockFlags(program.command('uninstall').description("remove pgdso from a server: every form's guards, the publication, the slot, the replication origins (shows what it would do; --yes does it)")
-  .requiredOption('--server <name>', 'server')
-  .option('--drop-columns', 'also drop the distributed columns dso_* of every form, with their values')
-  .option('--drop-schema', 'also drop the control schema pgdso (its queue, errors and conflicts)')
-  .option('--yes', 'do it (without: print what would be done, change nothing)'))
-  .action(lazy('./commands/admin.ts', 'uninstallCommand'));
+lockFlags(
+  program
+    .command('uninstall')
+    .description(
+      "remove pgdso from a server: every form's guards, the publication, the slot, the replication origins (shows what it would do; --yes does it)",
+    )
+    .requiredOption('--server <name>', 'server')
+    .option('--drop-columns', 'also drop the distributed columns dso_* of every form, with their values')
+    .option('--drop-schema', 'also drop the control schema pgdso (its queue, errors and conflicts)')
+    .option('--yes', 'do it (without: print what would be done, change nothing)'),
+).action(lazy('./commands/admin.ts', 'uninstallCommand'));
 
 const rules = program.command('rules').description('check and test rules');
-rules.command('check').description('validate config and rules against the schemas and the live catalogs')
+rules
+  .command('check')
+  .description('validate config and rules against the schemas and the live catalogs')
   .action(lazy('./commands/rules.ts', 'rulesCheckCommand'));
-rules.command('test').description('print, as JSON, the filters that fire on a change and their actions')
-  .requiredOption('--server <name>').requiredOption('--form <form>')
+rules
+  .command('test')
+  .description('print, as JSON, the filters that fire on a change and their actions')
+  .requiredOption('--server <name>')
+  .requiredOption('--form <form>')
   .addOption(new Option('--op <op>').choices(['insert', 'update', 'delete']).makeOptionMandatory())
   .requiredOption('--row <json>', 'the row (values after the change; before it for a delete)')
   .option('--old <json>', 'the row before an update')
   .option('--origin <server>', 'the server whose engine made the change (default: a user of this server)')
   .action(lazy('./commands/rules.ts', 'rulesTestCommand'));
 
-program.command('run').description('run instances (one per configured server when none is named)')
+program
+  .command('run')
+  .description('run instances (one per configured server when none is named)')
   .option('--server <name>', 'serve this server only')
   .option('--instance-id <id>', 'instance id (default host-pid)')
   .option('--rank <n>', 'failover rank of this instance (lower wins)')
   .action(lazy('./commands/run.ts', 'runCommand'));
 
-program.command('status').description('instances, slot lag, pending, errors and conflicts per server')
+program
+  .command('status')
+  .description('instances, slot lag, pending, errors and conflicts per server')
   .option('--json', 'print JSON')
   .action(lazy('./commands/status.ts', 'statusCommand'));
 
 const pending = program.command('pending').description('the pending queue and its errors; retry sends failed operations again');
-pending.command('list').description('queued operations (pgdso.pending) and failed ones (pgdso.pending_errors) per server')
-  .option('--server <name>', 'only this server').option('--mapping <name>', 'only this mapping').option('--json', 'print JSON (with payloads)')
+pending
+  .command('list')
+  .description('queued operations (pgdso.pending) and failed ones (pgdso.pending_errors) per server')
+  .option('--server <name>', 'only this server')
+  .option('--mapping <name>', 'only this mapping')
+  .option('--json', 'print JSON (with payloads)')
   .action(lazy('./commands/pending.ts', 'pendingListCommand'));
 
 /** retry and discard: which rows (exactly one of --id, --mapping, --all; checked by the command) */
-const selecting = (cmd: Command, verb: string) => cmd
-  .option('--server <name>', 'only this server')
-  .option('--id <n>', `${verb} this row (ids are per server: needs --server when several are configured)`)
-  .option('--mapping <name>', `${verb} the rows of this mapping`)
-  .option('--all', `${verb} every row`)
-  .option('--queued', 'act on queued operations (pgdso.pending) instead of failed ones (pgdso.pending_errors)');
-selecting(pending.command('retry'), 'retry').description('send failed operations again (back into the queue, in order); with --queued, try queued ones now')
+const selecting = (cmd: Command, verb: string) =>
+  cmd
+    .option('--server <name>', 'only this server')
+    .option('--id <n>', `${verb} this row (ids are per server: needs --server when several are configured)`)
+    .option('--mapping <name>', `${verb} the rows of this mapping`)
+    .option('--all', `${verb} every row`)
+    .option('--queued', 'act on queued operations (pgdso.pending) instead of failed ones (pgdso.pending_errors)');
+selecting(pending.command('retry'), 'retry')
+  .description('send failed operations again (back into the queue, in order); with --queued, try queued ones now')
   .action(lazy('./commands/pending.ts', 'pendingRetryCommand'));
-selecting(pending.command('discard'), 'discard').description('delete failed operations; with --queued, drop queued operations (they never reach their target)')
+selecting(pending.command('discard'), 'discard')
+  .description('delete failed operations; with --queued, drop queued operations (they never reach their target)')
   .action(lazy('./commands/pending.ts', 'pendingDiscardCommand'));
 
-program.command('demo').description("DSO's use cases on embedded PostgreSQL, narrated")
+program
+  .command('demo')
+  .description("DSO's use cases on embedded PostgreSQL, narrated")
   .option('--keep', 'keep the clusters running at the end (Ctrl-C stops them)')
   .action(lazy('./commands/demo.ts', 'demoCommand'));
 
@@ -96,7 +138,9 @@ function exitCodeOf(err: unknown): number {
     return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
   }
   if (err instanceof ConfigError) {
-    process.stderr.write(`pgdso: bad config or rules:\n${err.problems.map((p) => `  ${p.file}${p.pointer ? `#${p.pointer}` : ''}: ${p.message}`).join('\n')}\n`);
+    process.stderr.write(
+      `pgdso: bad config or rules:\n${err.problems.map((p) => `  ${p.file}${p.pointer ? `#${p.pointer}` : ''}: ${p.message}`).join('\n')}\n`,
+    );
     return EXIT.usage;
   }
   if (err instanceof UsageError) {

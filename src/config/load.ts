@@ -67,9 +67,7 @@ export async function loadConfig(configPath: string, env: NodeJS.ProcessEnv = pr
   const serverNames = isObject(config.servers) ? Object.keys(config.servers) : [];
   const connections = resolveConnections(config, configFile, problems);
 
-  const ruleFiles = Array.isArray(config.rules)
-    ? await findRuleFiles(config.rules, path.dirname(configFile), configFile, problems)
-    : [];
+  const ruleFiles = Array.isArray(config.rules) ? await findRuleFiles(config.rules, path.dirname(configFile), configFile, problems) : [];
   const ruleDocuments: RuleDocument[] = [];
   for (const file of ruleFiles) {
     const document = await readJsonFile(file, problems);
@@ -182,14 +180,22 @@ async function readJsonFile(file: string, problems: ProblemList): Promise<Json |
     text = await readFile(file, 'utf8');
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    problems.add(file, '', code === 'ENOENT' ? 'file not found' : code === 'EISDIR' ? 'is a directory, not a file' : `cannot be read (${code ?? 'error'})`);
+    problems.add(
+      file,
+      '',
+      code === 'ENOENT' ? 'file not found' : code === 'EISDIR' ? 'is a directory, not a file' : `cannot be read (${code ?? 'error'})`,
+    );
     return undefined;
   }
   if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
   const scan = scanJson(text);
   for (const duplicate of scan.duplicateKeys) {
     const { line, column } = lineAndColumn(text, duplicate.offset);
-    problems.add(file, duplicate.pointer, `duplicate key ${JSON.stringify(duplicate.key)} at line ${line}, column ${column} (JSON would keep only the last one)`);
+    problems.add(
+      file,
+      duplicate.pointer,
+      `duplicate key ${JSON.stringify(duplicate.key)} at line ${line}, column ${column} (JSON would keep only the last one)`,
+    );
   }
   if (scan.error) {
     const { line, column } = lineAndColumn(text, scan.error.offset);
@@ -238,7 +244,11 @@ function scanJson(text: string): JsonScan {
     throw new JsonSyntaxError(at, pointer, message);
   };
   const describe = (ch: string | undefined): string =>
-    ch === undefined ? 'end of file' : /[\x21-\x7e]/.test(ch) ? `character '${ch}'` : `character U+${ch.charCodeAt(0).toString(16).padStart(4, '0').toUpperCase()}`;
+    ch === undefined
+      ? 'end of file'
+      : /[\x21-\x7e]/.test(ch)
+        ? `character '${ch}'`
+        : `character U+${ch.charCodeAt(0).toString(16).padStart(4, '0').toUpperCase()}`;
   const skipWhitespace = (): void => {
     while (i < text.length && ' \t\n\r'.includes(text[i]!)) i++;
   };
@@ -246,7 +256,10 @@ function scanJson(text: string): JsonScan {
     const ch = text[i];
     if (ch === '/' && (text[i + 1] === '/' || text[i + 1] === '*')) fail(pointer, 'comments are not allowed in JSON');
     if (ch === "'") fail(pointer, 'strings must use double quotes');
-    return fail(pointer, ch === undefined ? `unexpected end of file, expected ${expected}` : `unexpected ${describe(ch)}, expected ${expected}`);
+    return fail(
+      pointer,
+      ch === undefined ? `unexpected end of file, expected ${expected}` : `unexpected ${describe(ch)}, expected ${expected}`,
+    );
   };
   const readString = (pointer: string): string => {
     const start = i;
@@ -258,7 +271,8 @@ function scanJson(text: string): JsonScan {
       if (ch === '\\') {
         const next = text[i + 1];
         if (next === 'u') {
-          if (!/^[0-9a-fA-F]{4}$/.test(text.slice(i + 2, i + 6))) fail(pointer, 'invalid \\u escape in a string (four hex digits expected)');
+          if (!/^[0-9a-fA-F]{4}$/.test(text.slice(i + 2, i + 6)))
+            fail(pointer, 'invalid \\u escape in a string (four hex digits expected)');
           i += 6;
         } else if (next !== undefined && '"\\/bfnrt'.includes(next)) {
           i += 2;
@@ -407,7 +421,8 @@ function substituteEnv(value: Json, pointer: string, env: NodeJS.ProcessEnv, rep
   if (Array.isArray(value)) return value.map((item, i) => substituteEnv(item, `${pointer}/${i}`, env, report));
   if (isObject(value)) {
     const result: JsonObject = {};
-    for (const [key, item] of Object.entries(value)) result[key] = substituteEnv(item, `${pointer}/${escapePointerToken(key)}`, env, report);
+    for (const [key, item] of Object.entries(value))
+      result[key] = substituteEnv(item, `${pointer}/${escapePointerToken(key)}`, env, report);
     return result;
   }
   return value;
@@ -457,8 +472,10 @@ function ruleSchemaProblems(validate: ValidateFunction, document: Json, file: st
 /** Plain words for the schema's patterns. */
 const PATTERN_WORDS: Readonly<Record<string, string>> = {
   '^[a-z][a-z0-9_]{0,39}$': 'must be a server name: a lowercase letter, then lowercase letters, digits and "_", at most 40 characters',
-  '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$': 'must be a name of letters, digits, "_", "." and "-", starting with a letter or digit, at most 63 characters',
-  '^(?:[A-Za-z_][A-Za-z0-9_$]{0,62}\\.)?[A-Za-z_][A-Za-z0-9_$]{0,62}$': 'must be a form: "table" or "schema.table" (letters, digits, "_" and "$", starting with a letter or "_")',
+  '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$':
+    'must be a name of letters, digits, "_", "." and "-", starting with a letter or digit, at most 63 characters',
+  '^(?:[A-Za-z_][A-Za-z0-9_$]{0,62}\\.)?[A-Za-z_][A-Za-z0-9_$]{0,62}$':
+    'must be a form: "table" or "schema.table" (letters, digits, "_" and "$", starting with a letter or "_")',
   '^(?:postgres|postgresql)://|^\\$\\{env:[A-Za-z_][A-Za-z0-9_]*\\}$': 'must be a postgres:// or postgresql:// URL',
   '^[0-9]{1,5}$': 'must be a port number',
   '^[0-9]+$': 'must be a whole number of seconds',
@@ -492,14 +509,22 @@ function translateAjvError(error: ErrorObject, file: string): ConfigProblem[] {
       const property = String(params.additionalProperty);
       const known = Object.keys((error.parentSchema as { properties?: object } | undefined)?.properties ?? {});
       const suggestion = closestName(property, known);
-      return at(`${pointer}/${escapePointerToken(property)}`, `unknown property "${property}"${suggestion ? ` (did you mean "${suggestion}"?)` : ''}`);
+      return at(
+        `${pointer}/${escapePointerToken(property)}`,
+        `unknown property "${property}"${suggestion ? ` (did you mean "${suggestion}"?)` : ''}`,
+      );
     }
     case 'required':
       return at(pointer, `missing required property "${String(params.missingProperty)}"`);
     case 'enum':
       return at(pointer, `must be one of ${(params.allowedValues as unknown[]).map((v) => JSON.stringify(v)).join(', ')}`);
     case 'const':
-      return at(pointer, /\/match$/.test(pointer) ? 'must be "request-id" or {"fields": [target columns]}' : `must be ${JSON.stringify(params.allowedValue)}`);
+      return at(
+        pointer,
+        /\/match$/.test(pointer)
+          ? 'must be "request-id" or {"fields": [target columns]}'
+          : `must be ${JSON.stringify(params.allowedValue)}`,
+      );
     case 'type': {
       const types = Array.isArray(params.type) ? (params.type as string[]) : String(params.type).split(',');
       return at(pointer, `must be ${types.map((t) => TYPE_WORDS[t] ?? t).join(' or ')}`);
@@ -689,7 +714,9 @@ async function findRuleFiles(entries: readonly Json[], configDir: string, config
     if (typeof entry !== 'string' || entry === '') continue; // reported by the schema
     const pointer = `/rules/${index}`;
     if (isDynamicPattern(entry)) {
-      const matches = (await glob(entry, { cwd: configDir, absolute: true, onlyFiles: true, expandDirectories: false })).map((m) => path.resolve(m)).sort();
+      const matches = (await glob(entry, { cwd: configDir, absolute: true, onlyFiles: true, expandDirectories: false }))
+        .map((m) => path.resolve(m))
+        .sort();
       if (matches.length === 0) problems.add(configFile, pointer, `the glob "${entry}" matches no file (relative to ${configDir})`);
       files.push(...matches);
     } else {
@@ -757,7 +784,11 @@ function checkAcrossFiles(documents: readonly RuleDocument[], serverNames: reado
   const checkServer = (file: string, pointer: string, server: Json | undefined): void => {
     if (typeof server !== 'string' || known.has(server) || problems.hasAt(file, pointer)) return;
     const suggestion = closestName(server, serverNames);
-    problems.add(file, pointer, `unknown server "${server}"${suggestion ? ` (did you mean "${suggestion}"?)` : ''}; the config defines ${serverList}`);
+    problems.add(
+      file,
+      pointer,
+      `unknown server "${server}"${suggestion ? ` (did you mean "${suggestion}"?)` : ''}; the config defines ${serverList}`,
+    );
   };
 
   // unique names, per kind, across all files
@@ -769,7 +800,11 @@ function checkAcrossFiles(documents: readonly RuleDocument[], serverNames: reado
       const first = firstByName.get(name);
       if (first) {
         const where = first.file === entry.file ? `${first.pointer}/name` : `${first.file}#${first.pointer}/name`;
-        problems.add(entry.file, `${entry.pointer}/name`, `duplicate ${RULE_KIND_WORD[entry.kind]} name "${name}": already defined at ${where}`);
+        problems.add(
+          entry.file,
+          `${entry.pointer}/name`,
+          `duplicate ${RULE_KIND_WORD[entry.kind]} name "${name}": already defined at ${where}`,
+        );
       } else {
         firstByName.set(name, entry);
       }
@@ -810,7 +845,11 @@ function checkAcrossFiles(documents: readonly RuleDocument[], serverNames: reado
       if (action.type === 'return') {
         const to = rawFormRef(mapping.item.to);
         if (on && to && to.label !== on.label) {
-          problems.add(file, actionPointer, `mapping "${action.mapping}" carries requests to ${to.label}, but ${kindWord} "${String(item.name)}" is on ${on.label}: a return action names the mapping that brought the request to the ${kindWord}'s server and form`);
+          problems.add(
+            file,
+            actionPointer,
+            `mapping "${action.mapping}" carries requests to ${to.label}, but ${kindWord} "${String(item.name)}" is on ${on.label}: a return action names the mapping that brought the request to the ${kindWord}'s server and form`,
+          );
         }
         return;
       }
@@ -839,7 +878,10 @@ function checkFields(file: string, pointer: string, fields: Json | undefined, pr
   const mapTargets = isObject(fields.map) ? Object.keys(fields.map) : [];
   const setTargets = isObject(fields.set) ? Object.keys(fields.set) : [];
   const mapped = new Set(mapTargets);
-  for (const [section, targets] of [['map', mapTargets], ['set', setTargets]] as const) {
+  for (const [section, targets] of [
+    ['map', mapTargets],
+    ['set', setTargets],
+  ] as const) {
     for (const column of targets) {
       const columnPointer = `${pointer}/fields/${section}/${escapePointerToken(column)}`;
       if (section === 'set' && mapped.has(column)) {
@@ -863,7 +905,12 @@ function checkSchedule(entry: RawItem, problems: ProblemList): void {
   let timezone: string | undefined;
   if (typeof schedule.timezone === 'string' && !problems.hasAt(file, `${pointer}/schedule/timezone`)) {
     if (isKnownTimeZone(schedule.timezone)) timezone = schedule.timezone;
-    else problems.add(file, `${pointer}/schedule/timezone`, `unknown time zone "${schedule.timezone}" (use an IANA name such as "America/Los_Angeles" or "UTC")`);
+    else
+      problems.add(
+        file,
+        `${pointer}/schedule/timezone`,
+        `unknown time zone "${schedule.timezone}" (use an IANA name such as "America/Los_Angeles" or "UTC")`,
+      );
   }
   if (typeof schedule.cron !== 'string' || problems.hasAt(file, `${pointer}/schedule/cron`)) return;
   try {
@@ -909,7 +956,12 @@ function resolveConfig(
     const form = parseForm(on.form as string)!;
     return {
       name: item.name as string,
-      on: { server: on.server as string, ...form, ops: (on.ops as Op[] | undefined) ?? [...DEFAULT_FILTER_OPS], transitions: on.transitions === true },
+      on: {
+        server: on.server as string,
+        ...form,
+        ops: (on.ops as Op[] | undefined) ?? [...DEFAULT_FILTER_OPS],
+        transitions: on.transitions === true,
+      },
       conditions: (item.conditions as Record<string, unknown> | null | undefined) ?? null,
       actions: (item.actions as JsonObject[]).map(resolveAction),
       source: { file: source, pointer },

@@ -126,13 +126,25 @@ export class PgoutputDecoder {
       case 'insert':
         return { kind: 'change', change: { op: 'insert', relation: this.relationOf(msg.relation), lsn, new: msg.new, old: null } };
       case 'update':
-        return { kind: 'change', change: { op: 'update', relation: this.relationOf(msg.relation), lsn, new: msg.new, old: msg.old ?? msg.key } };
+        return {
+          kind: 'change',
+          change: { op: 'update', relation: this.relationOf(msg.relation), lsn, new: msg.new, old: msg.old ?? msg.key },
+        };
       case 'delete':
-        return { kind: 'change', change: { op: 'delete', relation: this.relationOf(msg.relation), lsn, new: null, old: msg.old ?? msg.key } };
+        return {
+          kind: 'change',
+          change: { op: 'delete', relation: this.relationOf(msg.relation), lsn, new: null, old: msg.old ?? msg.key },
+        };
       case 'truncate':
         return { kind: 'truncate', relations: msg.relations.map((r) => this.relationOf(r)) };
       case 'message':
-        return { kind: 'message', prefix: msg.prefix, content: Buffer.from(msg.content), transactional: msg.transactional, lsn: lsnOf(msg.messageLsn) };
+        return {
+          kind: 'message',
+          prefix: msg.prefix,
+          content: Buffer.from(msg.content),
+          transactional: msg.transactional,
+          lsn: lsnOf(msg.messageLsn),
+        };
       default:
         return { kind: 'ignored' };
     }
@@ -148,7 +160,9 @@ export class PgoutputDecoder {
       schema: lib.schema,
       table: lib.name,
       replicaIdentity: lib.replicaIdentity,
-      columns: Object.freeze(lib.columns.map((c) => Object.freeze({ name: c.name, typeOid: c.typeOid, typeMod: c.typeMod, isKey: (c.flags & 1) === 1 }))),
+      columns: Object.freeze(
+        lib.columns.map((c) => Object.freeze({ name: c.name, typeOid: c.typeOid, typeMod: c.typeMod, isKey: (c.flags & 1) === 1 })),
+      ),
     });
     this.relations.set(lib.relationOid, relation);
     return relation;

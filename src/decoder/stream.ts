@@ -66,7 +66,11 @@ export class ReplicationStream {
    */
   async run(sink: ChangeSink): Promise<void> {
     const { log } = this.opts;
-    const client = new pg.Client({ ...withCanonicalText(this.opts.connection), replication: 'database', application_name: 'pgdso decoder' } as pg.ClientConfig);
+    const client = new pg.Client({
+      ...withCanonicalText(this.opts.connection),
+      replication: 'database',
+      application_name: 'pgdso decoder',
+    } as pg.ClientConfig);
     this.client = client;
     const failed = new Promise<never>((_, reject) => {
       this.fail = reject;
@@ -121,10 +125,11 @@ export class ReplicationStream {
     // would otherwise send one each
     const since = Date.now() - this.lastStatusAt;
     if (since >= STATUS_THROTTLE_MS) this.sendStatus();
-    else this.statusDue ??= setTimeout(() => {
-      this.statusDue = null;
-      this.sendStatus();
-    }, STATUS_THROTTLE_MS - since);
+    else
+      this.statusDue ??= setTimeout(() => {
+        this.statusDue = null;
+        this.sendStatus();
+      }, STATUS_THROTTLE_MS - since);
   }
 
   async stop(): Promise<void> {
@@ -286,7 +291,9 @@ export class ReplicationStream {
   }
 }
 
-type QueueItem = Exclude<DecodedMessage, { kind: 'ignored' } | { kind: 'relation' }> | { kind: 'keepalive'; walEnd: bigint; replyRequested: boolean };
+type QueueItem =
+  | Exclude<DecodedMessage, { kind: 'ignored' } | { kind: 'relation' }>
+  | { kind: 'keepalive'; walEnd: bigint; replyRequested: boolean };
 
 interface PgConnection {
   on(event: 'copyData', listener: (msg: { chunk: Buffer }) => void): void;

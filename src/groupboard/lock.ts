@@ -12,7 +12,13 @@ export function tryLockOperation(client: pg.ClientBase, operation: Operation): P
 }
 
 /** Waits until this connection holds the operation's lock; false if `signal` aborted first. */
-export async function waitForOperationLock(client: pg.ClientBase, operation: Operation, signal: AbortSignal, pollMs = 1000, onWait?: () => void): Promise<boolean> {
+export async function waitForOperationLock(
+  client: pg.ClientBase,
+  operation: Operation,
+  signal: AbortSignal,
+  pollMs = 1000,
+  onWait?: () => void,
+): Promise<boolean> {
   while (!signal.aborted) {
     if (await tryLockOperation(client, operation)) return true;
     onWait?.();

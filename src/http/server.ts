@@ -18,7 +18,10 @@ function registry(engines: readonly EngineView[]): Registry {
   collectDefaultMetrics({ register: registry, prefix: 'pgdso_' });
   const counter = (name: string, help: string, read: (s: EngineStats) => number) =>
     new Counter({
-      name, help, labelNames: ['server'], registers: [registry],
+      name,
+      help,
+      labelNames: ['server'],
+      registers: [registry],
       collect() {
         this.reset();
         for (const e of engines) this.inc({ server: e.server }, read(e.stats));
@@ -29,13 +32,28 @@ function registry(engines: readonly EngineView[]): Registry {
   counter('pgdso_operations_applied_total', 'Operations applied on peers and source copies', (s) => s.applied);
   counter('pgdso_operations_failed_total', 'Operations recorded in pending_errors', (s) => s.failed);
   counter('pgdso_sessions_total', 'Engine sessions started (a new one after each failure)', (s) => s.sessions);
-  counter('pgdso_operations_queued_total', 'Operations written to pgdso.pending (a peer that cannot be reached, or a request with queued operations)', (s) => s.queued);
+  counter(
+    'pgdso_operations_queued_total',
+    'Operations written to pgdso.pending (a peer that cannot be reached, or a request with queued operations)',
+    (s) => s.queued,
+  );
   counter('pgdso_operations_delivered_total', 'Queued operations delivered', (s) => s.delivered);
-  counter('pgdso_heartbeats_total', 'Heartbeat messages written into the source\'s WAL while it was quiet (pending.heartbeatSeconds)', (s) => s.heartbeats);
-  counter('pgdso_source_transactions_retried_total', 'Source transactions run again after a lock conflict with the source\'s users (40P01, 40001)', (s) => s.sourceRetries);
+  counter(
+    'pgdso_heartbeats_total',
+    "Heartbeat messages written into the source's WAL while it was quiet (pending.heartbeatSeconds)",
+    (s) => s.heartbeats,
+  );
+  counter(
+    'pgdso_source_transactions_retried_total',
+    "Source transactions run again after a lock conflict with the source's users (40P01, 40001)",
+    (s) => s.sourceRetries,
+  );
   const gauge = (name: string, help: string, read: (s: EngineStats) => number | null) =>
     new Gauge({
-      name, help, labelNames: ['server'], registers: [registry],
+      name,
+      help,
+      labelNames: ['server'],
+      registers: [registry],
       collect() {
         this.reset();
         for (const e of engines) {
@@ -48,7 +66,10 @@ function registry(engines: readonly EngineView[]): Registry {
   gauge('pgdso_slot_retained_wal_bytes', "WAL the server's slot holds back (from its restart position)", (s) => s.retainedWalBytes);
   gauge('pgdso_peers_down', 'Peers that cannot be reached now (their operations wait in pgdso.pending)', (s) => s.peersDown.length);
   new Gauge({
-    name: 'pgdso_streaming', help: '1 while the engine of a server streams its slot', labelNames: ['server'], registers: [registry],
+    name: 'pgdso_streaming',
+    help: '1 while the engine of a server streams its slot',
+    labelNames: ['server'],
+    registers: [registry],
     collect() {
       for (const e of engines) this.set({ server: e.server }, e.streaming() ? 1 : 0);
     },
@@ -65,7 +86,12 @@ export async function startHttpServer(port: number, engines: readonly EngineView
   const metrics = registry(engines);
   const server = http.createServer((req, res) => {
     if (req.method === 'GET' && req.url === '/healthz') {
-      const servers = Object.fromEntries(engines.map((e) => [e.server, { streaming: e.streaming(), confirmedLsn: e.stats.confirmedLsn, sessions: e.stats.sessions, peersDown: e.stats.peersDown }]));
+      const servers = Object.fromEntries(
+        engines.map((e) => [
+          e.server,
+          { streaming: e.streaming(), confirmedLsn: e.stats.confirmedLsn, sessions: e.stats.sessions, peersDown: e.stats.peersDown },
+        ]),
+      );
       const healthy = engines.every((e) => e.streaming());
       res.writeHead(healthy ? 200 : 503, { 'content-type': 'application/json' });
       res.end(JSON.stringify({ status: healthy ? 'ok' : 'degraded', servers }));

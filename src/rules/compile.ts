@@ -132,7 +132,10 @@ export function checkConditions(conditions: unknown): ConditionProblem[] {
 
 function checkNode(node: unknown, pointer: string, problems: ConditionProblem[]): void {
   if (!isPlainObject(node)) {
-    problems.push({ pointer, message: 'a condition must be an object: {"all": [...]}, {"any": [...]}, {"not": {...}} or {"fact", "operator", "value"}' });
+    problems.push({
+      pointer,
+      message: 'a condition must be an object: {"all": [...]}, {"any": [...]}, {"not": {...}} or {"fact", "operator", "value"}',
+    });
     return;
   }
   const booleanKeys = BOOLEAN_KEYS.filter((k) => Object.hasOwn(node, k));
@@ -220,7 +223,7 @@ type Comparison = (factValue: unknown, value: unknown) => boolean;
 /** json-rules-engine's numberValidator, verbatim in effect. */
 function parsesAsNumber(factValue: unknown): boolean {
   // for a number, parseFloat(String(n)) is NaN only when n is (the fast path of the same test)
-  if (typeof factValue === 'number') return factValue === factValue;
+  if (typeof factValue === 'number') return !Number.isNaN(factValue);
   return Number.parseFloat(factValue as string).toString() !== 'NaN';
 }
 
@@ -269,7 +272,7 @@ function constantMembership(values: readonly unknown[]): (candidate: unknown) =>
   if (values.length <= 8) return (candidate) => values.indexOf(candidate) > -1;
   const set = new Set(values);
   // a Set finds NaN, indexOf does not
-  return (candidate) => candidate === candidate && set.has(candidate);
+  return (candidate) => !Number.isNaN(candidate) && set.has(candidate);
 }
 
 function compileLeaf(node: Record<string, unknown>): Predicate {

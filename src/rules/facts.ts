@@ -148,7 +148,12 @@ function convertColumns(row: TextRow, types: ReadonlyMap<string, number>, column
  * With `columns`, `row` and `old` hold only those columns (the ones the conditions read).
  * `baseTypes` maps domain type OIDs to their base types' (see domainBaseTypes in the engine).
  */
-export function buildFacts(change: RowChange, originServer: string | null, columns?: ReadonlySet<string> | null, baseTypes?: ReadonlyMap<number, number>): Facts {
+export function buildFacts(
+  change: RowChange,
+  originServer: string | null,
+  columns?: ReadonlySet<string> | null,
+  baseTypes?: ReadonlyMap<number, number>,
+): Facts {
   const types = typesOf(change.relation, baseTypes);
   const convert = (r: TextRow) => (columns ? convertColumns(r, types, columns) : convertRow(r, types));
   const sourceRow = change.op === 'delete' ? change.old : change.new;

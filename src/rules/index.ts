@@ -82,12 +82,17 @@ function named(name: string, predicate: Predicate): Predicate {
  */
 export function compileRules(config: PgdsoConfig): CompiledRules {
   const problems: ConfigProblem[] = [];
-  const compile = (name: string, conditions: PgdsoConfig['filters'][number]['conditions'], source: { file: string; pointer: string }): Predicate => {
+  const compile = (
+    name: string,
+    conditions: PgdsoConfig['filters'][number]['conditions'],
+    source: { file: string; pointer: string },
+  ): Predicate => {
     try {
       return named(name, compileConditions(conditions));
     } catch (err) {
       if (!(err instanceof UnsupportedConditionError)) throw err;
-      for (const p of err.problems) problems.push({ file: source.file, pointer: `${source.pointer}/conditions${p.pointer}`, message: p.message });
+      for (const p of err.problems)
+        problems.push({ file: source.file, pointer: `${source.pointer}/conditions${p.pointer}`, message: p.message });
       return () => false;
     }
   };

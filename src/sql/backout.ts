@@ -35,7 +35,8 @@ export async function assertNoEngine(client: pg.ClientBase): Promise<void> {
   const holder = await client.query('SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active', [slot]);
   const appliers = await client.query(
     `SELECT pid, application_name, usename FROM pg_stat_activity
-      WHERE datname = current_database() AND application_name LIKE 'pgdso apply%' AND pid <> pg_backend_pid()`);
+      WHERE datname = current_database() AND application_name LIKE 'pgdso apply%' AND pid <> pg_backend_pid()`,
+  );
   const busy = [
     ...holder.rows.map((r) => `an engine streams the slot ${slot} (pid ${r.active_pid})`),
     ...appliers.rows.map((r) => `a peer's engine applies changes here (pid ${r.pid}, ${r.application_name}, user ${r.usename})`),
@@ -50,27 +51,40 @@ function restoreIdentity(relation: string, original: string | undefined): string
 }
 
 /** What `forms disable` does to one form; the catalogs are read, nothing changes. */
-export async function planFormBackout(client: pg.ClientBase, schema: string, table: string, opts: { dropColumns: boolean }): Promise<FormBackout | null> {
-  const rel = await client.query(`SELECT c.oid::int AS oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')`, [schema, table]);
+export async function planFormBackout(
+  client: pg.ClientBase,
+  schema: string,
+  table: string,
+  opts: { dropColumns: boolean },
+): Promise<FormBackout | null> {
+  const rel = await client.query(
+    `SELECT c.oid::int AS oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')`,
+    [schema, table],
+  );
   if (rel.rowCount === 0) return null;
   const oid = rel.rows[0].oid as number;
   const hasRegistry = (await client.query(`SELECT to_regclass('pgdso.forms') IS NOT NULL AS ok`)).rows[0].ok;
   const registry = hasRegistry
-    ? await client.query(`SELECT original_identity FROM pgdso.forms WHERE schema_name = $1 AND table_name = $2`, [schema, table]).catch(() => ({ rows: [] as Array<{ original_identity: unknown }>, rowCount: 0 }))
+    ? await client
+        .query(`SELECT original_identity FROM pgdso.forms WHERE schema_name = $1 AND table_name = $2`, [schema, table])
+        .catch(() => ({ rows: [] as Array<{ original_identity: unknown }>, rowCount: 0 }))
     : { rows: [], rowCount: 0 };
   const original = (registry.rows[0]?.original_identity ?? {}) as Record<string, string>;
   const relations = await formRelations(client, oid);
   const statements: string[] = [];
   const triggers = await client.query(
     `SELECT tgrelid::int AS rel, tgname FROM pg_trigger WHERE tgrelid = ANY ($1::oid[]) AND tgparentid = 0 ORDER BY tgname`,
-    [relations.map((r) => r.oid)]);
+    [relations.map((r) => r.oid)],
+  );
   for (const r of relations) {
     for (const t of triggers.rows.filter((row) => row.rel === r.oid && GUARD_TRIGGER_NAMES.has(row.tgname))) {
       statements.push(`DROP TRIGGER ${quoteIdent(t.tgname)} ON ${qualified(r.schema, r.table)}`);
     }
   }
   const member = await client.query(
-    `SELECT 1 FROM pg_publication p JOIN pg_publication_rel r ON r.prpubid = p.oid WHERE p.pubname = $1 AND r.prrelid = $2`, [PUBLICATION, oid]);
+    `SELECT 1 FROM pg_publication p JOIN pg_publication_rel r ON r.prpubid = p.oid WHERE p.pubname = $1 AND r.prrelid = $2`,
+    [PUBLICATION, oid],
+  );
   if (member.rowCount) statements.push(`ALTER PUBLICATION ${quoteIdent(PUBLICATION)} DROP TABLE ${qualified(schema, table)}`);
   for (const r of relations) {
     const was = original[`${r.schema}.${r.table}`];
@@ -80,9 +94,11 @@ export async function planFormBackout(client: pg.ClientBase, schema: string, tab
     const present = await client.query(`SELECT attname FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped`, [oid]);
     const names = new Set(present.rows.map((r) => r.attname as string));
     const drop = DSO_COLUMNS.map(([n]) => n).filter((n) => names.has(n));
-    if (drop.length) statements.push(`ALTER TABLE ${qualified(schema, table)} ${drop.map((n) => `DROP COLUMN ${quoteIdent(n)}`).join(', ')}`);
+    if (drop.length)
+      statements.push(`ALTER TABLE ${qualified(schema, table)} ${drop.map((n) => `DROP COLUMN ${quoteIdent(n)}`).join(', ')}`);
   }
-  if (registry.rowCount) statements.push(`DELETE FROM pgdso.forms WHERE schema_name = ${quoteLiteral(schema)} AND table_name = ${quoteLiteral(table)}`);
+  if (registry.rowCount)
+    statements.push(`DELETE FROM pgdso.forms WHERE schema_name = ${quoteLiteral(schema)} AND table_name = ${quoteLiteral(table)}`);
   return { schema, table, statements };
 }
 
@@ -101,7 +117,8 @@ async function pgdsoForms(client: pg.ClientBase): Promise<Array<{ schema: string
        FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
       WHERE t.tgparentid = 0 AND t.tgname = ANY ($1::text[]) AND NOT c.relispartition
       ORDER BY 1, 2`,
-    [[...GUARD_TRIGGER_NAMES]]);
+    [[...GUARD_TRIGGER_NAMES]],
+  );
   const forms = new Map(res.rows.map((r) => [`${r.schema}.${r.table}`, { schema: r.schema as string, table: r.table as string }]));
   if ((await client.query(`SELECT to_regclass('pgdso.forms') IS NOT NULL AS ok`)).rows[0].ok) {
     for (const r of (await client.query('SELECT schema_name, table_name FROM pgdso.forms ORDER BY 1, 2')).rows) {
@@ -116,17 +133,24 @@ export async function planUninstall(client: pg.ClientBase, opts: { dropColumns: 
   const forms: FormBackout[] = [];
   for (const f of await pgdsoForms(client)) {
     const plan = await planFormBackout(client, f.schema, f.table, { dropColumns: opts.dropColumns });
-    if (plan && plan.statements.length) forms.push(plan);
+    if (plan?.statements.length) forms.push(plan);
   }
   // the origins of the apply lanes that wrote into this database (originName(): pgdso:<writer>:<pool>:<database>)
-  const origins = (await client.query(
-    `SELECT roname FROM pg_replication_origin WHERE roname LIKE 'pgdso:%' AND right(roname, length($1) + 1) = ':' || $1 ORDER BY roname`, [db])).rows.map((r) => r.roname as string);
+  const origins = (
+    await client.query(
+      `SELECT roname FROM pg_replication_origin WHERE roname LIKE 'pgdso:%' AND right(roname, length($1) + 1) = ':' || $1 ORDER BY roname`,
+      [db],
+    )
+  ).rows.map((r) => r.roname as string);
   const after: string[] = [];
   for (const o of origins) after.push(`SELECT pg_replication_origin_drop(${quoteLiteral(o)})`);
-  if ((await client.query('SELECT 1 FROM pg_publication WHERE pubname = $1', [PUBLICATION])).rowCount) after.push(`DROP PUBLICATION ${quoteIdent(PUBLICATION)}`);
+  if ((await client.query('SELECT 1 FROM pg_publication WHERE pubname = $1', [PUBLICATION])).rowCount)
+    after.push(`DROP PUBLICATION ${quoteIdent(PUBLICATION)}`);
   const slot = slotName(db);
-  if ((await client.query('SELECT 1 FROM pg_replication_slots WHERE slot_name = $1', [slot])).rowCount) after.push(`SELECT pg_drop_replication_slot(${quoteLiteral(slot)})`);
-  if (opts.dropSchema && (await client.query(`SELECT to_regnamespace('pgdso') IS NOT NULL AS ok`)).rows[0].ok) after.push('DROP SCHEMA pgdso CASCADE');
+  if ((await client.query('SELECT 1 FROM pg_replication_slots WHERE slot_name = $1', [slot])).rowCount)
+    after.push(`SELECT pg_drop_replication_slot(${quoteLiteral(slot)})`);
+  if (opts.dropSchema && (await client.query(`SELECT to_regnamespace('pgdso') IS NOT NULL AS ok`)).rows[0].ok)
+    after.push('DROP SCHEMA pgdso CASCADE');
   const checks = uninstallChecks(await serverFacts(client), origins.length);
   return { forms, after, origins, checks };
 }

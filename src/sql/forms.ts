@@ -50,8 +50,13 @@ export class FormError extends Error {}
 
 /** The server or the role is not ready (privileges, settings): exit 1, nothing was changed. */
 export class PreflightError extends Error {
-  constructor(readonly checks: readonly Check[], where: string) {
-    super(`${where}: nothing was changed; ${checks.length === 1 ? 'a problem' : `${checks.length} problems`} to fix first:\n${checks.map((c) => `  - ${describeCheck(c)}`).join('\n')}`);
+  constructor(
+    readonly checks: readonly Check[],
+    where: string,
+  ) {
+    super(
+      `${where}: nothing was changed; ${checks.length === 1 ? 'a problem' : `${checks.length} problems`} to fix first:\n${checks.map((c) => `  - ${describeCheck(c)}`).join('\n')}`,
+    );
   }
 }
 
@@ -105,17 +110,25 @@ export async function planForm(client: pg.ClientBase, schema: string, table: str
   const needs = (lock: keyof typeof LOCK_RANK) => {
     if (!plan.lock || LOCK_RANK[lock] > LOCK_RANK[plan.lock]) plan.lock = lock;
   };
-  const columns = await client.query(
-    `SELECT attname FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped`, [form.oid]);
+  const columns = await client.query(`SELECT attname FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped`, [
+    form.oid,
+  ]);
   const present = new Set(columns.rows.map((r) => r.attname as string));
   const missingColumns = DSO_COLUMNS.filter(([name]) => !present.has(name));
   if (missingColumns.length) {
-    plan.missing.push(missingColumns.length === DSO_COLUMNS.length ? 'the distributed columns dso_*' : `columns ${missingColumns.map(([n]) => n).join(', ')}`);
-    plan.statements.push(`ALTER TABLE ${target} ${missingColumns.map(([name, type]) => `ADD COLUMN ${quoteIdent(name)} ${type}`).join(', ')}`);
+    plan.missing.push(
+      missingColumns.length === DSO_COLUMNS.length
+        ? 'the distributed columns dso_*'
+        : `columns ${missingColumns.map(([n]) => n).join(', ')}`,
+    );
+    plan.statements.push(
+      `ALTER TABLE ${target} ${missingColumns.map(([name, type]) => `ADD COLUMN ${quoteIdent(name)} ${type}`).join(', ')}`,
+    );
     needs('ACCESS EXCLUSIVE');
   }
   const functions = await client.query(
-    `SELECT p.proname, p.prosrc, p.prosecdef FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'pgdso'`);
+    `SELECT p.proname, p.prosrc, p.prosecdef FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'pgdso'`,
+  );
   const bodies = new Map(functions.rows.map((r) => [r.proname as string, `${r.prosecdef ? 'definer' : 'invoker'}:${r.prosrc}`]));
   for (const fn of GUARD_FUNCTIONS) {
     if (bodies.get(fn.name) !== `${/SECURITY DEFINER/.test(fn.sql) ? 'definer' : 'invoker'}:${functionBody(fn.sql)}`) {
@@ -131,7 +144,10 @@ export async function planForm(client: pg.ClientBase, schema: string, table: str
     [relations.map((r) => r.oid)],
   );
   const existing = new Map(triggers.rows.map((r) => [`${r.rel}/${r.tgname}`, r]));
-  const anyTrigger = await client.query(`SELECT tgrelid::int AS rel, tgname FROM pg_trigger WHERE tgrelid = ANY ($1::oid[]) AND tgparentid = 0`, [relations.map((r) => r.oid)]);
+  const anyTrigger = await client.query(
+    `SELECT tgrelid::int AS rel, tgname FROM pg_trigger WHERE tgrelid = ANY ($1::oid[]) AND tgparentid = 0`,
+    [relations.map((r) => r.oid)],
+  );
   const named = new Set(anyTrigger.rows.map((r) => `${r.rel}/${r.tgname}`));
   const formName = schema === 'public' ? table : `${schema}.${table}`;
   for (const spec of guardTriggers(form.keyColumn, formName)) {
@@ -150,7 +166,10 @@ export async function planForm(client: pg.ClientBase, schema: string, table: str
     if (rel.identity === 'f') continue;
     let identity = rel.identity;
     if (identity === 'i') {
-      const index = await client.query(`SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = $1 AND i.indisreplident`, [rel.oid]);
+      const index = await client.query(
+        `SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = $1 AND i.indisreplident`,
+        [rel.oid],
+      );
       identity = index.rowCount ? `i:${index.rows[0].relname}` : 'd';
     }
     plan.identities[`${rel.schema}.${rel.table}`] = identity;
@@ -180,10 +199,20 @@ export async function planForm(client: pg.ClientBase, schema: string, table: str
   return plan;
 }
 
-export interface EnableResult { form: FormInfo; slot: string; slotCreated: boolean; changes: string[] }
+export interface EnableResult {
+  form: FormInfo;
+  slot: string;
+  slotCreated: boolean;
+  changes: string[];
+}
 export interface EnableOptions extends Partial<LockOptions> {}
 
-export async function enableForm(connection: pg.ClientConfig, schema: string, table: string, opts: EnableOptions = {}): Promise<EnableResult> {
+export async function enableForm(
+  connection: pg.ClientConfig,
+  schema: string,
+  table: string,
+  opts: EnableOptions = {},
+): Promise<EnableResult> {
   const lockOptions = { ...DEFAULT_LOCK, ...opts };
   const client = new pg.Client({ ...connection, application_name: 'pgdso forms enable' });
   client.on('error', () => {});
@@ -192,14 +221,21 @@ export async function enableForm(connection: pg.ClientConfig, schema: string, ta
   const database = (await client.query('SELECT current_database() AS db')).rows[0].db as string;
   const slot = slotName(database);
   try {
-    const schemaReady = await client.query(`SELECT to_regclass('pgdso.forms') IS NOT NULL AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('pgdso.forms') AND attname = 'original_identity') AS ok`);
+    const schemaReady = await client.query(
+      `SELECT to_regclass('pgdso.forms') IS NOT NULL AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('pgdso.forms') AND attname = 'original_identity') AS ok`,
+    );
     if (!schemaReady.rows[0].ok) throw new FormError('the control schema pgdso is missing or not up to date: run `pgdso migrate` first');
     // 1. every check, before anything changes
     const facts = await serverFacts(client);
     const problems = serverChecks(facts);
     if (versionCheck(facts.versionNum)) throw new PreflightError(problems, `form ${schema}.${table}`);
     const first = await planForm(client, schema, table);
-    problems.push(...(await formChecks(client, first.form.oid, schema, table, { needsPublicationChange: first.publicationChange, needsAlter: first.statements.length > 0 })));
+    problems.push(
+      ...(await formChecks(client, first.form.oid, schema, table, {
+        needsPublicationChange: first.publicationChange,
+        needsAlter: first.statements.length > 0,
+      })),
+    );
     if (problems.length) throw new PreflightError(problems, `form ${schema}.${table}`);
     // 2. the slot, outside the transaction that writes
     slotCreated = await createSlot(client, slot, lockOptions.lockTimeoutMs * lockOptions.attempts);
@@ -218,7 +254,15 @@ export async function enableForm(connection: pg.ClientConfig, schema: string, ta
            original_identity = EXCLUDED.original_identity || coalesce(pgdso.forms.original_identity, '{}'::jsonb)`,
         [schema, table, plan.form.keyColumn, JSON.stringify(plan.identities)],
       );
-      changes = [...plan.functions.map((f) => f.trim().split('\n')[0]!.replace(/\s+RETURNS.*/, '')), ...plan.statements];
+      changes = [
+        ...plan.functions.map((f) =>
+          f
+            .trim()
+            .split('\n')[0]!
+            .replace(/\s+RETURNS.*/, ''),
+        ),
+        ...plan.statements,
+      ];
     });
     return { form: first.form, slot, slotCreated, changes };
   } catch (err) {
@@ -241,7 +285,9 @@ export async function enableForm(connection: pg.ClientConfig, schema: string, ta
 export async function probeGuard(client: pg.ClientBase, schema: string, table: string): Promise<void> {
   await client.query('SAVEPOINT pgdso_probe');
   try {
-    await client.query(`CREATE TEMP TABLE pgdso_guard_probe (id text PRIMARY KEY, dso_master boolean, dso_current_server text, dso_version bigint, dso_modified_at timestamptz) ON COMMIT DROP`);
+    await client.query(
+      `CREATE TEMP TABLE pgdso_guard_probe (id text PRIMARY KEY, dso_master boolean, dso_current_server text, dso_version bigint, dso_modified_at timestamptz) ON COMMIT DROP`,
+    );
   } catch {
     await client.query('ROLLBACK TO SAVEPOINT pgdso_probe');
     return;
@@ -249,11 +295,15 @@ export async function probeGuard(client: pg.ClientBase, schema: string, table: s
   let outcome: { code?: string; message?: string } = {};
   try {
     await client.query(`INSERT INTO pg_temp.pgdso_guard_probe VALUES ('probe', false, 'probe', 1, now())`);
-    await client.query(`CREATE TRIGGER pgdso_guard BEFORE UPDATE ON pg_temp.pgdso_guard_probe FOR EACH ROW EXECUTE FUNCTION pgdso.row_guard('id', 'probe')`);
+    await client.query(
+      `CREATE TRIGGER pgdso_guard BEFORE UPDATE ON pg_temp.pgdso_guard_probe FOR EACH ROW EXECUTE FUNCTION pgdso.row_guard('id', 'probe')`,
+    );
     const owner = await client.query(
       `SELECT pg_get_userbyid(c.relowner) AS owner FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = $1 AND c.relname = $2 AND c.relowner <> (SELECT oid FROM pg_roles WHERE rolname = current_user)
-          AND pg_has_role(current_user, c.relowner, 'MEMBER')`, [schema, table]);
+          AND pg_has_role(current_user, c.relowner, 'MEMBER')`,
+      [schema, table],
+    );
     if (owner.rowCount) {
       const role = quoteIdent(owner.rows[0].owner);
       await client.query(`GRANT SELECT, UPDATE ON pg_temp.pgdso_guard_probe TO ${role}`);
@@ -266,13 +316,20 @@ export async function probeGuard(client: pg.ClientBase, schema: string, table: s
   }
   await client.query('ROLLBACK TO SAVEPOINT pgdso_probe');
   if (outcome.code === 'P0001' && outcome.message?.startsWith('pgdso: request probe')) return;
-  const fn = (await client.query(`SELECT pg_get_userbyid(proowner) AS owner, prosecdef FROM pg_proc WHERE oid = 'pgdso.row_guard()'::regprocedure`)).rows[0];
-  throw new PreflightError([{
-    message: `the ownership guard does not work (${outcome.code ?? 'no error'}: ${outcome.message ?? 'a read-only row was not refused'}): every UPDATE and DELETE of ${schema}.${table} by the application would fail`,
-    fix: fn.prosecdef
-      ? `GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_session_is_setup() TO ${quoteIdent(fn.owner)};`
-      : `ALTER FUNCTION pgdso.row_guard() SECURITY DEFINER; -- it must run as its owner, ${fn.owner}`,
-  }], `form ${schema}.${table}`);
+  const fn = (
+    await client.query(`SELECT pg_get_userbyid(proowner) AS owner, prosecdef FROM pg_proc WHERE oid = 'pgdso.row_guard()'::regprocedure`)
+  ).rows[0];
+  throw new PreflightError(
+    [
+      {
+        message: `the ownership guard does not work (${outcome.code ?? 'no error'}: ${outcome.message ?? 'a read-only row was not refused'}): every UPDATE and DELETE of ${schema}.${table} by the application would fail`,
+        fix: fn.prosecdef
+          ? `GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_session_is_setup() TO ${quoteIdent(fn.owner)};`
+          : `ALTER FUNCTION pgdso.row_guard() SECURITY DEFINER; -- it must run as its owner, ${fn.owner}`,
+      },
+    ],
+    `form ${schema}.${table}`,
+  );
 }
 
 /**
@@ -287,11 +344,16 @@ async function createSlot(client: pg.ClientBase, slot: string, timeoutMs: number
   try {
     return await ensureSlot(client, slot);
   } catch (err) {
-    if ((err as { code?: string }).code !== '57014') throw new Error(`creating the replication slot ${slot} failed, nothing was changed: ${(err as Error).message}`, { cause: err });
+    if ((err as { code?: string }).code !== '57014')
+      throw new Error(`creating the replication slot ${slot} failed, nothing was changed: ${(err as Error).message}`, { cause: err });
     const writers = await client.query(
       `SELECT pid, usename, application_name, state, xact_start FROM pg_stat_activity
-        WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() ORDER BY xact_start`);
-    throw new Error(`creating the replication slot ${slot} waits for the transactions running now to end, and ${timeoutMs} ms passed; nothing was changed. Open transactions: ${writers.rows.map((r) => `pid ${r.pid} (user ${r.usename}, application ${quoteLiteral(r.application_name ?? '')}, ${r.state}, since ${new Date(r.xact_start).toISOString()})`).join('; ') || 'none now'}`, { cause: err });
+        WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() ORDER BY xact_start`,
+    );
+    throw new Error(
+      `creating the replication slot ${slot} waits for the transactions running now to end, and ${timeoutMs} ms passed; nothing was changed. Open transactions: ${writers.rows.map((r) => `pid ${r.pid} (user ${r.usename}, application ${quoteLiteral(r.application_name ?? '')}, ${r.state}, since ${new Date(r.xact_start).toISOString()})`).join('; ') || 'none now'}`,
+      { cause: err },
+    );
   } finally {
     await client.query('RESET statement_timeout').catch(() => {});
   }
@@ -301,7 +363,8 @@ async function createSlot(client: pg.ClientBase, slot: string, timeoutMs: number
 export async function ensureSlot(client: pg.ClientBase, slot: string): Promise<boolean> {
   const existing = await client.query('SELECT plugin FROM pg_replication_slots WHERE slot_name = $1', [slot]);
   if (existing.rowCount) {
-    if (existing.rows[0].plugin !== 'pgoutput') throw new FormError(`replication slot ${slot} exists with plugin ${existing.rows[0].plugin}, not pgoutput`);
+    if (existing.rows[0].plugin !== 'pgoutput')
+      throw new FormError(`replication slot ${slot} exists with plugin ${existing.rows[0].plugin}, not pgoutput`);
     return false;
   }
   try {

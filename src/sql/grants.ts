@@ -22,9 +22,18 @@ export interface Refusal {
  */
 export function refusalOf(sqlstate: string | null, message: string, role: string, database: string): Refusal | null {
   const r = quoteIdent(role);
-  if (sqlstate === '28P01') return { missing: `the password of role ${role}`, fix: `check the password of ${role} in the config (and ALTER ROLE ${r} PASSWORD '...')` };
-  if (sqlstate === '28000') return { missing: `a pg_hba.conf entry or login for role ${role}`, fix: `add a pg_hba.conf line for ${role} (database ${database}, and "replication" for the slot) and SELECT pg_reload_conf(); ALTER ROLE ${r} LOGIN if needed` };
-  if (sqlstate === '3D000') return { missing: `database ${database}`, fix: `CREATE DATABASE ${quoteIdent(database)}, or correct the database in the config` };
+  if (sqlstate === '28P01')
+    return {
+      missing: `the password of role ${role}`,
+      fix: `check the password of ${role} in the config (and ALTER ROLE ${r} PASSWORD '...')`,
+    };
+  if (sqlstate === '28000')
+    return {
+      missing: `a pg_hba.conf entry or login for role ${role}`,
+      fix: `add a pg_hba.conf line for ${role} (database ${database}, and "replication" for the slot) and SELECT pg_reload_conf(); ALTER ROLE ${r} LOGIN if needed`,
+    };
+  if (sqlstate === '3D000')
+    return { missing: `database ${database}`, fix: `CREATE DATABASE ${quoteIdent(database)}, or correct the database in the config` };
   if (sqlstate !== '42501') return null;
   if (/replication role|start WAL sender|replication slots|REPLICATION attribute/i.test(message)) {
     return { missing: `the REPLICATION attribute of role ${role}`, fix: `ALTER ROLE ${r} REPLICATION;` };
@@ -35,12 +44,17 @@ export function refusalOf(sqlstate: string | null, message: string, role: string
     return { missing: `EXECUTE on ${fn[1]}`, fix: `GRANT EXECUTE ON FUNCTION pg_catalog.${signature} TO ${r};` };
   }
   const table = /permission denied for (?:table|relation) (\S+)/.exec(message);
-  if (table) return { missing: `privileges on table ${table[1]}`, fix: `GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE ${table[1]} TO ${r};` };
+  if (table)
+    return { missing: `privileges on table ${table[1]}`, fix: `GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE ${table[1]} TO ${r};` };
   const sequence = /permission denied for sequence (\S+)/.exec(message);
   if (sequence) return { missing: `privileges on sequence ${sequence[1]}`, fix: `GRANT USAGE, SELECT ON SEQUENCE ${sequence[1]} TO ${r};` };
   const schema = /permission denied for schema (\S+)/.exec(message);
   if (schema) return { missing: `USAGE on schema ${schema[1]}`, fix: `GRANT USAGE ON SCHEMA ${schema[1]} TO ${r};` };
-  if (/permission denied for database/.test(message)) return { missing: `CONNECT or CREATE on database ${database}`, fix: `GRANT CONNECT, CREATE ON DATABASE ${quoteIdent(database)} TO ${r};` };
+  if (/permission denied for database/.test(message))
+    return {
+      missing: `CONNECT or CREATE on database ${database}`,
+      fix: `GRANT CONNECT, CREATE ON DATABASE ${quoteIdent(database)} TO ${r};`,
+    };
   return { missing: 'a privilege', fix: `grant role ${role} what the message names (${message})` };
 }
 
@@ -49,7 +63,10 @@ export function refusalOf(sqlstate: string | null, message: string, role: string
  * usage, SELECT, INSERT, UPDATE, DELETE), from the server's own privilege functions; empty when
  * nothing is missing.
  */
-export async function missingFormGrants(client: { query: (text: string, values: unknown[]) => Promise<{ rows: unknown[] }> }, forms: readonly { schema: string; table: string }[]): Promise<string[]> {
+export async function missingFormGrants(
+  client: { query: (text: string, values: unknown[]) => Promise<{ rows: unknown[] }> },
+  forms: readonly { schema: string; table: string }[],
+): Promise<string[]> {
   const res = await client.query(
     `SELECT f.s, f.t, current_user AS role, has_schema_privilege(f.s, 'USAGE') AS usage,
             array_remove(ARRAY[CASE WHEN NOT has_table_privilege(c.oid, 'SELECT') THEN 'SELECT' END, CASE WHEN NOT has_table_privilege(c.oid, 'INSERT') THEN 'INSERT' END,
@@ -61,7 +78,8 @@ export async function missingFormGrants(client: { query: (text: string, values: 
   const grants: string[] = [];
   for (const row of res.rows as { s: string; t: string; role: string; usage: boolean; missing: string[] }[]) {
     if (!row.usage) grants.push(`GRANT USAGE ON SCHEMA ${quoteIdent(row.s)} TO ${quoteIdent(row.role)};`);
-    if (row.missing.length) grants.push(`GRANT ${row.missing.join(', ')} ON TABLE ${quoteIdent(row.s)}.${quoteIdent(row.t)} TO ${quoteIdent(row.role)};`);
+    if (row.missing.length)
+      grants.push(`GRANT ${row.missing.join(', ')} ON TABLE ${quoteIdent(row.s)}.${quoteIdent(row.t)} TO ${quoteIdent(row.role)};`);
   }
   return grants;
 }

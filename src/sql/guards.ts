@@ -117,16 +117,28 @@ export function guardTriggers(keyColumn: string, form: string): TriggerSpec[] {
   const args = (list: string[]) => list.map(quoteLiteral).join(', ');
   return [
     {
-      name: 'pgdso_guard', function: 'row_guard', args: [keyColumn, form], everyPartition: false,
-      create: (rel) => `CREATE TRIGGER pgdso_guard BEFORE UPDATE OR DELETE ON ${rel} FOR EACH ROW EXECUTE FUNCTION pgdso.row_guard(${args([keyColumn, form])})`,
+      name: 'pgdso_guard',
+      function: 'row_guard',
+      args: [keyColumn, form],
+      everyPartition: false,
+      create: (rel) =>
+        `CREATE TRIGGER pgdso_guard BEFORE UPDATE OR DELETE ON ${rel} FOR EACH ROW EXECUTE FUNCTION pgdso.row_guard(${args([keyColumn, form])})`,
     },
     {
-      name: 'pgdso_request_id', function: 'request_id_guard', args: [keyColumn, form], everyPartition: false,
-      create: (rel) => `CREATE TRIGGER pgdso_request_id BEFORE UPDATE OF ${key} ON ${rel} FOR EACH ROW WHEN (OLD.${key} IS DISTINCT FROM NEW.${key}) EXECUTE FUNCTION pgdso.request_id_guard(${args([keyColumn, form])})`,
+      name: 'pgdso_request_id',
+      function: 'request_id_guard',
+      args: [keyColumn, form],
+      everyPartition: false,
+      create: (rel) =>
+        `CREATE TRIGGER pgdso_request_id BEFORE UPDATE OF ${key} ON ${rel} FOR EACH ROW WHEN (OLD.${key} IS DISTINCT FROM NEW.${key}) EXECUTE FUNCTION pgdso.request_id_guard(${args([keyColumn, form])})`,
     },
     {
-      name: 'pgdso_truncate', function: 'truncate_guard', args: [form], everyPartition: true,
-      create: (rel) => `CREATE TRIGGER pgdso_truncate BEFORE TRUNCATE ON ${rel} FOR EACH STATEMENT EXECUTE FUNCTION pgdso.truncate_guard(${args([form])})`,
+      name: 'pgdso_truncate',
+      function: 'truncate_guard',
+      args: [form],
+      everyPartition: true,
+      create: (rel) =>
+        `CREATE TRIGGER pgdso_truncate BEFORE TRUNCATE ON ${rel} FOR EACH STATEMENT EXECUTE FUNCTION pgdso.truncate_guard(${args([form])})`,
     },
   ];
 }

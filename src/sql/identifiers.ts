@@ -38,7 +38,7 @@ export function originName(writer: string, pool: string, targetDatabase: string)
 
 /** The server whose engine wrote a change, from its origin name; null for anything else. */
 export function writerOfOrigin(origin: string | null | undefined): string | null {
-  if (!origin || !origin.startsWith('pgdso:')) return null;
+  if (!origin?.startsWith('pgdso:')) return null;
   const end = origin.indexOf(':', 6);
   return end > 6 ? origin.slice(6, end) : null;
 }

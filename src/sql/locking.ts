@@ -49,7 +49,16 @@ export async function blockersOf(client: pg.ClientBase, form: { schema: string; 
       ORDER BY a.xact_start NULLS LAST`,
     [form.schema, form.table],
   );
-  return res.rows.map((r) => ({ pid: r.pid, user: r.usename, application: r.application_name, state: r.state, xactStart: r.xact_start, query: r.query, mode: r.mode, granted: r.granted }));
+  return res.rows.map((r) => ({
+    pid: r.pid,
+    user: r.usename,
+    application: r.application_name,
+    state: r.state,
+    xactStart: r.xact_start,
+    query: r.query,
+    mode: r.mode,
+    granted: r.granted,
+  }));
 }
 
 export function describeBlocker(b: Blocker): string {
@@ -62,7 +71,12 @@ export function describeBlocker(b: Blocker): string {
  * back and tries again, up to `attempts` times, then throws a LockTimeoutError that names the
  * sessions in the way. Any other error rolls back and is thrown as it is.
  */
-export async function withLockTimeout(client: pg.ClientBase, form: { schema: string; table: string }, opts: LockOptions, work: () => Promise<void>): Promise<void> {
+export async function withLockTimeout(
+  client: pg.ClientBase,
+  form: { schema: string; table: string },
+  opts: LockOptions,
+  work: () => Promise<void>,
+): Promise<void> {
   for (let attempt = 1; ; attempt++) {
     await client.query('BEGIN');
     try {

@@ -6,7 +6,9 @@ import pg from 'pg';
 import { migrationSettings } from '../../knexfile.ts';
 import { LOCK_NAMESPACE, LOCKS, PUBLICATION, quoteIdent } from './identifiers.ts';
 
-export interface MigrateResult { applied: string[] }
+export interface MigrateResult {
+  applied: string[];
+}
 
 export async function migrateServer(connection: pg.ClientConfig): Promise<MigrateResult> {
   const lockClient = new pg.Client({ ...connection, application_name: 'pgdso migrate' });
@@ -14,7 +16,11 @@ export async function migrateServer(connection: pg.ClientConfig): Promise<Migrat
   try {
     await lockClient.query('SELECT pg_advisory_lock($1, $2)', [LOCK_NAMESPACE, LOCKS.migrate]);
     await lockClient.query('CREATE SCHEMA IF NOT EXISTS pgdso');
-    const knex = knexFactory({ client: 'pg', connection: { ...connection, application_name: 'pgdso migrate' } as never, pool: { min: 0, max: 1 } });
+    const knex = knexFactory({
+      client: 'pg',
+      connection: { ...connection, application_name: 'pgdso migrate' } as never,
+      pool: { min: 0, max: 1 },
+    });
     try {
       // knex's lock row can be left set by a crash; our advisory lock makes it redundant.
       const lockTable = await lockClient.query(`SELECT to_regclass('pgdso.knex_migrations_lock') AS t`);

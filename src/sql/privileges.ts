@@ -78,10 +78,20 @@ export async function serverFacts(client: pg.ClientBase): Promise<ServerFacts> {
   );
   const row = res.rows[0];
   const facts: ServerFacts = {
-    role: row.role, superuser: row.superuser, replication: row.replication, versionNum: row.version_num,
-    walLevel: row.wal_level, maxSlots: row.max_slots, usedSlots: row.used_slots, maxWalSenders: row.max_wal_senders,
-    usedWalSenders: row.used_wal_senders, slotExists: false, slotActive: false, canCreateInDatabase: row.can_create,
-    database: row.database, execute: Object.fromEntries(functions.map((f, i) => [f, row.execute[i] as boolean])),
+    role: row.role,
+    superuser: row.superuser,
+    replication: row.replication,
+    versionNum: row.version_num,
+    walLevel: row.wal_level,
+    maxSlots: row.max_slots,
+    usedSlots: row.used_slots,
+    maxWalSenders: row.max_wal_senders,
+    usedWalSenders: row.used_wal_senders,
+    slotExists: false,
+    slotActive: false,
+    canCreateInDatabase: row.can_create,
+    database: row.database,
+    execute: Object.fromEntries(functions.map((f, i) => [f, row.execute[i] as boolean])),
   };
   const slot = await client.query('SELECT active FROM pg_replication_slots WHERE slot_name = $1', [slotName(facts.database)]);
   facts.slotExists = slot.rowCount === 1;
@@ -95,26 +105,45 @@ export async function serverFacts(client: pg.ClientBase): Promise<ServerFacts> {
  * receives does not need them. `creates`: the control schema or a form still has to be made
  * (CREATE on the database, for `migrate` and `forms enable`).
  */
-export function serverChecks(facts: ServerFacts, needs: { decodes: boolean; creates: boolean } = { decodes: true, creates: true }): Check[] {
+export function serverChecks(
+  facts: ServerFacts,
+  needs: { decodes: boolean; creates: boolean } = { decodes: true, creates: true },
+): Check[] {
   const checks: Check[] = [];
   const role = quoteIdent(facts.role);
   const version = versionCheck(facts.versionNum);
   if (version) return [version];
   if (facts.walLevel !== 'logical') {
-    checks.push({ message: `wal_level is ${facts.walLevel}: logical decoding needs logical`, fix: 'ALTER SYSTEM SET wal_level = logical; -- then restart PostgreSQL' });
+    checks.push({
+      message: `wal_level is ${facts.walLevel}: logical decoding needs logical`,
+      fix: 'ALTER SYSTEM SET wal_level = logical; -- then restart PostgreSQL',
+    });
   }
   if (needs.decodes && !facts.slotExists && facts.usedSlots >= facts.maxSlots) {
-    checks.push({ message: `no free replication slot for pgdso's slot ${slotName(facts.database)} (max_replication_slots = ${facts.maxSlots}, ${facts.usedSlots} in use)`, fix: `ALTER SYSTEM SET max_replication_slots = ${facts.usedSlots + 1}; -- then restart PostgreSQL` });
+    checks.push({
+      message: `no free replication slot for pgdso's slot ${slotName(facts.database)} (max_replication_slots = ${facts.maxSlots}, ${facts.usedSlots} in use)`,
+      fix: `ALTER SYSTEM SET max_replication_slots = ${facts.usedSlots + 1}; -- then restart PostgreSQL`,
+    });
   }
   if (needs.decodes && !facts.slotActive && facts.usedWalSenders >= facts.maxWalSenders) {
-    checks.push({ message: `no free WAL sender for pgdso's stream (max_wal_senders = ${facts.maxWalSenders}, ${facts.usedWalSenders} in use)`, fix: `ALTER SYSTEM SET max_wal_senders = ${facts.usedWalSenders + 1}; -- then restart PostgreSQL` });
+    checks.push({
+      message: `no free WAL sender for pgdso's stream (max_wal_senders = ${facts.maxWalSenders}, ${facts.usedWalSenders} in use)`,
+      fix: `ALTER SYSTEM SET max_wal_senders = ${facts.usedWalSenders + 1}; -- then restart PostgreSQL`,
+    });
   }
   if (facts.superuser) return checks;
   if (needs.decodes && !facts.replication) {
-    checks.push({ message: `role ${facts.role} has no REPLICATION attribute (the slot and the stream need it)`, fix: `ALTER ROLE ${role} REPLICATION;` });
+    checks.push({
+      message: `role ${facts.role} has no REPLICATION attribute (the slot and the stream need it)`,
+      fix: `ALTER ROLE ${role} REPLICATION;`,
+    });
   }
   for (const fn of ORIGIN_FUNCTIONS) {
-    if (!facts.execute[fn]) checks.push({ message: `role ${facts.role} cannot execute ${fn} (the engine's writes and the ownership guard need it)`, fix: `GRANT EXECUTE ON FUNCTION ${fn} TO ${role};` });
+    if (!facts.execute[fn])
+      checks.push({
+        message: `role ${facts.role} cannot execute ${fn} (the engine's writes and the ownership guard need it)`,
+        fix: `GRANT EXECUTE ON FUNCTION ${fn} TO ${role};`,
+      });
   }
   if (needs.creates && !facts.canCreateInDatabase) checks.push(createCheck(facts));
   return checks;
@@ -122,11 +151,17 @@ export function serverChecks(facts: ServerFacts, needs: { decodes: boolean; crea
 
 /** CREATE on the database: the control schema and the publication are made with it. */
 export function createCheck(facts: ServerFacts): Check {
-  return { message: `role ${facts.role} cannot CREATE in database ${facts.database} (the control schema pgdso and the publication pgdso)`, fix: `GRANT CREATE ON DATABASE ${quoteIdent(facts.database)} TO ${quoteIdent(facts.role)};` };
+  return {
+    message: `role ${facts.role} cannot CREATE in database ${facts.database} (the control schema pgdso and the publication pgdso)`,
+    fix: `GRANT CREATE ON DATABASE ${quoteIdent(facts.database)} TO ${quoteIdent(facts.role)};`,
+  };
 }
 
 /** The relations of a form: the table itself and, for a partitioned table, every partition. */
-export async function formRelations(client: pg.ClientBase, oid: number): Promise<Array<{ oid: number; schema: string; table: string; owner: string; partitioned: boolean; identity: string }>> {
+export async function formRelations(
+  client: pg.ClientBase,
+  oid: number,
+): Promise<Array<{ oid: number; schema: string; table: string; owner: string; partitioned: boolean; identity: string }>> {
   const res = await client.query(
     `SELECT c.oid::int AS oid, n.nspname AS schema, c.relname AS table, pg_get_userbyid(c.relowner) AS owner,
             c.relkind = 'p' AS partitioned, c.relreplident AS identity
@@ -143,8 +178,15 @@ export async function formRelations(client: pg.ClientBase, oid: number): Promise
  * The right to alter the form and the publication counts only when `forms enable` has
  * something left to do (`needsAlter`, `needsPublicationChange`): an engine does not need it.
  */
-export async function formChecks(client: pg.ClientBase, oid: number, schema: string, table: string, opts: { needsPublicationChange: boolean; needsAlter: boolean }): Promise<Check[]> {
-  const role = (await client.query('SELECT current_user AS role, (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS su')).rows[0];
+export async function formChecks(
+  client: pg.ClientBase,
+  oid: number,
+  schema: string,
+  table: string,
+  opts: { needsPublicationChange: boolean; needsAlter: boolean },
+): Promise<Check[]> {
+  const role = (await client.query('SELECT current_user AS role, (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS su'))
+    .rows[0];
   const checks: Check[] = [];
   const form = qualified(schema, table);
   const who = quoteIdent(role.role);
@@ -165,10 +207,18 @@ export async function formChecks(client: pg.ClientBase, oid: number, schema: str
   }
   if (role.su) return checks;
   const schemaOk = await client.query(`SELECT has_schema_privilege($1, 'USAGE') AS ok`, [schema]);
-  if (!schemaOk.rows[0].ok) checks.push({ message: `role ${role.role} has no USAGE on schema ${schema}`, fix: `GRANT USAGE ON SCHEMA ${quoteIdent(schema)} TO ${who};`, blocking: true });
+  if (!schemaOk.rows[0].ok)
+    checks.push({
+      message: `role ${role.role} has no USAGE on schema ${schema}`,
+      fix: `GRANT USAGE ON SCHEMA ${quoteIdent(schema)} TO ${who};`,
+      blocking: true,
+    });
   const controlOk = await client.query(`SELECT has_schema_privilege('pgdso', 'CREATE') AS ok WHERE to_regnamespace('pgdso') IS NOT NULL`);
   if (controlOk.rowCount && !controlOk.rows[0].ok && guardOwner.rowCount === 0) {
-    checks.push({ message: `role ${role.role} cannot CREATE in the control schema pgdso (the guard functions)`, fix: `GRANT CREATE ON SCHEMA pgdso TO ${who};` });
+    checks.push({
+      message: `role ${role.role} cannot CREATE in the control schema pgdso (the guard functions)`,
+      fix: `GRANT CREATE ON SCHEMA pgdso TO ${who};`,
+    });
   }
   if (!schemaOk.rows[0].ok) return checks;
   const privileges = await client.query(
@@ -178,7 +228,10 @@ export async function formChecks(client: pg.ClientBase, oid: number, schema: str
   );
   if (privileges.rowCount) {
     const missing = privileges.rows.map((r) => r.privilege as string);
-    checks.push({ message: `role ${role.role} lacks ${missing.join(', ')} on form ${schema}.${table} (the engine reads and writes its requests)`, fix: `GRANT ${missing.join(', ')} ON ${form} TO ${who};` });
+    checks.push({
+      message: `role ${role.role} lacks ${missing.join(', ')} on form ${schema}.${table} (the engine reads and writes its requests)`,
+      fix: `GRANT ${missing.join(', ')} ON ${form} TO ${who};`,
+    });
   }
   // altering the form (and its partitions) is needed only while something is missing
   for (const rel of opts.needsAlter ? await formRelations(client, oid) : []) {
@@ -191,9 +244,15 @@ export async function formChecks(client: pg.ClientBase, oid: number, schema: str
     }
   }
   if (opts.needsPublicationChange) {
-    const pub = await client.query(`SELECT pg_get_userbyid(pubowner) AS owner, pg_has_role(current_user, pubowner, 'USAGE') AS ok FROM pg_publication WHERE pubname = $1`, [PUBLICATION]);
+    const pub = await client.query(
+      `SELECT pg_get_userbyid(pubowner) AS owner, pg_has_role(current_user, pubowner, 'USAGE') AS ok FROM pg_publication WHERE pubname = $1`,
+      [PUBLICATION],
+    );
     if (pub.rowCount && !pub.rows[0].ok) {
-      checks.push({ message: `role ${role.role} cannot alter the publication ${PUBLICATION} (owned by ${pub.rows[0].owner})`, fix: `ALTER PUBLICATION ${quoteIdent(PUBLICATION)} OWNER TO ${who};` });
+      checks.push({
+        message: `role ${role.role} cannot alter the publication ${PUBLICATION} (owned by ${pub.rows[0].owner})`,
+        fix: `ALTER PUBLICATION ${quoteIdent(PUBLICATION)} OWNER TO ${who};`,
+      });
     }
   }
   return checks;
@@ -202,5 +261,10 @@ export async function formChecks(client: pg.ClientBase, oid: number, schema: str
 /** What `pgdso uninstall` needs beyond the rest: dropping the origins of the engines. */
 export function uninstallChecks(facts: ServerFacts, origins: number): Check[] {
   if (facts.superuser || origins === 0 || facts.execute[ORIGIN_DROP_FUNCTION]) return [];
-  return [{ message: `role ${facts.role} cannot execute ${ORIGIN_DROP_FUNCTION} (${origins} replication origins of pgdso to drop)`, fix: `GRANT EXECUTE ON FUNCTION ${ORIGIN_DROP_FUNCTION} TO ${quoteIdent(facts.role)};` }];
+  return [
+    {
+      message: `role ${facts.role} cannot execute ${ORIGIN_DROP_FUNCTION} (${origins} replication origins of pgdso to drop)`,
+      fix: `GRANT EXECUTE ON FUNCTION ${ORIGIN_DROP_FUNCTION} TO ${quoteIdent(facts.role)};`,
+    },
+  ];
 }

@@ -33,7 +33,10 @@ const CHECKSUM = `SELECT count(*)::int AS n, md5(coalesce(string_agg(id || ':' |
 const REQUESTS = 12_000;
 const ROUNDS = 4;
 
-test('a peer stopped for the length of a load: the other peer gets everything meanwhile, the source slot moves on, then every row arrives in order per request, exactly once', { skip: restartSkipReason(), timeout: 240_000 }, async (t) => {
+test('a peer stopped for the length of a load: the other peer gets everything meanwhile, the source slot moves on, then every row arrives in order per request, exactly once', {
+  skip: restartSkipReason(),
+  timeout: 240_000,
+}, async (t) => {
   const e = await suite.env({
     servers: ['sf', 'tokyo', 'chicago'],
     placement: { sf: 0, tokyo: 0, chicago: 1 },
@@ -41,31 +44,61 @@ test('a peer stopped for the length of a load: the other peer gets everything me
     forms: ['repair_request'],
     config: { pending: { retry: { firstSeconds: 0.2, maxSeconds: 1 }, heartbeatSeconds: 1 } },
     rules: {
-      mappings: [mapping('sf-to-chicago', 'sf', 'chicago', { transferMode: 'data-only' }), mapping('sf-to-tokyo', 'sf', 'tokyo', { transferMode: 'data-only' })],
+      mappings: [
+        mapping('sf-to-chicago', 'sf', 'chicago', { transferMode: 'data-only' }),
+        mapping('sf-to-tokyo', 'sf', 'tokyo', { transferMode: 'data-only' }),
+      ],
       filters: [
-        filter('everywhere', 'sf', null, [{ type: 'transfer', mapping: 'sf-to-chicago' }, { type: 'transfer', mapping: 'sf-to-tokyo' }]),
-        filter('deleted-everywhere', 'sf', null, [{ type: 'delete', mapping: 'sf-to-chicago' }, { type: 'delete', mapping: 'sf-to-tokyo' }], ['delete']),
+        filter('everywhere', 'sf', null, [
+          { type: 'transfer', mapping: 'sf-to-chicago' },
+          { type: 'transfer', mapping: 'sf-to-tokyo' },
+        ]),
+        filter(
+          'deleted-everywhere',
+          'sf',
+          null,
+          [
+            { type: 'delete', mapping: 'sf-to-chicago' },
+            { type: 'delete', mapping: 'sf-to-tokyo' },
+          ],
+          ['delete'],
+        ),
       ],
     },
   });
   const chicagoCluster = suite.clusters[1]!;
   let engine = e.engine(['--server', 'sf']);
   await e.query('sf', `INSERT INTO repair_request (id, item) VALUES ('warm-up', 'desk')`);
-  await until(engine, 'the warm-up row did not reach chicago', async () => (await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'warm-up'`)).length === 1);
-  const [slotBefore] = await e.query<{ lsn: string }>('sf', `SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots WHERE database = current_database()`);
+  await until(
+    engine,
+    'the warm-up row did not reach chicago',
+    async () => (await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'warm-up'`)).length === 1,
+  );
+  const [slotBefore] = await e.query<{ lsn: string }>(
+    'sf',
+    `SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots WHERE database = current_database()`,
+  );
 
   const t0 = Date.now();
   const phase = (name: string) => t.diagnostic(`${name}: ${Date.now() - t0} ms`);
   await chicagoCluster.stop();
-  phase('chicago stopped')
+  phase('chicago stopped');
   let stopped = true;
   try {
     // the load: requests inserted in transactions of 2000, then updated in rounds (seq rises)
     for (let from = 1; from <= REQUESTS; from += 2000) {
-      await e.query('sf', `INSERT INTO repair_request (id, item, seq) SELECT 'R-' || g, 'chair', 1 FROM generate_series($1::int, $2::int) g`, [from, from + 1999]);
+      await e.query(
+        'sf',
+        `INSERT INTO repair_request (id, item, seq) SELECT 'R-' || g, 'chair', 1 FROM generate_series($1::int, $2::int) g`,
+        [from, from + 1999],
+      );
     }
     for (let round = 2; round <= ROUNDS + 1; round++) {
-      await e.query('sf', `UPDATE repair_request SET seq = $1::int, status = 'round ' || $1::text, description = 'update ' || $1::text WHERE id LIKE 'R-%' AND (substr(id, 3)::int % $2) = 0`, [round, round - 1]);
+      await e.query(
+        'sf',
+        `UPDATE repair_request SET seq = $1::int, status = 'round ' || $1::text, description = 'update ' || $1::text WHERE id LIKE 'R-%' AND (substr(id, 3)::int % $2) = 0`,
+        [round, round - 1],
+      );
       if (round === 3) {
         // the engine dies while the peer is down; operations queued by the replay are settled by the lane's position later
         await engine.kill9();
@@ -77,26 +110,42 @@ test('a peer stopped for the length of a load: the other peer gets everything me
     phase('load done');
     // tokyo has everything while chicago is down
     const [sfSum] = await e.query<{ n: number; sum: string }>('sf', CHECKSUM);
-    await until(engine, 'tokyo did not receive the load while chicago was down', async () => {
-      const [tokyo] = await e.query<{ n: number; sum: string }>('tokyo', CHECKSUM);
-      return tokyo?.sum === sfSum?.sum && tokyo.n === sfSum.n;
-    }, 120_000);
+    await until(
+      engine,
+      'tokyo did not receive the load while chicago was down',
+      async () => {
+        const [tokyo] = await e.query<{ n: number; sum: string }>('tokyo', CHECKSUM);
+        return tokyo?.sum === sfSum?.sum && tokyo.n === sfSum.n;
+      },
+      120_000,
+    );
     phase('tokyo has everything');
     // and sf's slot confirmed the whole load: nothing waits in sf's WAL for chicago
     await settled(e, engine, ['sf']);
-    const [slotAfter] = await e.query<{ moved: boolean }>('sf', `SELECT confirmed_flush_lsn > $1::pg_lsn AS moved FROM pg_replication_slots WHERE database = current_database()`, [slotBefore!.lsn]);
+    const [slotAfter] = await e.query<{ moved: boolean }>(
+      'sf',
+      `SELECT confirmed_flush_lsn > $1::pg_lsn AS moved FROM pg_replication_slots WHERE database = current_database()`,
+      [slotBefore!.lsn],
+    );
     assert.equal(slotAfter?.moved, true, "sf's slot did not advance while chicago was down");
     const [queued] = await e.query<{ n: number }>('sf', `SELECT count(*)::int AS n FROM pgdso.pending WHERE target_server = 'chicago'`);
     assert.ok(queued!.n > 0, 'nothing waits in pgdso.pending for chicago');
     // one transfer per request (the superseded ones coalesced), and the two deletes behind theirs
     assert.ok(queued!.n <= REQUESTS + 2, `superseded operations coalesce: ${queued!.n} queued for ${REQUESTS} requests`);
-    const [waiting] = await e.query<{ n: number }>('sf', `SELECT count(*)::int AS n FROM repair_request WHERE dso_transfer_status = 'retry'`);
+    const [waiting] = await e.query<{ n: number }>(
+      'sf',
+      `SELECT count(*)::int AS n FROM repair_request WHERE dso_transfer_status = 'retry'`,
+    );
     assert.ok(waiting!.n > 0, "no source copy shows dso_transfer_status 'retry'");
     // pgdso status shows the queue and the peer sf cannot reach, with no password
     const status = await e.cli(['status', '--json']);
     const sf = JSON.parse(status.stdout).servers.sf;
     assert.ok(sf.pending >= queued!.n - 1 && sf.pendingErrors === 0 && sf.retainedWalBytes >= 0, status.stdout);
-    assert.deepEqual(sf.unreachable.map((u: { server: string }) => u.server), ['chicago'], status.stdout);
+    assert.deepEqual(
+      sf.unreachable.map((u: { server: string }) => u.server),
+      ['chicago'],
+      status.stdout,
+    );
     assert.equal(status.code, 1, 'chicago itself is unreachable: status exits 1');
     t.diagnostic(`while chicago was down: ${queued!.n} operations queued for ${REQUESTS} requests × ${ROUNDS + 1} changes`);
     phase('checked');
@@ -114,24 +163,54 @@ test('a peer stopped for the length of a load: the other peer gets everything me
   // to chicago they would be overtaken by the older queued transfer. They are the last requests
   // of the queue, so their changes are read while the first chunks are being delivered.
   await e.query('sf', `DELETE FROM repair_request WHERE id LIKE 'R-%' AND substr(id, 3)::int > $1::int - 600`, [REQUESTS]);
-  await e.query('sf', `INSERT INTO repair_request (id, item, seq, status, description) SELECT 'R-' || g, 'chair', $1::int, 'reborn', 'created again' FROM generate_series($2::int - 599, $2::int - 300) g`, [ROUNDS + 2, REQUESTS]);
-  await e.query('sf', `UPDATE repair_request SET seq = $1::int, status = 'back' WHERE id LIKE 'R-%' AND substr(id, 3)::int BETWEEN 1 AND 300`, [ROUNDS + 2]);
+  await e.query(
+    'sf',
+    `INSERT INTO repair_request (id, item, seq, status, description) SELECT 'R-' || g, 'chair', $1::int, 'reborn', 'created again' FROM generate_series($2::int - 599, $2::int - 300) g`,
+    [ROUNDS + 2, REQUESTS],
+  );
+  await e.query(
+    'sf',
+    `UPDATE repair_request SET seq = $1::int, status = 'back' WHERE id LIKE 'R-%' AND substr(id, 3)::int BETWEEN 1 AND 300`,
+    [ROUNDS + 2],
+  );
   engine = e.engine(['--server', 'sf']);
   phase('engine restarted');
   // chicago is back: everything arrives
   const [sfSum] = await e.query<{ n: number; sum: string }>('sf', CHECKSUM);
-  await until(engine, 'chicago did not receive the queued operations once back', async () => {
-    const [chicago] = await e.query<{ n: number; sum: string }>('chicago', CHECKSUM);
-    return chicago?.sum === sfSum?.sum && chicago.n === sfSum.n;
-  }, 120_000);
+  await until(
+    engine,
+    'chicago did not receive the queued operations once back',
+    async () => {
+      const [chicago] = await e.query<{ n: number; sum: string }>('chicago', CHECKSUM);
+      return chicago?.sum === sfSum?.sum && chicago.n === sfSum.n;
+    },
+    120_000,
+  );
   phase('chicago has everything');
-  await until(engine, 'pgdso.pending did not empty', async () => (await e.query<{ n: number }>('sf', `SELECT count(*)::int AS n FROM pgdso.pending`))[0]?.n === 0);
+  await until(
+    engine,
+    'pgdso.pending did not empty',
+    async () => (await e.query<{ n: number }>('sf', `SELECT count(*)::int AS n FROM pgdso.pending`))[0]?.n === 0,
+  );
   assert.deepEqual(await e.query('sf', `SELECT id, error FROM pgdso.pending_errors`), []);
   // in order per request: each request's applied seq only rises on chicago
-  const disorder = await e.query('chicago', `SELECT id, n, seq, prev FROM (SELECT id, n, seq, lag(seq) OVER (PARTITION BY id ORDER BY n) AS prev FROM applied) a WHERE prev > seq LIMIT 5`);
+  const disorder = await e.query(
+    'chicago',
+    `SELECT id, n, seq, prev FROM (SELECT id, n, seq, lag(seq) OVER (PARTITION BY id ORDER BY n) AS prev FROM applied) a WHERE prev > seq LIMIT 5`,
+  );
   assert.deepEqual(disorder, [], 'a request applied out of order on chicago');
   // the bookkeeping of delivered operations: every source copy records its transfer
-  await until(engine, 'source copies still wait', async () => (await e.query<{ n: number }>('sf', `SELECT count(*)::int AS n FROM repair_request WHERE dso_transfer_status IS DISTINCT FROM 'success'`))[0]?.n === 0);
+  await until(
+    engine,
+    'source copies still wait',
+    async () =>
+      (
+        await e.query<{ n: number }>(
+          'sf',
+          `SELECT count(*)::int AS n FROM repair_request WHERE dso_transfer_status IS DISTINCT FROM 'success'`,
+        )
+      )[0]?.n === 0,
+  );
   const [applied] = await e.query<{ n: number }>('chicago', `SELECT count(*)::int AS n FROM applied`);
   t.diagnostic(`chicago applied ${applied!.n} writes for ${REQUESTS + 1} requests`);
   await engine.stop();

@@ -12,7 +12,7 @@ import { waitFor } from '../support/wait.ts';
 const suite = dsoSuite(2);
 
 const URL_PASSWORD = 'S3cr3t-Pw-123';
-const OBJECT_PASSWORD = 'Obj3ct@Pw-456!';
+const _OBJECT_PASSWORD = 'Obj3ct@Pw-456!';
 const ENV_PASSWORD = 'Env-S3cr3t-789';
 const WRONG_PASSWORD = 'Wr0ng-Pw-1011';
 const TOKYO_PASSWORD_VARIABLE = 'PGDSO_TEST_SECRETS_TOKYO_PASSWORD';
@@ -51,7 +51,11 @@ function secretForms(secrets: readonly string[]): string[] {
 function assertNoSecret(text: string, secrets: readonly string[], where: string): void {
   for (const secret of secretForms(secrets)) {
     const at = text.indexOf(secret);
-    assert.equal(at, -1, `${where} shows a password (${JSON.stringify(secret)}): ...${text.slice(Math.max(0, at - 200), at + secret.length + 100)}...`);
+    assert.equal(
+      at,
+      -1,
+      `${where} shows a password (${JSON.stringify(secret)}): ...${text.slice(Math.max(0, at - 200), at + secret.length + 100)}...`,
+    );
   }
 }
 
@@ -69,7 +73,15 @@ async function setServers(e: DsoEnv, servers: Record<string, unknown>): Promise<
 
 const rules = (peers: string[]) => ({
   mappings: peers.map((peer) => mapping(`sf-to-${peer}`, 'sf', peer, { transferMode: 'data-only' })),
-  filters: [filter('copy-requests', 'sf', null, peers.map((peer) => ({ type: 'transfer', mapping: `sf-to-${peer}` })), ['insert', 'update'])],
+  filters: [
+    filter(
+      'copy-requests',
+      'sf',
+      null,
+      peers.map((peer) => ({ type: 'transfer', mapping: `sf-to-${peer}` })),
+      ['insert', 'update'],
+    ),
+  ],
 });
 
 type Mention = { text: string | RegExp; what: string };
@@ -79,7 +91,13 @@ type Mention = { text: string | RegExp; what: string };
  * failed (`mentions`, and `more` for a command by its name) or an exit code 0 is added to
  * `problems`, so that one run lists them all.
  */
-async function checkCommands(e: DsoEnv, secrets: string[], mentions: Mention[], problems: string[], more: Record<string, Mention[]> = {}): Promise<void> {
+async function checkCommands(
+  e: DsoEnv,
+  secrets: string[],
+  mentions: Mention[],
+  problems: string[],
+  more: Record<string, Mention[]> = {},
+): Promise<void> {
   for (const command of COMMANDS) {
     const name = `pgdso ${command.args.join(' ')}`;
     const result: CliResult = await e.cli(command.args);
@@ -88,7 +106,8 @@ async function checkCommands(e: DsoEnv, secrets: string[], mentions: Mention[], 
     if (result.code === 0) problems.push(`${name} exited 0 though a server could not be reached:\n${output}`);
     if (result.code === 2 && /unknown command|error: /i.test(result.stderr)) problems.push(`${name} did not run (exit 2):\n${output}`);
     for (const m of [...mentions, ...(more[name] ?? [])]) {
-      if (!(typeof m.text === 'string' ? output.includes(m.text) : m.text.test(output))) problems.push(`${name} does not say ${m.what}:\n${output}`);
+      if (!(typeof m.text === 'string' ? output.includes(m.text) : m.text.test(output)))
+        problems.push(`${name} does not say ${m.what}:\n${output}`);
     }
     if (command.args.includes('--json')) {
       const parsed = JSON.parse(result.stdout) as { servers: Record<string, { error?: string }> };
@@ -98,12 +117,21 @@ async function checkCommands(e: DsoEnv, secrets: string[], mentions: Mention[], 
   }
 }
 
-test('a connection failure\'s log lines and errors carry no password: peers on closed ports (URL and object forms, a password from the environment)', { timeout: 120_000 }, async (t) => {
-  const e = await suite.env({ servers: ['sf'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: rules(['chicago', 'tokyo']) });
+test("a connection failure's log lines and errors carry no password: peers on closed ports (URL and object forms, a password from the environment)", {
+  timeout: 120_000,
+}, async (t) => {
+  const e = await suite.env({
+    servers: ['sf'],
+    schemaSql: REPAIR_REQUEST_SQL,
+    forms: ['repair_request'],
+    rules: rules(['chicago', 'tokyo']),
+  });
   const [chicagoPort, tokyoPort] = [await closedPort(), await closedPort()];
   await setServers(e, {
     chicago: { connection: `postgres://pgdso:${URL_PASSWORD}@127.0.0.1:${chicagoPort}/x` },
-    tokyo: { connection: { host: '127.0.0.1', port: tokyoPort, database: 'ar', user: 'pgdso', password: `\${env:${TOKYO_PASSWORD_VARIABLE}}` } },
+    tokyo: {
+      connection: { host: '127.0.0.1', port: tokyoPort, database: 'ar', user: 'pgdso', password: `\${env:${TOKYO_PASSWORD_VARIABLE}}` },
+    },
   });
   // the engine and the commands read it from their environment (inherited)
   process.env[TOKYO_PASSWORD_VARIABLE] = ENV_PASSWORD;
@@ -114,10 +142,20 @@ test('a connection failure\'s log lines and errors carry no password: peers on c
   // for them waits in the queue, whose recorded error carries no password either.
   const engine = e.engine();
   await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ('S-1', 'chair', 'for the peers that are down')`);
-  await until(engine, 'the engine did not log the failure to reach chicago and tokyo', () =>
-    engine.output.includes('chicago') && engine.output.includes(String(chicagoPort)) && engine.output.includes('tokyo') && engine.output.includes(String(tokyoPort)));
+  await until(
+    engine,
+    'the engine did not log the failure to reach chicago and tokyo',
+    () =>
+      engine.output.includes('chicago') &&
+      engine.output.includes(String(chicagoPort)) &&
+      engine.output.includes('tokyo') &&
+      engine.output.includes(String(tokyoPort)),
+  );
   const queued = await until(engine, 'S-1 did not wait in pgdso.pending for chicago and tokyo', async () => {
-    const rows = await e.query<{ target_server: string; last_error: string | null }>('sf', `SELECT target_server, last_error FROM pgdso.pending WHERE request_id = 'S-1'`);
+    const rows = await e.query<{ target_server: string; last_error: string | null }>(
+      'sf',
+      `SELECT target_server, last_error FROM pgdso.pending WHERE request_id = 'S-1'`,
+    );
     return new Set(rows.map((r) => r.target_server)).size === 2 ? rows : undefined;
   });
   const exit = await engine.stop();
@@ -127,30 +165,48 @@ test('a connection failure\'s log lines and errors carry no password: peers on c
   assert.equal(exit, 0, `pgdso run did not stop cleanly:\n${engine.output.slice(-3000)}`);
 
   const problems: string[] = [];
-  await checkCommands(e, secrets, [
-    { text: 'chicago', what: 'which server failed (chicago)' },
-    { text: String(chicagoPort), what: `where chicago is (127.0.0.1:${chicagoPort})` },
-  ], problems, {
-    // the queue's rows, with the engine's record of each failed attempt (what a leak would carry)
-    'pgdso pending list': (['chicago', 'tokyo'] as const).map((server) => ({
-      text: new RegExp(`request S-1 -> ${server} .*last error: .*127\\.0\\.0\\.1:${server === 'chicago' ? chicagoPort : tokyoPort}`),
-      what: `S-1 waiting for ${server} with the error of the attempt to reach it`,
-    })),
-  });
+  await checkCommands(
+    e,
+    secrets,
+    [
+      { text: 'chicago', what: 'which server failed (chicago)' },
+      { text: String(chicagoPort), what: `where chicago is (127.0.0.1:${chicagoPort})` },
+    ],
+    problems,
+    {
+      // the queue's rows, with the engine's record of each failed attempt (what a leak would carry)
+      'pgdso pending list': (['chicago', 'tokyo'] as const).map((server) => ({
+        text: new RegExp(`request S-1 -> ${server} .*last error: .*127\\.0\\.0\\.1:${server === 'chicago' ? chicagoPort : tokyoPort}`),
+        what: `S-1 waiting for ${server} with the error of the attempt to reach it`,
+      })),
+    },
+  );
   // status and rules check say where each server that failed is (migrate may stop at the first)
   for (const args of [['status'], ['rules', 'check'], ['migrate']]) {
     const { stdout, stderr } = await e.cli(args);
-    for (const [server, port] of [['chicago', chicagoPort], ['tokyo', tokyoPort]] as const) {
+    for (const [server, port] of [
+      ['chicago', chicagoPort],
+      ['tokyo', tokyoPort],
+    ] as const) {
       if (args[0] === 'migrate' && server === 'tokyo') continue;
-      if (!new RegExp(`${server}[^\\n]*127\\.0\\.0\\.1:${port}`).test(`${stdout}${stderr}`)) problems.push(`pgdso ${args.join(' ')} does not name ${server} at 127.0.0.1:${port}:\n${stdout}${stderr}`);
+      if (!new RegExp(`${server}[^\\n]*127\\.0\\.0\\.1:${port}`).test(`${stdout}${stderr}`))
+        problems.push(`pgdso ${args.join(' ')} does not name ${server} at 127.0.0.1:${port}:\n${stdout}${stderr}`);
     }
   }
   assert.deepEqual(problems, [], problems.join('\n\n'));
 });
 
-test('a wrong password on a real server (28P01): the failure is reported as an authentication failure of that server, without the password', { timeout: 120_000 }, async () => {
+test('a wrong password on a real server (28P01): the failure is reported as an authentication failure of that server, without the password', {
+  timeout: 120_000,
+}, async () => {
   // The harness's clusters take passwords on TCP (scram-sha-256): a wrong one is refused.
-  const e = await suite.env({ servers: ['sf', 'chicago'], placement: { sf: 0, chicago: 1 }, schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: rules(['chicago']) });
+  const e = await suite.env({
+    servers: ['sf', 'chicago'],
+    placement: { sf: 0, chicago: 1 },
+    schemaSql: REPAIR_REQUEST_SQL,
+    forms: ['repair_request'],
+    rules: rules(['chicago']),
+  });
   const real = new URL(e.urls.chicago!);
   const secrets = [WRONG_PASSWORD, passwordOf(e, 'sf'), passwordOf(e, 'chicago')];
   const wrong = new URL(real);
@@ -160,31 +216,58 @@ test('a wrong password on a real server (28P01): the failure is reported as an a
   // refused. A server given by PGDSO_TEST_URLS that trusts TCP connections cannot run this test:
   // it fails here rather than passing without checking anything.
   const probe = await e.cli(['status']);
-  assert.match(probe.stdout + probe.stderr, /password authentication failed|28P01/, `chicago accepted a wrong password (trust authentication on TCP?): this test needs password authentication\n${probe.stdout}${probe.stderr}`);
+  assert.match(
+    probe.stdout + probe.stderr,
+    /password authentication failed|28P01/,
+    `chicago accepted a wrong password (trust authentication on TCP?): this test needs password authentication\n${probe.stdout}${probe.stderr}`,
+  );
   assert.equal(probe.code, 1, 'status exit code while chicago refuses the password');
 
   const engine = e.engine();
   await e.query('sf', `INSERT INTO repair_request (id, item) VALUES ('W-1', 'desk')`);
-  await until(engine, 'the engine did not log the authentication failure of chicago', () => /password authentication failed|28P01/.test(engine.output) && engine.output.includes('chicago'));
-  await waitFor(async () => (await e.query('sf', `SELECT 1 FROM pgdso.pending WHERE request_id = 'W-1'`)).length > 0, { message: () => `W-1 did not wait in pgdso.pending:\n${engine.output}` });
+  await until(
+    engine,
+    'the engine did not log the authentication failure of chicago',
+    () => /password authentication failed|28P01/.test(engine.output) && engine.output.includes('chicago'),
+  );
+  await waitFor(async () => (await e.query('sf', `SELECT 1 FROM pgdso.pending WHERE request_id = 'W-1'`)).length > 0, {
+    message: () => `W-1 did not wait in pgdso.pending:\n${engine.output}`,
+  });
   const exit = await engine.stop();
   assertNoSecret(engine.output, secrets, 'the log of pgdso run');
   assertNoSecret(JSON.stringify(await e.query('sf', 'SELECT last_error FROM pgdso.pending')), secrets, 'pgdso.pending.last_error');
   // chicago's own engine cannot log in: it stops with one error line (sf's engine queues for chicago), and the run exits 1
-  assert.match(engine.output, /"level":50[^\n]*the engine of chicago stops: PostgreSQL refuses it the password of role/, engine.output.slice(-3000));
+  assert.match(
+    engine.output,
+    /"level":50[^\n]*the engine of chicago stops: PostgreSQL refuses it the password of role/,
+    engine.output.slice(-3000),
+  );
   assert.equal(exit, 1, `pgdso run should exit 1 after an engine stopped on a refused password:\n${engine.output.slice(-3000)}`);
 
   const problems: string[] = [];
-  await checkCommands(e, secrets, [
-    { text: 'chicago', what: 'which server failed (chicago)' },
-    { text: /password authentication failed|28P01/, what: 'that the password was refused' },
-  ], problems, {
-    'pgdso pending list': [{ text: /request W-1 -> chicago .*last error: .*(password authentication failed|28P01)/, what: 'W-1 waiting for chicago with the refusal of its password' }],
-  });
+  await checkCommands(
+    e,
+    secrets,
+    [
+      { text: 'chicago', what: 'which server failed (chicago)' },
+      { text: /password authentication failed|28P01/, what: 'that the password was refused' },
+    ],
+    problems,
+    {
+      'pgdso pending list': [
+        {
+          text: /request W-1 -> chicago .*last error: .*(password authentication failed|28P01)/,
+          what: 'W-1 waiting for chicago with the refusal of its password',
+        },
+      ],
+    },
+  );
   assert.deepEqual(problems, [], problems.join('\n\n'));
 });
 
-test('a connection URL that does not parse: the config error names the file and the server, not the password', { timeout: 60_000 }, async () => {
+test('a connection URL that does not parse: the config error names the file and the server, not the password', {
+  timeout: 60_000,
+}, async () => {
   const e = await suite.env({ servers: ['sf'], schemaSql: REPAIR_REQUEST_SQL, forms: ['repair_request'], rules: rules(['chicago']) });
   await setServers(e, { chicago: { connection: `postgres://pgdso:${URL_PASSWORD}@127.0.0.1:not-a-port/x` } });
   const secrets = [URL_PASSWORD, passwordOf(e, 'sf')];
@@ -194,7 +277,10 @@ test('a connection URL that does not parse: the config error names the file and 
     if (args[0] === 'run') {
       // as an engine process, so that it is killed if it starts after all
       const engine = e.engine();
-      const ended = await Promise.race([engine.exited.then(() => true), new Promise<false>((resolve) => setTimeout(resolve, 20_000, false))]);
+      const ended = await Promise.race([
+        engine.exited.then(() => true),
+        new Promise<false>((resolve) => setTimeout(resolve, 20_000, false)),
+      ]);
       if (!ended) await engine.kill9();
       [code, output] = [ended ? engine.child.exitCode : null, engine.output];
     } else {

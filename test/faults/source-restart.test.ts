@@ -31,14 +31,23 @@ function env(): Promise<DsoEnv> {
   });
 }
 
-interface Fault { name: string; atPeerRows: number; loaded: number; detail?: string }
+interface Fault {
+  name: string;
+  atPeerRows: number;
+  loaded: number;
+  detail?: string;
+}
 
 /**
  * Loads sf while `faults` run one after the other, each once chicago holds its share of the
  * rows; then checks what a DBA would: same checksum, no row lost or doubled, nothing pending,
  * the one engine still running (it reconnected by itself) and stopping cleanly.
  */
-async function loadWithFaults(e: DsoEnv, engine: EngineProcess, faults: { at: number; name: string; run: (load: Load) => Promise<string | void> }[]): Promise<Fault[]> {
+async function loadWithFaults(
+  e: DsoEnv,
+  engine: EngineProcess,
+  faults: { at: number; name: string; run: (load: Load) => Promise<string | undefined> }[],
+): Promise<Fault[]> {
   const behind = () => rowCount(e, 'chicago');
   const describe = () => `engine output:\n${engine.output.slice(-20_000)}`;
   const load = new Load(e, 'sf', { transactions: TRANSACTIONS, perTransaction: PER_TRANSACTION, maxAhead: TOTAL / 4, behind, describe });
@@ -60,9 +69,14 @@ async function loadWithFaults(e: DsoEnv, engine: EngineProcess, faults: { at: nu
   const source = await checksum(e, 'sf');
   assert.equal(source.n, TOTAL, 'rows on sf');
   const c = await compareCopies(e, 'sf', 'chicago');
-  console.log(`${faults.map((f) => f.name).join(', ')}: ${JSON.stringify({ faults: injected, rowsChecked: c.checked, lost: c.lost, doubled: c.doubled + c.extra, differing: c.differing, writtenMoreThanChanged: c.writtenMoreThanChanged, deadlocks: load.deadlocks.length })}`);
+  console.log(
+    `${faults.map((f) => f.name).join(', ')}: ${JSON.stringify({ faults: injected, rowsChecked: c.checked, lost: c.lost, doubled: c.doubled + c.extra, differing: c.differing, writtenMoreThanChanged: c.writtenMoreThanChanged, deadlocks: load.deadlocks.length })}`,
+  );
   assert.equal(injected.length, faults.length, 'faults injected');
-  assert.ok(injected.every((f) => f.atPeerRows < TOTAL), `every fault came before chicago had every row: ${JSON.stringify(injected)}`);
+  assert.ok(
+    injected.every((f) => f.atPeerRows < TOTAL),
+    `every fault came before chicago had every row: ${JSON.stringify(injected)}`,
+  );
   assert.ok(c.engineWrites >= c.checked, `chicago's write_audit holds ${c.engineWrites} engine writes for ${c.checked} rows`);
   assert.deepEqual(
     { lost: c.lost, extra: c.extra, differing: c.differing, doubled: c.doubled, writtenMoreThanChanged: c.writtenMoreThanChanged },
@@ -71,7 +85,8 @@ async function loadWithFaults(e: DsoEnv, engine: EngineProcess, faults: { at: nu
   );
   assert.deepEqual(await checksum(e, 'chicago'), source, 'checksum of chicago');
   assert.ok(converged, 'the checksums became equal only after the deadline');
-  for (const server of ['sf', 'chicago']) assert.deepEqual(await queues(e, server), { pending: [], errors: [] }, `pgdso.pending and pending_errors on ${server}`);
+  for (const server of ['sf', 'chicago'])
+    assert.deepEqual(await queues(e, server), { pending: [], errors: [] }, `pgdso.pending and pending_errors on ${server}`);
   const exit = await engine.stop();
   assert.equal(exit, 0, `the engine did not stop cleanly:\n${engine.output.slice(-5000)}`);
   return injected;
@@ -106,12 +121,20 @@ async function terminate(e: DsoEnv, server: string, applicationName: string): Pr
     },
     { message: `no backend ${applicationName} on ${server}` },
   ))!;
-  const done = await e.query<{ ok: boolean }>(server, 'SELECT pg_terminate_backend(pid) AS ok FROM unnest($1::int[]) AS pid', [pids.map((p) => p.pid)]);
-  assert.ok(done.some((d) => d.ok), `no ${applicationName} backend terminated on ${server}`);
+  const done = await e.query<{ ok: boolean }>(server, 'SELECT pg_terminate_backend(pid) AS ok FROM unnest($1::int[]) AS pid', [
+    pids.map((p) => p.pid),
+  ]);
+  assert.ok(
+    done.some((d) => d.ok),
+    `no ${applicationName} backend terminated on ${server}`,
+  );
   return `${done.filter((d) => d.ok).length} terminated: ${pids.map((p) => p.application_name).join(', ')}`;
 }
 
-test('Source cluster restarted mid-load (stop/start, then kill -9/start): the engine reconnects by itself and resumes; nothing lost, nothing doubled', { skip: restartSkipReason(), timeout: 180_000 }, async () => {
+test('Source cluster restarted mid-load (stop/start, then kill -9/start): the engine reconnects by itself and resumes; nothing lost, nothing doubled', {
+  skip: restartSkipReason(),
+  timeout: 180_000,
+}, async () => {
   const e = await env();
   const engine = e.engine();
   await loadWithFaults(e, engine, [
@@ -120,7 +143,9 @@ test('Source cluster restarted mid-load (stop/start, then kill -9/start): the en
   ]);
 });
 
-test("the engine's walsender on sf and its apply backends on chicago terminated mid-load: still exactly once", { timeout: 180_000 }, async () => {
+test("the engine's walsender on sf and its apply backends on chicago terminated mid-load: still exactly once", {
+  timeout: 180_000,
+}, async () => {
   const e = await env();
   const engine = e.engine();
   await loadWithFaults(e, engine, [

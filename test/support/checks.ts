@@ -1,7 +1,11 @@
 // Small readings of a DSO environment that several test files make.
 import type { CliResult, DsoEnv } from './dso.ts';
 
-export interface ErrorRow { request_id: string; error: string; sqlstate: string | null }
+export interface ErrorRow {
+  request_id: string;
+  error: string;
+  sqlstate: string | null;
+}
 
 /** A command's result, for assertion messages. */
 export function show(r: CliResult): string {
@@ -14,7 +18,12 @@ export async function count(e: DsoEnv, server: string, sql: string, params: unkn
 }
 
 /** A server's pending_errors, by request. */
-export const errorsOn = (e: DsoEnv, server = 'sf') => e.query<ErrorRow>(server, 'SELECT request_id, error, sqlstate FROM pgdso.pending_errors ORDER BY request_id');
+export const errorsOn = (e: DsoEnv, server = 'sf') =>
+  e.query<ErrorRow>(server, 'SELECT request_id, error, sqlstate FROM pgdso.pending_errors ORDER BY request_id');
 
 /** sf's queue, oldest first. */
-export const queued = (e: DsoEnv) => e.query<{ request_id: string; status: string; last_error: string | null }>('sf', 'SELECT request_id, status, last_error FROM pgdso.pending ORDER BY id');
+export const queued = (e: DsoEnv) =>
+  e.query<{ request_id: string; status: string; last_error: string | null }>(
+    'sf',
+    'SELECT request_id, status, last_error FROM pgdso.pending ORDER BY id',
+  );

@@ -77,7 +77,9 @@ export async function deployAsDba(opts: DbaDeployOptions): Promise<DbaDeployment
 
   await withClient(opts.adminUrl, async (client) => {
     await client.query(`GRANT CREATE ON DATABASE ${quoteIdent(database)} TO ${quoteIdent(pgdsoRole)}`);
-    await client.query(`GRANT EXECUTE ON FUNCTION ${ORIGIN_FUNCTIONS.map((f) => `pg_catalog.${f}`).join(', ')} TO ${quoteIdent(pgdsoRole)}`);
+    await client.query(
+      `GRANT EXECUTE ON FUNCTION ${ORIGIN_FUNCTIONS.map((f) => `pg_catalog.${f}`).join(', ')} TO ${quoteIdent(pgdsoRole)}`,
+    );
     // the application's own right to create its tables (public is not writable by all from 15)
     await client.query(`GRANT CREATE ON SCHEMA public TO ${quoteIdent(appRole)}`);
     if (opts.schemaSql) {

@@ -51,13 +51,21 @@ export interface DsoEnvOptions {
   config?: Record<string, unknown>;
 }
 
-export interface CliResult { code: number | null; stdout: string; stderr: string }
+export interface CliResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
 
 export class DsoEnv {
   readonly pools = new Map<string, pg.Pool>();
   private readonly engines = new Set<EngineProcess>();
 
-  constructor(readonly dir: string, readonly configPath: string, readonly urls: Record<string, string>) {
+  constructor(
+    readonly dir: string,
+    readonly configPath: string,
+    readonly urls: Record<string, string>,
+  ) {
     for (const [name, url] of Object.entries(urls)) {
       const pool = new pg.Pool({ connectionString: url, max: 3, application_name: 'test' });
       pool.on('error', () => undefined); // an idle connection cut by a cluster stop or kill; queries report their own errors
@@ -96,7 +104,10 @@ export class DsoEnv {
 
 export function runCli(args: readonly string[], env: NodeJS.ProcessEnv = {}): Promise<CliResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [...PGDSO_COMMAND, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [...PGDSO_COMMAND, ...args], {
+      env: { ...process.env, ...env },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d) => (stdout += d));
@@ -114,7 +125,10 @@ export class EngineProcess {
   constructor(args: readonly string[]) {
     // PGDSO_TEST_ENGINE_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the engines of a test
     const nodeArgs = (process.env.PGDSO_TEST_ENGINE_NODE_ARGS ?? '').split(' ').filter(Boolean);
-    this.child = spawn(process.execPath, [...nodeArgs, ...PGDSO_COMMAND, 'run', ...args], { env: { ...process.env, PGDSO_LOG_LEVEL: process.env.PGDSO_LOG_LEVEL ?? 'info' }, stdio: ['ignore', 'pipe', 'pipe'] });
+    this.child = spawn(process.execPath, [...nodeArgs, ...PGDSO_COMMAND, 'run', ...args], {
+      env: { ...process.env, PGDSO_LOG_LEVEL: process.env.PGDSO_LOG_LEVEL ?? 'info' },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     this.child.stdout!.on('data', (d) => (this.out += d));
     this.child.stderr!.on('data', (d) => (this.out += d));
     this.exited = new Promise((resolve) => this.child.on('exit', (code) => resolve(code)));
@@ -162,7 +176,11 @@ export async function createDsoEnv(opts: DsoEnvOptions): Promise<DsoEnv> {
     }),
   );
   const configPath = path.join(dir, 'pgdso.config.json');
-  const config = { servers: Object.fromEntries(Object.entries(urls).map(([name, url]) => [name, { connection: url }])), rules: ['rules/*.json'], ...opts.config };
+  const config = {
+    servers: Object.fromEntries(Object.entries(urls).map(([name, url]) => [name, { connection: url }])),
+    rules: ['rules/*.json'],
+    ...opts.config,
+  };
   await writeFile(configPath, JSON.stringify(config, null, 2));
   const env = new DsoEnv(dir, configPath, urls);
   await env.writeRules(opts.rules);
@@ -174,7 +192,13 @@ export function mapping(name: string, from: string, to: string, extra: Record<st
   return { name, from: { server: from, form: 'repair_request' }, to: { server: to, form: 'repair_request' }, ...extra };
 }
 
-export function filter(name: string, server: string, conditions: Record<string, unknown> | null, actions: Record<string, unknown>[], ops = ['insert', 'update']): Record<string, unknown> {
+export function filter(
+  name: string,
+  server: string,
+  conditions: Record<string, unknown> | null,
+  actions: Record<string, unknown>[],
+  ops = ['insert', 'update'],
+): Record<string, unknown> {
   return { name, on: { server, form: 'repair_request', ops }, ...(conditions ? { conditions } : {}), actions };
 }
 
@@ -228,6 +252,17 @@ export function until<T>(engine: EngineProcess, what: string, check: () => T | P
 export async function settled(e: DsoEnv, engine: EngineProcess, servers: readonly string[] = Object.keys(e.urls)): Promise<void> {
   for (const server of servers) {
     const [{ lsn }] = (await e.query<{ lsn: string }>(server, 'SELECT pg_current_wal_lsn()::text AS lsn')) as [{ lsn: string }];
-    await until(engine, `the slot of ${server} did not catch up`, async () => (await e.query<{ done: boolean }>(server, `SELECT confirmed_flush_lsn >= $1::pg_lsn AS done FROM pg_replication_slots WHERE database = current_database()`, [lsn]))[0]?.done);
+    await until(
+      engine,
+      `the slot of ${server} did not catch up`,
+      async () =>
+        (
+          await e.query<{ done: boolean }>(
+            server,
+            `SELECT confirmed_flush_lsn >= $1::pg_lsn AS done FROM pg_replication_slots WHERE database = current_database()`,
+            [lsn],
+          )
+        )[0]?.done,
+    );
   }
 }

@@ -10,7 +10,10 @@ const ROW_TEXT = `id || ':' || item || ':' || coalesce(status, '~') || ':' || co
 /** Order-independent checksum of a form's data: the count and an md5 of every row, sorted by id. */
 export const CHECKSUM_SQL = `SELECT count(*)::int AS n, coalesce(md5(string_agg(${ROW_TEXT}, ',' ORDER BY id)), '') AS sum FROM repair_request`;
 
-export interface Checksum { n: number; sum: string }
+export interface Checksum {
+  n: number;
+  sum: string;
+}
 
 export async function checksum(e: DsoEnv, server: string): Promise<Checksum> {
   return (await e.query<Checksum>(server, CHECKSUM_SQL))[0]!;
@@ -88,7 +91,15 @@ export async function compareCopies(e: DsoEnv, source: string, peer: string): Pr
   );
   for (const d of doubles.slice(0, 10)) examples.push(`written ${d.writes} times on ${peer}: ${d.id} ${d.state}`);
   const writesOf = async (server: string, byEngine: boolean) =>
-    new Map((await e.query<{ id: string; n: number }>(server, `SELECT id, count(*)::int AS n FROM write_audit WHERE by_engine = $1 GROUP BY id`, [byEngine])).map((r) => [r.id, r.n]));
+    new Map(
+      (
+        await e.query<{ id: string; n: number }>(
+          server,
+          `SELECT id, count(*)::int AS n FROM write_audit WHERE by_engine = $1 GROUP BY id`,
+          [byEngine],
+        )
+      ).map((r) => [r.id, r.n]),
+    );
   const [userWrites, engineWrites] = await Promise.all([writesOf(source, false), writesOf(peer, true)]);
   let writtenMoreThanChanged = 0;
   for (const [id, n] of engineWrites) {
@@ -100,8 +111,16 @@ export async function compareCopies(e: DsoEnv, source: string, peer: string): Pr
   }
   const sum = (m: Map<string, number>) => [...m.values()].reduce((a, b) => a + b, 0);
   return {
-    peer, checked: src.size, lost, extra, differing, doubled: doubles.reduce((total, d) => total + d.writes - 1, 0),
-    engineWrites: sum(engineWrites), userWrites: sum(userWrites), writtenMoreThanChanged, examples,
+    peer,
+    checked: src.size,
+    lost,
+    extra,
+    differing,
+    doubled: doubles.reduce((total, d) => total + d.writes - 1, 0),
+    engineWrites: sum(engineWrites),
+    userWrites: sum(userWrites),
+    writtenMoreThanChanged,
+    examples,
   };
 }
 
@@ -136,9 +155,12 @@ export async function writeSequences(e: DsoEnv, source: string, peer: string): P
   const sequencesOf = async (server: string, sql: string) =>
     new Map((await e.query<{ id: string; states: string[] }>(server, sql)).map((r) => [r.id, r.states]));
   const [users, engine] = await Promise.all([
-    sequencesOf(source, `SELECT id, array_agg(state ORDER BY n) AS states
+    sequencesOf(
+      source,
+      `SELECT id, array_agg(state ORDER BY n) AS states
                            FROM (SELECT DISTINCT ON (id, tx) id, n, state FROM write_audit WHERE NOT by_engine ORDER BY id, tx, n DESC) last
-                          GROUP BY id`),
+                          GROUP BY id`,
+    ),
     sequencesOf(peer, `SELECT id, array_agg(state ORDER BY n) AS states FROM write_audit WHERE by_engine GROUP BY id`),
   ]);
   const result: WriteSequences = { peer, requests: users.size, same: 0, coalesced: 0, doubled: 0, lost: 0, other: 0, examples: [] };
@@ -178,7 +200,9 @@ export async function writeSequences(e: DsoEnv, source: string, peer: string): P
 
 /** Every engine's output, for failure messages. */
 export function outputs(engines: readonly EngineProcess[]): string {
-  return engines.map((engine, i) => `--- engine ${i + 1}${engine.running ? ' (running)' : ''} ---\n${engine.output.slice(-20_000)}`).join('\n');
+  return engines
+    .map((engine, i) => `--- engine ${i + 1}${engine.running ? ' (running)' : ''} ---\n${engine.output.slice(-20_000)}`)
+    .join('\n');
 }
 
 /**
@@ -194,13 +218,19 @@ export async function untilSameData(e: DsoEnv, source: string, peers: readonly s
     }
     return true;
   };
-  return waitFor(same, { timeoutMs, intervalMs: 250 }).then(() => true, () => false);
+  return waitFor(same, { timeoutMs, intervalMs: 250 }).then(
+    () => true,
+    () => false,
+  );
 }
 
 /** pgdso.pending and pgdso.pending_errors on a server, for an assertion that they are empty. */
 export async function queues(e: DsoEnv, server: string): Promise<{ pending: unknown[]; errors: unknown[] }> {
   return {
-    pending: await e.query(server, 'SELECT id, type, mapping, request_id, status, attempts, last_error FROM pgdso.pending ORDER BY id LIMIT 10'),
+    pending: await e.query(
+      server,
+      'SELECT id, type, mapping, request_id, status, attempts, last_error FROM pgdso.pending ORDER BY id LIMIT 10',
+    ),
     errors: await e.query(server, 'SELECT id, type, mapping, request_id, error FROM pgdso.pending_errors ORDER BY id LIMIT 10'),
   };
 }
@@ -257,7 +287,11 @@ export class Load {
   readonly done: Promise<void>;
   private gate: { opened: Promise<void>; open: () => void; reached: () => void } | null = null;
 
-  constructor(private readonly e: DsoEnv, private readonly server: string, private readonly opts: LoadOptions) {
+  constructor(
+    private readonly e: DsoEnv,
+    private readonly server: string,
+    private readonly opts: LoadOptions,
+  ) {
     this.done = this.run();
     this.done.catch(() => undefined); // reported by whoever awaits it
   }
@@ -271,7 +305,9 @@ export class Load {
     try {
       for (let k = 0; k < transactions; k++) {
         await waitFor(async () => this.loaded - (await behind()) < maxAhead, {
-          timeoutMs: 90_000, intervalMs: 100, message: () => `the peers stopped receiving rows (${this.loaded} loaded); ${describe()}`,
+          timeoutMs: 90_000,
+          intervalMs: 100,
+          message: () => `the peers stopped receiving rows (${this.loaded} loaded); ${describe()}`,
         });
         if (this.gate) {
           this.gate.reached();
@@ -320,9 +356,12 @@ export class Load {
  * reports why). Returns the count seen.
  */
 export async function untilPeersReach(load: Load, rows: number, describe: () => string, behind: () => Promise<number>): Promise<number> {
-  return waitFor(async () => {
-    if (load.failed) return -1;
-    const n = await behind();
-    return n >= rows ? n : 0;
-  }, { timeoutMs: 90_000, intervalMs: 25, message: () => `the peers did not reach ${rows} rows; ${describe()}` });
+  return waitFor(
+    async () => {
+      if (load.failed) return -1;
+      const n = await behind();
+      return n >= rows ? n : 0;
+    },
+    { timeoutMs: 90_000, intervalMs: 25, message: () => `the peers did not reach ${rows} rows; ${describe()}` },
+  );
 }

@@ -78,8 +78,13 @@ export async function listChildProcesses(): Promise<ChildProcessInfo[]> {
 function childrenFromHandles(): ChildProcessInfo[] {
   const handles = (process as unknown as { _getActiveHandles?: () => unknown[] })._getActiveHandles?.() ?? [];
   return handles
-    .filter((handle): handle is { pid: number; spawnfile?: string } =>
-      typeof handle === 'object' && handle !== null && handle.constructor?.name === 'ChildProcess' && typeof (handle as { pid?: unknown }).pid === 'number')
+    .filter(
+      (handle): handle is { pid: number; spawnfile?: string } =>
+        typeof handle === 'object' &&
+        handle !== null &&
+        handle.constructor?.name === 'ChildProcess' &&
+        typeof (handle as { pid?: unknown }).pid === 'number',
+    )
     .map((handle) => ({ pid: handle.pid, command: handle.spawnfile ?? '?' }));
 }
 

@@ -31,7 +31,9 @@ export async function applyAsOrdinaryRole(e: DsoEnv, server: string, forms: read
   const database = decodeURIComponent(superUrl.pathname.slice(1));
   await e.query(server, `CREATE ROLE ${role} LOGIN PASSWORD '${password}'`);
   const tables = forms.map((f) => quoteIdent(f)).join(', ');
-  await e.query(server, `
+  await e.query(
+    server,
+    `
     GRANT CONNECT ON DATABASE ${quoteIdent(database)} TO ${role};
     GRANT USAGE, CREATE ON SCHEMA pgdso TO ${role};
     GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgdso TO ${role};
@@ -41,7 +43,8 @@ export async function applyAsOrdinaryRole(e: DsoEnv, server: string, forms: read
     GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), pg_replication_origin_session_setup(text),
       pg_replication_origin_session_is_setup(), pg_replication_origin_session_reset(), pg_replication_origin_oid(text),
       pg_replication_origin_progress(text, boolean), pg_replication_origin_session_progress(boolean),
-      pg_replication_origin_xact_setup(pg_lsn, timestamptz), pg_replication_origin_xact_reset() TO ${role};`);
+      pg_replication_origin_xact_setup(pg_lsn, timestamptz), pg_replication_origin_xact_reset() TO ${role};`,
+  );
   const url = new URL(superUrl.href);
   url.username = name;
   url.password = password;

@@ -8,7 +8,7 @@
  * Database names are always made unique (`<name>_<pid>_<n>_<random>`): use the returned URL.
  */
 import crypto from 'node:crypto';
-import pg from 'pg';
+import type pg from 'pg';
 import { withClient as withPgClient } from '../../src/sql/client.ts';
 import { quoteIdent } from '../../src/sql/identifiers.ts';
 import { REPLICATION_SETTINGS, startLocalCluster, type LocalCluster } from '../../src/embedded/cluster.ts';
@@ -76,9 +76,7 @@ export async function provideClusters(n: number, opts: ProvideOptions = {}): Pro
   const results = await Promise.allSettled(makers.map((make) => make()));
   const failure = results.find((result): result is PromiseRejectedResult => result.status === 'rejected');
   if (failure) {
-    await Promise.allSettled(
-      results.map((result) => (result.status === 'fulfilled' ? result.value.destroy() : undefined)),
-    );
+    await Promise.allSettled(results.map((result) => (result.status === 'fulfilled' ? result.value.destroy() : undefined)));
     throw failure.reason;
   }
   return results.map((result) => (result as PromiseFulfilledResult<TestCluster>).value);
@@ -88,7 +86,11 @@ export async function provideClusters(n: number, opts: ProvideOptions = {}): Pro
 function uniqueNamer(): (name: string) => string {
   let counter = 0;
   return (name) => {
-    const base = name.toLowerCase().replace(/[^a-z0-9_]+/g, '_').slice(0, 30) || 'db';
+    const base =
+      name
+        .toLowerCase()
+        .replace(/[^a-z0-9_]+/g, '_')
+        .slice(0, 30) || 'db';
     return `${base}_${process.pid}_${++counter}_${crypto.randomBytes(3).toString('hex')}`;
   };
 }
@@ -111,7 +113,10 @@ async function embeddedCluster(index: number, major?: number): Promise<TestClust
 }
 
 async function urlCluster(index: number): Promise<TestCluster> {
-  const urls = (process.env.PGDSO_TEST_URLS ?? '').split(',').map((url) => url.trim()).filter(Boolean);
+  const urls = (process.env.PGDSO_TEST_URLS ?? '')
+    .split(',')
+    .map((url) => url.trim())
+    .filter(Boolean);
   if (urls.length === 0) throw new Error('PGDSO_TEST_URLS names no server');
   // Fewer URLs than clusters asked for: servers are shared (databases stay distinct).
   return remoteCluster('urls', urls[index % urls.length]!, async () => undefined);
@@ -205,10 +210,9 @@ async function dropDatabase(adminUrl: string, database: string): Promise<void> {
           `SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = $1 AND active_pid IS NOT NULL`,
           [database],
         );
-        await client.query(
-          `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1 AND NOT active`,
-          [database],
-        );
+        await client.query(`SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1 AND NOT active`, [
+          database,
+        ]);
         await client.query(`DROP DATABASE IF EXISTS ${quoteIdent(database)} WITH (FORCE)`);
       });
       return;
@@ -223,7 +227,6 @@ async function dropDatabase(adminUrl: string, database: string): Promise<void> {
 function withClient<T>(url: string, use: (client: pg.Client) => Promise<T>): Promise<T> {
   return withPgClient({ connectionString: url, application_name: 'test-harness' }, use);
 }
-
 
 /** The URL without its password, for messages. */
 export function redactUrl(url: string): string {

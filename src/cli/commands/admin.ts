@@ -26,7 +26,10 @@ export async function migrateCommand(opts: GlobalOptions, cmd: { server?: string
   if (failed.length) throw new Error(`migrate failed on ${failed.join(', ')}`);
 }
 
-interface LockFlags { lockTimeout?: string; lockAttempts?: string }
+interface LockFlags {
+  lockTimeout?: string;
+  lockAttempts?: string;
+}
 
 function lockOptions(cmd: LockFlags): LockOptions {
   const lockTimeoutMs = cmd.lockTimeout === undefined ? DEFAULT_LOCK.lockTimeoutMs : parseDuration(cmd.lockTimeout);
@@ -44,7 +47,9 @@ export async function formsEnableCommand(opts: GlobalOptions, cmd: { server: str
   try {
     const result = await enableForm(toPgClientConfig(server.connection), schema, table, lock);
     for (const change of result.changes) print(`  ${change}`);
-    print(`${server.name}: form ${schema}.${table} enabled (request ID ${result.form.keyColumn}; slot ${result.slot}${result.slotCreated ? ' created' : ''}${result.changes.length ? '' : '; nothing to change'})`);
+    print(
+      `${server.name}: form ${schema}.${table} enabled (request ID ${result.form.keyColumn}; slot ${result.slot}${result.slotCreated ? ' created' : ''}${result.changes.length ? '' : '; nothing to change'})`,
+    );
   } catch (err) {
     if (err instanceof FormError) throw new UsageError(`${server.name}: ${err.message}`);
     if (err instanceof PreflightError) throw new Error(`${server.name}: ${err.message}`, { cause: err });
@@ -74,7 +79,10 @@ async function withServer<T>(opts: GlobalOptions, name: string, use: (client: pg
   }
 }
 
-export async function formsDisableCommand(opts: GlobalOptions, cmd: { server: string; form: string; dropColumns?: boolean; yes?: boolean } & LockFlags): Promise<void> {
+export async function formsDisableCommand(
+  opts: GlobalOptions,
+  cmd: { server: string; form: string; dropColumns?: boolean; yes?: boolean } & LockFlags,
+): Promise<void> {
   const { schema, table } = parseForm(cmd.form);
   const lock = lockOptions(cmd);
   await withServer(opts, cmd.server, async (client, server) => {
@@ -94,16 +102,22 @@ export async function formsDisableCommand(opts: GlobalOptions, cmd: { server: st
     }
     await runFormBackout(client, plan, lock);
     const left = await client.query(`SELECT count(*)::int AS n FROM pgdso.forms`).catch(() => ({ rows: [{ n: 0 }] }));
-    print(`${server}: form ${schema}.${table} disabled${left.rows[0].n === 0 ? '; no form left enabled: the slot still holds WAL until `pgdso uninstall` drops it' : ''}`);
+    print(
+      `${server}: form ${schema}.${table} disabled${left.rows[0].n === 0 ? '; no form left enabled: the slot still holds WAL until `pgdso uninstall` drops it' : ''}`,
+    );
   });
 }
 
-export async function uninstallCommand(opts: GlobalOptions, cmd: { server: string; dropColumns?: boolean; dropSchema?: boolean; yes?: boolean } & LockFlags): Promise<void> {
+export async function uninstallCommand(
+  opts: GlobalOptions,
+  cmd: { server: string; dropColumns?: boolean; dropSchema?: boolean; yes?: boolean } & LockFlags,
+): Promise<void> {
   const lock = lockOptions(cmd);
   await withServer(opts, cmd.server, async (client, server) => {
     if (cmd.yes) await assertNoEngine(client);
     const plan = await planUninstall(client, { dropColumns: cmd.dropColumns === true, dropSchema: cmd.dropSchema === true });
-    if (plan.checks.length) throw new Error(`nothing was changed; fix first:\n${plan.checks.map((c) => `  - ${describeCheck(c)}`).join('\n')}`);
+    if (plan.checks.length)
+      throw new Error(`nothing was changed; fix first:\n${plan.checks.map((c) => `  - ${describeCheck(c)}`).join('\n')}`);
     const lines = describeUninstall(plan);
     if (lines.length === 0) {
       print(`${server}: nothing of pgdso left to remove`);

@@ -43,7 +43,10 @@ class DemoUse {
   /** `<SERVER>_URL` for each server, the variables the example's config names */
   private env: Record<string, string> = {};
 
-  private constructor(readonly example: string, readonly databases: Record<string, string>) {}
+  private constructor(
+    readonly example: string,
+    readonly databases: Record<string, string>,
+  ) {}
 
   /** Creates the databases (`prefix` + server name), the form, the control schema, and enables the form. */
   static async create(cluster: LocalCluster, example: string, prefix: string, servers: readonly string[]): Promise<DemoUse> {
@@ -95,13 +98,19 @@ class DemoUse {
   async table(say: (text?: string) => void, ids: readonly string[]): Promise<void> {
     const servers = [...this.pools.keys()];
     const width = Math.max(8, ...servers.map((s) => s.length + 1));
-    say(`${'request'.padEnd(8)} ${'server'.padEnd(width)} ${'master'.padEnd(7)} ${'from'.padEnd(9)} ${'to'.padEnd(width)} ${'transfer'.padEnd(9)} history`);
+    say(
+      `${'request'.padEnd(8)} ${'server'.padEnd(width)} ${'master'.padEnd(7)} ${'from'.padEnd(9)} ${'to'.padEnd(width)} ${'transfer'.padEnd(9)} history`,
+    );
     for (const id of ids) {
       for (const server of servers) {
         const row = await this.copy(server, id);
         if (!row) continue;
-        const history = (row.dso_mapping_history as { fromServer: string; toServer: string }[]).map((h) => `${h.fromServer}->${h.toServer}`).join(', ');
-        say(`${id.padEnd(8)} ${server.padEnd(width)} ${String(row.dso_master).padEnd(7)} ${String(row.dso_from_server ?? '').padEnd(9)} ${String(row.dso_to_server ?? '').padEnd(width)} ${String(row.dso_transfer_status ?? '').padEnd(9)} ${history}`);
+        const history = (row.dso_mapping_history as { fromServer: string; toServer: string }[])
+          .map((h) => `${h.fromServer}->${h.toServer}`)
+          .join(', ');
+        say(
+          `${id.padEnd(8)} ${server.padEnd(width)} ${String(row.dso_master).padEnd(7)} ${String(row.dso_from_server ?? '').padEnd(9)} ${String(row.dso_to_server ?? '').padEnd(width)} ${String(row.dso_transfer_status ?? '').padEnd(9)} ${history}`,
+        );
       }
     }
   }
@@ -128,16 +137,23 @@ export async function demoCommand(opts: GlobalOptions, cmd: { keep?: boolean }):
     say('Use 1 databases: sf, chicago, chicago_uph ...');
     const routing = await DemoUse.create(cluster, 'routing', '', ['sf', 'chicago', 'chicago_uph']);
     uses.push(routing);
-    say('Control schema migrated and form repair_request enabled on each server (distributed columns, ownership guard, publication, slot).\n');
+    say(
+      'Control schema migrated and form repair_request enabled on each server (distributed columns, ownership guard, publication, slot).\n',
+    );
     await routing.start(log);
     say('Use 1, routing (rules: examples/routing/rules/routing.json). Chairs submitted in San Francisco');
     say('go to Chicago with ownership; in Chicago, a chair that needs an upholsterer goes on to the');
     say('upholstery server (a chained transfer: filters see the changes the engine makes too).\n');
     const sf = routing.pool('sf');
-    say("sf> INSERT repair requests: SF-1 desk, SF-2 chair, SF-3 chair that needs upholstery");
+    say('sf> INSERT repair requests: SF-1 desk, SF-2 chair, SF-3 chair that needs upholstery');
     await sf.query(`INSERT INTO repair_request (id, item, needs_upholstery, description) VALUES
       ('SF-1', 'desk', false, 'wobbly leg'), ('SF-2', 'chair', false, 'squeaks'), ('SF-3', 'chair', true, 'torn seat')`);
-    await until(async () => (await routing.copy('chicago_uph', 'SF-3')) !== undefined && (await routing.copy('chicago', 'SF-3'))?.dso_master === false && (await routing.copy('sf', 'SF-2'))?.dso_master === false);
+    await until(
+      async () =>
+        (await routing.copy('chicago_uph', 'SF-3')) !== undefined &&
+        (await routing.copy('chicago', 'SF-3'))?.dso_master === false &&
+        (await routing.copy('sf', 'SF-2'))?.dso_master === false,
+    );
     say('\nWhere each request is now (master = the copy that owns it):\n');
     await routing.table(say, ['SF-1', 'SF-2', 'SF-3']);
     say('\nThe sf copy of SF-2 is read-only now. A user tries to change it:');
@@ -155,24 +171,32 @@ export async function demoCommand(opts: GlobalOptions, cmd: { keep?: boolean }):
     say('when a user of one of them closes a request, a filter broadcasts it to the other two, one');
     say('transfer action per server, each by an independent-copy mapping. Every server gets its own');
     say('master copy, outside any ownership chain. The filter asks for origin null (a change made by a');
-    say("user of this server), so a copy that arrives is not broadcast again.\n");
+    say('user of this server), so a copy that arrives is not broadcast again.\n');
     const kb = await DemoUse.create(cluster, 'knowledge-base', 'kb_', ['sf', 'chicago', 'tokyo']);
     uses.push(kb);
     await kb.start(log);
     say("sf> INSERT INTO repair_request (id, item, description) VALUES ('SF-10', 'printer', 'paper jam')");
     await kb.pool('sf').query(`INSERT INTO repair_request (id, item, description) VALUES ('SF-10', 'printer', 'paper jam')`);
     say("sf> UPDATE repair_request SET status = 'closed', description = 'paper jam: worn pickup roller, replaced' WHERE id = 'SF-10'");
-    await kb.pool('sf').query(`UPDATE repair_request SET status = 'closed', description = 'paper jam: worn pickup roller, replaced' WHERE id = 'SF-10'`);
+    await kb
+      .pool('sf')
+      .query(`UPDATE repair_request SET status = 'closed', description = 'paper jam: worn pickup roller, replaced' WHERE id = 'SF-10'`);
     // the copies, then the source's bookkeeping of the transfers (dso_to_*, dso_transfer_status), written once they are committed
-    await until(async () => (await kb.copy('chicago', 'SF-10'))?.dso_master === true && (await kb.copy('tokyo', 'SF-10'))?.dso_master === true
-      && (await kb.copy('sf', 'SF-10'))?.dso_transfer_status === 'success');
-    say('\nEvery server has its own copy of SF-10, and every copy is a master (the sf copy\'s to column');
-    say('names the last server it was sent to; each copy\'s history names its one hop):\n');
+    await until(
+      async () =>
+        (await kb.copy('chicago', 'SF-10'))?.dso_master === true &&
+        (await kb.copy('tokyo', 'SF-10'))?.dso_master === true &&
+        (await kb.copy('sf', 'SF-10'))?.dso_transfer_status === 'success',
+    );
+    say("\nEvery server has its own copy of SF-10, and every copy is a master (the sf copy's to column");
+    say("names the last server it was sent to; each copy's history names its one hop):\n");
     await kb.table(say, ['SF-10']);
     say('\nChicago can correct its copy without asking San Francisco (no ownership guard in the way):');
     say("chicago> UPDATE repair_request SET description = description || ' (same fix for model X2)' WHERE id = 'SF-10'");
     try {
-      const res = await kb.pool('chicago').query(`UPDATE repair_request SET description = description || ' (same fix for model X2)' WHERE id = 'SF-10'`);
+      const res = await kb
+        .pool('chicago')
+        .query(`UPDATE repair_request SET description = description || ' (same fix for model X2)' WHERE id = 'SF-10'`);
       say(`  UPDATE ${res.rowCount}`);
     } catch (err) {
       say(`  (unexpected) ERROR ${(err as { code?: string }).code}: ${(err as Error).message}`);
@@ -181,9 +205,15 @@ export async function demoCommand(opts: GlobalOptions, cmd: { keep?: boolean }):
     say("tokyo> INSERT INTO repair_request (id, item, description) VALUES ('TK-1', 'scanner', 'lines on every page')");
     await kb.pool('tokyo').query(`INSERT INTO repair_request (id, item, description) VALUES ('TK-1', 'scanner', 'lines on every page')`);
     say("tokyo> UPDATE repair_request SET status = 'closed', description = 'lines on every page: glass cleaned' WHERE id = 'TK-1'");
-    await kb.pool('tokyo').query(`UPDATE repair_request SET status = 'closed', description = 'lines on every page: glass cleaned' WHERE id = 'TK-1'`);
-    await until(async () => (await kb.copy('sf', 'TK-1'))?.dso_master === true && (await kb.copy('chicago', 'TK-1'))?.dso_master === true
-      && (await kb.copy('tokyo', 'TK-1'))?.dso_transfer_status === 'success');
+    await kb
+      .pool('tokyo')
+      .query(`UPDATE repair_request SET status = 'closed', description = 'lines on every page: glass cleaned' WHERE id = 'TK-1'`);
+    await until(
+      async () =>
+        (await kb.copy('sf', 'TK-1'))?.dso_master === true &&
+        (await kb.copy('chicago', 'TK-1'))?.dso_master === true &&
+        (await kb.copy('tokyo', 'TK-1'))?.dso_transfer_status === 'success',
+    );
     say('\nTK-1 reached the two other servers the same way:\n');
     await kb.table(say, ['SF-10', 'TK-1']);
     say('\nThe copies are independent: what each server holds for SF-10 now:');
@@ -202,14 +232,17 @@ export async function demoCommand(opts: GlobalOptions, cmd: { keep?: boolean }):
     uses.push(ar);
     await ar.start(log);
     say("sf> INSERT INTO repair_request (id, item, description) VALUES ('SF-20', 'lamp', 'flickers'), ('SF-21', 'desk', 'drawer stuck')");
-    await ar.pool('sf').query(`INSERT INTO repair_request (id, item, description) VALUES ('SF-20', 'lamp', 'flickers'), ('SF-21', 'desk', 'drawer stuck')`);
+    await ar
+      .pool('sf')
+      .query(`INSERT INTO repair_request (id, item, description) VALUES ('SF-20', 'lamp', 'flickers'), ('SF-21', 'desk', 'drawer stuck')`);
     say("sf> UPDATE repair_request SET status = 'closed' WHERE id = 'SF-20'");
     await ar.pool('sf').query(`UPDATE repair_request SET status = 'closed' WHERE id = 'SF-20'`);
     await until(async () => (await ar.copy('archive', 'SF-20'))?.dso_master === true && (await ar.copy('sf', 'SF-20')) === undefined);
     say('\nWhere each request is now:\n');
     await ar.table(say, ['SF-20', 'SF-21']);
-    say("\nsf> SELECT id, status FROM repair_request ORDER BY id");
-    for (const row of (await ar.pool('sf').query('SELECT id, status FROM repair_request ORDER BY id')).rows) say(`  ${row.id}  ${row.status}`);
+    say('\nsf> SELECT id, status FROM repair_request ORDER BY id');
+    for (const row of (await ar.pool('sf').query('SELECT id, status FROM repair_request ORDER BY id')).rows)
+      say(`  ${row.id}  ${row.status}`);
     say('SF-20 is gone from sf: the archive holds the only copy, as master; SF-21, still open, stays.');
     await done(ar);
 
@@ -217,7 +250,9 @@ export async function demoCommand(opts: GlobalOptions, cmd: { keep?: boolean }):
     say('on a schedule, which needs escalations, and this version of pgdso refuses escalations');
     say('(`pgdso rules check` and `pgdso run` exit 2 on them).');
     if (cmd.keep) {
-      say(`\nServers keep running on 127.0.0.1:${cluster.port}, databases ${uses.flatMap((u) => Object.values(u.databases)).join(', ')}. Ctrl-C stops them.`);
+      say(
+        `\nServers keep running on 127.0.0.1:${cluster.port}, databases ${uses.flatMap((u) => Object.values(u.databases)).join(', ')}. Ctrl-C stops them.`,
+      );
       await new Promise<void>((resolve) => process.once('SIGINT', () => resolve()));
     }
   } finally {

@@ -13,8 +13,18 @@ import { LOCK_NAMESPACE, LOCKS } from '../../sql/identifiers.ts';
 /** The channel a running engine listens on. */
 export const PENDING_CHANNEL = 'pgdso_pending';
 
-export interface ListOptions { server?: string; mapping?: string; json?: boolean }
-export interface ActOptions { server?: string; id?: string; mapping?: string; all?: boolean; queued?: boolean }
+export interface ListOptions {
+  server?: string;
+  mapping?: string;
+  json?: boolean;
+}
+export interface ActOptions {
+  server?: string;
+  id?: string;
+  mapping?: string;
+  all?: boolean;
+  queued?: boolean;
+}
 
 /** Which rows a command acts on. */
 export type Selection = { by: 'id'; id: string } | { by: 'mapping'; mapping: string } | { by: 'all' };
@@ -52,7 +62,10 @@ export interface ErrorRow extends Omit<QueuedRow, 'queue'> {
 
 // ---- SQL ----------------------------------------------------------------------------------
 
-export interface Query { text: string; values: unknown[] }
+export interface Query {
+  text: string;
+  values: unknown[];
+}
 
 /** The WHERE clause of a selection (its value is $1), on the columns of `table` when given. */
 export function whereOf(selection: Selection | null, table?: string): Query {
@@ -109,7 +122,10 @@ export function retryErrorsSql(selection: Selection): Query {
 /** The selected failed operations that cannot be sent again (no operation in their payload). */
 export function notRetryableSql(selection: Selection): Query {
   const where = whereOf(selection);
-  return { text: `SELECT id::text, mapping, request_id, error FROM pgdso.pending_errors e WHERE ${where.text} AND NOT (payload ? 'op') ORDER BY e.id`, values: where.values };
+  return {
+    text: `SELECT id::text, mapping, request_id, error FROM pgdso.pending_errors e WHERE ${where.text} AND NOT (payload ? 'op') ORDER BY e.id`,
+    values: where.values,
+  };
 }
 
 /**
@@ -147,7 +163,8 @@ export function selectionOf(config: PgdsoConfig, cmd: ActOptions, verb: string):
     );
   }
   if (cmd.id !== undefined) {
-    if (!/^[1-9][0-9]{0,18}$/.test(cmd.id)) throw new UsageError(`pending ${verb}: --id takes a row id (a positive integer), not "${cmd.id}"`);
+    if (!/^[1-9][0-9]{0,18}$/.test(cmd.id))
+      throw new UsageError(`pending ${verb}: --id takes a row id (a positive integer), not "${cmd.id}"`);
     const servers = Object.keys(config.servers);
     if (!cmd.server && servers.length > 1) {
       throw new UsageError(`pending ${verb}: --id needs --server: ids are per server (configured: ${servers.join(', ')})`);
@@ -167,7 +184,11 @@ function serversOf(config: PgdsoConfig, name: string | undefined): ServerConfig[
 /** Runs `work` on a connection to the server; an error names the server and its host, never a password. */
 async function onServer<T>(server: ServerConfig, work: (client: pg.Client) => Promise<T>): Promise<T> {
   const where = `${server.name} (${describeConnection(server.connection)})`;
-  const client = new pg.Client({ connectionTimeoutMillis: 5000, ...toPgClientConfig(server.connection), application_name: 'pgdso pending' });
+  const client = new pg.Client({
+    connectionTimeoutMillis: 5000,
+    ...toPgClientConfig(server.connection),
+    application_name: 'pgdso pending',
+  });
   client.on('error', () => {});
   try {
     await client.connect();
@@ -208,7 +229,10 @@ async function inTransaction<T>(client: pg.Client, work: () => Promise<T>): Prom
  * Runs `work` on each server in turn. A server that fails is reported on stderr and the others
  * go on; the exit code is then 1.
  */
-async function eachServer(servers: readonly ServerConfig[], work: (server: ServerConfig, client: pg.Client) => Promise<void>): Promise<void> {
+async function eachServer(
+  servers: readonly ServerConfig[],
+  work: (server: ServerConfig, client: pg.Client) => Promise<void>,
+): Promise<void> {
   for (const server of servers) {
     try {
       await onServer(server, (client) => work(server, client));
@@ -256,7 +280,14 @@ function pendingRow(r: Raw): QueuedRow {
 }
 
 function errorRow(r: Raw): ErrorRow {
-  return { ...queuedRow(r), queue: 'error', error: r.error as string, sqlstate: r.sqlstate as string | null, failedAt: iso(r.failed_at)!, retryable: r.retryable as boolean };
+  return {
+    ...queuedRow(r),
+    queue: 'error',
+    error: r.error as string,
+    sqlstate: r.sqlstate as string | null,
+    failedAt: iso(r.failed_at)!,
+    retryable: r.retryable as boolean,
+  };
 }
 
 export async function pendingListCommand(opts: GlobalOptions, cmd: ListOptions): Promise<void> {
@@ -286,10 +317,14 @@ export async function pendingListCommand(opts: GlobalOptions, cmd: ListOptions):
     }
     print(`${name}: ${s.pending.length} queued, ${s.errors.length} failed`);
     for (const r of s.pending) {
-      print(`  #${r.id} queued  ${r.type} ${r.mapping ?? '-'} request ${r.requestId ?? '-'} -> ${r.targetServer ?? '-'}  ${r.status}, attempts ${r.attempts}, next attempt ${r.nextAttemptAt ?? '-'}, since ${r.createdAt}${r.downSince ? `, ${r.targetServer} down since ${r.downSince}` : ''}${r.lastError ? `  last error: ${oneLine(r.lastError)}` : ''}`);
+      print(
+        `  #${r.id} queued  ${r.type} ${r.mapping ?? '-'} request ${r.requestId ?? '-'} -> ${r.targetServer ?? '-'}  ${r.status}, attempts ${r.attempts}, next attempt ${r.nextAttemptAt ?? '-'}, since ${r.createdAt}${r.downSince ? `, ${r.targetServer} down since ${r.downSince}` : ''}${r.lastError ? `  last error: ${oneLine(r.lastError)}` : ''}`,
+      );
     }
     for (const r of s.errors) {
-      print(`  #${r.id} error   ${r.type} ${r.mapping ?? '-'} request ${r.requestId ?? '-'} -> ${r.targetServer ?? '-'}  ${r.status}, attempts ${r.attempts}, at ${r.failedAt}${r.sqlstate ? ` [${r.sqlstate}]` : ''}${r.retryable ? '' : ' (cannot be retried)'}  ${oneLine(r.error)}`);
+      print(
+        `  #${r.id} error   ${r.type} ${r.mapping ?? '-'} request ${r.requestId ?? '-'} -> ${r.targetServer ?? '-'}  ${r.status}, attempts ${r.attempts}, at ${r.failedAt}${r.sqlstate ? ` [${r.sqlstate}]` : ''}${r.retryable ? '' : ' (cannot be retried)'}  ${oneLine(r.error)}`,
+      );
     }
   }
 }
@@ -300,7 +335,8 @@ function oneLine(text: string): string {
 
 // ---- retry --------------------------------------------------------------------------------
 
-const NOT_RETRYABLE = 'cannot be retried: refused by the engine before reaching a target; fix the request and change it again (or discard it)';
+const NOT_RETRYABLE =
+  'cannot be retried: refused by the engine before reaching a target; fix the request and change it again (or discard it)';
 
 export async function pendingRetryCommand(opts: GlobalOptions, cmd: ActOptions): Promise<void> {
   const config = await configFrom(opts);
@@ -318,7 +354,9 @@ export async function pendingRetryCommand(opts: GlobalOptions, cmd: ActOptions):
       });
       retried += ids.length;
       found += ids.length;
-      print(`${server.name}: ${ids.length} queued operation${ids.length === 1 ? '' : 's'} due now${ids.length ? ` (${ids.map((id) => `#${id}`).join(', ')})` : ''}`);
+      print(
+        `${server.name}: ${ids.length} queued operation${ids.length === 1 ? '' : 's'} due now${ids.length ? ` (${ids.map((id) => `#${id}`).join(', ')})` : ''}`,
+      );
       return;
     }
     const { moved, left } = await inTransaction(client, async () => {
@@ -326,7 +364,12 @@ export async function pendingRetryCommand(opts: GlobalOptions, cmd: ActOptions):
       // order (a delivery records the highest id it holds; a lower id committed after it would be skipped)
       await client.query('SELECT pg_advisory_xact_lock($1, $2)', [LOCK_NAMESPACE, LOCKS.queueDelivery]);
       const res = await client.query(retryErrorsSql(selection));
-      const left = (await client.query(notRetryableSql(selection))).rows as { id: string; mapping: string | null; request_id: string | null; error: string }[];
+      const left = (await client.query(notRetryableSql(selection))).rows as {
+        id: string;
+        mapping: string | null;
+        request_id: string | null;
+        error: string;
+      }[];
       // delivered at commit: the engine reads the queue again and sends them
       if (res.rowCount) await client.query(NOTIFY_SQL);
       return { moved: res.rowCount ?? 0, left };
@@ -336,11 +379,15 @@ export async function pendingRetryCommand(opts: GlobalOptions, cmd: ActOptions):
     found += moved + left.length;
     print(`${server.name}: ${moved} failed operation${moved === 1 ? '' : 's'} sent again`);
     for (const r of left) {
-      process.stderr.write(`pgdso: ${server.name}: error #${r.id} (mapping ${r.mapping ?? '-'}, request ${r.request_id ?? '-'}) ${NOT_RETRYABLE}: ${oneLine(r.error)}\n`);
+      process.stderr.write(
+        `pgdso: ${server.name}: error #${r.id} (mapping ${r.mapping ?? '-'}, request ${r.request_id ?? '-'}) ${NOT_RETRYABLE}: ${oneLine(r.error)}\n`,
+      );
     }
   });
   if (selection.by === 'id' && found === 0 && process.exitCode !== 1) {
-    process.stderr.write(`pgdso: ${servers[0]!.name}: no ${cmd.queued ? 'queued operation' : 'failed operation'} #${selection.id}${cmd.queued ? '' : ' (pgdso pending list shows them)'}\n`);
+    process.stderr.write(
+      `pgdso: ${servers[0]!.name}: no ${cmd.queued ? 'queued operation' : 'failed operation'} #${selection.id}${cmd.queued ? '' : ' (pgdso pending list shows them)'}\n`,
+    );
     process.exitCode = 1;
   }
   // Nothing sent while something asked for cannot be: a failure. Some sent: the others are
@@ -367,7 +414,9 @@ export async function pendingDiscardCommand(opts: GlobalOptions, cmd: ActOptions
     found += ids.length;
     const list = ids.length ? ` (${ids.map((id) => `#${id}`).join(', ')})` : '';
     if (cmd.queued) {
-      print(`${server.name}: ${ids.length} queued operation${ids.length === 1 ? '' : 's'} dropped${list}${ids.length ? ': they will not reach their target' : ''}`);
+      print(
+        `${server.name}: ${ids.length} queued operation${ids.length === 1 ? '' : 's'} dropped${list}${ids.length ? ': they will not reach their target' : ''}`,
+      );
     } else {
       print(`${server.name}: ${ids.length} failed operation${ids.length === 1 ? '' : 's'} discarded${list}`);
     }

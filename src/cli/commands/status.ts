@@ -35,12 +35,18 @@ export async function serverStatus(connection: pg.ClientConfig): Promise<ServerS
       `SELECT (SELECT count(*) FROM pgdso.pending)::int AS pending, (SELECT count(*) FROM pgdso.pending_errors)::int AS errors,
               (SELECT count(*) FROM pgdso.conflicts)::int AS conflicts`,
     );
-    const targets = await client.query(`SELECT target_server, attempts, down_since, next_attempt_at, last_error FROM pgdso.pending_targets ORDER BY target_server`);
-    const board = await client.query(`SELECT instance_id, state, operations, last_error, last_error_fix FROM pgdso.servgrp_board ORDER BY instance_id`);
+    const targets = await client.query(
+      `SELECT target_server, attempts, down_since, next_attempt_at, last_error FROM pgdso.pending_targets ORDER BY target_server`,
+    );
+    const board = await client.query(
+      `SELECT instance_id, state, operations, last_error, last_error_fix FROM pgdso.servgrp_board ORDER BY instance_id`,
+    );
     const identity = await client.query(notFullSql);
     return {
       instances: board.rows.map((r) => ({
-        instanceId: r.instance_id, state: r.state, operations: r.operations,
+        instanceId: r.instance_id,
+        state: r.state,
+        operations: r.operations,
         ...(r.last_error ? { lastError: maskSecrets(r.last_error), fix: r.last_error_fix } : {}),
       })),
       owners: {},
@@ -50,7 +56,11 @@ export async function serverStatus(connection: pg.ClientConfig): Promise<ServerS
       pendingErrors: counts.rows[0].errors,
       conflicts: counts.rows[0].conflicts,
       unreachable: targets.rows.map((r) => ({
-        server: r.target_server, attempts: r.attempts, downSince: r.down_since?.toISOString() ?? null, nextAttemptAt: r.next_attempt_at?.toISOString() ?? null, lastError: r.last_error === null ? null : maskSecrets(r.last_error),
+        server: r.target_server,
+        attempts: r.attempts,
+        downSince: r.down_since?.toISOString() ?? null,
+        nextAttemptAt: r.next_attempt_at?.toISOString() ?? null,
+        lastError: r.last_error === null ? null : maskSecrets(r.last_error),
       })),
       replicaIdentityNotFull: identity.rows.map((r) => r.form as string),
     };
@@ -75,7 +85,18 @@ export async function statusCommand(opts: GlobalOptions, cmd: { json?: boolean }
     try {
       servers[server.name] = await serverStatus(toPgClientConfig(server.connection));
     } catch (err) {
-      servers[server.name] = { instances: [], owners: {}, slotLagBytes: null, retainedWalBytes: null, pending: null, pendingErrors: null, conflicts: null, unreachable: [], replicaIdentityNotFull: [], error: `${describeConnection(server.connection)}: ${(err as Error).message}` };
+      servers[server.name] = {
+        instances: [],
+        owners: {},
+        slotLagBytes: null,
+        retainedWalBytes: null,
+        pending: null,
+        pendingErrors: null,
+        conflicts: null,
+        unreachable: [],
+        replicaIdentityNotFull: [],
+        error: `${describeConnection(server.connection)}: ${(err as Error).message}`,
+      };
     }
   }
   // a server that cannot be reached, or whose engine stopped on an error, is a runtime failure, in JSON too (its entry says why)
@@ -85,10 +106,20 @@ export async function statusCommand(opts: GlobalOptions, cmd: { json?: boolean }
     return;
   }
   for (const [name, s] of Object.entries(servers)) {
-    for (const i of s.instances) if (i.lastError) print(`${name}: instance ${i.instanceId} stopped on an error: ${i.lastError}; fix: ${i.fix}`);
-    if (s.replicaIdentityNotFull.length) print(`${name}: not REPLICA IDENTITY FULL (updates of large values and deletes cannot be carried whole; run pgdso forms enable): ${s.replicaIdentityNotFull.join(', ')}`);
+    for (const i of s.instances)
+      if (i.lastError) print(`${name}: instance ${i.instanceId} stopped on an error: ${i.lastError}; fix: ${i.fix}`);
+    if (s.replicaIdentityNotFull.length)
+      print(
+        `${name}: not REPLICA IDENTITY FULL (updates of large values and deletes cannot be carried whole; run pgdso forms enable): ${s.replicaIdentityNotFull.join(', ')}`,
+      );
     if (s.error) print(`${name}: unreachable (${s.error})`);
-    else if (s.unreachable.length) print(`${name}: slot lag ${s.slotLagBytes ?? 'no slot'} bytes, pending ${s.pending}, errors ${s.pendingErrors}, conflicts ${s.conflicts}; cannot reach ${s.unreachable.map((u) => `${u.server} (${u.attempts} attempts, next ${u.nextAttemptAt}: ${u.lastError})`).join(', ')}`);
-    else print(`${name}: slot lag ${s.slotLagBytes ?? 'no slot'} bytes, retained WAL ${s.retainedWalBytes ?? 'no slot'} bytes, pending ${s.pending}, errors ${s.pendingErrors}, conflicts ${s.conflicts}`);
+    else if (s.unreachable.length)
+      print(
+        `${name}: slot lag ${s.slotLagBytes ?? 'no slot'} bytes, pending ${s.pending}, errors ${s.pendingErrors}, conflicts ${s.conflicts}; cannot reach ${s.unreachable.map((u) => `${u.server} (${u.attempts} attempts, next ${u.nextAttemptAt}: ${u.lastError})`).join(', ')}`,
+      );
+    else
+      print(
+        `${name}: slot lag ${s.slotLagBytes ?? 'no slot'} bytes, retained WAL ${s.retainedWalBytes ?? 'no slot'} bytes, pending ${s.pending}, errors ${s.pendingErrors}, conflicts ${s.conflicts}`,
+      );
   }
 }
