@@ -8,8 +8,9 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Ajv } from 'ajv';
-import { describeConnection, loadConfig, toPgClientConfig } from '../src/config/load.ts';
+import { describeConnection, loadConfig, readRuleSources, toPgClientConfig } from '../src/config/load.ts';
 import { checkConditions } from '../src/rules/compile.ts';
+import { compileRules } from '../src/rules/index.ts';
 import { ConfigError, type ConfigProblem, type PgdsoConfig } from '../src/config/types.ts';
 
 const directories: string[] = [];
@@ -521,4 +522,101 @@ test('describeConnection never shows the password; toPgClientConfig carries it a
     (toPgClientConfig({ ...connection, options: { sslmode: 'verify-full' } }).ssl as { rejectUnauthorized: boolean }).rejectUnauthorized,
     true,
   );
+});
+
+test('rule files given as texts: a broken text is reported with its file as given, its pointer and the reason', async () => {
+  // the config's glob matches nothing on disk: with given texts it is not read
+  const dir = await writeTree({ 'pgdso.config.json': validConfig });
+  const rules = structuredClone(validRules);
+  rules.mappings[0]!.transferMode = 'ownership-only';
+  const error = await loadConfig(path.join(dir, 'pgdso.config.json'), ENV, {
+    ruleSources: [
+      { file: 'rules/main.json', text: JSON.stringify(rules, null, 2) },
+      { file: 'rules/broken.json', text: '{ "filters": [ { "name": "x", } ] }' },
+      { file: 'rules/again.json', text: JSON.stringify({ filters: [validRules.filters[0]] }) },
+    ],
+  }).then(
+    () => assert.fail('accepted'),
+    (err: unknown) => err as ConfigError,
+  );
+  assert.ok(error instanceof ConfigError);
+  assert.equal(
+    problemAt(error.problems, 'rules/main.json', '/mappings/0/transferMode').message,
+    'must be one of "data-only", "data+ownership", "independent-copy"',
+  );
+  assert.equal(
+    problemAt(error.problems, 'rules/broken.json', '/filters/0').message,
+    "invalid JSON at line 1, column 31: trailing comma before '}'",
+  );
+  assert.equal(
+    problemAt(error.problems, 'rules/again.json', '/filters/0/name').message,
+    'duplicate filter name "route-chairs": already defined at rules/main.json#/filters/0/name',
+  );
+  assert.equal(error.problems.length, 3, error.message);
+  assert.match(error.message, /^rules\/main\.json/);
+});
+
+test('the rule texts read by readRuleSources compile to the same config as the files on disk', async () => {
+  const { escalations, ...rest } = validRules;
+  const dir = await writeTree({
+    // a problem elsewhere in the config does not stop the rule files from being read
+    'pgdso.config.json': { ...validConfig, rules: ['rules/*.json', 'more/escalations.json'], htp: {} },
+    'rules/b.json': rest,
+    'rules/a.json': { mappings: [] },
+    'more/escalations.json': { escalations },
+  });
+  const configPath = path.join(dir, 'pgdso.config.json');
+  const sources = await readRuleSources(configPath, ENV);
+  const files = ['rules/a.json', 'rules/b.json', 'more/escalations.json'].map((f) => path.join(dir, f));
+  assert.deepEqual(
+    sources.map((s) => s.file),
+    files,
+  );
+  for (const source of sources) assert.equal(source.text, await readFile(source.file, 'utf8'));
+
+  await writeFile(configPath, JSON.stringify({ ...validConfig, rules: ['rules/*.json', 'more/escalations.json'] }));
+  const fromDisk = await loadConfig(configPath, ENV);
+  const fromTexts = await loadConfig(configPath, ENV, { ruleSources: sources });
+  assert.deepEqual(fromTexts, fromDisk);
+  assert.deepEqual(fromTexts.ruleFiles, files);
+  const compiled = compileRules(fromTexts);
+  assert.deepEqual(
+    compiled.filtersFor('sf', 'public', 'repair_request', 'insert').map((f) => f.name),
+    ['route-chairs'],
+  );
+  assert.deepEqual(
+    compiled.escalationsFor('sf').map((e) => e.name),
+    ['follow-the-sun-sf'],
+  );
+
+  // named as given: config.ruleFiles and each rule's source carry the given names
+  const named = await loadConfig(configPath, ENV, {
+    ruleSources: sources.map((s) => ({ file: path.relative(dir, s.file), text: s.text })),
+  });
+  assert.deepEqual(named.ruleFiles, ['rules/a.json', 'rules/b.json', 'more/escalations.json']);
+  assert.deepEqual(named.mappings['sf-chairs-to-chicago']?.source, { file: 'rules/b.json', pointer: '/mappings/0' });
+  assert.deepEqual(
+    { ...named, ruleFiles: fromDisk.ruleFiles, mappings: fromDisk.mappings, filters: fromDisk.filters, escalations: fromDisk.escalations },
+    fromDisk,
+  );
+});
+
+test('readRuleSources reports a glob that matches nothing and a missing rule file as loadConfig does', async () => {
+  const dir = await writeTree(withRules(validRules, { ...validConfig, rules: ['rules/*.json', 'more/*.json', 'extra.json'] }));
+  const configPath = path.join(dir, 'pgdso.config.json');
+  const fromLoad = await loadConfig(configPath, ENV).then(
+    () => assert.fail('accepted'),
+    (err: unknown) => err as ConfigError,
+  );
+  const fromRead = await readRuleSources(configPath, ENV).then(
+    () => assert.fail('accepted'),
+    (err: unknown) => err as ConfigError,
+  );
+  assert.ok(fromRead instanceof ConfigError);
+  assert.deepEqual(fromRead.problems, fromLoad.problems);
+  assert.deepEqual(
+    fromRead.problems.map((p) => p.pointer),
+    ['/rules/1', '/rules/2'],
+  );
+  assert.match(problemAt(fromRead.problems, configPath, '/rules/2').message, /rule file "extra\.json" not found/);
 });
