@@ -165,7 +165,8 @@ async function waitSlotIdle(url: string): Promise<void> {
   while (Date.now() < deadline) {
     const r = await sql(
       url,
-      `SELECT confirmed_flush_lsn >= $1::pg_lsn AS done FROM pg_replication_slots WHERE slot_name LIKE 'pgdso_%' AND database = current_database()`,
+      `SELECT confirmed_flush_lsn >= $1::pg_lsn AS done FROM pg_replication_slots
+        WHERE slot_name LIKE 'pgdso_%' AND database = current_database()`,
       [target],
     );
     if (r.rows[0]?.done) return;
@@ -185,14 +186,17 @@ async function main(): Promise<void> {
     const ours = await pgdso(source, target);
     const rate = (ms: number) => Math.round(ROWS / (ms / 1000)).toLocaleString('en-US');
     console.log(
-      `\n| ${ROWS.toLocaleString('en-US')}-row single-transaction insert | commit to visible on the peer (median) | runs (ms) | rows/s (median) | until idle again (median) | engine peak RSS |`,
+      `\n| ${ROWS.toLocaleString('en-US')}-row single-transaction insert | commit to visible on the peer (median) | runs (ms) ` +
+        '| rows/s (median) | until idle again (median) | engine peak RSS |',
     );
     console.log('|---|---|---|---|---|---|');
     console.log(
-      `| PostgreSQL publication/subscription | ${median(nativeTimes)} ms | ${nativeTimes.join(', ')} | ${rate(median(nativeTimes))} | ${median(nativeTimes)} ms | (in the server) |`,
+      `| PostgreSQL publication/subscription | ${median(nativeTimes)} ms | ${nativeTimes.join(', ')} ` +
+        `| ${rate(median(nativeTimes))} | ${median(nativeTimes)} ms | (in the server) |`,
     );
     console.log(
-      `| pgdso (data-only mapping, one filter) | ${median(ours.times)} ms | ${ours.times.join(', ')} | ${rate(median(ours.times))} | ${median(ours.settled)} ms (source copies marked) | ${ours.peakRssMb} MB |`,
+      `| pgdso (data-only mapping, one filter) | ${median(ours.times)} ms | ${ours.times.join(', ')} ` +
+        `| ${rate(median(ours.times))} | ${median(ours.settled)} ms (source copies marked) | ${ours.peakRssMb} MB |`,
     );
   } finally {
     await source.destroy();

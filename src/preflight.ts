@@ -69,7 +69,9 @@ export async function preflight(
         findings.push({
           server: name,
           severity: 'problem',
-          message: `the replication slot ${slotName(facts.database)} is missing (changes of the forms are not captured): run \`pgdso forms enable\` for a form of ${name}`,
+          message:
+            `the replication slot ${slotName(facts.database)} is missing (changes of the forms are not captured): ` +
+            `run \`pgdso forms enable\` for a form of ${name}`,
         });
       }
       for (const { schema: s, table } of rules.formsOf(name)) {
@@ -131,8 +133,10 @@ export async function preflight(
             pointer: `${mapping.source.pointer}/fields`,
             message:
               reason === 'generated'
-                ? `mapping "${mapping.name}": column "${column}" is generated on ${to}: computed there, not written (as PostgreSQL's own replication does)`
-                : `mapping "${mapping.name}": column "${column}" of ${from} is not on ${to}, so it is not carried: add it there, or list it in fields.exclude`,
+                ? `mapping "${mapping.name}": column "${column}" is generated on ${to}: ` +
+                  "computed there, not written (as PostgreSQL's own replication does)"
+                : `mapping "${mapping.name}": column "${column}" of ${from} is not on ${to}, so it is not carried: ` +
+                  'add it there, or list it in fields.exclude',
           });
         }
         for (const column of plan.columns) {
@@ -144,7 +148,9 @@ export async function preflight(
               severity: 'problem',
               file: mapping.source.file,
               pointer: mapping.source.pointer,
-              message: `mapping "${mapping.name}": column "${column.target}" is ${column.type} on ${mapping.to.server} but "${column.from.column}" is ${from.type} on ${mapping.from.server}: the values do not convert`,
+              message:
+                `mapping "${mapping.name}": column "${column.target}" is ${column.type} on ${mapping.to.server} ` +
+                `but "${column.from.column}" is ${from.type} on ${mapping.from.server}: the values do not convert`,
             });
           }
         }
@@ -156,7 +162,9 @@ export async function preflight(
                 severity: 'problem',
                 file: mapping.source.file,
                 pointer: `${mapping.source.pointer}/match/fields/${i}`,
-                message: `mapping "${mapping.name}": match field "${field}" is not a column the mapping carries to ${mapping.to.server}.${mapping.to.table}`,
+                message:
+                  `mapping "${mapping.name}": match field "${field}" is not a column the mapping carries ` +
+                  `to ${mapping.to.server}.${mapping.to.table}`,
               });
             }
           });
@@ -167,7 +175,9 @@ export async function preflight(
             severity: 'problem',
             file: mapping.source.file,
             pointer: `${mapping.source.pointer}/duplicateRequestId`,
-            message: `mapping "${mapping.name}": duplicateRequestId "new-id" needs a default for the request ID ${target.keyColumn} of ${mapping.to.server}.${mapping.to.table} (a sequence, an identity or a generated value)`,
+            message:
+              `mapping "${mapping.name}": duplicateRequestId "new-id" needs a default for the request ID ${target.keyColumn} ` +
+              `of ${mapping.to.server}.${mapping.to.table} (a sequence, an identity or a generated value)`,
           });
         }
         if (source.keyType !== target.keyType && !(await typesConvert(clients.get(mapping.to.server)!, source.keyType, target.keyType))) {
@@ -176,7 +186,9 @@ export async function preflight(
             severity: 'problem',
             file: mapping.source.file,
             pointer: mapping.source.pointer,
-            message: `mapping "${mapping.name}": request ID ${source.keyColumn} is ${source.keyType} but ${target.keyColumn} is ${target.keyType} on ${mapping.to.server}`,
+            message:
+              `mapping "${mapping.name}": request ID ${source.keyColumn} is ${source.keyType} ` +
+              `but ${target.keyColumn} is ${target.keyType} on ${mapping.to.server}`,
           });
         }
       } catch (err) {

@@ -91,7 +91,8 @@ export class SourceBookkeeping implements OpGroup<never> {
     const { mapping, form } = this;
     const key = quoteIdent(form.keyColumn);
     const table = qualified(form.schema, form.table);
-    const done = `WITH change AS (SELECT * FROM unnest($1::text[], $2::pg_lsn[], $3::boolean[], $4::text[], $7::int[], $8::text[], $9::bigint[]) AS c(rid, lsn, ran, tid, hops, cur, ver)),
+    const done = `WITH change AS (SELECT * FROM unnest($1::text[], $2::pg_lsn[], $3::boolean[], $4::text[],
+                                                   $7::int[], $8::text[], $9::bigint[]) AS c(rid, lsn, ran, tid, hops, cur, ver)),
             stale AS (DELETE FROM pgdso.pending_errors e USING change c
                        WHERE c.ran AND e.source_lsn = c.lsn AND e.mapping = $5 AND e.type = $6 AND e.request_id = c.rid),
             done AS (SELECT DISTINCT ON (c.rid) c.rid, c.tid, c.hops, c.cur, c.ver FROM change c
@@ -111,7 +112,8 @@ export class SourceBookkeeping implements OpGroup<never> {
     ];
     // A sync point: the copy holds what the operation sent (no change since), so it is in sync
     // with the other side; a copy changed since keeps its local changes flagged.
-    const synced = `dso_synced_version = CASE WHEN s.dso_version = t.ver OR s.dso_synced_version = s.dso_version THEN s.dso_version + 1 ELSE s.dso_synced_version END`;
+    const synced = `dso_synced_version = CASE WHEN s.dso_version = t.ver OR s.dso_synced_version = s.dso_version
+                                          THEN s.dso_version + 1 ELSE s.dso_synced_version END`;
     // The target's engine may act on its new copy before this step runs, and write back: a
     // return or a transfer back (ownership here again: a longer history whose last hop came
     // here), or where the master went next (dso_current_server changed). Its news stands.
@@ -126,8 +128,10 @@ export class SourceBookkeeping implements OpGroup<never> {
       await client.query(
         `${done} UPDATE ${table} AS s
             SET dso_master = CASE WHEN $10 AND NOT ${ownedAgain('$13')} THEN false ELSE s.dso_master END,
-                dso_current_server = CASE WHEN ${ownedAgain('$13')} OR ${masterMoved} THEN s.dso_current_server WHEN $10 THEN $11 ELSE coalesce(s.dso_current_server, $13) END,
-                dso_current_form = CASE WHEN ${ownedAgain('$13')} OR ${masterMoved} THEN s.dso_current_form WHEN $10 THEN $12 ELSE coalesce(s.dso_current_form, $14) END,
+                dso_current_server = CASE WHEN ${ownedAgain('$13')} OR ${masterMoved} THEN s.dso_current_server
+                                          WHEN $10 THEN $11 ELSE coalesce(s.dso_current_server, $13) END,
+                dso_current_form = CASE WHEN ${ownedAgain('$13')} OR ${masterMoved} THEN s.dso_current_form
+                                        WHEN $10 THEN $12 ELSE coalesce(s.dso_current_form, $14) END,
                 dso_to_server = $11, dso_to_form = $12,
                 dso_to_request_id = coalesce(t.tid, CASE WHEN s.dso_to_mapping = $5 THEN s.dso_to_request_id END, t.rid),
                 dso_to_mapping = $5, dso_transfer_status = 'success', ${synced}
@@ -162,7 +166,8 @@ export class SourceBookkeeping implements OpGroup<never> {
          UPDATE ${table} AS s SET ${column} = 'failure', ${KEEP_SYNC}
            FROM latest t
           WHERE s.${key} = t.rid::${form.keyType} AND NOT t.ran AND s.${column} IS DISTINCT FROM 'failure'
-            AND EXISTS (SELECT 1 FROM pgdso.pending_errors e WHERE e.source_lsn = t.lsn AND e.mapping = $4 AND e.type = $5 AND e.request_id = t.rid)`,
+            AND EXISTS (SELECT 1 FROM pgdso.pending_errors e
+                         WHERE e.source_lsn = t.lsn AND e.mapping = $4 AND e.type = $5 AND e.request_id = t.rid)`,
         [params[0], params[1], params[2], mapping.name, this.outcome.op],
       );
     }
@@ -198,9 +203,12 @@ export async function recordErrors(client: pg.ClientBase, failures: readonly App
     source_lsn: formatLsn(f.lsn),
   }));
   await client.query(
-    `INSERT INTO pgdso.pending_errors (pool, type, mapping, form, request_id, target_server, target_form, target_key, payload, status, attempts, last_error, error, sqlstate, source_lsn)
-     SELECT f.pool, f.type, f.mapping, f.form, f.request_id, f.target_server, f.target_form, f.target_key, f.payload, 'failed', 1, f.error, f.error, f.sqlstate, f.source_lsn::pg_lsn
-       FROM jsonb_to_recordset($1::jsonb) AS f(pool text, type text, mapping text, form text, request_id text, target_server text, target_form text, target_key text, payload jsonb, error text, sqlstate text, source_lsn text)
+    `INSERT INTO pgdso.pending_errors (pool, type, mapping, form, request_id, target_server, target_form, target_key, payload,
+                                      status, attempts, last_error, error, sqlstate, source_lsn)
+     SELECT f.pool, f.type, f.mapping, f.form, f.request_id, f.target_server, f.target_form, f.target_key, f.payload,
+            'failed', 1, f.error, f.error, f.sqlstate, f.source_lsn::pg_lsn
+       FROM jsonb_to_recordset($1::jsonb) AS f(pool text, type text, mapping text, form text, request_id text, target_server text,
+                                               target_form text, target_key text, payload jsonb, error text, sqlstate text, source_lsn text)
      ON CONFLICT (source_lsn, mapping, type, request_id) WHERE source_lsn IS NOT NULL DO NOTHING`,
     [JSON.stringify(rows)],
   );

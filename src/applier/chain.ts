@@ -92,11 +92,24 @@ function updateStatement(plan: ColumnPlan, withValues: boolean): string {
   // values compare as the target type's text (json, point, xml have no equality operator)
   const before = [...columns.map((c) => `t.${quoteIdent(c.target)}::text`), ...dso.map(([name]) => `t.${name}`)];
   const after = [...casts.map((c) => `(${c})::text`), ...dso.map(([, value]) => value)];
-  const sql = `WITH u AS (SELECT u.*, coalesce(u.h::jsonb -> 0 ->> 'fromServer', ${p(8)}::text) AS rs, coalesce(u.h::jsonb -> 0 ->> 'fromRequestId', u.rid) AS ri
-             FROM unnest(${[...columns.map((_, i) => `$${i + 1}::text[]`), ...[1, 2, 3, 4, 5].map((k) => `${p(k)}::text[]`), `${p(6)}::boolean[]`, `${p(7)}::text[]`].join(', ')})
+  const unnested = [
+    ...columns.map((_, i) => `$${i + 1}::text[]`),
+    ...[1, 2, 3, 4, 5].map((k) => `${p(k)}::text[]`),
+    `${p(6)}::boolean[]`,
+    `${p(7)}::text[]`,
+  ];
+  const assignments = [
+    ...columns.map((c, i) => `${quoteIdent(c.target)} = ${casts[i]}`),
+    ...dso.map(([name, value]) => `${name} = ${value}`),
+    `dso_update_status = 'success'`,
+    'dso_synced_version = t.dso_version + 1',
+  ];
+  const sql = `WITH u AS (SELECT u.*, coalesce(u.h::jsonb -> 0 ->> 'fromServer', ${p(8)}::text) AS rs,
+                    coalesce(u.h::jsonb -> 0 ->> 'fromRequestId', u.rid) AS ri
+             FROM unnest(${unnested.join(', ')})
                   AS u(${[...cols, 'k', 'rid', 'h', 'cs', 'cf', 'm', 'nh'].join(', ')})),
 f AS (SELECT u.rid FROM u JOIN ${table} t ON ${found}),
-upd AS (UPDATE ${table} t SET ${[...columns.map((c, i) => `${quoteIdent(c.target)} = ${casts[i]}`), ...dso.map(([name, value]) => `${name} = ${value}`), `dso_update_status = 'success'`, 'dso_synced_version = t.dso_version + 1'].join(', ')}
+upd AS (UPDATE ${table} t SET ${assignments.join(', ')}
           FROM f JOIN u ON u.rid = f.rid
          WHERE ${found} AND ROW(${before.join(', ')}) IS DISTINCT FROM ROW(${after.join(', ')})
         RETURNING 1)
@@ -152,7 +165,9 @@ export class CopyUpdateGroup extends RequestGroup<CopyUpdate> {
       .map((row) =>
         this.failure(row, {
           sqlstate: null,
-          message: `${this.link.server}.${target.table} has no copy of this request (request ID ${row.targetKey}): it was deleted there, or never transferred`,
+          message:
+            `${this.link.server}.${target.table} has no copy of this request (request ID ${row.targetKey}): ` +
+            'it was deleted there, or never transferred',
         }),
       );
   }
@@ -176,7 +191,9 @@ export class CopyUpdateGroup extends RequestGroup<CopyUpdate> {
         ...(row.master !== null ? { master: row.master } : {}),
         ...(row.newHistory ? { history: parseJsonOr(row.newHistory) } : {}),
       },
-      error: `mapping "${mapping.name}": ${this.kind === 'return' ? 'return' : 'update'} of request ${row.requestId} to ${target}: ${err.message}`,
+      error:
+        `mapping "${mapping.name}": ${this.kind === 'return' ? 'return' : 'update'} of request ${row.requestId} ` +
+        `to ${target}: ${err.message}`,
       sqlstate: err.sqlstate,
     };
   }
@@ -207,7 +224,8 @@ export class CopyDeleteGroup extends RequestGroup<CopyDelete> {
       [...this.rows.values()],
       async (rows) => {
         await client.query(
-          `WITH u AS (SELECT u.*, coalesce(u.h::jsonb -> 0 ->> 'fromServer', $4::text) AS rs, coalesce(u.h::jsonb -> 0 ->> 'fromRequestId', u.rid) AS ri
+          `WITH u AS (SELECT u.*, coalesce(u.h::jsonb -> 0 ->> 'fromServer', $4::text) AS rs,
+                             coalesce(u.h::jsonb -> 0 ->> 'fromRequestId', u.rid) AS ri
                         FROM unnest($1::text[], $2::text[], $3::text[]) AS u(k, rid, h))
            DELETE FROM ${qualified(target.schema, target.table)} t USING u
             WHERE t.${key} = u.k::${target.keyType} AND ${sameRequestSql(target.keyColumn, '$5', 'u.rs', 'u.ri')}`,

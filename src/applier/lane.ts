@@ -152,7 +152,8 @@ export class ApplyLane<F = unknown> {
   private async recordProgress(client: pg.ClientBase, finalLsn: bigint, commitTime: Date): Promise<void> {
     await client.query(
       `INSERT INTO pgdso.apply_progress (origin, source_lsn, source_commit_time, updated_at) VALUES ($1, $2::text::pg_lsn, $3, now())
-       ON CONFLICT (origin) DO UPDATE SET source_lsn = EXCLUDED.source_lsn, source_commit_time = EXCLUDED.source_commit_time, updated_at = now()`,
+       ON CONFLICT (origin) DO UPDATE
+          SET source_lsn = EXCLUDED.source_lsn, source_commit_time = EXCLUDED.source_commit_time, updated_at = now()`,
       [this.opts.origin, formatLsn(finalLsn), commitTime],
     );
   }

@@ -120,7 +120,8 @@ export function rootSql(hist: string, server: string, rid: string): [string, str
  * last sync stays in sync (the guard raises dso_version by one), a copy changed locally since
  * stays changed.
  */
-export const KEEP_SYNC = `dso_synced_version = CASE WHEN s.dso_synced_version = s.dso_version THEN s.dso_version + 1 ELSE s.dso_synced_version END`;
+export const KEEP_SYNC = `dso_synced_version = CASE WHEN s.dso_synced_version = s.dso_version
+                                          THEN s.dso_version + 1 ELSE s.dso_synced_version END`;
 
 /**
  * The requests of one set-based group: one row per request (a later change replaces the

@@ -69,12 +69,15 @@ function transferStatements(plan: ColumnPlan): TransferStatements {
       ['dso_to_request_id', 'NULL::text'],
       ['dso_to_mapping', 'NULL::text'],
     ] as const;
-  const insertInto = (withKey: boolean, dso: ReturnType<typeof dsoValues>) =>
-    `INSERT INTO ${table} AS t (${[...(withKey ? [key] : []), ...dataColumns, ...dso.map(([name]) => quoteIdent(name)), 'dso_synced_version'].join(', ')})
+  const insertInto = (withKey: boolean, dso: ReturnType<typeof dsoValues>) => {
+    const into = [...(withKey ? [key] : []), ...dataColumns, ...dso.map(([name]) => quoteIdent(name)), 'dso_synced_version'];
+    return `INSERT INTO ${table} AS t (${into.join(', ')})
 SELECT ${[...(withKey ? [`u.rid::${target.keyType}`] : []), ...casts, ...dso.map(([, value]) => value), '1'].join(', ')}`;
+  };
   // plain INSERT and new-id: scalars from +3
   const plainDso = dsoValues((k) => `$${n + 2 + k}`);
-  const unnestPlain = `unnest(${[...arrays, `$${n + 1}::text[]`, `$${n + 2}::text[]`].join(', ')}) AS u(${[...cols, 'rid', 'hist'].join(', ')})`;
+  const unnestPlain = `unnest(${[...arrays, `$${n + 1}::text[]`, `$${n + 2}::text[]`].join(', ')})
+         AS u(${[...cols, 'rid', 'hist'].join(', ')})`;
   const insert = `${insertInto(true, plainDso)}
   FROM ${unnestPlain}`;
   const insertNewId = `${insertInto(false, plainDso)}
@@ -126,8 +129,16 @@ RETURNING t.${key}::text AS key, t.dso_from_request_id AS rid`;
       : mapping.conflict === 'newer-wins'
         ? `t.dso_modified_at > coalesce(u.mods::timestamptz, '-infinity')`
         : 'false';
-  const upsert = `WITH u AS (SELECT *, ${p(11)}::text AS here FROM unnest(${[...arrays, ...[1, 2, 3, 4].map((k) => `${p(k)}::text[]`)].join(', ')}) AS u(${[...cols, 'rid', 'hist', 'tkey', 'mods'].join(', ')})),
-f AS (SELECT u.rid, t.${key}::text AS key, c.conflicted, c.conflicted AND (${kept}) AS kept, CASE WHEN c.conflicted THEN to_jsonb(t) END AS local
+  const unnested = [...arrays, ...[1, 2, 3, 4].map((k) => `${p(k)}::text[]`)];
+  const assignments = [
+    ...dataColumns.map((c, i) => `${c} = ${casts[i]}`),
+    ...updatedDso.map(([name, value]) => `${quoteIdent(name)} = ${value}`),
+    'dso_synced_version = t.dso_version + 1',
+  ];
+  const upsert = `WITH u AS (SELECT *, ${p(11)}::text AS here
+                FROM unnest(${unnested.join(', ')}) AS u(${[...cols, 'rid', 'hist', 'tkey', 'mods'].join(', ')})),
+f AS (SELECT u.rid, t.${key}::text AS key, c.conflicted, c.conflicted AND (${kept}) AS kept,
+             CASE WHEN c.conflicted THEN to_jsonb(t) END AS local
         FROM u JOIN ${table} t ON ${match}
         CROSS JOIN LATERAL (SELECT (${conflicted}) AS conflicted) c),
 logged AS (INSERT INTO pgdso.conflicts (mapping, form, request_id, local, incoming, resolution, policy, from_server)
@@ -136,7 +147,7 @@ logged AS (INSERT INTO pgdso.conflicts (mapping, form, request_id, local, incomi
                     || jsonb_build_object(${quoteLiteral(target.keyColumn)}, u.rid, 'dso_modified_at', u.mods),
                   CASE WHEN f.kept THEN 'kept-local' ELSE 'applied-incoming' END, ${quoteLiteral(mapping.conflict)}, ${p(8)}
              FROM f JOIN u ON u.rid = f.rid WHERE f.conflicted),
-upd AS (UPDATE ${table} t SET ${[...dataColumns.map((c, i) => `${c} = ${casts[i]}`), ...updatedDso.map(([name, value]) => `${quoteIdent(name)} = ${value}`), 'dso_synced_version = t.dso_version + 1'].join(', ')}
+upd AS (UPDATE ${table} t SET ${assignments.join(', ')}
           FROM f JOIN u ON u.rid = f.rid
          WHERE ${match} AND NOT f.kept
            AND ROW(${[...dataColumns.map((c) => `t.${c}::text`), ...compared.map(([name]) => `t.${quoteIdent(name)}`)].join(', ')})
@@ -254,7 +265,9 @@ export class TransferGroup extends RequestGroup<TransferRow> {
     const { target, mapping } = this.plan;
     const key = quoteIdent(target.keyColumn);
     const res = await client.query(
-      `SELECT t.${key}::text AS key, coalesce(t.dso_mapping_history -> 0 ->> 'fromServer', $2) || ':' || coalesce(t.dso_mapping_history -> 0 ->> 'fromRequestId', t.${key}::text) AS root
+      `SELECT t.${key}::text AS key,
+              coalesce(t.dso_mapping_history -> 0 ->> 'fromServer', $2) || ':'
+                || coalesce(t.dso_mapping_history -> 0 ->> 'fromRequestId', t.${key}::text) AS root
          FROM ${qualified(target.schema, target.table)} t WHERE t.${key} = ANY ($1::text[]::${target.keyType}[])`,
       [textArrayLiteral(rows.map((r) => r.targetKey)), mapping.to.server],
     );
@@ -310,6 +323,8 @@ function duplicateError(mapping: MappingConfig, row: TransferRow, holder: string
     // the history was checked before it was sent
   }
   return new DuplicateRequestError(
-    `duplicate request ID: ${mapping.to.server}.${mapping.to.table} already holds request ID ${row.targetKey} for request ${holder ?? '(unknown)'}, a different request from the incoming ${incoming} (duplicateRequestId: ${mapping.duplicateRequestId})`,
+    `duplicate request ID: ${mapping.to.server}.${mapping.to.table} already holds request ID ${row.targetKey} ` +
+      `for request ${holder ?? '(unknown)'}, a different request from the incoming ${incoming} ` +
+      `(duplicateRequestId: ${mapping.duplicateRequestId})`,
   );
 }

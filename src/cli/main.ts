@@ -40,7 +40,8 @@ lockFlags(
   forms
     .command('enable')
     .description(
-      'check privileges and settings, then add the distributed columns, the guards, replica identity, publication and slot to a form, all or nothing; idempotent',
+      'check privileges and settings, then add the distributed columns, the guards, replica identity, publication and slot ' +
+        'to a form, all or nothing; idempotent',
     )
     .requiredOption('--server <name>', 'server')
     .requiredOption('--form <form>', 'form (table, or schema.table)'),
@@ -59,7 +60,8 @@ lockFlags(
   program
     .command('uninstall')
     .description(
-      "remove pgdso from a server: every form's guards, the publication, the slot, the replication origins (shows what it would do; --yes does it)",
+      "remove pgdso from a server: every form's guards, the publication, the slot, the replication origins " +
+        '(shows what it would do; --yes does it)',
     )
     .requiredOption('--server <name>', 'server')
     .option('--drop-columns', 'also drop the distributed columns dso_* of every form, with their values')
@@ -138,9 +140,8 @@ function exitCodeOf(err: unknown): number {
     return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
   }
   if (err instanceof ConfigError) {
-    process.stderr.write(
-      `pgdso: bad config or rules:\n${err.problems.map((p) => `  ${p.file}${p.pointer ? `#${p.pointer}` : ''}: ${p.message}`).join('\n')}\n`,
-    );
+    const lines = err.problems.map((p) => `  ${p.file}${p.pointer ? `#${p.pointer}` : ''}: ${p.message}`);
+    process.stderr.write(`pgdso: bad config or rules:\n${lines.join('\n')}\n`);
     return EXIT.usage;
   }
   if (err instanceof UsageError) {

@@ -95,7 +95,9 @@ export class ReplicationStream {
     };
     log.debug({ slot: this.opts.slot }, 'starting replication from the confirmed position');
     const publication = this.opts.publication ?? PUBLICATION;
-    const sql = `START_REPLICATION SLOT ${quoteIdent(this.opts.slot)} LOGICAL 0/0 (proto_version '1', publication_names '${quoteIdent(publication).replace(/'/g, "''")}', messages 'true')`;
+    const names = quoteIdent(publication).replace(/'/g, "''");
+    const options = `proto_version '1', publication_names '${names}', messages 'true'`;
+    const sql = `START_REPLICATION SLOT ${quoteIdent(this.opts.slot)} LOGICAL 0/0 (${options})`;
     const streaming = client.query(sql);
     this.statusTimer = setInterval(() => this.sendStatus(), this.opts.statusIntervalMs ?? 10_000);
     try {

@@ -58,7 +58,8 @@ export async function planFormBackout(
   opts: { dropColumns: boolean },
 ): Promise<FormBackout | null> {
   const rel = await client.query(
-    `SELECT c.oid::int AS oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')`,
+    `SELECT c.oid::int AS oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+      WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')`,
     [schema, table],
   );
   if (rel.rowCount === 0) return null;

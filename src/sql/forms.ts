@@ -55,7 +55,8 @@ export class PreflightError extends Error {
     where: string,
   ) {
     super(
-      `${where}: nothing was changed; ${checks.length === 1 ? 'a problem' : `${checks.length} problems`} to fix first:\n${checks.map((c) => `  - ${describeCheck(c)}`).join('\n')}`,
+      `${where}: nothing was changed; ${checks.length === 1 ? 'a problem' : `${checks.length} problems`} to fix first:\n` +
+        checks.map((c) => `  - ${describeCheck(c)}`).join('\n'),
     );
   }
 }
@@ -222,7 +223,8 @@ export async function enableForm(
   const slot = slotName(database);
   try {
     const schemaReady = await client.query(
-      `SELECT to_regclass('pgdso.forms') IS NOT NULL AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('pgdso.forms') AND attname = 'original_identity') AS ok`,
+      `SELECT to_regclass('pgdso.forms') IS NOT NULL
+              AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('pgdso.forms') AND attname = 'original_identity') AS ok`,
     );
     if (!schemaReady.rows[0].ok) throw new FormError('the control schema pgdso is missing or not up to date: run `pgdso migrate` first');
     // 1. every check, before anything changes
@@ -286,7 +288,8 @@ export async function probeGuard(client: pg.ClientBase, schema: string, table: s
   await client.query('SAVEPOINT pgdso_probe');
   try {
     await client.query(
-      `CREATE TEMP TABLE pgdso_guard_probe (id text PRIMARY KEY, dso_master boolean, dso_current_server text, dso_version bigint, dso_modified_at timestamptz) ON COMMIT DROP`,
+      `CREATE TEMP TABLE pgdso_guard_probe (id text PRIMARY KEY, dso_master boolean, dso_current_server text, dso_version bigint,
+                                            dso_modified_at timestamptz) ON COMMIT DROP`,
     );
   } catch {
     await client.query('ROLLBACK TO SAVEPOINT pgdso_probe');
@@ -322,7 +325,9 @@ export async function probeGuard(client: pg.ClientBase, schema: string, table: s
   throw new PreflightError(
     [
       {
-        message: `the ownership guard does not work (${outcome.code ?? 'no error'}: ${outcome.message ?? 'a read-only row was not refused'}): every UPDATE and DELETE of ${schema}.${table} by the application would fail`,
+        message:
+          `the ownership guard does not work (${outcome.code ?? 'no error'}: ${outcome.message ?? 'a read-only row was not refused'}): ` +
+          `every UPDATE and DELETE of ${schema}.${table} by the application would fail`,
         fix: fn.prosecdef
           ? `GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_session_is_setup() TO ${quoteIdent(fn.owner)};`
           : `ALTER FUNCTION pgdso.row_guard() SECURITY DEFINER; -- it must run as its owner, ${fn.owner}`,
@@ -350,8 +355,14 @@ async function createSlot(client: pg.ClientBase, slot: string, timeoutMs: number
       `SELECT pid, usename, application_name, state, xact_start FROM pg_stat_activity
         WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() ORDER BY xact_start`,
     );
+    const open = writers.rows.map(
+      (r) =>
+        `pid ${r.pid} (user ${r.usename}, application ${quoteLiteral(r.application_name ?? '')}, ${r.state}, ` +
+        `since ${new Date(r.xact_start).toISOString()})`,
+    );
     throw new Error(
-      `creating the replication slot ${slot} waits for the transactions running now to end, and ${timeoutMs} ms passed; nothing was changed. Open transactions: ${writers.rows.map((r) => `pid ${r.pid} (user ${r.usename}, application ${quoteLiteral(r.application_name ?? '')}, ${r.state}, since ${new Date(r.xact_start).toISOString()})`).join('; ') || 'none now'}`,
+      `creating the replication slot ${slot} waits for the transactions running now to end, and ${timeoutMs} ms passed; ` +
+        `nothing was changed. Open transactions: ${open.join('; ') || 'none now'}`,
       { cause: err },
     );
   } finally {

@@ -30,7 +30,9 @@ export function refusalOf(sqlstate: string | null, message: string, role: string
   if (sqlstate === '28000')
     return {
       missing: `a pg_hba.conf entry or login for role ${role}`,
-      fix: `add a pg_hba.conf line for ${role} (database ${database}, and "replication" for the slot) and SELECT pg_reload_conf(); ALTER ROLE ${r} LOGIN if needed`,
+      fix:
+        `add a pg_hba.conf line for ${role} (database ${database}, and "replication" for the slot) ` +
+        `and SELECT pg_reload_conf(); ALTER ROLE ${r} LOGIN if needed`,
     };
   if (sqlstate === '3D000')
     return { missing: `database ${database}`, fix: `CREATE DATABASE ${quoteIdent(database)}, or correct the database in the config` };
@@ -69,8 +71,10 @@ export async function missingFormGrants(
 ): Promise<string[]> {
   const res = await client.query(
     `SELECT f.s, f.t, current_user AS role, has_schema_privilege(f.s, 'USAGE') AS usage,
-            array_remove(ARRAY[CASE WHEN NOT has_table_privilege(c.oid, 'SELECT') THEN 'SELECT' END, CASE WHEN NOT has_table_privilege(c.oid, 'INSERT') THEN 'INSERT' END,
-                               CASE WHEN NOT has_table_privilege(c.oid, 'UPDATE') THEN 'UPDATE' END, CASE WHEN NOT has_table_privilege(c.oid, 'DELETE') THEN 'DELETE' END], NULL) AS missing
+            array_remove(ARRAY[CASE WHEN NOT has_table_privilege(c.oid, 'SELECT') THEN 'SELECT' END,
+                               CASE WHEN NOT has_table_privilege(c.oid, 'INSERT') THEN 'INSERT' END,
+                               CASE WHEN NOT has_table_privilege(c.oid, 'UPDATE') THEN 'UPDATE' END,
+                               CASE WHEN NOT has_table_privilege(c.oid, 'DELETE') THEN 'DELETE' END], NULL) AS missing
        FROM jsonb_to_recordset($1::jsonb) AS f(s text, t text)
        JOIN pg_namespace n ON n.nspname = f.s JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = f.t`,
     [JSON.stringify(forms.map((f) => ({ s: f.schema, t: f.table })))],

@@ -41,13 +41,15 @@ $guard$`;
  * Fired only by an UPDATE whose SET names the key and changes it (see the trigger's WHEN), for
  * every session, the engine's included. Arguments: the request ID column, the form's name.
  */
-const REQUEST_ID_GUARD = `
+const REQUEST_ID_GUARD =
+  `
 CREATE OR REPLACE FUNCTION pgdso.request_id_guard() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog AS $guard$
 BEGIN
   RAISE EXCEPTION USING
     ERRCODE = 'P0001',
-    MESSAGE = format('pgdso: the request ID of %s cannot change (request %s -> %s): request IDs are immutable, the copies of a request on other servers are found by it',
+    MESSAGE = format('pgdso: the request ID of %s cannot change (request %s -> %s): ` +
+  `request IDs are immutable, the copies of a request on other servers are found by it',
                      TG_ARGV[1], to_jsonb(OLD) ->> TG_ARGV[0], to_jsonb(NEW) ->> TG_ARGV[0]),
     HINT = 'Insert a new request with the new ID and delete this one: pgdso carries both.';
 END
@@ -55,11 +57,16 @@ $guard$`;
 
 /**
  * TRUNCATE fires no row trigger. Refused while the relation holds read-only copies (owned
- * elsewhere) or master copies with copies elsewhere (sent on, or received from a server that keeps a read-only copy); allowed otherwise, and for the engine's
- * sessions (as the ownership guard). SECURITY DEFINER: it reads the form and asks about the
- * origin session as its owner. Argument: the form's name.
+ * elsewhere) or master copies with copies elsewhere (sent on, or received from a server that
+ * keeps a read-only copy); allowed otherwise, and for the engine's sessions (as the ownership
+ * guard). SECURITY DEFINER: it reads the form and asks about the origin session as its owner.
+ * Argument: the form's name.
+ *
+ * (The long lines of the function are split in the TypeScript source with `+`, so that the body
+ * stays as it was: forms enable compares it with pg_proc.prosrc.)
  */
-const TRUNCATE_GUARD = `
+const TRUNCATE_GUARD =
+  `
 CREATE OR REPLACE FUNCTION pgdso.truncate_guard() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $guard$
 DECLARE
@@ -68,7 +75,8 @@ BEGIN
   IF pg_replication_origin_session_is_setup() THEN
     RETURN NULL;
   END IF;
-  EXECUTE format('SELECT string_agg(DISTINCT s, '', '' ORDER BY s) FROM (SELECT coalesce(dso_current_server, ''another server'') AS s FROM %s WHERE NOT dso_master LIMIT 1000) AS x', TG_RELID::regclass)
+  EXECUTE format('SELECT string_agg(DISTINCT s, '', '' ORDER BY s) ` +
+  `FROM (SELECT coalesce(dso_current_server, ''another server'') AS s FROM %s WHERE NOT dso_master LIMIT 1000) AS x', TG_RELID::regclass)
     INTO servers;
   IF servers IS NOT NULL THEN
     RAISE EXCEPTION USING
@@ -78,12 +86,16 @@ BEGIN
   END IF;
   -- a master with copies elsewhere: sent on (dso_to_server), or received (dso_from_server: the
   -- copy it came from is read-only and would be left without a master)
-  EXECUTE format('SELECT string_agg(DISTINCT s, '', '' ORDER BY s) FROM (SELECT dso_to_server, dso_from_server FROM %s WHERE dso_master AND (dso_to_server IS NOT NULL OR dso_from_server IS NOT NULL) LIMIT 1000) AS r, unnest(ARRAY[r.dso_to_server, r.dso_from_server]) AS s WHERE s IS NOT NULL', TG_RELID::regclass)
+  EXECUTE format('SELECT string_agg(DISTINCT s, '', '' ORDER BY s) ` +
+  `FROM (SELECT dso_to_server, dso_from_server FROM %s ` +
+  `WHERE dso_master AND (dso_to_server IS NOT NULL OR dso_from_server IS NOT NULL) LIMIT 1000) AS r, ` +
+  `unnest(ARRAY[r.dso_to_server, r.dso_from_server]) AS s WHERE s IS NOT NULL', TG_RELID::regclass)
     INTO servers;
   IF servers IS NOT NULL THEN
     RAISE EXCEPTION USING
       ERRCODE = 'P0001',
-      MESSAGE = format('pgdso: %s cannot be truncated: it holds master copies of requests with copies on %s, which TRUNCATE would leave behind', TG_ARGV[0], servers),
+      MESSAGE = format('pgdso: %s cannot be truncated: ` +
+  `it holds master copies of requests with copies on %s, which TRUNCATE would leave behind', TG_ARGV[0], servers),
       HINT = 'DELETE the rows instead (pgdso carries the deletes to the copies), or run pgdso forms disable first.';
   END IF;
   RETURN NULL;
@@ -122,7 +134,8 @@ export function guardTriggers(keyColumn: string, form: string): TriggerSpec[] {
       args: [keyColumn, form],
       everyPartition: false,
       create: (rel) =>
-        `CREATE TRIGGER pgdso_guard BEFORE UPDATE OR DELETE ON ${rel} FOR EACH ROW EXECUTE FUNCTION pgdso.row_guard(${args([keyColumn, form])})`,
+        `CREATE TRIGGER pgdso_guard BEFORE UPDATE OR DELETE ON ${rel}
+           FOR EACH ROW EXECUTE FUNCTION pgdso.row_guard(${args([keyColumn, form])})`,
     },
     {
       name: 'pgdso_request_id',
@@ -130,7 +143,8 @@ export function guardTriggers(keyColumn: string, form: string): TriggerSpec[] {
       args: [keyColumn, form],
       everyPartition: false,
       create: (rel) =>
-        `CREATE TRIGGER pgdso_request_id BEFORE UPDATE OF ${key} ON ${rel} FOR EACH ROW WHEN (OLD.${key} IS DISTINCT FROM NEW.${key}) EXECUTE FUNCTION pgdso.request_id_guard(${args([keyColumn, form])})`,
+        `CREATE TRIGGER pgdso_request_id BEFORE UPDATE OF ${key} ON ${rel}
+           FOR EACH ROW WHEN (OLD.${key} IS DISTINCT FROM NEW.${key}) EXECUTE FUNCTION pgdso.request_id_guard(${args([keyColumn, form])})`,
     },
     {
       name: 'pgdso_truncate',

@@ -63,7 +63,11 @@ export async function blockersOf(client: pg.ClientBase, form: { schema: string; 
 
 export function describeBlocker(b: Blocker): string {
   const query = b.query ? (b.query.length > 200 ? `${b.query.slice(0, 200)}...` : b.query) : '';
-  return `pid ${b.pid} (user ${b.user ?? '?'}, application_name "${b.application ?? ''}", state ${b.state ?? '?'}${b.xactStart ? `, transaction since ${new Date(b.xactStart).toISOString()}` : ''}, ${b.granted ? 'holds' : 'waits for'} ${b.mode}): ${JSON.stringify(query)}`;
+  const since = b.xactStart ? `, transaction since ${new Date(b.xactStart).toISOString()}` : '';
+  return (
+    `pid ${b.pid} (user ${b.user ?? '?'}, application_name "${b.application ?? ''}", state ${b.state ?? '?'}${since}, ` +
+    `${b.granted ? 'holds' : 'waits for'} ${b.mode}): ${JSON.stringify(query)}`
+  );
 }
 
 /**
@@ -92,7 +96,8 @@ export async function withLockTimeout(
         throw new LockTimeoutError(
           `could not lock ${form.schema}.${form.table} within ${opts.lockTimeoutMs} ms (${attempt} attempts); nothing was changed. ` +
             (blockers.length
-              ? `In the way: ${blockers.map(describeBlocker).join('; ')}. End those transactions (or wait for them) and run the command again, or give it longer with --lock-timeout.`
+              ? `In the way: ${blockers.map(describeBlocker).join('; ')}. ` +
+                'End those transactions (or wait for them) and run the command again, or give it longer with --lock-timeout.'
               : 'No session holds a lock on it any more: run the command again.'),
           { cause: err },
         );

@@ -39,7 +39,10 @@ export function versionCheck(serverVersionNum: number): Check | null {
   if (serverVersionNum >= MIN_VERSION) return null;
   const major = serverVersionNum >= 100000 ? Math.floor(serverVersionNum / 10000) : Math.floor(serverVersionNum / 100) / 100;
   return {
-    message: `PostgreSQL ${major} (server_version_num ${serverVersionNum}) is not supported: pgdso needs ${SUPPORTED_VERSIONS}; before 14 the replication-origin functions are superuser-only, so no role but a superuser could run the engine or the ownership guard`,
+    message:
+      `PostgreSQL ${major} (server_version_num ${serverVersionNum}) is not supported: pgdso needs ${SUPPORTED_VERSIONS}; ` +
+      'before 14 the replication-origin functions are superuser-only, ' +
+      'so no role but a superuser could run the engine or the ownership guard',
     fix: 'upgrade the server to PostgreSQL 14 or later (or run pgdso as a superuser at your own risk: not supported)',
   };
 }
@@ -72,7 +75,8 @@ export async function serverFacts(client: pg.ClientBase): Promise<ServerFacts> {
             current_setting('max_wal_senders')::int AS max_wal_senders,
             (SELECT count(*)::int FROM pg_stat_activity WHERE backend_type = 'walsender') AS used_wal_senders,
             has_database_privilege(current_database(), 'CREATE') AS can_create, current_database() AS database,
-            (SELECT array_agg(has_function_privilege(f, 'EXECUTE') ORDER BY o) FROM unnest($1::text[]) WITH ORDINALITY AS u(f, o)) AS execute
+            (SELECT array_agg(has_function_privilege(f, 'EXECUTE') ORDER BY o)
+               FROM unnest($1::text[]) WITH ORDINALITY AS u(f, o)) AS execute
        FROM pg_roles r WHERE r.rolname = current_user`,
     [functions],
   );
@@ -121,7 +125,9 @@ export function serverChecks(
   }
   if (needs.decodes && !facts.slotExists && facts.usedSlots >= facts.maxSlots) {
     checks.push({
-      message: `no free replication slot for pgdso's slot ${slotName(facts.database)} (max_replication_slots = ${facts.maxSlots}, ${facts.usedSlots} in use)`,
+      message:
+        `no free replication slot for pgdso's slot ${slotName(facts.database)} ` +
+        `(max_replication_slots = ${facts.maxSlots}, ${facts.usedSlots} in use)`,
       fix: `ALTER SYSTEM SET max_replication_slots = ${facts.usedSlots + 1}; -- then restart PostgreSQL`,
     });
   }
@@ -200,7 +206,9 @@ export async function formChecks(
     const ok = await client.query(`SELECT has_function_privilege($1, $2, 'EXECUTE') AS ok`, [owner, GUARD_ORIGIN_FUNCTION]);
     if (!ok.rows[0].ok) {
       checks.push({
-        message: `the ownership guard runs as ${owner}, who cannot execute ${GUARD_ORIGIN_FUNCTION}: every UPDATE and DELETE of the form by the application would fail`,
+        message:
+          `the ownership guard runs as ${owner}, who cannot execute ${GUARD_ORIGIN_FUNCTION}: ` +
+          'every UPDATE and DELETE of the form by the application would fail',
         fix: `GRANT EXECUTE ON FUNCTION ${GUARD_ORIGIN_FUNCTION} TO ${quoteIdent(owner)};`,
       });
     }
@@ -238,14 +246,17 @@ export async function formChecks(
     const member = await client.query(`SELECT pg_has_role(current_user, $1::name, 'USAGE') AS ok`, [rel.owner]);
     if (!member.rows[0].ok) {
       checks.push({
-        message: `role ${role.role} cannot alter ${rel.schema}.${rel.table} (owned by ${rel.owner}): forms enable adds columns, triggers and replica identity`,
+        message:
+          `role ${role.role} cannot alter ${rel.schema}.${rel.table} (owned by ${rel.owner}): ` +
+          'forms enable adds columns, triggers and replica identity',
         fix: `GRANT ${quoteIdent(rel.owner)} TO ${who};`,
       });
     }
   }
   if (opts.needsPublicationChange) {
     const pub = await client.query(
-      `SELECT pg_get_userbyid(pubowner) AS owner, pg_has_role(current_user, pubowner, 'USAGE') AS ok FROM pg_publication WHERE pubname = $1`,
+      `SELECT pg_get_userbyid(pubowner) AS owner, pg_has_role(current_user, pubowner, 'USAGE') AS ok
+         FROM pg_publication WHERE pubname = $1`,
       [PUBLICATION],
     );
     if (pub.rowCount && !pub.rows[0].ok) {

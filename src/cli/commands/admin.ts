@@ -48,7 +48,8 @@ export async function formsEnableCommand(opts: GlobalOptions, cmd: { server: str
     const result = await enableForm(toPgClientConfig(server.connection), schema, table, lock);
     for (const change of result.changes) print(`  ${change}`);
     print(
-      `${server.name}: form ${schema}.${table} enabled (request ID ${result.form.keyColumn}; slot ${result.slot}${result.slotCreated ? ' created' : ''}${result.changes.length ? '' : '; nothing to change'})`,
+      `${server.name}: form ${schema}.${table} enabled (request ID ${result.form.keyColumn}; ` +
+        `slot ${result.slot}${result.slotCreated ? ' created' : ''}${result.changes.length ? '' : '; nothing to change'})`,
     );
   } catch (err) {
     if (err instanceof FormError) throw new UsageError(`${server.name}: ${err.message}`);
@@ -103,7 +104,8 @@ export async function formsDisableCommand(
     await runFormBackout(client, plan, lock);
     const left = await client.query(`SELECT count(*)::int AS n FROM pgdso.forms`).catch(() => ({ rows: [{ n: 0 }] }));
     print(
-      `${server}: form ${schema}.${table} disabled${left.rows[0].n === 0 ? '; no form left enabled: the slot still holds WAL until `pgdso uninstall` drops it' : ''}`,
+      `${server}: form ${schema}.${table} disabled` +
+        (left.rows[0].n === 0 ? '; no form left enabled: the slot still holds WAL until `pgdso uninstall` drops it' : ''),
     );
   });
 }

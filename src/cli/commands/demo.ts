@@ -99,7 +99,8 @@ class DemoUse {
     const servers = [...this.pools.keys()];
     const width = Math.max(8, ...servers.map((s) => s.length + 1));
     say(
-      `${'request'.padEnd(8)} ${'server'.padEnd(width)} ${'master'.padEnd(7)} ${'from'.padEnd(9)} ${'to'.padEnd(width)} ${'transfer'.padEnd(9)} history`,
+      `${'request'.padEnd(8)} ${'server'.padEnd(width)} ${'master'.padEnd(7)} ${'from'.padEnd(9)} ` +
+        `${'to'.padEnd(width)} ${'transfer'.padEnd(9)} history`,
     );
     for (const id of ids) {
       for (const server of servers) {
@@ -109,7 +110,8 @@ class DemoUse {
           .map((h) => `${h.fromServer}->${h.toServer}`)
           .join(', ');
         say(
-          `${id.padEnd(8)} ${server.padEnd(width)} ${String(row.dso_master).padEnd(7)} ${String(row.dso_from_server ?? '').padEnd(9)} ${String(row.dso_to_server ?? '').padEnd(width)} ${String(row.dso_transfer_status ?? '').padEnd(9)} ${history}`,
+          `${id.padEnd(8)} ${server.padEnd(width)} ${String(row.dso_master).padEnd(7)} ${String(row.dso_from_server ?? '').padEnd(9)} ` +
+            `${String(row.dso_to_server ?? '').padEnd(width)} ${String(row.dso_transfer_status ?? '').padEnd(9)} ${history}`,
         );
       }
     }
@@ -251,7 +253,8 @@ export async function demoCommand(opts: GlobalOptions, cmd: { keep?: boolean }):
     say('(`pgdso rules check` and `pgdso run` exit 2 on them).');
     if (cmd.keep) {
       say(
-        `\nServers keep running on 127.0.0.1:${cluster.port}, databases ${uses.flatMap((u) => Object.values(u.databases)).join(', ')}. Ctrl-C stops them.`,
+        `\nServers keep running on 127.0.0.1:${cluster.port}, ` +
+          `databases ${uses.flatMap((u) => Object.values(u.databases)).join(', ')}. Ctrl-C stops them.`,
       );
       await new Promise<void>((resolve) => process.once('SIGINT', () => resolve()));
     }

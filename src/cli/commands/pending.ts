@@ -97,7 +97,8 @@ export function listQueuedSql(selection: Selection | null): Query {
 export function listErrorsSql(selection: Selection | null): Query {
   const where = whereOf(selection);
   return {
-    text: `SELECT ${COMMON_COLUMNS}, error, sqlstate, failed_at, payload ? 'op' AS retryable FROM pgdso.pending_errors e WHERE ${where.text} ORDER BY e.id`,
+    text: `SELECT ${COMMON_COLUMNS}, error, sqlstate, failed_at, payload ? 'op' AS retryable
+             FROM pgdso.pending_errors e WHERE ${where.text} ORDER BY e.id`,
     values: where.values,
   };
 }
@@ -110,8 +111,10 @@ export function retryErrorsSql(selection: Selection): Query {
   const where = whereOf(selection);
   return {
     text: `WITH moved AS (DELETE FROM pgdso.pending_errors e WHERE ${where.text} AND e.payload ? 'op' RETURNING e.*)
-      INSERT INTO pgdso.pending (pool, type, mapping, form, request_id, target_server, target_form, target_key, payload, status, attempts, next_attempt_at, last_error, source_lsn)
-      SELECT pool, type, mapping, form, request_id, target_server, coalesce(target_form, payload ->> 'targetForm'), coalesce(target_key, payload ->> 'targetKey'),
+      INSERT INTO pgdso.pending (pool, type, mapping, form, request_id, target_server, target_form, target_key, payload,
+                                 status, attempts, next_attempt_at, last_error, source_lsn)
+      SELECT pool, type, mapping, form, request_id, target_server,
+             coalesce(target_form, payload ->> 'targetForm'), coalesce(target_key, payload ->> 'targetKey'),
              payload -> 'op', 'queued', 0, now(), error, source_lsn
         FROM moved ORDER BY id
       RETURNING id::text`,
@@ -123,7 +126,8 @@ export function retryErrorsSql(selection: Selection): Query {
 export function notRetryableSql(selection: Selection): Query {
   const where = whereOf(selection);
   return {
-    text: `SELECT id::text, mapping, request_id, error FROM pgdso.pending_errors e WHERE ${where.text} AND NOT (payload ? 'op') ORDER BY e.id`,
+    text: `SELECT id::text, mapping, request_id, error FROM pgdso.pending_errors e
+            WHERE ${where.text} AND NOT (payload ? 'op') ORDER BY e.id`,
     values: where.values,
   };
 }
@@ -318,12 +322,17 @@ export async function pendingListCommand(opts: GlobalOptions, cmd: ListOptions):
     print(`${name}: ${s.pending.length} queued, ${s.errors.length} failed`);
     for (const r of s.pending) {
       print(
-        `  #${r.id} queued  ${r.type} ${r.mapping ?? '-'} request ${r.requestId ?? '-'} -> ${r.targetServer ?? '-'}  ${r.status}, attempts ${r.attempts}, next attempt ${r.nextAttemptAt ?? '-'}, since ${r.createdAt}${r.downSince ? `, ${r.targetServer} down since ${r.downSince}` : ''}${r.lastError ? `  last error: ${oneLine(r.lastError)}` : ''}`,
+        `  #${r.id} queued  ${r.type} ${r.mapping ?? '-'} request ${r.requestId ?? '-'} -> ${r.targetServer ?? '-'}  ${r.status}, ` +
+          `attempts ${r.attempts}, next attempt ${r.nextAttemptAt ?? '-'}, since ${r.createdAt}` +
+          `${r.downSince ? `, ${r.targetServer} down since ${r.downSince}` : ''}` +
+          `${r.lastError ? `  last error: ${oneLine(r.lastError)}` : ''}`,
       );
     }
     for (const r of s.errors) {
       print(
-        `  #${r.id} error   ${r.type} ${r.mapping ?? '-'} request ${r.requestId ?? '-'} -> ${r.targetServer ?? '-'}  ${r.status}, attempts ${r.attempts}, at ${r.failedAt}${r.sqlstate ? ` [${r.sqlstate}]` : ''}${r.retryable ? '' : ' (cannot be retried)'}  ${oneLine(r.error)}`,
+        `  #${r.id} error   ${r.type} ${r.mapping ?? '-'} request ${r.requestId ?? '-'} -> ${r.targetServer ?? '-'}  ${r.status}, ` +
+          `attempts ${r.attempts}, at ${r.failedAt}${r.sqlstate ? ` [${r.sqlstate}]` : ''}${r.retryable ? '' : ' (cannot be retried)'}  ` +
+          oneLine(r.error),
       );
     }
   }
@@ -355,7 +364,8 @@ export async function pendingRetryCommand(opts: GlobalOptions, cmd: ActOptions):
       retried += ids.length;
       found += ids.length;
       print(
-        `${server.name}: ${ids.length} queued operation${ids.length === 1 ? '' : 's'} due now${ids.length ? ` (${ids.map((id) => `#${id}`).join(', ')})` : ''}`,
+        `${server.name}: ${ids.length} queued operation${ids.length === 1 ? '' : 's'} due now` +
+          (ids.length ? ` (${ids.map((id) => `#${id}`).join(', ')})` : ''),
       );
       return;
     }
@@ -380,13 +390,15 @@ export async function pendingRetryCommand(opts: GlobalOptions, cmd: ActOptions):
     print(`${server.name}: ${moved} failed operation${moved === 1 ? '' : 's'} sent again`);
     for (const r of left) {
       process.stderr.write(
-        `pgdso: ${server.name}: error #${r.id} (mapping ${r.mapping ?? '-'}, request ${r.request_id ?? '-'}) ${NOT_RETRYABLE}: ${oneLine(r.error)}\n`,
+        `pgdso: ${server.name}: error #${r.id} (mapping ${r.mapping ?? '-'}, request ${r.request_id ?? '-'}) ` +
+          `${NOT_RETRYABLE}: ${oneLine(r.error)}\n`,
       );
     }
   });
   if (selection.by === 'id' && found === 0 && process.exitCode !== 1) {
     process.stderr.write(
-      `pgdso: ${servers[0]!.name}: no ${cmd.queued ? 'queued operation' : 'failed operation'} #${selection.id}${cmd.queued ? '' : ' (pgdso pending list shows them)'}\n`,
+      `pgdso: ${servers[0]!.name}: no ${cmd.queued ? 'queued operation' : 'failed operation'} #${selection.id}` +
+        `${cmd.queued ? '' : ' (pgdso pending list shows them)'}\n`,
     );
     process.exitCode = 1;
   }
@@ -415,7 +427,8 @@ export async function pendingDiscardCommand(opts: GlobalOptions, cmd: ActOptions
     const list = ids.length ? ` (${ids.map((id) => `#${id}`).join(', ')})` : '';
     if (cmd.queued) {
       print(
-        `${server.name}: ${ids.length} queued operation${ids.length === 1 ? '' : 's'} dropped${list}${ids.length ? ': they will not reach their target' : ''}`,
+        `${server.name}: ${ids.length} queued operation${ids.length === 1 ? '' : 's'} dropped${list}` +
+          (ids.length ? ': they will not reach their target' : ''),
       );
     } else {
       print(`${server.name}: ${ids.length} failed operation${ids.length === 1 ? '' : 's'} discarded${list}`);

@@ -7,7 +7,9 @@ export async function rulesCheckCommand(opts: GlobalOptions): Promise<void> {
   const config = await configFrom(opts);
   const rules = compileRules(config);
   const findings = [...unsupportedOptions(config), ...(await preflight(config, rules))];
-  const counts = `${Object.keys(config.mappings).length} mappings, ${config.filters.length} filters, ${config.escalations.length} escalations in ${config.ruleFiles.length} rule files`;
+  const counts =
+    `${Object.keys(config.mappings).length} mappings, ${config.filters.length} filters, ` +
+    `${config.escalations.length} escalations in ${config.ruleFiles.length} rule files`;
   const invalid = findingsAsConfigError(findings, config.file);
   if (invalid) throw invalid;
   const unchecked = findings.filter((f) => f.severity === 'unreachable');
