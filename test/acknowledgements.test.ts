@@ -75,7 +75,8 @@ function startStream(url: string, slot: string, sink: RecordingSink): { stream: 
   return { stream, done };
 }
 
-test('two interleaved transactions committing back to back, a restart between them: the second is delivered again, the first is not', async () => {
+test('two interleaved transactions committing back to back, a restart between them: the second is delivered again, the first is \
+not', async () => {
   const { url, slot, admin } = await database('ack');
   const a = new pg.Client({ connectionString: url });
   const b = new pg.Client({ connectionString: url });

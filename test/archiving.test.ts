@@ -50,16 +50,19 @@ function assertArchived(copy: Copy | undefined, id: string, from: string, fields
   );
 }
 
-test('archiving: a closed request of sf or chicago arrives on archive as its master and is then deleted from its source; open requests stay on their source untouched', async () => {
+test('archiving: a closed request of sf or chicago arrives on archive as its master and is then deleted from its source; open requests \
+stay on their source untouched', async () => {
   const e = await env();
   const engine = e.engine();
   await e.query(
     'sf',
-    `INSERT INTO repair_request (id, item, status, description) VALUES ('SF-1', 'desk', 'open', 'wobbly leg'), ('SF-2', 'lamp', 'open', 'flickers')`,
+    `INSERT INTO repair_request (id, item, status, description) VALUES ('SF-1', 'desk', 'open', 'wobbly leg'),
+      ('SF-2', 'lamp', 'open', 'flickers')`,
   );
   await e.query(
     'chicago',
-    `INSERT INTO repair_request (id, item, status, description) VALUES ('CH-1', 'chair', 'open', 'squeaks'), ('CH-2', 'table', 'in progress', 'scratched')`,
+    `INSERT INTO repair_request (id, item, status, description) VALUES ('CH-1', 'chair', 'open', 'squeaks'),
+      ('CH-2', 'table', 'in progress', 'scratched')`,
   );
   await e.query('sf', `UPDATE repair_request SET status = 'closed', description = 'new leg fitted' WHERE id = 'SF-1'`);
   await e.query('chicago', `UPDATE repair_request SET status = 'closed', description = 'oiled' WHERE id = 'CH-1'`);
@@ -100,13 +103,15 @@ test('archiving: a closed request of sf or chicago arrives on archive as its mas
   await engine.stop();
 });
 
-test('archiving: a request the archive refuses is not deleted from its source, stays master there with dso_transfer_status failure and a pending error; later requests still arrive', async () => {
+test('archiving: a request the archive refuses is not deleted from its source, stays master there with dso_transfer_status failure and a \
+pending error; later requests still arrive', async () => {
   const e = await env();
   await e.query('archive', `ALTER TABLE repair_request ADD CONSTRAINT archive_refuses CHECK (description IS DISTINCT FROM 'refuse me')`);
   const engine = e.engine();
   await e.query(
     'sf',
-    `INSERT INTO repair_request (id, item, status, description) VALUES ('F-1', 'desk', 'open', 'refuse me'), ('F-2', 'lamp', 'open', 'fine')`,
+    `INSERT INTO repair_request (id, item, status, description) VALUES ('F-1', 'desk', 'open', 'refuse me'),
+      ('F-2', 'lamp', 'open', 'fine')`,
   );
   await e.query('sf', `UPDATE repair_request SET status = 'closed' WHERE id = 'F-1'`);
   await until(

@@ -20,7 +20,8 @@ const chainRules = (extra: Record<string, unknown> = {}) => ({
   ],
 });
 
-test('whenToUpdate immediately: a change of the master at the end of a chain reaches every copy, hop by hop back to sf; each copy knows where the master is', async () => {
+test('whenToUpdate immediately: a change of the master at the end of a chain reaches every copy, hop by hop back to sf; each copy knows \
+where the master is', async () => {
   const e = await env(['sf', 'chicago', 'chicago_uph'], chainRules());
   const engine = e.engine();
   await e.query('sf', `INSERT INTO repair_request (id, item, needs_upholstery, description) VALUES ('C-1', 'chair', true, 'torn seat')`);
@@ -44,7 +45,8 @@ test('whenToUpdate immediately: a change of the master at the end of a chain rea
   await engine.stop();
 });
 
-test('return: ownership goes back to the server the request came from, with the latest values; the returning copy becomes read-only; not returned twice', async () => {
+test('return: ownership goes back to the server the request came from, with the latest values; the returning copy becomes read-only; not \
+returned twice', async () => {
   const rules = chainRules();
   rules.filters.push(filter('give-back', 'chicago_uph', { all: [is('status', 'reupholstered')] }, [{ type: 'return' }]));
   const e = await env(['sf', 'chicago', 'chicago_uph'], rules);
@@ -84,7 +86,8 @@ test('return: ownership goes back to the server the request came from, with the 
   await engine.stop();
 });
 
-test('delete: deleting the master deletes the copies of its chain kept in step; the delete action deletes the copy on its mapping target', async () => {
+test('delete: deleting the master deletes the copies of its chain kept in step; the delete action deletes the copy on its mapping \
+target', async () => {
   const rules = chainRules();
   rules.mappings.push(mapping('sf-notes-to-chicago', 'sf', 'chicago', { transferMode: 'independent-copy' }));
   rules.filters.push(
@@ -119,7 +122,8 @@ test('delete: deleting the master deletes the copies of its chain kept in step; 
   await engine.stop();
 });
 
-test('return loop detection: a request returned to chicago and sent on again is not returned a second time, unless the action overrides it', async () => {
+test('return loop detection: a request returned to chicago and sent on again is not returned a second time, unless the action overrides \
+it', async () => {
   const rules = {
     mappings: [mapping('chicago-to-upholstery', 'chicago', 'chicago_uph')],
     filters: [
@@ -218,7 +222,8 @@ test("the update action pushes the master's current values to the copy on its ma
   // records a failure in pending_errors, and the stream goes on
   await e.query(
     'chicago',
-    `ALTER TABLE repair_request DISABLE TRIGGER pgdso_guard; DELETE FROM repair_request WHERE id = 'U-1'; ALTER TABLE repair_request ENABLE TRIGGER pgdso_guard`,
+    `ALTER TABLE repair_request DISABLE TRIGGER pgdso_guard; DELETE FROM repair_request
+      WHERE id = 'U-1'; ALTER TABLE repair_request ENABLE TRIGGER pgdso_guard`,
   );
   await e.query('sf', `UPDATE repair_request SET description = 'pushed again' WHERE id = 'U-1'`);
   await e.query('sf', `INSERT INTO repair_request (id, item) VALUES ('U-3', 'chair')`);
@@ -238,7 +243,8 @@ test("the update action pushes the master's current values to the copy on its ma
   await engine.stop();
 });
 
-test('transitions: a filter sees an update as PostgreSQL row filters do: entering its conditions is an insert, leaving them a delete', async () => {
+test('transitions: a filter sees an update as PostgreSQL row filters do: entering its conditions is an insert, leaving them a \
+delete', async () => {
   const rules = {
     mappings: [
       mapping('closed-to-chicago', 'sf', 'chicago', { transferMode: 'independent-copy' }),
@@ -278,7 +284,8 @@ test('transitions: a filter sees an update as PostgreSQL row filters do: enterin
     async () => (await copyOf(e, 'chicago', 'T-1')) && (await copyOf(e, 'chicago', 'T-2')),
   );
   const firstT2 = (await copyOf(e, 'chicago', 'T-2'))!;
-  await e.query('sf', `UPDATE repair_request SET description = 'edited while closed' WHERE id = 'T-2'`); // stays: an update, the insert filter does not fire
+  // stays: an update, the insert filter does not fire
+  await e.query('sf', `UPDATE repair_request SET description = 'edited while closed' WHERE id = 'T-2'`);
   await e.query('sf', `UPDATE repair_request SET status = 'open' WHERE id = 'T-1'`); // leaves: a delete
   await until(
     engine,
@@ -296,7 +303,8 @@ test('transitions: a filter sees an update as PostgreSQL row filters do: enterin
   await engine.stop();
 });
 
-test('pools: the changes of one request keep their order across pools (an insert sent by pool a, then an update by pool b, in one transaction)', async () => {
+test('pools: the changes of one request keep their order across pools (an insert sent by pool a, then an update by pool b, in one \
+transaction)', async () => {
   const rules = {
     mappings: [
       mapping('new-to-chicago', 'sf', 'chicago', { transferMode: 'data-only', whenToUpdate: 'never', pool: 'a' }),
@@ -316,7 +324,8 @@ test('pools: the changes of one request keep their order across pools (an insert
   const engine = e.engine();
   await e.query(
     'sf',
-    `BEGIN; INSERT INTO repair_request (id, item, description) VALUES ('O-1', 'desk', 'first'); UPDATE repair_request SET description = 'second' WHERE id = 'O-1'; COMMIT`,
+    `BEGIN; INSERT INTO repair_request (id, item, description) VALUES ('O-1', 'desk', 'first'); UPDATE repair_request
+      SET description = 'second' WHERE id = 'O-1'; COMMIT`,
   );
   await e.query('sf', `INSERT INTO repair_request (id, item) VALUES ('O-2', 'lamp')`);
   await until(engine, 'the requests did not arrive', async () => (await copyOf(e, 'chicago', 'O-2')) !== undefined);

@@ -176,7 +176,8 @@ test('a rule file that is not valid JSON: rules check and run exit 2 naming the 
   await assertNoEngineStarted(run.stdout + run.stderr);
 });
 
-test('a filter action naming an unknown mapping: rules check and run exit 2 naming the mapping, the JSON pointer and the file', async () => {
+test('a filter action naming an unknown mapping: rules check and run exit 2 naming the mapping, the JSON pointer and the \
+file', async () => {
   const { configPath, ruleFile } = await variant({
     'main.json': {
       mappings: [routingRules.mappings[0]],
@@ -199,7 +200,8 @@ test('a filter action naming an unknown mapping: rules check and run exit 2 nami
   await assertNoEngineStarted(run.stdout + run.stderr);
 });
 
-test('a mapping whose fields.map names a target column that does not exist: rules check and run exit 2 naming the column and the mapping', async () => {
+test('a mapping whose fields.map names a target column that does not exist: rules check and run exit 2 naming the column and the \
+mapping', async () => {
   const { configPath } = await variant({
     'main.json': {
       mappings: [mapping('sf-to-chicago', 'sf', 'chicago', { fields: { map: { location: 'site' } } })],
@@ -241,7 +243,8 @@ test('contract guarantee 7: a rule that does not match the live catalog is repor
   );
 });
 
-test('an option this version does not carry out yet (escalations) is refused with its file and pointer, never accepted and ignored', async () => {
+test('an option this version does not carry out yet (escalations) is refused with its file and pointer, never accepted and \
+ignored', async () => {
   const { configPath, ruleFile } = await variant({
     'main.json': {
       mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
@@ -288,7 +291,8 @@ test('several problems at once are all reported in one run', async () => {
 // ---------------------------------------------------------------------------------------------
 // rules test
 
-test('rules test prints, as JSON, the filter that fires and its action; nothing for a desk; exit 2 for a row that is not JSON', async () => {
+test('rules test prints, as JSON, the filter that fires and its action; nothing for a desk; exit 2 for a row that is not \
+JSON', async () => {
   const args = (row: string) => ['rules', 'test', '--server', 'sf', '--form', 'repair_request', '--op', 'insert', '--row', row];
   const [chair, desk, bad] = await Promise.all([
     env.cli(args('{"id":"X","item":"chair"}')),
@@ -342,7 +346,8 @@ const CONTROL_COLUMNS: Record<string, string[]> = {
   conflicts: ['mapping', 'form', 'request_id', 'local', 'incoming', 'resolution', 'at'],
 };
 
-test('migrate: two processes at once on fresh databases, then again: all exit 0, each migration applied once, the control schema complete', async () => {
+test('migrate: two processes at once on fresh databases, then again: all exit 0, each migration applied once, the control schema \
+complete', async () => {
   const fresh = { east: await clusters[0]!.createDatabase('fresh_east'), west: await clusters[0]!.createDatabase('fresh_west') };
   const { configPath } = await variant(
     { 'empty.json': {} },
@@ -443,7 +448,8 @@ test('forms enable is idempotent; a table without a primary key and a missing ta
     'sf',
     `SELECT (SELECT count(*)::int FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal) AS triggers,
             c.relreplident AS identity,
-            (SELECT count(*)::int FROM pg_publication_tables p WHERE p.pubname = 'pgdso' AND p.schemaname = 'public' AND p.tablename = 'work_order') AS published
+            (SELECT count(*)::int FROM pg_publication_tables p WHERE p.pubname = 'pgdso' AND p.schemaname = 'public'
+              AND p.tablename = 'work_order') AS published
        FROM pg_class c WHERE c.oid = 'public.work_order'::regclass`,
   );
   assert.deepEqual(
@@ -600,7 +606,8 @@ test('status --json on a working setup: every server with its real slot lag, pen
       (
         await env.query<{ lag: string }>(
           server,
-          `SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::text AS lag FROM pg_replication_slots WHERE database = current_database()`,
+          `SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::text AS lag FROM pg_replication_slots
+            WHERE database = current_database()`,
         )
       )[0]!.lag,
     );

@@ -33,7 +33,8 @@ const rules = {
   filters: [filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }])],
 };
 
-test('the README recipe, followed literally: pgdso as an ordinary role enables, runs, transfers and backs out, and the application owning the form never sees one of its writes fail', {
+test('the README recipe, followed literally: pgdso as an ordinary role enables, runs, transfers and backs out, and the application \
+owning the form never sees one of its writes fail', {
   timeout: 240_000,
   skip: providerName() === 'urls' ? 'the recipe creates the cluster-wide roles pgdso and app: needs a cluster of its own' : false,
 }, async () => {
@@ -198,7 +199,8 @@ test('the README recipe, followed literally: pgdso as an ordinary role enables, 
                 (SELECT count(*)::int FROM pg_publication) AS publications,
                 (SELECT count(*)::int FROM pg_namespace WHERE nspname = 'pgdso') AS schemas,
                 (SELECT count(*)::int FROM pg_trigger WHERE tgname LIKE 'pgdso%') AS triggers,
-                (SELECT count(*)::int FROM pg_replication_origin WHERE right(roname, length(current_database()) + 1) = ':' || current_database()) AS origins`,
+                (SELECT count(*)::int FROM pg_replication_origin
+                  WHERE right(roname, length(current_database()) + 1) = ':' || current_database()) AS origins`,
       );
       assert.deepEqual(left, { slots: 0, publications: 0, schemas: 0, triggers: 0, origins: 0 });
       const again = await cli(['uninstall', '--server', 'sf']);

@@ -51,7 +51,8 @@ test('discard --queued of an operation being delivered waits for the delivery, t
     (
       await e.query<{ n: number }>(
         'sf',
-        `SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory'`,
+        `SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database()
+          AND wait_event_type = 'Lock' AND wait_event = 'advisory'`,
       )
     )[0]!.n;
   await until(engine, 'the engine did not come to deliver R-1', async () => (await advisoryWaiters()) >= 1);

@@ -29,7 +29,12 @@ const statuses = async (e: DsoEnv) =>
 /** What the source holds, for messages. */
 async function describe(e: DsoEnv, engine: EngineProcess): Promise<string> {
   const pending = await queued(e).catch(() => []);
-  return `pending (${pending.length}): ${JSON.stringify(pending.slice(0, 3))}; errors: ${JSON.stringify(await errorsOn(e).catch(() => []))}; statuses on sf: ${JSON.stringify(await statuses(e).catch(() => ({})))}; engine output (end):\n${engine.output.slice(-4000)}`;
+  return (
+    `pending (${pending.length}): ${JSON.stringify(pending.slice(0, 3))}; ` +
+    `errors: ${JSON.stringify(await errorsOn(e).catch(() => []))}; ` +
+    `statuses on sf: ${JSON.stringify(await statuses(e).catch(() => ({})))}; ` +
+    `engine output (end):\n${engine.output.slice(-4000)}`
+  );
 }
 
 const FAST_RETRY = { pending: { retry: { firstSeconds: 0.2, maxSeconds: 1 } } };
@@ -58,7 +63,8 @@ async function insertBatch(
   const rows = Array.from({ length: n }, (_, k) => ({ id: `${prefix}-${k + 1}`, item: 'chair', site: '1', ...row(k + 1) }));
   await e.query(
     'sf',
-    `INSERT INTO repair_request (id, item, site, internal_note) SELECT id, item, site, internal_note FROM jsonb_to_recordset($1::jsonb) AS r(id text, item text, site text, internal_note text)`,
+    `INSERT INTO repair_request (id, item, site, internal_note) SELECT id, item, site, internal_note
+      FROM jsonb_to_recordset($1::jsonb) AS r(id text, item text, site text, internal_note text)`,
     [JSON.stringify(rows)],
   );
   return rows.map((r) => r.id);
@@ -93,7 +99,8 @@ async function oneBadRow(
     },
   ).catch(async (err: Error) =>
     assert.fail(
-      `${err.message.split(' (last')[0]}: chicago has ${await count(e, 'chicago', 'SELECT 1 FROM repair_request WHERE id = ANY($1)', [ids])} of them; ${await describe(e, engine)}`,
+      `${err.message.split(' (last')[0]}: chicago has ` +
+        `${await count(e, 'chicago', 'SELECT 1 FROM repair_request WHERE id = ANY($1)', [ids])} of them; ${await describe(e, engine)}`,
     ),
   );
   await settled(e, engine, ['sf']);
@@ -121,7 +128,8 @@ async function oneBadRow(
   assert.deepEqual(await queued(e), []);
 }
 
-test('class 53 (chicago refuses connections: database connection limit 0): operations wait in the queue, source copies say retry; once chicago takes connections again they are delivered', async () => {
+test('class 53 (chicago refuses connections: database connection limit 0): operations wait in the queue, source copies say retry; once \
+chicago takes connections again they are delivered', async () => {
   const e = await env();
   const role = await applyAsOrdinaryRole(e, 'chicago', ['repair_request']);
   const database = decodeURIComponent(new URL(e.urls.chicago!).pathname.slice(1));
@@ -173,7 +181,8 @@ async function terminateApply(e: DsoEnv, engine: EngineProcess): Promise<number>
   return terminated.filter((r) => r.ok).length;
 }
 
-test('57P01 (the apply backends on chicago terminated during a load, and again while the queue is delivered): every row arrives exactly once', {
+test('57P01 (the apply backends on chicago terminated during a load, and again while the queue is delivered): every row arrives exactly \
+once', {
   timeout: 120_000,
 }, async () => {
   const e = await env();
@@ -183,7 +192,8 @@ test('57P01 (the apply backends on chicago terminated during a load, and again w
   await e.query(
     'chicago',
     `CREATE TABLE arrivals (id text NOT NULL);
-    CREATE FUNCTION note_arrival() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$ BEGIN INSERT INTO arrivals VALUES (NEW.id); RETURN NULL; END $$;
+    CREATE FUNCTION note_arrival() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$ BEGIN INSERT INTO arrivals
+      VALUES (NEW.id); RETURN NULL; END $$;
     CREATE TRIGGER note_arrival AFTER INSERT ON repair_request FOR EACH ROW EXECUTE FUNCTION note_arrival();`,
   );
   const engine = e.engine(['--server', 'sf']);
@@ -227,7 +237,10 @@ test('57P01 (the apply backends on chicago terminated during a load, and again w
     for (const id of missing) perTransaction.set(id.split('-')[0]!, (perTransaction.get(id.split('-')[0]!) ?? 0) + 1);
     const byTransaction = [...perTransaction].map(([tx, n]) => `${tx}: ${n}`);
     assert.fail(
-      `${err.message.split(' (last')[0]}: chicago has ${there.size} distinct of ${total} (${await arrived()} arrivals, ${await count(e, 'chicago', 'SELECT 1 FROM repair_request')} rows in repair_request); missing per source transaction ${byTransaction.join(', ')}; terminations ${JSON.stringify(terminations)}; ${await describe(e, engine)}`,
+      `${err.message.split(' (last')[0]}: chicago has ${there.size} distinct of ${total} ` +
+        `(${await arrived()} arrivals, ${await count(e, 'chicago', 'SELECT 1 FROM repair_request')} rows in repair_request); ` +
+        `missing per source transaction ${byTransaction.join(', ')}; terminations ${JSON.stringify(terminations)}; ` +
+        `${await describe(e, engine)}`,
     );
   });
   await settled(e, engine, ['sf']);
@@ -252,12 +265,14 @@ test('57P01 (the apply backends on chicago terminated during a load, and again w
   await dropRole(e, 'chicago', role);
 });
 
-test('an unknown SQLSTATE (ZX001, raised by a trigger on chicago for one row of 100 in one transaction) is a data error of that row: the 99 others arrive, nothing queues', async () => {
+test('an unknown SQLSTATE (ZX001, raised by a trigger on chicago for one row of 100 in one transaction) is a data error of that row: the \
+99 others arrive, nothing queues', async () => {
   const e = await env();
   await e.query(
     'chicago',
     `CREATE FUNCTION refuse_weird() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN IF NEW.item = 'weird' THEN RAISE EXCEPTION 'chicago does not take weird items' USING ERRCODE = 'ZX001'; END IF; RETURN NEW; END $$;
+    BEGIN IF NEW.item = 'weird' THEN RAISE EXCEPTION 'chicago does not take weird items' USING ERRCODE = 'ZX001';
+      END IF; RETURN NEW; END $$;
     CREATE TRIGGER refuse_weird BEFORE INSERT ON repair_request FOR EACH ROW EXECUTE FUNCTION refuse_weird();`,
   );
   const engine = e.engine();
@@ -282,7 +297,8 @@ test('class 23 (23502: a NULL in a column chicago requires, in one row of 100) i
   await engine.stop();
 });
 
-test("class 42 (42703: a mapped column dropped on chicago while the engine runs) fails the row of that mapping alone; the other mapping's rows of the same transaction arrive", async () => {
+test("class 42 (42703: a mapped column dropped on chicago while the engine runs) fails the row of that mapping alone; the other \
+mapping's rows of the same transaction arrive", async () => {
   const e = await env({
     mappings: [mapping('sf-chairs', 'sf', 'chicago'), mapping('sf-lamps', 'sf', 'chicago', { fields: { exclude: ['internal_note'] } })],
     filters: [
@@ -306,7 +322,8 @@ test("class 42 (42703: a mapped column dropped on chicago while the engine runs)
     20_000,
   ).catch(async (err: Error) =>
     assert.fail(
-      `${err.message.split('; engine')[0]}: chicago has ${await count(e, 'chicago', 'SELECT 1 FROM repair_request WHERE id = ANY($1)', [ids])}; ${await describe(e, engine)}`,
+      `${err.message.split('; engine')[0]}: chicago has ` +
+        `${await count(e, 'chicago', 'SELECT 1 FROM repair_request WHERE id = ANY($1)', [ids])}; ${await describe(e, engine)}`,
     ),
   );
   await settled(e, engine, ['sf']);
@@ -322,7 +339,8 @@ test("class 42 (42703: a mapped column dropped on chicago while the engine runs)
   await engine.stop();
 });
 
-test("42501 (the engine's role on chicago lacks INSERT): said once at error level with the GRANT to run, no stack trace; the operations wait in the queue and are delivered after the GRANT and pending retry --queued", async () => {
+test("42501 (the engine's role on chicago lacks INSERT): said once at error level with the GRANT to run, no stack trace; the operations \
+wait in the queue and are delivered after the GRANT and pending retry --queued", async () => {
   const e = await env();
   const role = await applyAsOrdinaryRole(e, 'chicago', ['repair_request']);
   const engine = e.engine(['--server', 'sf']);

@@ -37,7 +37,8 @@ test('a value the target cannot take goes to pending_errors with its payload and
   const engine = e.engine();
   await e.query(
     'sf',
-    `INSERT INTO repair_request (id, item, description) SELECT 'E-' || g, 'chair', CASE WHEN g = 50 THEN 'this description is far too long' ELSE 'ok ' || g END FROM generate_series(1, 100) g`,
+    `INSERT INTO repair_request (id, item, description) SELECT 'E-' || g, 'chair', CASE WHEN g = 50
+      THEN 'this description is far too long' ELSE 'ok ' || g END FROM generate_series(1, 100) g`,
   );
   await waitFor(async () => (await e.query('sf', `SELECT 1 FROM repair_request WHERE dso_transfer_status IS NOT NULL`)).length === 100, {
     message: () => engine.output,
@@ -81,7 +82,8 @@ test('a value the target cannot take goes to pending_errors with its payload and
   await engine.stop();
 });
 
-test('a failure recorded before its source position is confirmed: kill -9, the restart replays that change, the failure is recorded once', async (_t) => {
+test('a failure recorded before its source position is confirmed: kill -9, the restart replays that change, the failure is recorded \
+once', async (_t) => {
   const e = await chairsToChicago();
   await e.query('chicago', 'ALTER TABLE repair_request ALTER COLUMN description TYPE varchar(10)');
   // The engine's source transaction (statuses, bookkeeping, progress) comes after the failures are
@@ -103,7 +105,8 @@ test('a failure recorded before its source position is confirmed: kill -9, the r
     const engine = e.engine();
     await e.query(
       'sf',
-      `INSERT INTO repair_request (id, item, description) SELECT 'E-' || g, 'chair', CASE WHEN g = 50 THEN 'this description is far too long' ELSE 'ok ' || g END FROM generate_series(1, 100) g`,
+      `INSERT INTO repair_request (id, item, description) SELECT 'E-' || g, 'chair', CASE WHEN g = 50
+        THEN 'this description is far too long' ELSE 'ok ' || g END FROM generate_series(1, 100) g`,
     );
     // the error row is written and chicago committed the 99 others; the engine waits on the hold
     const [recorded] = (await until(engine, 'E-50 was not recorded in pending_errors', async () => {
@@ -116,7 +119,8 @@ test('a failure recorded before its source position is confirmed: kill -9, the r
     const [waiter] = (await until(engine, 'the engine did not reach the source bookkeeping (held)', async () => {
       const rows = await e.query<{ pid: number }>(
         'sf',
-        `SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory' AND pid <> $1`,
+        `SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'
+          AND wait_event = 'advisory' AND pid <> $1`,
         [holderPid],
       );
       return rows.length ? rows : undefined;
@@ -129,7 +133,8 @@ test('a failure recorded before its source position is confirmed: kill -9, the r
     // the slot has not confirmed the failing change: a restart must decode it again
     const [slot] = await e.query<{ behind: boolean; confirmed: string }>(
       'sf',
-      `SELECT confirmed_flush_lsn <= $1::pg_lsn AS behind, confirmed_flush_lsn::text AS confirmed FROM pg_replication_slots WHERE database = current_database()`,
+      `SELECT confirmed_flush_lsn <= $1::pg_lsn AS behind, confirmed_flush_lsn::text AS confirmed
+        FROM pg_replication_slots WHERE database = current_database()`,
       [recorded!.source_lsn],
     );
     assert.equal(
@@ -169,7 +174,8 @@ test('a failure recorded before its source position is confirmed: kill -9, the r
         ).map((r) => r.id)).length === 0,
       {
         message: () =>
-          `the restarted engine did not write the bookkeeping of the replayed batch; copies without a status: ${unmarked.slice(0, 20).join(', ')}\n${again.output}`,
+          'the restarted engine did not write the bookkeeping of the replayed batch; ' +
+          `copies without a status: ${unmarked.slice(0, 20).join(', ')}\n${again.output}`,
       },
     );
     await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ('E-102', 'chair', 'last')`);
@@ -237,7 +243,8 @@ test('duplicateRequestId error: a different request with the same ID on the targ
   await engine.stop();
 });
 
-test('one filter, two transfers, one target refuses the row: the other target gets it, the refusal is recorded, the stream goes on', async () => {
+test('one filter, two transfers, one target refuses the row: the other target gets it, the refusal is recorded, the stream goes \
+on', async () => {
   const e = await suite.env({
     servers: ['sf', 'chicago', 'tokyo'],
     schemaSql: REPAIR_REQUEST_SQL,

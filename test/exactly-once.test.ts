@@ -7,7 +7,8 @@ import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter } from './support/dso.ts'
 
 const suite = dsoSuite(2);
 
-const CHECKSUM = `SELECT count(*)::int AS n, md5(string_agg(id || ':' || item || ':' || coalesce(description, '~'), ',' ORDER BY id)) AS sum FROM repair_request`;
+const CHECKSUM = `SELECT count(*)::int AS n, md5(string_agg(id || ':' || item || ':' || coalesce(description, '~'), ',' ORDER BY id)) AS sum
+  FROM repair_request`;
 
 /**
  * Every write to chicago's repair_request, one audit row each, with whether the engine made it
@@ -21,8 +22,10 @@ BEGIN
   INSERT INTO write_audit (id, op, by_engine) SELECT id, TG_OP, pg_replication_origin_session_is_setup() FROM written;
   RETURN NULL;
 END $$;
-CREATE TRIGGER write_audit_insert AFTER INSERT ON repair_request REFERENCING NEW TABLE AS written FOR EACH STATEMENT EXECUTE FUNCTION write_audit();
-CREATE TRIGGER write_audit_update AFTER UPDATE ON repair_request REFERENCING NEW TABLE AS written FOR EACH STATEMENT EXECUTE FUNCTION write_audit();`;
+CREATE TRIGGER write_audit_insert AFTER INSERT ON repair_request REFERENCING NEW TABLE AS written FOR EACH STATEMENT
+  EXECUTE FUNCTION write_audit();
+CREATE TRIGGER write_audit_update AFTER UPDATE ON repair_request REFERENCING NEW TABLE AS written FOR EACH STATEMENT
+  EXECUTE FUNCTION write_audit();`;
 
 /** A user-side trigger on sf: the engine's updates of source copies wait while the test holds this advisory lock. */
 const HOLD = 7_310_043;
@@ -56,7 +59,8 @@ test('kill -9 of the engine in the middle of a 50k-row load, then a restart: eve
         await e.query(
           'sf',
           `INSERT INTO repair_request (id, item, description)
-          SELECT 'R' || lpad(g::text, 6, '0'), CASE WHEN g % 3 = 0 THEN 'chair' ELSE 'desk' END, md5(g::text) FROM generate_series($1::int, $2::int) g`,
+          SELECT 'R' || lpad(g::text, 6, '0'), CASE WHEN g % 3 = 0 THEN 'chair' ELSE 'desk' END, md5(g::text)
+            FROM generate_series($1::int, $2::int) g`,
           [start, start + perTransaction - 1],
         );
       }
@@ -73,7 +77,8 @@ test('kill -9 of the engine in the middle of a 50k-row load, then a restart: eve
       async () => {
         const rows = await e.query<{ pid: number }>(
           'sf',
-          `SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory' AND pid <> $1`,
+          `SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'
+            AND wait_event = 'advisory' AND pid <> $1`,
           [holderPid],
         );
         return rows.length ? rows : undefined;
@@ -86,7 +91,8 @@ test('kill -9 of the engine in the middle of a 50k-row load, then a restart: eve
     const [applied] = await e.query<{ lsn: string }>('chicago', 'SELECT max(source_lsn)::text AS lsn FROM pgdso.apply_progress');
     const [window] = await e.query<{ replays: boolean; confirmed: string }>(
       'sf',
-      `SELECT confirmed_flush_lsn <= $1::pg_lsn AS replays, confirmed_flush_lsn::text AS confirmed FROM pg_replication_slots WHERE database = current_database()`,
+      `SELECT confirmed_flush_lsn <= $1::pg_lsn AS replays, confirmed_flush_lsn::text AS confirmed
+        FROM pg_replication_slots WHERE database = current_database()`,
       [applied!.lsn],
     );
     const atKill = await chicagoRows();
@@ -134,7 +140,8 @@ test('kill -9 of the engine in the middle of a 50k-row load, then a restart: eve
     const [audit] = await e.query<{ writes: number; rows: number; twice: string[] }>(
       'chicago',
       `SELECT count(*)::int AS writes, count(DISTINCT id)::int AS rows,
-              coalesce((SELECT array_agg(id) FROM (SELECT id FROM write_audit WHERE by_engine GROUP BY id HAVING count(*) > 1 ORDER BY id LIMIT 10) d), '{}') AS twice
+              coalesce((SELECT array_agg(id) FROM (SELECT id FROM write_audit WHERE by_engine
+                GROUP BY id HAVING count(*) > 1 ORDER BY id LIMIT 10) d), '{}') AS twice
          FROM write_audit WHERE by_engine`,
     );
     assert.deepEqual(audit, { writes: total, rows: total, twice: [] }, 'engine writes on chicago (rows written more than once listed)');

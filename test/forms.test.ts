@@ -55,7 +55,8 @@ async function traces(
   return row!;
 }
 
-test('every missing privilege is found by forms enable before anything changes, with the statement that fixes it; rules check finds the same', {
+test('every missing privilege is found by forms enable before anything changes, with the statement that fixes it; rules check finds the \
+same', {
   timeout: 180_000,
 }, async () => {
   const e = await suite.env({ servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, rules: routing });
@@ -174,7 +175,8 @@ test('every missing privilege is found by forms enable before anything changes, 
   assert.match(stale.stderr, /missing: replica identity full on public\.repair_request/, show(stale));
 });
 
-test('the guard probe runs the real guard as the application role: a guard that would fail for the application is refused, one that works passes', async () => {
+test('the guard probe runs the real guard as the application role: a guard that would fail for the application is refused, one that \
+works passes', async () => {
   const e = await suite.env({
     servers: ['sf'],
     schemaSql: REPAIR_REQUEST_SQL,
@@ -270,7 +272,8 @@ test('settings and versions: each shortfall is a finding with its statement; Pos
   );
 });
 
-test("forms enable behind an open transaction gives up within its lock timeout, names the blocking session and changes nothing; the application's reads wait no longer than that", {
+test("forms enable behind an open transaction gives up within its lock timeout, names the blocking session and changes nothing; the \
+application's reads wait no longer than that", {
   timeout: 120_000,
 }, async () => {
   const e = await suite.env({ servers: ['sf', 'chicago'], schemaSql: REPAIR_REQUEST_SQL, rules: routing });
@@ -330,7 +333,8 @@ test("forms enable behind an open transaction gives up within its lock timeout, 
   }
 });
 
-test("an UPDATE that changes the request ID is refused with P0001, for every session including one with a replication origin (the engine's way past the ownership guard)", async () => {
+test("an UPDATE that changes the request ID is refused with P0001, for every session including one with a replication origin (the \
+engine's way past the ownership guard)", async () => {
   const e = await suite.env({
     servers: ['sf'],
     schemaSql: REPAIR_REQUEST_SQL,
@@ -339,7 +343,8 @@ test("an UPDATE that changes the request ID is refused with P0001, for every ses
   });
   await e.query('sf', `INSERT INTO repair_request (id, item) VALUES ('R-1', 'desk')`);
   const message =
-    'pgdso: the request ID of repair_request cannot change (request R-1 -> R-2): request IDs are immutable, the copies of a request on other servers are found by it';
+    'pgdso: the request ID of repair_request cannot change (request R-1 -> R-2): request IDs are immutable, the copies ' +
+    'of a request on other servers are found by it';
   await assert.rejects(e.query('sf', `UPDATE repair_request SET id = 'R-2' WHERE id = 'R-1'`), { code: 'P0001', message });
   const engineLike = new pg.Client({ connectionString: e.urls.sf });
   await engineLike.connect();
@@ -376,7 +381,8 @@ async function asEngine(e: DsoEnv, server: string, statements: string[]): Promis
   }
 }
 
-test('TRUNCATE is refused while the form holds read-only copies or masters with copies elsewhere, and allowed on a form with no linked rows', async () => {
+test('TRUNCATE is refused while the form holds read-only copies or masters with copies elsewhere, and allowed on a form with no linked \
+rows', async () => {
   const e = await suite.env({
     servers: ['sf'],
     schemaSql: REPAIR_REQUEST_SQL,
@@ -390,7 +396,8 @@ test('TRUNCATE is refused while the form holds read-only copies or masters with 
 
   await e.query(
     'sf',
-    `INSERT INTO repair_request (id, item, dso_master, dso_current_server) VALUES ('T-3', 'chair', false, 'chicago'), ('T-4', 'desk', true, null)`,
+    `INSERT INTO repair_request (id, item, dso_master, dso_current_server) VALUES ('T-3', 'chair', false, 'chicago'),
+      ('T-4', 'desk', true, null)`,
   );
   await assert.rejects(e.query('sf', 'TRUNCATE repair_request'), {
     code: 'P0001',
@@ -405,7 +412,8 @@ test('TRUNCATE is refused while the form holds read-only copies or masters with 
     assert.equal(err.code, 'P0001');
     assert.equal(
       err.message,
-      'pgdso: repair_request cannot be truncated: it holds master copies of requests with copies on tokyo, which TRUNCATE would leave behind',
+      'pgdso: repair_request cannot be truncated: it holds master copies of requests with copies on tokyo, which ' +
+        'TRUNCATE would leave behind',
     );
     assert.match(err.hint ?? '', /DELETE the rows instead .*pgdso forms disable/);
     return true;
@@ -417,7 +425,8 @@ test('TRUNCATE is refused while the form holds read-only copies or masters with 
   await assert.rejects(e.query('sf', 'TRUNCATE repair_request'), {
     code: 'P0001',
     message:
-      'pgdso: repair_request cannot be truncated: it holds master copies of requests with copies on paris, which TRUNCATE would leave behind',
+      'pgdso: repair_request cannot be truncated: it holds master copies of requests with copies on paris, which ' +
+      'TRUNCATE would leave behind',
   });
   assert.equal(await count(), 2);
 });
@@ -427,7 +436,8 @@ CREATE TABLE parts (id integer PRIMARY KEY, item text NOT NULL, status text NOT 
 CREATE TABLE parts_0 PARTITION OF parts FOR VALUES WITH (MODULUS 2, REMAINDER 0);
 CREATE TABLE parts_1 PARTITION OF parts FOR VALUES WITH (MODULUS 2, REMAINDER 1)`;
 
-test('a hash-partitioned form: forms enable and rules check agree, a transfer with ownership reaches the peer, the guards hold on every partition', {
+test('a hash-partitioned form: forms enable and rules check agree, a transfer with ownership reaches the peer, the guards hold on every \
+partition', {
   timeout: 120_000,
 }, async () => {
   const e = await suite.env({
@@ -494,7 +504,10 @@ test('a hash-partitioned form: forms enable and rules check agree, a transfer wi
   assert.equal(stale.code, 2, show(stale));
   assert.match(
     stale.stderr,
-    /form public\.parts is not enabled \(missing: replica identity full on public\.parts_1\): run `pgdso forms enable --server sf --form parts`/,
+    new RegExp(
+      String.raw`form public\.parts is not enabled \(missing: replica identity full on public\.parts_1\): ` +
+        'run `pgdso forms enable --server sf --form parts`',
+    ),
     show(stale),
   );
   const fixed = await e.cli(['forms', 'enable', '--server', 'sf', '--form', 'parts']);

@@ -70,7 +70,8 @@ describe('test harness', () => {
     }
   });
 
-  test('startLocalCluster({ major }) runs that major from its npm alias, with the replication settings it knows; one not installed is a clear error', {
+  test('startLocalCluster({ major }) runs that major from its npm alias, with the replication settings it knows; one not installed is a \
+clear error', {
     skip: embeddedOnly || (!hasNativeBinaries(14) && 'no PostgreSQL 14 binaries for this platform'),
   }, async () => {
     const cluster = await startLocalCluster({ name: 'major14', major: 14 });

@@ -56,12 +56,14 @@ function assertIndependentCopy(copy: Copy | undefined, id: string, from: string,
   assert.deepEqual([hop?.fromServer, hop?.toServer, hop?.mapping], [from, to, kbMapping(from, to)], `the hop of ${id} on ${to}`);
 }
 
-test('knowledge base: a request closed by a user of sf is broadcast to chicago and tokyo as independent master copies; sf stays master and records the last transfer; an open request goes nowhere', async () => {
+test('knowledge base: a request closed by a user of sf is broadcast to chicago and tokyo as independent master copies; sf stays master \
+and records the last transfer; an open request goes nowhere', async () => {
   const e = await env(knowledgeBaseRules());
   const engine = e.engine();
   await e.query(
     'sf',
-    `INSERT INTO repair_request (id, item, status, description) VALUES ('KB-1', 'desk', 'open', 'wobbly leg'), ('KB-2', 'lamp', 'open', 'flickers')`,
+    `INSERT INTO repair_request (id, item, status, description) VALUES ('KB-1', 'desk', 'open', 'wobbly leg'),
+      ('KB-2', 'lamp', 'open', 'flickers')`,
   );
   await e.query('sf', `UPDATE repair_request SET status = 'closed', description = 'tightened the screws' WHERE id = 'KB-1'`);
   await e.query('sf', `UPDATE repair_request SET status = 'in progress' WHERE id = 'KB-2'`);
@@ -163,7 +165,8 @@ test('knowledge base: a user updating an independent copy at its target does not
   await engine.stop();
 });
 
-test('ownership cannot be broadcast: of two transfers with ownership in one filter, the first target gets the master copy, the second is recorded in pending_errors on the source, and the stream goes on', async () => {
+test('ownership cannot be broadcast: of two transfers with ownership in one filter, the first target gets the master copy, the second is \
+recorded in pending_errors on the source, and the stream goes on', async () => {
   const e = await env({
     mappings: [mapping('sf-to-chicago', 'sf', 'chicago'), mapping('sf-to-tokyo', 'sf', 'tokyo')],
     filters: [

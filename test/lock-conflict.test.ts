@@ -58,7 +58,8 @@ test('a deadlock between a user transaction and the bookkeeping on the source: t
   await until(engine, 'the engine did not wait for the row the user holds', async () => {
     const waiting = await e.query(
       'sf',
-      `SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'pgdso apply%' AND wait_event_type = 'Lock'`,
+      `SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'pgdso apply%'
+        AND wait_event_type = 'Lock'`,
     );
     return waiting.length > 0;
   });

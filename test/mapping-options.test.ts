@@ -70,7 +70,8 @@ const routeChairs = (mappingName: string, ops = ['insert', 'update']) =>
 
 // ---- duplicateRequestId ------------------------------------------------------------------------
 
-test('duplicateRequestId error: a different request holding the ID on the target sends the transfer to pending_errors naming both; the source stays master', async () => {
+test('duplicateRequestId error: a different request holding the ID on the target sends the transfer to pending_errors naming both; the \
+source stays master', async () => {
   const e = await env({
     mappings: [mapping('sf-to-chicago', 'sf', 'chicago', { duplicateRequestId: 'error' })],
     filters: [routeChairs('sf-to-chicago')],
@@ -104,7 +105,8 @@ test('duplicateRequestId error: a different request holding the ID on the target
   await engine.stop();
 });
 
-test('duplicateRequestId new-id: the incoming request takes a new ID from the target key default; later changes of the source update that copy', async () => {
+test('duplicateRequestId new-id: the incoming request takes a new ID from the target key default; later changes of the source update \
+that copy', async () => {
   const schema = `CREATE SEQUENCE chi_request_seq;
     ${REPAIR_REQUEST_SQL.replace('id text PRIMARY KEY', `id text PRIMARY KEY DEFAULT ('CHI-' || nextval('chi_request_seq'))`)}`;
   assert.notEqual(schema, REPAIR_REQUEST_SQL);
@@ -154,7 +156,8 @@ test('duplicateRequestId new-id: the incoming request takes a new ID from the ta
   await engine.stop();
 });
 
-test('duplicateRequestId overwrite: the different request on the target is overwritten with the mapped fields, and the conflict is logged', async () => {
+test('duplicateRequestId overwrite: the different request on the target is overwritten with the mapped fields, and the conflict is \
+logged', async () => {
   const e = await env({
     mappings: [mapping('sf-to-chicago', 'sf', 'chicago', { duplicateRequestId: 'overwrite' })],
     filters: [routeChairs('sf-to-chicago')],
@@ -199,14 +202,16 @@ test('duplicateRequestId overwrite: the different request on the target is overw
 
 // ---- match -------------------------------------------------------------------------------------
 
-test('match by fields: a target row with another ID but the same site and item is updated instead of a new row being inserted', async () => {
+test('match by fields: a target row with another ID but the same site and item is updated instead of a new row being \
+inserted', async () => {
   const e = await env({
     mappings: [mapping('sf-to-chicago', 'sf', 'chicago', { match: { fields: ['site', 'item'] } })],
     filters: [filter('route-all', 'sf', null, [{ type: 'transfer', mapping: 'sf-to-chicago' }])],
   });
   await e.query(
     'chicago',
-    `INSERT INTO repair_request (id, item, site, description) VALUES ('LOCAL-7', 'desk', 'oakland', 'chicago''s entry'), ('LOCAL-8', 'desk', 'berkeley', 'other site')`,
+    `INSERT INTO repair_request (id, item, site, description)
+      VALUES ('LOCAL-7', 'desk', 'oakland', 'chicago''s entry'), ('LOCAL-8', 'desk', 'berkeley', 'other site')`,
   );
   const engine = e.engine();
   await e.query('sf', `INSERT INTO repair_request (id, item, site, description) VALUES ('M-1', 'desk', 'oakland', 'from sf')`);
@@ -301,7 +306,8 @@ test('conflict source-wins: a copy changed locally takes the source values on th
   await engine.stop();
 });
 
-test('conflict target-wins: a copy changed locally keeps its values, the conflict is logged, and the transfer counts as a success', async () => {
+test('conflict target-wins: a copy changed locally keeps its values, the conflict is logged, and the transfer counts as a \
+success', async () => {
   const e = await independentCopies('target-wins');
   const engine = e.engine();
   await copyAtChicago(e, engine, ['T-1']);

@@ -40,7 +40,8 @@ function ok(result: CliResult, what: string): CliResult {
   return result;
 }
 
-test('failed operations wait in pending_errors with their cause; after the fix, pending retry by id, by mapping and all delivers them', async () => {
+test('failed operations wait in pending_errors with their cause; after the fix, pending retry by id, by mapping and all delivers \
+them', async () => {
   const e = await suite.env({
     servers: ['sf', 'chicago'],
     schemaSql: REPAIR_REQUEST_SQL,
@@ -310,11 +311,13 @@ test('pending discard, retry --queued, discard --queued, refused rows, usage err
   const ids = (
     await e.query<{ id: string }>(
       'sf',
-      `INSERT INTO pgdso.pending_errors (pool, type, mapping, form, request_id, target_server, payload, status, attempts, last_error, error, sqlstate)
+      `INSERT INTO pgdso.pending_errors (pool, type, mapping, form, request_id, target_server, payload, status,
+        attempts, last_error, error, sqlstate)
     VALUES ('default', 'transfer', 'm1', 'public.repair_request', 'R-1', 'chicago', $1, 'failed', 1, 'bad 1', 'bad 1', '22001'),
            ('default', 'transfer', 'm1', 'public.repair_request', 'R-2', 'chicago', $2, 'failed', 1, 'bad 2', 'bad 2', '23514'),
            ('other', 'transfer', 'm2', 'public.repair_request', 'R-3', 'chicago', $3, 'failed', 1, 'bad 3', 'bad 3', '23505'),
-           ('other', 'transfer', 'm2', 'public.repair_request', 'R-4', 'chicago', '{"target": "chicago.public.repair_request"}', 'failed', 1, 'refused', 'refused', NULL)
+           ('other', 'transfer', 'm2', 'public.repair_request', 'R-4', 'chicago',
+             '{"target": "chicago.public.repair_request"}', 'failed', 1, 'refused', 'refused', NULL)
     RETURNING id::text`,
       [op('R-1'), op('R-2'), op('R-3')],
     )
@@ -344,7 +347,8 @@ test('pending discard, retry --queued, discard --queued, refused rows, usage err
   assert.match(
     cannot.stderr,
     new RegExp(
-      `error #${refused} \\(mapping m2, request R-4\\) cannot be retried: refused by the engine before reaching a target; fix the request and change it again`,
+      `error #${refused} \\(mapping m2, request R-4\\) cannot be retried: refused by the engine before reaching a ` +
+        `target; fix the request and change it again`,
     ),
   );
   const missing = await e.cli(['pending', 'retry', '--server', 'sf', '--id', '999999']);
@@ -366,7 +370,8 @@ test('pending discard, retry --queued, discard --queued, refused rows, usage err
     assert.deepEqual(await errorIds(), ['R-1', 'R-2', 'R-4']);
     const [queued] = await e.query<Record<string, unknown>>(
       'sf',
-      `SELECT pool, type, mapping, request_id, target_server, target_form, target_key, payload ->> 'link' AS link, payload ? 'op' AS nested, status, attempts, last_error, next_attempt_at <= now() AS due FROM pgdso.pending`,
+      `SELECT pool, type, mapping, request_id, target_server, target_form, target_key, payload ->> 'link' AS link,
+        payload ? 'op' AS nested, status, attempts, last_error, next_attempt_at <= now() AS due FROM pgdso.pending`,
     );
     assert.deepEqual(queued, {
       pool: 'other',
@@ -398,13 +403,16 @@ test('pending discard, retry --queued, discard --queued, refused rows, usage err
     // server in pgdso.pending_targets): listed with the target's attempts, due now, then dropped
     await e.query(
       'sf',
-      `INSERT INTO pgdso.pending (pool, type, mapping, form, request_id, target_server, target_form, target_key, payload, status, attempts, next_attempt_at, last_error)
-      VALUES ('default', 'transfer', 'm1', 'public.repair_request', 'R-5', 'tokyo', 'public.repair_request', 'R-5', $1, 'queued', 0, now() + interval '1 hour', 'connection refused')`,
+      `INSERT INTO pgdso.pending (pool, type, mapping, form, request_id, target_server, target_form, target_key,
+        payload, status, attempts, next_attempt_at, last_error)
+      VALUES ('default', 'transfer', 'm1', 'public.repair_request', 'R-5', 'tokyo', 'public.repair_request', 'R-5',
+        $1, 'queued', 0, now() + interval '1 hour', 'connection refused')`,
       [JSON.stringify(JSON.parse(op('R-5')).op)],
     );
     await e.query(
       'sf',
-      `INSERT INTO pgdso.pending_targets (target_server, attempts, down_since, next_attempt_at, last_error) VALUES ('tokyo', 7, now() - interval '1 hour', now() + interval '1 hour', 'connection refused again')`,
+      `INSERT INTO pgdso.pending_targets (target_server, attempts, down_since, next_attempt_at, last_error)
+        VALUES ('tokyo', 7, now() - interval '1 hour', now() + interval '1 hour', 'connection refused again')`,
     );
     const listed = JSON.parse(ok(await e.cli(['pending', 'list', '--json', '--server', 'sf']), 'list').stdout) as {
       servers: Record<

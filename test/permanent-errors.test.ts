@@ -26,7 +26,8 @@ async function engineRole(e: DsoEnv, server: string, role: string): Promise<stri
     GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgdso TO ${role};
     GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA pgdso TO ${role};
     GRANT SELECT, INSERT, UPDATE, DELETE ON repair_request TO ${role};
-    GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), pg_replication_origin_session_setup(text), pg_replication_origin_session_is_setup() TO ${role}`,
+    GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), pg_replication_origin_session_setup(text),
+      pg_replication_origin_session_is_setup() TO ${role}`,
   );
   const url = new URL(e.urls[server]!);
   url.username = role;
@@ -37,7 +38,8 @@ async function engineRole(e: DsoEnv, server: string, role: string): Promise<stri
   return password;
 }
 
-test('a privilege taken away at run time stops the engine of that server with one error line naming the statement to run; status shows it; after the fix run starts again', async () => {
+test('a privilege taken away at run time stops the engine of that server with one error line naming the statement to run; status shows \
+it; after the fix run starts again', async () => {
   const e = await suite.env({
     servers: ['sf', 'chicago'],
     schemaSql: REPAIR_REQUEST_SQL,

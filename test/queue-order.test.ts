@@ -18,8 +18,10 @@ test('a chunk of the queue holds its lowest ids, compared as numbers', async () 
   });
   await e.query(
     'sf',
-    `INSERT INTO pgdso.pending (pool, type, mapping, form, request_id, target_server, target_form, target_key, payload, status, attempts, next_attempt_at)
-    SELECT 'default', 'transfer', 'm', 'public.repair_request', g::text, 'chicago', 'public.repair_request', g::text, '{}'::jsonb, 'queued', 0, now() FROM generate_series(1, 1200) g`,
+    `INSERT INTO pgdso.pending (pool, type, mapping, form, request_id, target_server, target_form, target_key,
+      payload, status, attempts, next_attempt_at)
+    SELECT 'default', 'transfer', 'm', 'public.repair_request', g::text, 'chicago', 'public.repair_request', g::text,
+      '{}'::jsonb, 'queued', 0, now() FROM generate_series(1, 1200) g`,
   );
   const client = new pg.Client({ connectionString: e.urls.sf });
   await client.connect();

@@ -21,13 +21,15 @@ const routingRules = {
   ],
 };
 
-test('routing: a desk stays on sf, a chair moves to chicago with ownership, a chair needing upholstery is chained on to chicago_uph', async () => {
+test('routing: a desk stays on sf, a chair moves to chicago with ownership, a chair needing upholstery is chained on to \
+chicago_uph', async () => {
   const e = await env(['sf', 'chicago', 'chicago_uph'], routingRules);
   const engine = e.engine();
   await e.query(
     'sf',
     `INSERT INTO repair_request (id, item, needs_upholstery, description, internal_note)
-                       VALUES ('SF-1', 'desk', false, 'wobbly leg', 'n1'), ('SF-2', 'chair', false, 'squeaks', 'n2'), ('SF-3', 'chair', true, 'torn seat', 'n3')`,
+                       VALUES ('SF-1', 'desk', false, 'wobbly leg', 'n1'), ('SF-2', 'chair', false, 'squeaks', 'n2'),
+                         ('SF-3', 'chair', true, 'torn seat', 'n3')`,
   );
   await waitFor(
     async () =>
@@ -134,7 +136,8 @@ test('routing: a desk stays on sf, a chair moves to chicago with ownership, a ch
   await engine.stop();
 });
 
-test('a non-master copy refuses UPDATE and DELETE with P0001 naming the owner, whatever settings an ordinary role sets; the master copy takes them', async () => {
+test('a non-master copy refuses UPDATE and DELETE with P0001 naming the owner, whatever settings an ordinary role sets; the master copy \
+takes them', async () => {
   const e = await env(['sf', 'chicago'], { mappings: [routingRules.mappings[0]], filters: [routingRules.filters[0]] });
   const engine = e.engine();
   await e.query('sf', `INSERT INTO repair_request (id, item) VALUES ('G-1', 'chair')`);
@@ -228,7 +231,8 @@ test('independent-copy transfer: both copies are masters and the target copy is 
   const engine = e.engine();
   await e.query(
     'sf',
-    `INSERT INTO repair_request (id, item, status, internal_note, site) VALUES ('K-1', 'desk', 'closed', 'secret', 'sf'), ('K-2', 'desk', 'open', null, 'sf')`,
+    `INSERT INTO repair_request (id, item, status, internal_note, site)
+      VALUES ('K-1', 'desk', 'closed', 'secret', 'sf'), ('K-2', 'desk', 'open', null, 'sf')`,
   );
   await waitFor(async () => (await copyOf(e, 'sf', 'K-1'))?.dso_transfer_status === 'success', { message: () => engine.output });
   const [source, target] = [await copyOf(e, 'sf', 'K-1'), await copyOf(e, 'chicago', 'K-1')];

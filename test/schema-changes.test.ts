@@ -10,7 +10,8 @@ import { count, errorsOn, queued, show } from './support/checks.ts';
 
 const suite = dsoSuite(2);
 
-test('replica identity reset to DEFAULT: an update beside a large unchanged value is not lost; it fails into pending_errors saying what to do, status and rules check show it, and after REPLICA IDENTITY FULL a retry carries it whole', {
+test('replica identity reset to DEFAULT: an update beside a large unchanged value is not lost; it fails into pending_errors saying what \
+to do, status and rules check show it, and after REPLICA IDENTITY FULL a retry carries it whole', {
   timeout: 90_000,
 }, async () => {
   const e = await suite.env({
@@ -28,7 +29,8 @@ test('replica identity reset to DEFAULT: an update beside a large unchanged valu
   await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ('RI-1', 'chair', ${big})`);
   const [source] = await e.query<{ md5: string; len: number; toasted: boolean; compression: string | null }>(
     'sf',
-    `SELECT md5(description), octet_length(description) AS len, pg_column_toast_chunk_id(description) IS NOT NULL AS toasted, pg_column_compression(description) AS compression
+    `SELECT md5(description), octet_length(description) AS len, pg_column_toast_chunk_id(description) IS NOT NULL AS toasted,
+            pg_column_compression(description) AS compression
        FROM repair_request WHERE id = 'RI-1'`,
   );
   assert.deepEqual(
@@ -124,7 +126,8 @@ test('a column added to the form on both servers while the engine runs is carrie
   await engine.stop();
 });
 
-test('a generated column on the target is not written: chicago computes it, rules check says so, nothing fails and nothing queues', async () => {
+test('a generated column on the target is not written: chicago computes it, rules check says so, nothing fails and nothing \
+queues', async () => {
   const e = await suite.env({
     servers: ['sf', 'chicago'],
     schemaSql: `${REPAIR_REQUEST_SQL}; CREATE TABLE work_order (id text PRIMARY KEY, item text)`,
@@ -161,7 +164,8 @@ test('a generated column on the target is not written: chicago computes it, rule
   await e.query('sf', `INSERT INTO repair_request (id, item, a, g) VALUES ('GC-1', 'chair', 5, 99), ('GC-2', 'lamp', 6, 99)`);
   await e.query('sf', `INSERT INTO work_order (id, item) VALUES ('WO-1', 'desk')`);
   const describe = async () =>
-    `pending: ${JSON.stringify(await queued(e))}; errors: ${JSON.stringify(await errorsOn(e))}; engine output (end):\n${engine.output.slice(-4000)}`;
+    `pending: ${JSON.stringify(await queued(e))}; errors: ${JSON.stringify(await errorsOn(e))}; engine output ` +
+    `(end):\n${engine.output.slice(-4000)}`;
   const rows = await until(
     engine,
     'GC-1 and GC-2 on chicago',
@@ -212,7 +216,8 @@ test('a generated column on the target is not written: chicago computes it, rule
   assert.match(check.stdout, /not (be )?written|not carried|skipped|left out/i, `rules check says g is not written: ${show(check)}`);
 });
 
-test('one transaction of 200,000 rows with 3 the target refuses: the 199,997 others arrive in one engine session, exactly the 3 go to pending_errors and fail on the source', {
+test('one transaction of 200,000 rows with 3 the target refuses: the 199,997 others arrive in one engine session, exactly the 3 go to \
+pending_errors and fail on the source', {
   timeout: 180_000,
 }, async () => {
   const started = Date.now();
@@ -231,7 +236,8 @@ test('one transaction of 200,000 rows with 3 the target refuses: the 199,997 oth
   const bad = ['B-50000', 'B-123457', 'B-199999'];
   await e.query(
     'sf',
-    `INSERT INTO repair_request (id, item) SELECT 'B-' || g, CASE WHEN 'B-' || g = ANY($1) THEN 'bad' ELSE 'ok' END FROM generate_series(1, 200000) g`,
+    `INSERT INTO repair_request (id, item) SELECT 'B-' || g, CASE WHEN 'B-' || g = ANY($1) THEN 'bad' ELSE 'ok' END
+      FROM generate_series(1, 200000) g`,
     [bad],
   );
   const loaded = Date.now();
@@ -259,7 +265,9 @@ test('one transaction of 200,000 rows with 3 the target refuses: the 199,997 oth
   assert.deepEqual(
     await e.query(
       'sf',
-      `SELECT dso_transfer_status AS status, count(*)::int AS n, array_agg(id ORDER BY id) FILTER (WHERE dso_transfer_status <> 'success') AS ids FROM repair_request GROUP BY 1 ORDER BY 1`,
+      `SELECT dso_transfer_status AS status, count(*)::int AS n,
+              array_agg(id ORDER BY id) FILTER (WHERE dso_transfer_status <> 'success') AS ids
+         FROM repair_request GROUP BY 1 ORDER BY 1`,
     ),
     [
       { status: 'failure', n: 3, ids: [...bad].sort() },
@@ -273,7 +281,8 @@ test('one transaction of 200,000 rows with 3 the target refuses: the 199,997 oth
   console.log(`200k rows, 3 refused: test ${Date.now() - started} ms`);
 });
 
-test('a TRUNCATE that gets past the guard (dropped by hand) is not silent: each server the form has copies on gets a pending_errors row saying they were not deleted; the stream goes on', async () => {
+test('a TRUNCATE that gets past the guard (dropped by hand) is not silent: each server the form has copies on gets a pending_errors row \
+saying they were not deleted; the stream goes on', async () => {
   const e = await suite.env({
     servers: ['sf', 'chicago'],
     schemaSql: REPAIR_REQUEST_SQL,

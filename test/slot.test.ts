@@ -18,7 +18,8 @@ const slotOf = async (e: DsoEnv, since: string): Promise<Slot> =>
   (
     await e.query<Slot>(
       'sf',
-      `SELECT confirmed_flush_lsn::text AS confirmed, pg_current_wal_lsn()::text AS current, confirmed_flush_lsn > '${since}'::pg_lsn AS moved
+      `SELECT confirmed_flush_lsn::text AS confirmed, pg_current_wal_lsn()::text AS current,
+        confirmed_flush_lsn > '${since}'::pg_lsn AS moved
                    FROM pg_replication_slots WHERE database = current_database()`,
     )
   )[0]!;

@@ -100,7 +100,8 @@ INSERT INTO sample VALUES
  '2024-02-29 23:59:59.123456+05:30', '1999-12-31 23:59:59.999999', '2024-02-01', '23:59:59.999999', '12:34:56.789012-03:30',
  '1 year 2 mons 3 days -04:05:06.789012',
  'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
- $j$\{"a": {"b": [1, 2.50, {"c": "ünïcødé ✓ 😀 \\"quoted\\" \\\\ back"}]}, "n": 12345678901234567890.123456789, "e": "", "z": null}$j$,
+ $j$\{"a": {"b": [1, 2.50, {"c": "ünïcødé ✓ 😀 \\"quoted\\" \\\\ back"}]}, "n": 12345678901234567890.123456789, \
+"e": "", "z": null}$j$,
  $j$\{"keep": "json keeps  spacing",  "dup": 1, "dup": 2}$j$,
  E'He said "hi", it''s {a,b} \\\\ back\\nslash\\nnew line\\ttab 🎉 NULL ,;|\\r\\nend',
  '', NULL, 'ünïcødé 😀', 'ab',
@@ -118,7 +119,8 @@ INSERT INTO sample VALUES
  ''::bytea, true, '::1', '::/0', 'ff:ff:ff:ff:ff:ff',
  0.01, 'sad', '{}'),
 ('V-3', ${Array.from({ length: SAMPLE_COLUMNS.length }, () => 'NULL').join(', ')});
-INSERT INTO sample (id, day, span, third, real_val, at_local) VALUES ('V-4', '2024-02-01', '-1 days -02:03:04', 2::float8 / 3, 3.4028235e38, '2024-03-04 05:06:07.000001')`;
+INSERT INTO sample (id, day, span, third, real_val, at_local) VALUES ('V-4', '2024-02-01', '-1 days -02:03:04',
+  2::float8 / 3, 3.4028235e38, '2024-03-04 05:06:07.000001')`;
 const SAMPLE_IDS = ['V-1', 'V-2', 'V-3', 'V-4'];
 
 /** Each column as PostgreSQL prints it. */
@@ -203,7 +205,8 @@ async function assertSamplesEqual(e: DsoEnv, engine: EngineProcess): Promise<voi
   assert.equal(target.digest, source.digest);
 }
 
-test('every value is equal on the target: int8 beyond 2^53, numeric(40,20), float8 extremes, microseconds, BC dates, intervals, jsonb, unicode, array-literal characters, empty string vs NULL, bytea, inet, domain and enum', async () => {
+test('every value is equal on the target: int8 beyond 2^53, numeric(40,20), float8 extremes, microseconds, BC dates, intervals, jsonb, \
+unicode, array-literal characters, empty string vs NULL, bytea, inet, domain and enum', async () => {
   const e = await makeEnv(['sf', 'chicago'], SAMPLE_SQL, ['sample'], sampleRules());
   const engine = e.engine();
   await e.query('sf', SAMPLE_INSERT);
@@ -219,7 +222,8 @@ test('every value is equal on the target: int8 beyond 2^53, numeric(40,20), floa
   await engine.stop();
 });
 
-test('every value is equal on the target when the source database prints dates as SQL/DMY, intervals as sql_standard and floats with extra_float_digits = 0, and the target database has yet other styles', async () => {
+test('every value is equal on the target when the source database prints dates as SQL/DMY, intervals as sql_standard and floats with \
+extra_float_digits = 0, and the target database has yet other styles', async () => {
   const e = await makeEnv(['sf', 'chicago'], SAMPLE_SQL, ['sample'], sampleRules());
   // Settings a DBA may well have on a database; they change how PostgreSQL prints values to
   // every session of that database, the walsender's included.
@@ -319,7 +323,8 @@ CREATE TABLE archive (
   region text
 );`;
 
-test('fields: byName false carries only mapped columns under their target names; exclude keeps a column out and the target default in; set writes string, number and boolean constants', async () => {
+test('fields: byName false carries only mapped columns under their target names; exclude keeps a column out and the target default in; \
+set writes string, number and boolean constants', async () => {
   const e = await makeEnv(['sf', 'chicago'], FIELDS_SQL, ['repair_request', 'dispatch', 'archive'], {
     mappings: [
       transferMapping('sf-dispatch', ['sf', 'repair_request'], ['chicago', 'dispatch'], {
@@ -405,7 +410,8 @@ test('fields: byName false carries only mapped columns under their target names;
 // ---------------------------------------------------------------------------------------------
 // 4. A target form with another name
 
-test('a request of repair_request on sf becomes a work_order on chicago: dso_from_form and dso_to_form name each side, an integer request ID becomes a text one', async () => {
+test('a request of repair_request on sf becomes a work_order on chicago: dso_from_form and dso_to_form name each side, an integer \
+request ID becomes a text one', async () => {
   const e = await makeEnv(
     ['sf', 'chicago'],
     `${REPAIR_REQUEST_SQL};
@@ -426,7 +432,8 @@ test('a request of repair_request on sf becomes a work_order on chicago: dso_fro
   const engine = e.engine();
   await e.query(
     'sf',
-    `INSERT INTO repair_request (id, item, status, site, description, internal_note) VALUES ('W-1', 'desk', 'open', 'sf', 'drawer stuck', 'n')`,
+    `INSERT INTO repair_request (id, item, status, site, description, internal_note)
+      VALUES ('W-1', 'desk', 'open', 'sf', 'drawer stuck', 'n')`,
   );
   await e.query('sf', `INSERT INTO job (id, item) VALUES (42, 'lamp')`);
   await until(
@@ -508,7 +515,8 @@ test('a request of repair_request on sf becomes a work_order on chicago: dso_fro
 // ---------------------------------------------------------------------------------------------
 // 5. `changed` and `old`
 
-test('a filter on update only, with changed contains "status" and old status not closed: closing a request transfers it once; inserting a closed one or editing a closed one does not', async () => {
+test('a filter on update only, with changed contains "status" and old status not closed: closing a request transfers it once; inserting \
+a closed one or editing a closed one does not', async () => {
   const e = await makeEnv(['sf', 'chicago'], REPAIR_REQUEST_SQL, ['repair_request'], {
     // whenToUpdate never: edits reach chicago only if the filter transfers again
     mappings: [
@@ -537,7 +545,8 @@ test('a filter on update only, with changed contains "status" and old status not
 
   await e.query(
     'sf',
-    `INSERT INTO repair_request (id, item, status) VALUES ('C-1', 'desk', 'closed'), ('O-1', 'chair', 'open'), ('O-2', 'lamp', 'open'), ('O-3', 'sofa', 'open')`,
+    `INSERT INTO repair_request (id, item, status) VALUES ('C-1', 'desk', 'closed'), ('O-1', 'chair', 'open'),
+      ('O-2', 'lamp', 'open'), ('O-3', 'sofa', 'open')`,
   );
   // not a status change: no transfer
   await e.query('sf', `UPDATE repair_request SET description = 'edited while open' WHERE id = 'O-2'`);
@@ -578,7 +587,8 @@ test('a filter on update only, with changed contains "status" and old status not
 // ---------------------------------------------------------------------------------------------
 // 6. `origin`
 
-test('origin: a chicago filter on origin "sf" routes requests that came from sf\'s engine; one on origin null routes those chicago users entered', async () => {
+test('origin: a chicago filter on origin "sf" routes requests that came from sf\'s engine; one on origin null routes those chicago users \
+entered', async () => {
   const e = await makeEnv(
     ['sf', 'chicago', 'tokyo'],
     `${REPAIR_REQUEST_SQL}; CREATE TABLE local_request (LIKE repair_request INCLUDING DEFAULTS, PRIMARY KEY (id));`,
@@ -643,7 +653,8 @@ test('origin: a chicago filter on origin "sf" routes requests that came from sf\
 // ---------------------------------------------------------------------------------------------
 // 7. Numeric comparisons
 
-test('int8 and numeric columns compare as numbers: greaterThan a constant, greaterThan another int8 column, equal to a number', async () => {
+test('int8 and numeric columns compare as numbers: greaterThan a constant, greaterThan another int8 column, equal to a \
+number', async () => {
   const targets = ['over_100', 'over_limit', 'equal_42', 'price_from_10_5'];
   const e = await makeEnv(
     ['sf', 'chicago'],

@@ -53,7 +53,8 @@ function skipReason(major: number): string | false {
 after(leakCheck());
 
 for (const major of MAJORS) {
-  test(`PostgreSQL ${major}: deployed by a DBA, pgdso as a non-superuser routes a request with ownership, guards the read-only copy, and survives kill -9 mid-load with every row once`, {
+  test(`PostgreSQL ${major}: deployed by a DBA, pgdso as a non-superuser routes a request with ownership, guards the read-only copy, and \
+survives kill -9 mid-load with every row once`, {
     skip: skipReason(major),
     timeout: 180_000,
   }, async (t) => {
@@ -127,7 +128,8 @@ for (const major of MAJORS) {
       ['chicago', chicagoSuper],
     ] as const) {
       const { rows } = await pool.query<{ owner: string; superuser: boolean }>(
-        `SELECT c.relowner::regrole::text AS owner, (SELECT rolsuper FROM pg_roles WHERE rolname = 'pgdso') AS superuser FROM pg_class c WHERE c.oid = 'public.repair_request'::regclass`,
+        `SELECT c.relowner::regrole::text AS owner, (SELECT rolsuper FROM pg_roles WHERE rolname = 'pgdso') AS superuser
+           FROM pg_class c WHERE c.oid = 'public.repair_request'::regclass`,
       );
       assert.deepEqual(
         rows[0],
@@ -242,7 +244,8 @@ for (const major of MAJORS) {
       rows: [log],
     } = await chicagoSuper.query<{ ids: string; writes: string; twice: string; other: string }>(
       `SELECT count(DISTINCT id) AS ids, count(*) AS writes,
-              count(DISTINCT id) FILTER (WHERE id IN (SELECT id FROM write_log WHERE id LIKE 'L-%' GROUP BY id HAVING count(*) > 1)) AS twice,
+              count(DISTINCT id) FILTER (WHERE id IN (SELECT id FROM write_log WHERE id LIKE 'L-%'
+                GROUP BY id HAVING count(*) > 1)) AS twice,
               count(*) FILTER (WHERE op <> 'INSERT' OR by_role <> 'pgdso') AS other
          FROM write_log WHERE id LIKE 'L-%'`,
     );

@@ -28,12 +28,14 @@ CREATE TRIGGER log_applied AFTER INSERT OR UPDATE ON repair_request FOR EACH ROW
 ALTER TABLE repair_request ENABLE ALWAYS TRIGGER log_applied;
 `;
 
-const CHECKSUM = `SELECT count(*)::int AS n, md5(coalesce(string_agg(id || ':' || item || ':' || status || ':' || seq || ':' || coalesce(description, ''), ',' ORDER BY id), '')) AS sum FROM repair_request`;
+const CHECKSUM = `SELECT count(*)::int AS n, md5(coalesce(string_agg(id || ':' || item || ':' || status || ':' || seq
+  || ':' || coalesce(description, ''), ',' ORDER BY id), '')) AS sum FROM repair_request`;
 
 const REQUESTS = 12_000;
 const ROUNDS = 4;
 
-test('a peer stopped for the length of a load: the other peer gets everything meanwhile, the source slot moves on, then every row arrives in order per request, exactly once', {
+test('a peer stopped for the length of a load: the other peer gets everything meanwhile, the source slot moves on, then every row \
+arrives in order per request, exactly once', {
   skip: restartSkipReason(),
   timeout: 240_000,
 }, async (t) => {
@@ -96,7 +98,8 @@ test('a peer stopped for the length of a load: the other peer gets everything me
     for (let round = 2; round <= ROUNDS + 1; round++) {
       await e.query(
         'sf',
-        `UPDATE repair_request SET seq = $1::int, status = 'round ' || $1::text, description = 'update ' || $1::text WHERE id LIKE 'R-%' AND (substr(id, 3)::int % $2) = 0`,
+        `UPDATE repair_request SET seq = $1::int, status = 'round ' || $1::text, description = 'update ' || $1::text
+          WHERE id LIKE 'R-%' AND (substr(id, 3)::int % $2) = 0`,
         [round, round - 1],
       );
       if (round === 3) {
@@ -165,7 +168,8 @@ test('a peer stopped for the length of a load: the other peer gets everything me
   await e.query('sf', `DELETE FROM repair_request WHERE id LIKE 'R-%' AND substr(id, 3)::int > $1::int - 600`, [REQUESTS]);
   await e.query(
     'sf',
-    `INSERT INTO repair_request (id, item, seq, status, description) SELECT 'R-' || g, 'chair', $1::int, 'reborn', 'created again' FROM generate_series($2::int - 599, $2::int - 300) g`,
+    `INSERT INTO repair_request (id, item, seq, status, description)
+     SELECT 'R-' || g, 'chair', $1::int, 'reborn', 'created again' FROM generate_series($2::int - 599, $2::int - 300) g`,
     [ROUNDS + 2, REQUESTS],
   );
   await e.query(
@@ -196,7 +200,8 @@ test('a peer stopped for the length of a load: the other peer gets everything me
   // in order per request: each request's applied seq only rises on chicago
   const disorder = await e.query(
     'chicago',
-    `SELECT id, n, seq, prev FROM (SELECT id, n, seq, lag(seq) OVER (PARTITION BY id ORDER BY n) AS prev FROM applied) a WHERE prev > seq LIMIT 5`,
+    `SELECT id, n, seq, prev FROM (SELECT id, n, seq, lag(seq) OVER (PARTITION BY id ORDER BY n) AS prev
+      FROM applied) a WHERE prev > seq LIMIT 5`,
   );
   assert.deepEqual(disorder, [], 'a request applied out of order on chicago');
   // the bookkeeping of delivered operations: every source copy records its transfer

@@ -117,7 +117,8 @@ async function checkCommands(
   }
 }
 
-test("a connection failure's log lines and errors carry no password: peers on closed ports (URL and object forms, a password from the environment)", {
+test("a connection failure's log lines and errors carry no password: peers on closed ports (URL and object forms, a password from the \
+environment)", {
   timeout: 120_000,
 }, async (t) => {
   const e = await suite.env({
@@ -196,7 +197,8 @@ test("a connection failure's log lines and errors carry no password: peers on cl
   assert.deepEqual(problems, [], problems.join('\n\n'));
 });
 
-test('a wrong password on a real server (28P01): the failure is reported as an authentication failure of that server, without the password', {
+test('a wrong password on a real server (28P01): the failure is reported as an authentication failure of that server, without the \
+password', {
   timeout: 120_000,
 }, async () => {
   // The harness's clusters take passwords on TCP (scram-sha-256): a wrong one is refused.
@@ -219,7 +221,8 @@ test('a wrong password on a real server (28P01): the failure is reported as an a
   assert.match(
     probe.stdout + probe.stderr,
     /password authentication failed|28P01/,
-    `chicago accepted a wrong password (trust authentication on TCP?): this test needs password authentication\n${probe.stdout}${probe.stderr}`,
+    `chicago accepted a wrong password (trust authentication on TCP?): this test needs password ` +
+      `authentication\n${probe.stdout}${probe.stderr}`,
   );
   assert.equal(probe.code, 1, 'status exit code while chicago refuses the password');
 

@@ -70,7 +70,15 @@ async function loadWithFaults(
   assert.equal(source.n, TOTAL, 'rows on sf');
   const c = await compareCopies(e, 'sf', 'chicago');
   console.log(
-    `${faults.map((f) => f.name).join(', ')}: ${JSON.stringify({ faults: injected, rowsChecked: c.checked, lost: c.lost, doubled: c.doubled + c.extra, differing: c.differing, writtenMoreThanChanged: c.writtenMoreThanChanged, deadlocks: load.deadlocks.length })}`,
+    `${faults.map((f) => f.name).join(', ')}: ${JSON.stringify({
+      faults: injected,
+      rowsChecked: c.checked,
+      lost: c.lost,
+      doubled: c.doubled + c.extra,
+      differing: c.differing,
+      writtenMoreThanChanged: c.writtenMoreThanChanged,
+      deadlocks: load.deadlocks.length,
+    })}`,
   );
   assert.equal(injected.length, faults.length, 'faults injected');
   assert.ok(
@@ -114,7 +122,8 @@ async function terminate(e: DsoEnv, server: string, applicationName: string): Pr
     async () => {
       const rows = await e.query<{ pid: number; application_name: string }>(
         server,
-        `SELECT pid, application_name FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE $1 AND pid <> pg_backend_pid()`,
+        `SELECT pid, application_name FROM pg_stat_activity WHERE datname = current_database()
+          AND application_name LIKE $1 AND pid <> pg_backend_pid()`,
         [applicationName],
       );
       return rows.length ? rows : undefined;
@@ -131,7 +140,8 @@ async function terminate(e: DsoEnv, server: string, applicationName: string): Pr
   return `${done.filter((d) => d.ok).length} terminated: ${pids.map((p) => p.application_name).join(', ')}`;
 }
 
-test('Source cluster restarted mid-load (stop/start, then kill -9/start): the engine reconnects by itself and resumes; nothing lost, nothing doubled', {
+test('Source cluster restarted mid-load (stop/start, then kill -9/start): the engine reconnects by itself and resumes; nothing lost, \
+nothing doubled', {
   skip: restartSkipReason(),
   timeout: 180_000,
 }, async () => {

@@ -8,7 +8,8 @@ import { waitFor } from './wait.ts';
 const ROW_TEXT = `id || ':' || item || ':' || coalesce(status, '~') || ':' || coalesce(description, '~')`;
 
 /** Order-independent checksum of a form's data: the count and an md5 of every row, sorted by id. */
-export const CHECKSUM_SQL = `SELECT count(*)::int AS n, coalesce(md5(string_agg(${ROW_TEXT}, ',' ORDER BY id)), '') AS sum FROM repair_request`;
+export const CHECKSUM_SQL = `SELECT count(*)::int AS n, coalesce(md5(string_agg(${ROW_TEXT}, ',' ORDER BY id)), '') AS sum
+  FROM repair_request`;
 
 export interface Checksum {
   n: number;
@@ -30,7 +31,8 @@ export async function rowCount(e: DsoEnv, server: string): Promise<number> {
  * the tests make writes a state the request never had before.
  */
 export const AUDIT_SQL = `
-CREATE TABLE write_audit (n bigserial PRIMARY KEY, id text NOT NULL, op text NOT NULL, by_engine boolean NOT NULL, state text NOT NULL, tx xid8 NOT NULL DEFAULT pg_current_xact_id());
+CREATE TABLE write_audit (n bigserial PRIMARY KEY, id text NOT NULL, op text NOT NULL, by_engine boolean NOT NULL,
+  state text NOT NULL, tx xid8 NOT NULL DEFAULT pg_current_xact_id());
 CREATE FUNCTION write_audit() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   INSERT INTO write_audit (id, op, by_engine, state)
