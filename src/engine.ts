@@ -65,7 +65,7 @@ import {
   withOp,
   type PendingEntry,
   type QueuedOp,
-} from './applier/pending.ts';
+} from './queue/sql.ts';
 import { DSO_COLUMN_NAMES, describeForm, ensureSlot, type FormInfo } from './sql/forms.ts';
 import { LOCK_NAMESPACE, LOCKS, originName, qualified, quoteIdent, slotName, writerOfOrigin } from './sql/identifiers.ts';
 import { waitForOperationLock } from './groupboard/lock.ts';
