@@ -5,7 +5,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import pg from 'pg';
 import { dsoSuite, REPAIR_REQUEST_SQL } from './support/dso.ts';
-import { nextQueued } from '../src/applier/pending.ts';
+import { nextQueued } from '../src/queue/sql.ts';
 
 const suite = dsoSuite(1);
 

@@ -11,9 +11,9 @@
 import type pg from 'pg';
 import type { TextRow } from '../change.ts';
 import type { MappingConfig } from '../config/types.ts';
-import type { SeenState } from './bookkeeping.ts';
-import type { UpdateKind } from './chain.ts';
-import type { ApplyFailure, OpType } from './sets.ts';
+import type { SeenState } from '../applier/bookkeeping.ts';
+import type { UpdateKind } from '../applier/chain.ts';
+import type { ApplyFailure, OpType } from '../applier/sets.ts';
 
 /**
  * An operation as it waits in pgdso.pending (and in pending_errors, for a retry): what is needed

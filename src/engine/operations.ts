@@ -1,0 +1,36 @@
+// Which operation each row of a lane's group is: noted when the operation joins its group, so a
+// row that fails is recorded in pending_errors with its whole operation, for a retry.
+import { parseLsn } from '../change.ts';
+import type { LaneBuffer } from '../applier/buffer.ts';
+import type { OpGroup } from '../applier/lane.ts';
+import { changeKey, type ApplyFailure } from '../applier/sets.ts';
+import { withOp, type PendingEntry } from '../queue/sql.ts';
+
+export class GroupOperations {
+  /** each open or running group's operations (by changeKey) */
+  private readonly byGroup = new WeakMap<object, Map<string, PendingEntry>>();
+
+  /**
+   * The operation just added to the open group `groupKey` is noted on that group (see the
+   * lanes' `annotate`); the group goes if full.
+   */
+  added(buffer: LaneBuffer<ApplyFailure>, groupKey: string, entry: PendingEntry): void {
+    const group = buffer.openGroup(groupKey)!;
+    let ops = this.byGroup.get(group);
+    if (!ops) this.byGroup.set(group, (ops = new Map()));
+    ops.set(entryKey(entry), entry);
+    buffer.added(groupKey);
+  }
+
+  /** Failures of a group with the operation each one is. */
+  annotate(group: OpGroup<ApplyFailure>, failures: ApplyFailure[]): ApplyFailure[] {
+    const byKey = this.byGroup.get(group);
+    if (failures.length === 0 || !byKey) return failures;
+    return failures.map((f) => withOp(f, byKey.get(changeKey(f.type, f.mapping.name, f.requestId, f.lsn))));
+  }
+}
+
+/** The key of a queued operation, as changeKey gives it for its failure. */
+export function entryKey(entry: PendingEntry): string {
+  return changeKey(entry.type, entry.mapping.name, entry.op.requestId, parseLsn(entry.op.lsn));
+}
