@@ -6,6 +6,7 @@ import * as conflictPolicy from './20261123000003_conflict_policy.ts';
 import * as pendingQueue from './20261123000004_pending_queue.ts';
 import * as deployment from './20261201000005_deployment.ts';
 import * as boardErrors from './20261201000010_board_errors.ts';
+import * as serverGroups from './20261202000011_server_groups.ts';
 
 const migrations: Record<string, Knex.Migration> = {
   '20261123000001_control_schema': controlSchema,
@@ -14,6 +15,7 @@ const migrations: Record<string, Knex.Migration> = {
   '20261123000004_pending_queue': pendingQueue,
   '20261201000005_deployment': deployment,
   '20261201000010_board_errors': boardErrors,
+  '20261202000011_server_groups': serverGroups,
 };
 
 export const migrationSource: Knex.MigrationSource<string> = {

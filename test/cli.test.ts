@@ -615,7 +615,8 @@ test('status --json on a working setup: every server with its real slot lag, pen
     const before = { sf: await lagOf('sf'), chicago: await lagOf('chicago'), chicago_uph: await lagOf('chicago_uph') };
     const r = await env.cli(['status', '--json']);
     const after = { sf: await lagOf('sf'), chicago: await lagOf('chicago'), chicago_uph: await lagOf('chicago_uph') };
-    assert.equal(r.code, 0, show(r));
+    // no instance runs: every server with forms in the rules is unserved, a runtime failure (exit 1)
+    assert.equal(r.code, 1, show(r));
     const status = JSON.parse(r.stdout) as { servers: Record<string, Record<string, unknown>> };
     assert.deepEqual(Object.keys(status.servers).sort(), ['chicago', 'chicago_uph', 'sf']);
     for (const [name, [pending, errors, conflicts]] of Object.entries(made)) {
@@ -633,9 +634,12 @@ test('status --json on a working setup: every server with its real slot lag, pen
         typeof lag === 'number' && lag >= low && lag <= high,
         `servers.${name}.slotLagBytes ${String(lag)} is not between ${low} and ${high}\n${r.stdout}`,
       );
-      // Server groups are not built yet: no instance writes pgdso.servgrp_board, so status lists
-      // no instance and no operation owner. The server-group issue fills these.
-      assert.deepEqual({ instances: s.instances, owners: s.owners }, { instances: [], owners: {} }, name);
+      // no instance has joined the server's group: none listed, no operation owned, no coordinator
+      assert.deepEqual(
+        { instances: s.instances, owners: s.owners, coordinator: s.coordinator },
+        { instances: [], owners: { admin: null, dso: null, escalation: null }, coordinator: null },
+        name,
+      );
     }
     assert.ok(
       (status.servers.sf!.slotLagBytes as number) >= 65_536,

@@ -27,11 +27,15 @@ async function engineBackends(e: DsoEnv, server: 'sf' | 'chicago'): Promise<Back
   return e.query<Backend>(
     server,
     `SELECT pid, application_name AS name FROM pg_stat_activity
-      WHERE datname = current_database() AND (application_name = ANY ($1) OR starts_with(application_name, $2))
+      WHERE datname = current_database()
+        AND (application_name = ANY ($1) OR starts_with(application_name, $2) OR starts_with(application_name, $3))
       ORDER BY pid`,
-    server === 'sf' ? [['pgdso control', 'pgdso decoder'], 'pgdso apply sf/'] : [[], 'pgdso apply sf->'],
+    server === 'sf' ? [['pgdso decoder'], 'pgdso apply sf/', 'pgdso control'] : [[], 'pgdso apply sf->', 'pgdso apply sf->'],
   );
 }
+
+/** The engine session's control connection (`pgdso control <instance>`). */
+const isControl = (name: string) => name.startsWith('pgdso control');
 
 /** The pid of the backend holding the server's `dso` lock, if any. */
 async function dsoLockHolder(e: DsoEnv, server: string): Promise<number | undefined> {
@@ -66,7 +70,7 @@ test('a terminated control connection ends the session at once; a new one takes 
   const first = (await until(engine, 'the first session did not start', async () => {
     const sf = await engineBackends(e, 'sf');
     const chicago = await engineBackends(e, 'chicago');
-    const control = sf.find((b) => b.name === 'pgdso control');
+    const control = sf.find((b) => isControl(b.name));
     const ready = control && sf.some((b) => b.name === 'pgdso decoder') && chicago.length > 0;
     return ready && (await dsoLockHolder(e, 'sf')) === control.pid ? { control: control.pid, backends: [...sf, ...chicago] } : undefined;
   }))!;
@@ -83,7 +87,7 @@ test('a terminated control connection ends the session at once; a new one takes 
   const [terminated] = await e.query<{ done: boolean }>(
     'sf',
     `SELECT pg_terminate_backend(pid) AS done FROM pg_stat_activity
-      WHERE datname = current_database() AND application_name = 'pgdso control'`,
+      WHERE datname = current_database() AND starts_with(application_name, 'pgdso control')`,
   );
   assert.equal(terminated?.done, true, 'the control backend was not terminated');
   const loadGoingOn = load.running;
@@ -96,7 +100,7 @@ test('a terminated control connection ends the session at once; a new one takes 
   });
   // a new session took the lock again on a control connection of its own
   const second = (await until(engine, 'no new session took the dso lock again', async () => {
-    const control = (await engineBackends(e, 'sf')).find((b) => b.name === 'pgdso control');
+    const control = (await engineBackends(e, 'sf')).find((b) => isControl(b.name));
     return control && control.pid !== first.control && (await dsoLockHolder(e, 'sf')) === control.pid ? control.pid : undefined;
   }))!;
   assert.notEqual(second, first.control);

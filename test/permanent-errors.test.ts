@@ -88,7 +88,8 @@ it; after the fix run starts again', async () => {
 
   // the fix, and run again: R-2 arrives, status is clean
   await e.query('sf', `ALTER ROLE ${role} REPLICATION`);
-  const again = e.engine(['--server', 'sf', '--instance-id', 'sf-a']);
+  // both servers served (a server with forms and no instance online fails status)
+  const again = e.engine(['--instance-id', 'sf-a']);
   await until(
     again,
     'R-2 on chicago after the fix',
@@ -96,6 +97,11 @@ it; after the fix run starts again', async () => {
   );
   const clean = await e.cli(['status', '--json']);
   assert.equal(clean.code, 0, clean.stdout + clean.stderr);
-  assert.deepEqual(JSON.parse(clean.stdout).servers.sf.instances, []);
+  const after = JSON.parse(clean.stdout).servers.sf.instances as { instanceId: string; state: string; lastError?: string }[];
+  assert.deepEqual(
+    after.map((i) => [i.instanceId, i.state, i.lastError]),
+    [['sf-a', 'online', undefined]],
+    clean.stdout,
+  );
   assert.equal(await again.stop(), 0);
 });

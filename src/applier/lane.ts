@@ -11,6 +11,7 @@ import { formatLsn, parseLsn } from '../change.ts';
 import { describeFormColumns, type FormCatalog } from './catalog.ts';
 import { forApplying } from '../sql/session.ts';
 import { sqlstateOf } from './errors.ts';
+import { checkLaneTerm, laneApplicationName, raiseLaneTerm, setupOrigin, terminateLane, FencedError, type Fence } from '../sql/fencing.ts';
 
 /** A set of operations applied by one statement (or a few), in the lane's open transaction. */
 export interface OpGroup<F = unknown> {
@@ -25,6 +26,8 @@ export interface LaneOptions<F = unknown> {
   origin: string;
   name: string;
   log: Logger;
+  /** the owner's term: the lane's writes fail once a newer owner has written (server groups) */
+  fence?: Fence;
   /** adds what the caller knows about a group's operations to its failures (the group is gone after it ran) */
   annotate?: (group: OpGroup<F>, failures: F[]) => F[];
 }
@@ -46,7 +49,8 @@ export class ApplyLane<F = unknown> {
   }
 
   async open(): Promise<void> {
-    const client = new pg.Client({ ...forApplying(this.opts.connection), application_name: `pgdso apply ${this.opts.name}` });
+    const { fence, name } = this.opts;
+    const client = new pg.Client({ ...forApplying(this.opts.connection), application_name: laneApplicationName(name, fence) });
     client.on('error', (err) => {
       this.failure ??= err;
     });
@@ -59,7 +63,10 @@ export class ApplyLane<F = unknown> {
         if ((err as { code?: string }).code !== '23505') throw err; // created meanwhile
       });
     }
-    await client.query('SELECT pg_replication_origin_session_setup($1)', [origin]);
+    // the owner frees the lane from a former owner, whose commits its term then refuses
+    if (fence) await terminateLane(client, name);
+    await setupOrigin(client, origin, name, fence);
+    if (fence) await raiseLaneTerm(client, origin, name, fence);
     const progress = await client.query(`SELECT source_lsn::text AS lsn FROM pgdso.apply_progress WHERE origin = $1`, [origin]);
     this.progress = progress.rowCount ? parseLsn(progress.rows[0].lsn) : 0n;
     this.opts.log.debug({ lane: this.name, origin, progress: formatLsn(this.progress) }, 'apply lane open');
@@ -149,7 +156,22 @@ export class ApplyLane<F = unknown> {
     if (finalLsn > this.progress) this.progress = finalLsn;
   }
 
+  /** With a fence: this transaction commits only while the lane's term is the current one. */
+  private async checkTerm(client: pg.ClientBase): Promise<void> {
+    if (this.opts.fence) await checkLaneTerm(client, this.opts.origin, this.name, this.opts.fence);
+  }
+
   private async recordProgress(client: pg.ClientBase, finalLsn: bigint, commitTime: Date): Promise<void> {
+    if (this.opts.fence) {
+      // the row exists (open() raised its term): a former owner's term updates nothing
+      const res = await client.query(
+        `UPDATE pgdso.apply_progress SET source_lsn = $2::text::pg_lsn, source_commit_time = $3, updated_at = now()
+          WHERE origin = $1 AND term = $4`,
+        [this.opts.origin, formatLsn(finalLsn), commitTime, this.opts.fence.term],
+      );
+      if (!res.rowCount) throw new FencedError(`lane ${this.name} (term ${this.opts.fence.term})`);
+      return;
+    }
     await client.query(
       `INSERT INTO pgdso.apply_progress (origin, source_lsn, source_commit_time, updated_at) VALUES ($1, $2::text::pg_lsn, $3, now())
        ON CONFLICT (origin) DO UPDATE
@@ -167,6 +189,7 @@ export class ApplyLane<F = unknown> {
     if (!this.inTransaction) return;
     const client = this.connection();
     await record(client);
+    await this.checkTerm(client);
     await client.query('COMMIT');
     this.inTransaction = false;
   }
@@ -211,6 +234,7 @@ export class ApplyLane<F = unknown> {
     await this.begin(client);
     try {
       const result = await work(client);
+      await this.checkTerm(client);
       await client.query('COMMIT');
       this.inTransaction = false;
       return result;

@@ -84,6 +84,11 @@ rules
   .option('--old <json>', 'the row before an update')
   .option('--origin <server>', 'the server whose engine made the change (default: a user of this server)')
   .action(lazy('./commands/rules.ts', 'rulesTestCommand'));
+rules
+  .command('publish')
+  .description('the owner of admin validates the rule files and publishes them to every instance of the group')
+  .option('--server <name>', 'only this server')
+  .action(lazy('./commands/group.ts', 'rulesPublishCommand'));
 
 program
   .command('run')
@@ -92,6 +97,16 @@ program
   .option('--instance-id <id>', 'instance id (default host-pid)')
   .option('--rank <n>', 'failover rank of this instance (lower wins)')
   .action(lazy('./commands/run.ts', 'runCommand'));
+
+const group = program.command('group').description('the server group: instances, ranks, operation owners');
+group
+  .command('rank')
+  .description('set the failover rank of an instance (lower wins; null: last); applied within one check interval')
+  .requiredOption('--server <name>', 'server')
+  .requiredOption('--instance-id <id>', 'instance')
+  .requiredOption('--rank <n>', 'rank, or null')
+  .option('--operation <op>', 'dso, escalation or admin (default: all three)')
+  .action(lazy('./commands/group.ts', 'groupRankCommand'));
 
 program
   .command('status')

@@ -6,6 +6,7 @@
 import pg from 'pg';
 import type { Logger } from 'pino';
 import { waitForOperationLock } from '../groupboard/lock.ts';
+import { assertOwner, takeOperationLock, type Fence } from '../sql/fencing.ts';
 import { ControlConnectionLost, errorText } from './errors.ts';
 
 export class ControlConnection {
@@ -19,8 +20,10 @@ export class ControlConnection {
   constructor(
     connection: pg.ClientConfig,
     private readonly server: string,
+    private readonly fence?: Fence,
   ) {
-    this.client = new pg.Client({ ...connection, application_name: 'pgdso control' });
+    const name = fence ? `pgdso control ${fence.instanceId}` : 'pgdso control';
+    this.client = new pg.Client({ ...connection, application_name: name });
     this.client.on('error', (err) => this.lose(errorText(err)));
     this.client.on('end', () => this.lose('the connection ended'));
   }
@@ -31,7 +34,15 @@ export class ControlConnection {
   }
 
   /** Waits until this connection holds the server's `dso` lock; false if `signal` aborted first. */
-  lockDso(signal: AbortSignal, log: Logger): Promise<boolean> {
+  async lockDso(signal: AbortSignal, log: Logger): Promise<boolean> {
+    const { fence } = this;
+    if (fence) {
+      // the owner of the operation: it checks that it still is, and takes the lock from a former owner
+      await assertOwner(this.client, 'dso', fence);
+      if (!(await takeOperationLock(this.client, 'dso', signal))) return false;
+      await assertOwner(this.client, 'dso', fence);
+      return true;
+    }
     return waitForOperationLock(this.client, 'dso', signal, 1000, () =>
       log.info('another instance runs the dso operation of this server; waiting'),
     );

@@ -112,6 +112,7 @@ export class Peers {
           origin: originName(server, pool, database),
           name: `${server}->${peer.name}/${pool}`,
           log,
+          fence: this.state.fence,
           annotate: (group, failures) => this.groupOps.annotate(group, failures),
         });
         const buffer = new LaneBuffer(lane, chunkRows);

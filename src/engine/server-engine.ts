@@ -11,12 +11,13 @@ import { classifyError, type ClassifiedError } from '../applier/errors.ts';
 import { refusalOf } from '../sql/grants.ts';
 import { withClient } from '../sql/client.ts';
 import { PeerFailedMidBatch } from './errors.ts';
+import { isFenced } from '../sql/fencing.ts';
 import { EngineSession } from './session.ts';
 import type { EngineOptions, EngineStats, PeerDown } from './types.ts';
 
-/** Runs one server's engine until the signal aborts, reconnecting after failures. */
-export class ServerEngine {
-  readonly stats: EngineStats = {
+/** Counters at zero. */
+export function emptyEngineStats(): EngineStats {
+  return {
     transactions: 0,
     changes: 0,
     applied: 0,
@@ -32,6 +33,11 @@ export class ServerEngine {
     peersDown: [],
     stoppedBy: null,
   };
+}
+
+/** Runs one server's engine until the signal aborts, reconnecting after failures. */
+export class ServerEngine {
+  readonly stats: EngineStats;
   readonly server: string;
   private readonly log: Logger;
   private session: EngineSession | null = null;
@@ -40,6 +46,7 @@ export class ServerEngine {
 
   constructor(private readonly opts: EngineOptions) {
     this.server = opts.server;
+    this.stats = opts.stats ?? emptyEngineStats();
     this.log = opts.log.child({ server: opts.server });
   }
 
@@ -62,6 +69,11 @@ export class ServerEngine {
         await session.run(signal);
       } catch (err) {
         if (signal.aborted) break;
+        // a newer owner of the operation wrote: this instance stops it (its supervisor decides what next)
+        if (isFenced(err)) {
+          this.log.info({ error: (err as Error).message }, 'the dso operation moved to another instance: this engine stops');
+          return;
+        }
         // a peer that failed mid-batch: expected, the batch goes again at once, the peer's operations to the queue
         replayNow = err instanceof PeerFailedMidBatch;
         const classified = classifyError(err);

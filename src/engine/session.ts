@@ -21,6 +21,7 @@ import { QueuedOperations } from '../queue/rebuild.ts';
 import { Batch } from './batch.ts';
 import { Checkpoint } from './checkpoint.ts';
 import { ControlConnection } from './control.ts';
+import { freeSlot } from '../sql/fencing.ts';
 import { GroupOperations } from './operations.ts';
 import { Peers } from './peers.ts';
 import { Router } from './router.ts';
@@ -68,7 +69,7 @@ export class EngineSession implements ChangeSink {
 
   async run(signal: AbortSignal): Promise<void> {
     const { state } = this;
-    const control = new ControlConnection(state.connection, state.server);
+    const control = new ControlConnection(state.connection, state.server, state.fence);
     state.controlConnection = control;
     // the lock is gone with the connection: stop at once (the flush and the delivery check it
     // before they commit), and let the server's engine start a session that takes it again
@@ -111,6 +112,8 @@ export class EngineSession implements ChangeSink {
     // started: an earlier stop on an error a DBA had to fix is over
     await client.query('DELETE FROM pgdso.servgrp_board WHERE server_name = $1 AND last_error IS NOT NULL', [state.server]);
     control.assertHeld(); // from here to the stream's start nothing waits: a loss later stops the stream
+    // the owner frees the slot from a former owner's walsender (frozen, or cut off from here only)
+    if (state.fence && (await freeSlot(client, slot))) log.info({ slot }, "a former owner's walsender was terminated");
     const stream = new ReplicationStream({ connection: state.connection, slot, log });
     state.stream = stream;
     this.timers.start(client, slot);
@@ -139,6 +142,7 @@ export class EngineSession implements ChangeSink {
       origin: originName(server, '~source', database),
       name: `${server}/~source`,
       log,
+      fence: state.fence,
     });
     state.sourceLane = sourceLane;
     await sourceLane.open();

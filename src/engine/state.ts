@@ -9,6 +9,7 @@ import type { LaneBuffer } from '../applier/buffer.ts';
 import type { ReplicationStream } from '../decoder/stream.ts';
 import type { ControlConnection } from './control.ts';
 import type { EngineOptions, EngineStats } from './types.ts';
+import type { Fence } from '../sql/fencing.ts';
 
 export class SessionState {
   readonly server: string;
@@ -31,6 +32,12 @@ export class SessionState {
     this.connection = toPgClientConfig(server.connection);
     this.batchRows = opts.batchRows ?? 20_000;
     this.chunkRows = opts.chunkRows ?? 5_000;
+  }
+
+  /** The fence of this session's writes, when it runs as the owner of the dso operation. */
+  get fence(): Fence | undefined {
+    const { fence, instanceId } = this.opts;
+    return fence && instanceId ? { term: fence.term, instanceId } : undefined;
   }
 
   /** The control connection's client (open from the session's start). */

@@ -25,6 +25,14 @@ export interface EngineOptions {
   backoff?: { minMs: number; maxMs: number };
   /** this instance on the server's board (default host-pid) */
   instanceId?: string;
+  /**
+   * The term under which this instance owns the server's dso operation (server groups): every
+   * write carries it, and fails once a newer owner has written; the session frees what a former
+   * owner still holds (the dso lock, its lanes, the slot's walsender).
+   */
+  fence?: { term: number };
+  /** counters to keep counting in (across runs of the operation) */
+  stats?: EngineStats;
 }
 
 export interface EngineStats {

@@ -1,5 +1,6 @@
-// What a running instance serves on `http.port`: GET /healthz (JSON, 200 while every engine has
-// a live session, 503 otherwise) and GET /metrics (Prometheus text, names start with pgdso_).
+// What a running instance serves on `http.port`: GET /healthz (JSON: the operations it owns per
+// server; 200 while it is connected to every server and streams where it owns dso, else 503) and
+// GET /metrics (Prometheus text, names start with pgdso_).
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
@@ -10,6 +11,16 @@ export interface EngineView {
   stats: EngineStats;
   /** true while a session streams (false between a failure and the reconnect) */
   streaming(): boolean;
+  /** the operations this instance owns for the server now (all of them without a group) */
+  operations?(): string[];
+  /** false while the instance's control connection to the server is down */
+  connected?(): boolean;
+}
+
+/** Healthy: connected, and streaming wherever this instance owns the server's dso operation. */
+function healthy(e: EngineView): boolean {
+  if (e.connected && !e.connected()) return false;
+  return e.operations && !e.operations().includes('dso') ? true : e.streaming();
 }
 
 /** Metrics read from the engines' counters at scrape time (nothing on the per-row path). */
@@ -82,19 +93,25 @@ export interface HttpServer {
   close(): Promise<void>;
 }
 
-export async function startHttpServer(port: number, engines: readonly EngineView[]): Promise<HttpServer> {
+export async function startHttpServer(port: number, engines: readonly EngineView[], instanceId?: string): Promise<HttpServer> {
   const metrics = registry(engines);
   const server = http.createServer((req, res) => {
     if (req.method === 'GET' && req.url === '/healthz') {
       const servers = Object.fromEntries(
         engines.map((e) => [
           e.server,
-          { streaming: e.streaming(), confirmedLsn: e.stats.confirmedLsn, sessions: e.stats.sessions, peersDown: e.stats.peersDown },
+          {
+            streaming: e.streaming(),
+            operations: e.operations?.() ?? ['dso', 'escalation', 'admin'],
+            confirmedLsn: e.stats.confirmedLsn,
+            sessions: e.stats.sessions,
+            peersDown: e.stats.peersDown,
+          },
         ]),
       );
-      const healthy = engines.every((e) => e.streaming());
-      res.writeHead(healthy ? 200 : 503, { 'content-type': 'application/json' });
-      res.end(JSON.stringify({ status: healthy ? 'ok' : 'degraded', servers }));
+      const ok = engines.every(healthy);
+      res.writeHead(ok ? 200 : 503, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ status: ok ? 'ok' : 'degraded', instanceId, servers }));
       return;
     }
     if (req.method === 'GET' && req.url === '/metrics') {

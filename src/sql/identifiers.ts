@@ -43,6 +43,10 @@ export function writerOfOrigin(origin: string | null | undefined): string | null
   return end > 6 ? origin.slice(6, end) : null;
 }
 
+/** The operations of a server, each run by one instance of its group at a time. */
+export const OPERATIONS = ['dso', 'escalation', 'admin'] as const;
+export type Operation = (typeof OPERATIONS)[number];
+
 /** Advisory lock keys (two int4) used by pgdso; the first is a fixed namespace. */
 export const LOCK_NAMESPACE = 0x70676473; // 'pgds'
 export const LOCKS = {
@@ -52,4 +56,8 @@ export const LOCKS = {
   operationAdmin: 12,
   /** held by the engine while it delivers a chunk of its queue, and by `pending discard --queued` and `pending retry` */
   queueDelivery: 20,
+  /** held by the coordinator of a server group on its pinned control connection */
+  coordinator: 30,
+  /** taken for a moment while an instance joins the ranking (the first one gets rank 1) */
+  groupJoin: 31,
 } as const;

@@ -9,6 +9,7 @@ import { toPgClientConfig, describeConnection } from '../../config/load.ts';
 import { maskSecrets } from '../../log.ts';
 import { configFrom, print, serverOf, UsageError, type GlobalOptions } from '../common.ts';
 import { LOCK_NAMESPACE, LOCKS } from '../../sql/identifiers.ts';
+import { throughGroup } from '../../group/route.ts';
 
 /** The channel a running engine listens on. */
 export const PENDING_CHANNEL = 'pgdso_pending';
@@ -347,6 +348,36 @@ function oneLine(text: string): string {
 const NOT_RETRYABLE =
   'cannot be retried: refused by the engine before reaching a target; fix the request and change it again (or discard it)';
 
+export interface RetryOutcome {
+  /** --queued: the queued operations made due now */
+  ids: string[];
+  /** failed operations moved back into the queue, and those that cannot be retried */
+  moved: number;
+  left: { id: string; mapping: string | null; request_id: string | null; error: string }[];
+}
+
+/** The retry itself, on a connection to the server: run in-process or by the owner of dso. */
+export async function retryPending(client: pg.Client, selection: Selection, queued: boolean): Promise<RetryOutcome> {
+  if (queued) {
+    const ids = await inTransaction(client, async () => {
+      const res = await client.query(retryQueuedSql(selection));
+      if (res.rowCount) await client.query(NOTIFY_SQL);
+      return res.rows.map((r: { id: string }) => r.id);
+    });
+    return { ids, moved: 0, left: [] };
+  }
+  return inTransaction(client, async () => {
+    // not while the engine delivers a chunk: the queue's ids must become visible in their
+    // order (a delivery records the highest id it holds; a lower id committed after it would be skipped)
+    await client.query('SELECT pg_advisory_xact_lock($1, $2)', [LOCK_NAMESPACE, LOCKS.queueDelivery]);
+    const res = await client.query(retryErrorsSql(selection));
+    const left = (await client.query(notRetryableSql(selection))).rows as RetryOutcome['left'];
+    // delivered at commit: the engine reads the queue again and sends them
+    if (res.rowCount) await client.query(NOTIFY_SQL);
+    return { ids: [], moved: res.rowCount ?? 0, left };
+  });
+}
+
 export async function pendingRetryCommand(opts: GlobalOptions, cmd: ActOptions): Promise<void> {
   const config = await configFrom(opts);
   const selection = selectionOf(config, cmd, 'retry');
@@ -355,39 +386,25 @@ export async function pendingRetryCommand(opts: GlobalOptions, cmd: ActOptions):
   let refused = 0;
   let found = 0;
   await eachServer(servers, async (server, client) => {
+    const routed = await throughGroup<RetryOutcome>(client, config.group, server.name, 'pending-retry', {
+      selection,
+      queued: cmd.queued === true,
+    });
+    const { ids, moved, left } = routed?.result ?? (await retryPending(client, selection, cmd.queued === true));
+    const by = routed ? ` (by instance ${routed.instanceId}, the owner of dso)` : '';
     if (cmd.queued) {
-      const ids = await inTransaction(client, async () => {
-        const res = await client.query(retryQueuedSql(selection));
-        if (res.rowCount) await client.query(NOTIFY_SQL);
-        return res.rows.map((r: { id: string }) => r.id);
-      });
       retried += ids.length;
       found += ids.length;
       print(
         `${server.name}: ${ids.length} queued operation${ids.length === 1 ? '' : 's'} due now` +
-          (ids.length ? ` (${ids.map((id) => `#${id}`).join(', ')})` : ''),
+          `${ids.length ? ` (${ids.map((id) => `#${id}`).join(', ')})` : ''}${by}`,
       );
       return;
     }
-    const { moved, left } = await inTransaction(client, async () => {
-      // not while the engine delivers a chunk: the queue's ids must become visible in their
-      // order (a delivery records the highest id it holds; a lower id committed after it would be skipped)
-      await client.query('SELECT pg_advisory_xact_lock($1, $2)', [LOCK_NAMESPACE, LOCKS.queueDelivery]);
-      const res = await client.query(retryErrorsSql(selection));
-      const left = (await client.query(notRetryableSql(selection))).rows as {
-        id: string;
-        mapping: string | null;
-        request_id: string | null;
-        error: string;
-      }[];
-      // delivered at commit: the engine reads the queue again and sends them
-      if (res.rowCount) await client.query(NOTIFY_SQL);
-      return { moved: res.rowCount ?? 0, left };
-    });
     retried += moved;
     refused += left.length;
     found += moved + left.length;
-    print(`${server.name}: ${moved} failed operation${moved === 1 ? '' : 's'} sent again`);
+    print(`${server.name}: ${moved} failed operation${moved === 1 ? '' : 's'} sent again${by}`);
     for (const r of left) {
       process.stderr.write(
         `pgdso: ${server.name}: error #${r.id} (mapping ${r.mapping ?? '-'}, request ${r.request_id ?? '-'}) ` +
