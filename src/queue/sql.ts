@@ -85,7 +85,8 @@ export function opType(op: QueuedOp): OpType {
   return op.kind === 'return' ? 'return' : 'update';
 }
 
-const SUPERSEDES_SQL = `concat_ws(':', p.payload ->> 'group', coalesce(p.payload ->> 'kind', ''), coalesce(p.payload ->> 'withValues', ''), p.payload ->> 'link')`;
+const SUPERSEDES_SQL = `concat_ws(':', p.payload ->> 'group', coalesce(p.payload ->> 'kind', ''),
+  coalesce(p.payload ->> 'withValues', ''), p.payload ->> 'link')`;
 
 /**
  * Writes a batch's operations for one target server, in order. The first operation of each
@@ -112,15 +113,20 @@ export async function enqueue(
     sup: supersedes(e.op),
   }));
   await client.query(
-    `WITH q AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS q(ord int, pool text, type text, mapping text, form text, request_id text, target_server text, target_form text, target_key text, payload jsonb, source_lsn text, sup text)),
-          firsts AS (SELECT DISTINCT ON (target_server, target_form, target_key) * FROM q ORDER BY target_server, target_form, target_key, ord),
+    `WITH q AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS q(ord int, pool text, type text, mapping text, form text,
+                  request_id text, target_server text, target_form text, target_key text, payload jsonb, source_lsn text, sup text)),
+          firsts AS (SELECT DISTINCT ON (target_server, target_form, target_key) * FROM q
+                      ORDER BY target_server, target_form, target_key, ord),
           lasts AS (SELECT f.sup, (SELECT l.id FROM pgdso.pending l
-                                    WHERE l.target_server = f.target_server AND l.target_form = f.target_form AND l.target_key = f.target_key
+                                    WHERE l.target_server = f.target_server AND l.target_form = f.target_form
+                                      AND l.target_key = f.target_key
                                     ORDER BY l.id DESC LIMIT 1) AS id
                       FROM firsts f),
           superseded AS (DELETE FROM pgdso.pending p USING lasts f WHERE p.id = f.id AND ${SUPERSEDES_SQL} = f.sup)
-     INSERT INTO pgdso.pending (pool, type, mapping, form, request_id, target_server, target_form, target_key, payload, status, attempts, next_attempt_at, last_error, source_lsn)
-     SELECT pool, type, mapping, form, request_id, target_server, target_form, target_key, payload, 'queued', 0, $2, $3, source_lsn::pg_lsn FROM q ORDER BY ord`,
+     INSERT INTO pgdso.pending (pool, type, mapping, form, request_id, target_server, target_form, target_key, payload, status,
+                                attempts, next_attempt_at, last_error, source_lsn)
+     SELECT pool, type, mapping, form, request_id, target_server, target_form, target_key, payload, 'queued',
+            0, $2, $3, source_lsn::pg_lsn FROM q ORDER BY ord`,
     [JSON.stringify(rows), status.nextAttemptAt, status.lastError],
   );
 }
@@ -177,7 +183,8 @@ export async function recordAttempt(
   }
   await client.query(
     `INSERT INTO pgdso.pending_targets (target_server, attempts, down_since, next_attempt_at, last_error) VALUES ($1, $2, $3, $4, $5)
-     ON CONFLICT (target_server) DO UPDATE SET attempts = EXCLUDED.attempts, down_since = EXCLUDED.down_since, next_attempt_at = EXCLUDED.next_attempt_at, last_error = EXCLUDED.last_error, updated_at = now()`,
+     ON CONFLICT (target_server) DO UPDATE SET attempts = EXCLUDED.attempts, down_since = EXCLUDED.down_since,
+       next_attempt_at = EXCLUDED.next_attempt_at, last_error = EXCLUDED.last_error, updated_at = now()`,
     [server, attempt.attempts, attempt.downSince, attempt.nextAttemptAt, attempt.error],
   );
 }
@@ -204,7 +211,8 @@ export async function deliveredUpTo(client: pg.ClientBase, queue: string): Promi
 export async function markDelivered(client: pg.ClientBase, queue: string, sourceServer: string, lastId: string): Promise<void> {
   await client.query(
     `INSERT INTO pgdso.pending_delivered (queue, source_server, last_id) VALUES ($1, $2, $3)
-     ON CONFLICT (queue) DO UPDATE SET last_id = greatest(pgdso.pending_delivered.last_id, EXCLUDED.last_id), source_server = EXCLUDED.source_server, updated_at = now()`,
+     ON CONFLICT (queue) DO UPDATE SET last_id = greatest(pgdso.pending_delivered.last_id, EXCLUDED.last_id),
+       source_server = EXCLUDED.source_server, updated_at = now()`,
     [queue, sourceServer, lastId],
   );
 }

@@ -391,7 +391,8 @@ export async function pendingRetryCommand(opts: GlobalOptions, cmd: ActOptions):
       queued: cmd.queued === true,
     });
     const { ids, moved, left } = routed?.result ?? (await retryPending(client, selection, cmd.queued === true));
-    const by = routed ? ` (by instance ${routed.instanceId}, the owner of dso)` : '';
+    // on its own line: scripts read the count line as before
+    const by = routed ? `\n${server.name}: carried out by instance ${routed.instanceId}, the owner of dso` : '';
     if (cmd.queued) {
       retried += ids.length;
       found += ids.length;
