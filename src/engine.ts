@@ -23,6 +23,6 @@
 // - src/dso/                     DSO's operations (actions), the chain kept in step, the mapping history,
 //                                changes that cannot be carried whole (refusals)
 // - src/queue/                   pgdso.pending's SQL, and the delivery of queued operations
-export { emptyEngineStats, ServerEngine } from './engine/server-engine.ts';
+export { emptyEngineStats, ServerEngine, stopOnRefusal } from './engine/server-engine.ts';
 export { keptInStep } from './engine/topology.ts';
 export type { EngineOptions, EngineStats } from './engine/types.ts';

@@ -5,8 +5,7 @@
 // nothing of this session may commit any more (`assertHeld`).
 import pg from 'pg';
 import type { Logger } from 'pino';
-import { waitForOperationLock } from '../groupboard/lock.ts';
-import { assertOwner, takeOperationLock, type Fence } from '../sql/fencing.ts';
+import { assertOwner, takeOperationLock, waitForOperationLock, type Fence } from '../sql/fencing.ts';
 import { ControlConnectionLost, errorText } from './errors.ts';
 
 export class ControlConnection {

@@ -8,7 +8,7 @@ import os from 'node:os';
 import { setTimeout as delay } from 'node:timers/promises';
 import { toPgClientConfig } from '../config/load.ts';
 import { classifyError, type ClassifiedError } from '../applier/errors.ts';
-import { refusalOf } from '../sql/grants.ts';
+import { refusalOf, type Refusal } from '../sql/grants.ts';
 import { withClient } from '../sql/client.ts';
 import { PeerFailedMidBatch } from './errors.ts';
 import { isFenced } from '../sql/fencing.ts';
@@ -105,24 +105,36 @@ export class ServerEngine {
    */
   private async stopOn(classified: ClassifiedError): Promise<void> {
     const connection = toPgClientConfig(this.opts.config.servers[this.server]!.connection);
-    const role = String(connection.user ?? process.env.PGUSER ?? 'pgdso');
-    const refusal = refusalOf(classified.sqlstate, classified.message, role, String(connection.database)) ?? {
-      missing: 'access',
-      fix: classified.message,
-    };
-    this.stats.stoppedBy = refusal;
-    this.log.error(
-      { sqlstate: classified.sqlstate, error: classified.message, missing: refusal.missing, fix: refusal.fix },
-      `the engine of ${this.server} stops: PostgreSQL refuses it ${refusal.missing}. Fix: ${refusal.fix} Then start pgdso run again.`,
-    );
-    await withClient(connection, (client) =>
-      recordStop(client, this.server, this.instanceId, `${classified.sqlstate ?? ''} ${classified.message}`.trim(), refusal.fix),
-    ).catch(() => undefined);
+    this.stats.stoppedBy = await stopOnRefusal({ connection, server: this.server, instanceId: this.instanceId, log: this.log }, classified);
   }
 
   private get instanceId(): string {
     return this.opts.instanceId ?? `${os.hostname()}-${process.pid}`;
   }
+}
+
+/**
+ * Stops on an error only a DBA can fix: one error-level line with the statement to run, and the
+ * instance's row on the server's board says why (for `pgdso status`), when the board is reachable.
+ */
+export async function stopOnRefusal(
+  who: { connection: pg.ClientConfig; server: string; instanceId: string; log: Logger },
+  classified: ClassifiedError,
+): Promise<Refusal> {
+  const { connection, server, instanceId, log } = who;
+  const role = String(connection.user ?? process.env.PGUSER ?? 'pgdso');
+  const refusal = refusalOf(classified.sqlstate, classified.message, role, String(connection.database)) ?? {
+    missing: 'access',
+    fix: classified.message,
+  };
+  log.error(
+    { sqlstate: classified.sqlstate, error: classified.message, missing: refusal.missing, fix: refusal.fix },
+    `the engine of ${server} stops: PostgreSQL refuses it ${refusal.missing}. Fix: ${refusal.fix} Then start pgdso run again.`,
+  );
+  await withClient(connection, (client) =>
+    recordStop(client, server, instanceId, `${classified.sqlstate ?? ''} ${classified.message}`.trim(), refusal.fix),
+  ).catch(() => undefined);
+  return refusal;
 }
 
 /** Puts a stopped instance on the board with the error that stopped it. */

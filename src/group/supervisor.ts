@@ -7,6 +7,8 @@ import pg from 'pg';
 import type { Logger } from 'pino';
 import { setTimeout as delay } from 'node:timers/promises';
 import type { GroupConfig } from '../config/types.ts';
+import { classifyError } from '../applier/errors.ts';
+import { stopOnRefusal } from '../engine.ts';
 import { controlName, coordinate, tryCoordinate } from './coordinator.ts';
 import { answerRequest, takeRequests, type GroupRequest } from './requests.ts';
 import {
@@ -103,8 +105,16 @@ export class ServerSupervisor {
       try {
         await this.session(signal);
       } catch (err) {
+        const classified = classifyError(err);
+        if (!signal.aborted && classified.class === 'permanent') {
+          // the server refuses this instance itself (a password, a privilege): retrying changes nothing
+          await this.stopAll();
+          const { connection, server, instanceId } = this.opts;
+          await stopOnRefusal({ connection, server, instanceId, log: this.log }, classified);
+          return true;
+        }
         if (!signal.aborted) {
-          this.log.warn({ error: (err as Error).message }, 'the control connection is lost: every operation of this instance stops');
+          this.log.warn({ error: classified.message }, 'the control connection is lost: every operation of this instance stops');
         }
       }
       await this.stopAll();

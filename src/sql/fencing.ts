@@ -123,6 +123,23 @@ export async function takeOperationLock(client: pg.ClientBase, operation: Operat
   return false;
 }
 
+/** Waits until this connection holds the operation's lock (no server group: a second engine waits); false if aborted. */
+export async function waitForOperationLock(
+  client: pg.ClientBase,
+  operation: Operation,
+  signal: AbortSignal,
+  pollMs = 1000,
+  onWait?: () => void,
+): Promise<boolean> {
+  while (!signal.aborted) {
+    const got = await client.query('SELECT pg_try_advisory_lock($1, $2) AS ok', [LOCK_NAMESPACE, LOCK_OF[operation]]);
+    if (got.rows[0].ok === true) return true;
+    onWait?.();
+    await delay(pollMs, undefined, { signal }).catch(() => {});
+  }
+  return false;
+}
+
 /** Terminates the walsender of a former owner that still streams the slot. */
 export async function freeSlot(client: pg.ClientBase, slot: string): Promise<boolean> {
   const res = await client.query(
