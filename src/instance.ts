@@ -10,7 +10,7 @@ import { loadConfig, readRuleSources, toPgClientConfig } from './config/load.ts'
 import { ConfigError, type PgdsoConfig } from './config/types.ts';
 import { compileRules, type CompiledRules } from './rules/index.ts';
 import { withClient } from './sql/client.ts';
-import { retryPending, type RetryOutcome, type Selection } from './cli/commands/pending.ts';
+import { retryPending, type RetryOutcome, type Selection } from './queue/admin.ts';
 import { startHttpServer, type HttpServer } from './http/server.ts';
 import { ServerSupervisor } from './group/supervisor.ts';
 import { AdminRunner, DsoRunner, EscalationRunner, type RuleState } from './group/runners.ts';

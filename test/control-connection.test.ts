@@ -28,9 +28,12 @@ async function engineBackends(e: DsoEnv, server: 'sf' | 'chicago'): Promise<Back
     server,
     `SELECT pid, application_name AS name FROM pg_stat_activity
       WHERE datname = current_database()
-        AND (application_name = ANY ($1) OR starts_with(application_name, $2) OR starts_with(application_name, $3))
+        AND (application_name = ANY ($1) OR starts_with(application_name, $2) OR starts_with(application_name, $3)
+             OR starts_with(application_name, $4))
       ORDER BY pid`,
-    server === 'sf' ? [['pgdso decoder'], 'pgdso apply sf/', 'pgdso control'] : [[], 'pgdso apply sf->', 'pgdso apply sf->'],
+    server === 'sf'
+      ? [['pgdso decoder'], 'pgdso apply sf/', 'pgdso control', 'pgdso decoder']
+      : [[], 'pgdso apply sf->', 'pgdso apply sf->', 'pgdso apply sf->'],
   );
 }
 
@@ -71,7 +74,7 @@ test('a terminated control connection ends the session at once; a new one takes 
     const sf = await engineBackends(e, 'sf');
     const chicago = await engineBackends(e, 'chicago');
     const control = sf.find((b) => isControl(b.name));
-    const ready = control && sf.some((b) => b.name === 'pgdso decoder') && chicago.length > 0;
+    const ready = control && sf.some((b) => b.name.startsWith('pgdso decoder')) && chicago.length > 0;
     return ready && (await dsoLockHolder(e, 'sf')) === control.pid ? { control: control.pid, backends: [...sf, ...chicago] } : undefined;
   }))!;
 

@@ -34,6 +34,8 @@ export interface StreamOptions {
   slot: string;
   publication?: string;
   log: Logger;
+  /** the walsender's application_name (default 'pgdso decoder') */
+  applicationName?: string;
   /** Interval of unsolicited status updates, ms (the server drops silent receivers). */
   statusIntervalMs?: number;
 }
@@ -69,7 +71,7 @@ export class ReplicationStream {
     const client = new pg.Client({
       ...withCanonicalText(this.opts.connection),
       replication: 'database',
-      application_name: 'pgdso decoder',
+      application_name: this.opts.applicationName ?? 'pgdso decoder',
     } as pg.ClientConfig);
     this.client = client;
     const failed = new Promise<never>((_, reject) => {

@@ -114,7 +114,8 @@ export class EngineSession implements ChangeSink {
     control.assertHeld(); // from here to the stream's start nothing waits: a loss later stops the stream
     // the owner frees the slot from a former owner's walsender (frozen, or cut off from here only)
     if (state.fence && (await freeSlot(client, slot))) log.info({ slot }, "a former owner's walsender was terminated");
-    const stream = new ReplicationStream({ connection: state.connection, slot, log });
+    const applicationName = state.fence ? `pgdso decoder ${state.fence.instanceId}` : undefined;
+    const stream = new ReplicationStream({ connection: state.connection, slot, log, applicationName });
     state.stream = stream;
     this.timers.start(client, slot);
     const onAbort = () => void stream.stop();

@@ -14,6 +14,7 @@ import {
   candidates,
   coordinatorHolder,
   currentOwners,
+  ensureOwnerRows,
   isSilent,
   markDelinquent,
   notify,
@@ -59,6 +60,7 @@ export async function coordinate(client: pg.ClientBase, group: GroupConfig, serv
   await client.query('BEGIN');
   try {
     await client.query(`SET LOCAL lock_timeout = '5s'`);
+    await client.query(ensureOwnerRows.text, ensureOwnerRows.values);
     const marked = markDelinquent(group.checkIntervalSeconds, group.delinquentThreshold);
     const delinquent = (await client.query(marked.text, marked.values)).rows.map((r) => r.instance_id as string);
     const current = (await client.query(currentOwners.text, currentOwners.values)).rows as CurrentOwner[];

@@ -89,6 +89,12 @@ export interface OwnerRow {
   term: number;
 }
 
+/** Every operation has its row in servgrp_owners (null owner until the first decision). */
+export const ensureOwnerRows: Sql = {
+  text: `INSERT INTO pgdso.servgrp_owners (operation) SELECT unnest($1::text[]) ON CONFLICT (operation) DO NOTHING`,
+  values: [OPERATIONS],
+};
+
 export const readOwners: Sql = {
   text: `SELECT operation, instance_id AS "instanceId", term::int AS term FROM pgdso.servgrp_owners ORDER BY operation`,
   values: [],

@@ -65,6 +65,7 @@ export class ServerSupervisor {
   private wakeUp: () => void = () => {};
   private stopRequested = false;
   private connected = false;
+  private justJoined = false;
 
   constructor(private readonly opts: SupervisorOptions) {
     this.server = opts.server;
@@ -185,6 +186,7 @@ export class ServerSupervisor {
       await client.query('ROLLBACK').catch(() => {});
       throw err;
     }
+    this.justJoined = true;
     this.log.info({ rank }, 'joined the server group');
   }
 
@@ -194,6 +196,13 @@ export class ServerSupervisor {
     const beat = heartbeat(instanceId, this.operations(), this.opts.ruleVersion());
     const row = (await client.query(beat.text, beat.values)).rows[0] as { signals: string[] } | undefined;
     if (!row) await this.join(client);
+    // a joining instance runs the group's rule set, published before it came
+    const signals = new Set(row?.signals ?? []);
+    if (this.justJoined) signals.add('rules');
+    this.justJoined = false;
+    for (const signal of signals) {
+      await this.opts.onSignal(signal).catch((err) => this.log.error({ error: (err as Error).message }, `signal ${signal} failed`));
+    }
     if (!this.coordinator) {
       this.coordinator = await tryCoordinate(client, group, this.log);
       if (this.coordinator) this.log.info('this instance coordinates the server group');
@@ -202,9 +211,6 @@ export class ServerSupervisor {
     const owners = (await client.query(readOwners.text, readOwners.values)).rows as OwnerRow[];
     await this.reconcile(owners);
     for (const request of await takeRequests(client, instanceId, this.operations())) void this.serve(client, request);
-    for (const signal of new Set(row?.signals ?? [])) {
-      await this.opts.onSignal(signal).catch((err) => this.log.error({ error: (err as Error).message }, `signal ${signal} failed`));
-    }
   }
 
   private async reconcile(owners: readonly OwnerRow[]): Promise<void> {

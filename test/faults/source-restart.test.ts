@@ -159,7 +159,7 @@ test("the engine's walsender on sf and its apply backends on chicago terminated 
   const e = await env();
   const engine = e.engine();
   await loadWithFaults(e, engine, [
-    { at: 0.25, name: 'walsender terminated', run: () => terminate(e, 'sf', 'pgdso decoder') },
+    { at: 0.25, name: 'walsender terminated', run: () => terminate(e, 'sf', 'pgdso decoder%') },
     { at: 0.6, name: 'apply backends on chicago terminated', run: () => terminate(e, 'chicago', 'pgdso apply%') },
   ]);
 });
