@@ -63,10 +63,13 @@ export class ApplyLane<F = unknown> {
         if ((err as { code?: string }).code !== '23505') throw err; // created meanwhile
       });
     }
-    // the owner frees the lane from a former owner, whose commits its term then refuses
-    if (fence) await terminateLane(client, name);
+    if (fence) {
+      // the term first (an older one is refused here, before it disturbs anything): from now on a
+      // former owner's commits fail; then its connections go, freeing the origin
+      await raiseLaneTerm(client, origin, name, fence);
+      await terminateLane(client, name);
+    }
     await setupOrigin(client, origin, name, fence);
-    if (fence) await raiseLaneTerm(client, origin, name, fence);
     const progress = await client.query(`SELECT source_lsn::text AS lsn FROM pgdso.apply_progress WHERE origin = $1`, [origin]);
     this.progress = progress.rowCount ? parseLsn(progress.rows[0].lsn) : 0n;
     this.opts.log.debug({ lane: this.name, origin, progress: formatLsn(this.progress) }, 'apply lane open');
