@@ -58,3 +58,44 @@ test('a running instance serves /healthz and Prometheus /metrics with pgdso_ nam
   assert.equal((await fetch(`${base}/nothing`)).status, 404);
   assert.equal(await engine.stop(), 0);
 });
+
+test('two instances of one server on one machine with the same http.port: the second says the port is taken and runs without it; /healthz lists the operations each owns', {
+  timeout: 90_000,
+}, async () => {
+  const e = await suite.env({
+    servers: ['sf', 'chicago'],
+    schemaSql: REPAIR_REQUEST_SQL,
+    forms: ['repair_request'],
+    rules: {
+      mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
+      filters: [filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }])],
+    },
+    config: { group: { checkIntervalSeconds: 0.5, delinquentThreshold: 2 } },
+  });
+  const config = JSON.parse(await readFile(e.configPath, 'utf8'));
+  const first = e.engine(['--server', 'sf', '--instance-id', 'sf-a', '--rank', '1']);
+  // the first instance on a free port, then the second on the same one
+  await writeFile(e.configPath, JSON.stringify({ ...config, http: { port: 0 } }));
+  const port = Number((await waitFor(() => /"httpPort":(\d+)/.exec(first.output)?.[1], { message: () => first.output }))!);
+  await writeFile(e.configPath, JSON.stringify({ ...config, http: { port } }));
+  const second = e.engine(['--server', 'sf', '--instance-id', 'sf-b', '--rank', '2']);
+  await waitFor(() => /port \d+ is taken/.test(second.output), { message: () => second.output });
+  assert.match(second.output, new RegExp(`http.port ${port} is taken`), second.output);
+  // it runs on: it joins the group, as a standby
+  await waitFor(
+    async () => (await e.query('sf', `SELECT 1 FROM pgdso.servgrp_board WHERE instance_id = 'sf-b' AND state = 'online'`)).length === 1,
+    { message: () => second.output },
+  );
+  assert.ok(second.running, second.output);
+  const health = (await waitFor(
+    async () => {
+      const body = await (await fetch(`http://127.0.0.1:${port}/healthz`)).json();
+      return body.servers?.sf?.operations?.includes('dso') ? body : undefined;
+    },
+    { message: () => first.output },
+  )) as { instanceId: string; servers: Record<string, { operations: string[] }> };
+  assert.equal(health.instanceId, 'sf-a');
+  assert.deepEqual(health.servers.sf!.operations, ['admin', 'dso', 'escalation']);
+  assert.equal(await second.stop(), 0, second.output);
+  assert.equal(await first.stop(), 0, first.output);
+});
