@@ -59,7 +59,8 @@ test('a running instance serves /healthz and Prometheus /metrics with pgdso_ nam
   assert.equal(await engine.stop(), 0);
 });
 
-test('two instances of one server on one machine with the same http.port: the second says the port is taken and runs without it; /healthz lists the operations each owns', {
+test('two instances of one server on one machine with the same http.port: the second says the port is taken and runs without it; ' +
+  '/healthz lists the operations each owns', {
   timeout: 90_000,
 }, async () => {
   const e = await suite.env({
