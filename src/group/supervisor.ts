@@ -159,7 +159,12 @@ export class ServerSupervisor {
       const intervalMs = this.opts.group.checkIntervalSeconds * 1000;
       while (!signal.aborted && !this.stopRequested) {
         const woken = new Promise<void>((resolve) => (this.wakeUp = resolve));
-        await Promise.race([this.tick(client), lost]);
+        const tick = this.tick(client).catch((err: Error) => {
+          if (!this.connected || classifyError(err).class === 'permanent') throw err;
+          // a failed round (a lock timeout, a statement error) is tried again at the next interval
+          this.log.warn({ error: err.message }, 'a group round failed; the next interval tries again');
+        });
+        await Promise.race([tick, lost]);
         await Promise.race([delay(intervalMs, undefined, { signal }).catch(() => {}), woken, lost]);
       }
       if (signal.aborted || this.stopRequested) await this.leave(client);
