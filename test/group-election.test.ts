@@ -5,6 +5,8 @@
 // instance, `group rank`. The instances' writes on chicago name them (application_name).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { rm } from 'node:fs/promises';
+import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, type DsoEnv } from './support/dso.ts';
 import { show } from './support/checks.ts';
@@ -34,6 +36,7 @@ import {
   untilOnline,
   untilOwner,
   walsenders,
+  type AdvisoryLock,
   type Instance,
 } from './support/group.ts';
 
@@ -55,8 +58,8 @@ async function groupEnv(rules: Record<string, unknown> = RULES): Promise<DsoEnv>
 }
 
 /** Inserts a request on sf and waits until chicago has it; returns the application_names that wrote it there. */
-async function carried(e: DsoEnv, id: string, instances: readonly Instance[], values: Record<string, string> = {}): Promise<string[]> {
-  await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ($1, 'chair', $2)`, [id, values.description ?? id]);
+async function carried(e: DsoEnv, id: string, instances: readonly Instance[]): Promise<string[]> {
+  await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ($1, 'chair', $1)`, [id]);
   await waitFor(async () => (await e.query('chicago', 'SELECT 1 FROM repair_request WHERE id = $1', [id])).length === 1, {
     timeoutMs: 30_000,
     message: () => `${id} did not reach chicago\n${describeGroup(instances)}`,
@@ -140,6 +143,7 @@ test('three instances started at once on an empty board, 20 times: one coordinat
     // the same moment: three spawns in one tick
     const group = ids.map((id) => startInstance(e, id));
     const where = `round ${round}`;
+    let codes: (number | null)[] = [];
     try {
       const converged = await waitFor(
         async () => {
@@ -152,22 +156,35 @@ test('three instances started at once on an empty board, 20 times: one coordinat
       );
       const owner = converged!.dso!.instanceId!;
       winners[owner] = (winners[owner] ?? 0) + 1;
-      const { result, status } = await statusOf(e);
-      assert.ok(status, `${where}: status --json\n${show(result)}`);
-      const coordinator = status.coordinator ?? null;
-      assert.ok(coordinator !== null && ids.includes(coordinator), `${where}: the coordinator in status --json: ${JSON.stringify(status)}`);
+      // the coordinator (status --json), elected with an advisory lock: a session lock of that instance, held by one backend
+      let shown = '';
+      const status = (await waitFor(
+        async () => {
+          const { result, status } = await statusOf(e);
+          shown = show(result);
+          return status?.coordinator ? status : undefined;
+        },
+        { timeoutMs: 10_000, intervalMs: 100, message: () => `${where}: no coordinator in status --json\n${shown}` },
+      ))!;
+      const coordinator = status.coordinator!;
+      assert.ok(ids.includes(coordinator), `${where}: the coordinator in status --json: ${JSON.stringify(status)}`);
       assert.equal(status.owners.dso, owner, `${where}: the owner of dso in status --json: ${JSON.stringify(status)}`);
-      // the coordinator is elected with an advisory lock: a session lock held by one backend, of that instance
-      const locks = (await advisoryLocks(e)).filter((l) => ids.some((id) => l.applicationName.includes(id)));
+      let locks: AdvisoryLock[] = [];
+      await waitFor(
+        async () => {
+          locks = (await advisoryLocks(e)).filter((l) => ids.some((id) => l.applicationName.includes(id)));
+          return locks.some((l) => l.applicationName.includes(coordinator) && l.idle);
+        },
+        {
+          timeoutMs: 5_000,
+          message: () => `${where}: the coordinator ${coordinator} holds no session advisory lock: ${JSON.stringify(locks)}`,
+        },
+      );
       const holders = new Map<string, Set<number>>();
       for (const l of locks) holders.set(l.key, (holders.get(l.key) ?? new Set()).add(l.pid));
       assert.ok(
         [...holders.values()].every((pids) => pids.size === 1),
         `${where}: an advisory lock held by several backends: ${JSON.stringify(locks)}`,
-      );
-      assert.ok(
-        locks.some((l) => l.applicationName.includes(coordinator) && l.idle),
-        `${where}: the coordinator ${coordinator} holds no session advisory lock: ${JSON.stringify(locks)}`,
       );
       // one rank 1 per operation (the first instance on the board), the owner of it
       const ranks = await ranking(e);
@@ -195,9 +212,9 @@ test('three instances started at once on an empty board, 20 times: one coordinat
       );
     } finally {
       await watch.stop();
-      const codes = await stopAll(group);
-      assert.deepEqual(codes, [0, 0, 0], `${where}: the instances did not stop cleanly\n${describeGroup(group)}`);
+      codes = await stopAll(group);
     }
+    assert.deepEqual(codes, [0, 0, 0], `${where}: the instances did not stop cleanly\n${describeGroup(group)}`);
   }
   t.diagnostic(`20 rounds in ${Date.now() - started} ms; dso won by ${JSON.stringify(winners)}`);
 });
@@ -395,7 +412,7 @@ test('rules publish by the owner of admin: a broken file changes nothing on any 
   assert.ok((await carried(e, 'during-broken', group))[0]?.includes('sf-b'), 'the running rules go on');
 
   // a good change: published by the owner of admin, running everywhere within two intervals
-  await e.writeRules({}, 'rules/broken.json');
+  await rm(path.join(e.dir, 'rules/broken.json'));
   await e.writeRules(withSite('v1'));
   const published = await e.cli(['rules', 'publish', '--server', 'sf']);
   assert.equal(published.code, 0, show(published));
@@ -424,6 +441,11 @@ test('rules publish by the owner of admin: a broken file changes nothing on any 
     { timeoutMs: 2 * INTERVAL_MS + MARGIN_MS + 10_000, message: () => `SIGHUP did not publish\n${describeGroup(group)}` },
   );
   await untilRunning(e, v2!, group);
+  const [hup] = await e.query<{ published_by: string }>('sf', 'SELECT published_by FROM pgdso.rule_sets WHERE version = $1', [v2]);
+  assert.ok(
+    hup?.published_by.includes('sf-a'),
+    `rule set ${v2} (SIGHUP to sf-b) published by ${hup?.published_by}, not the owner of admin`,
+  );
   assert.ok(b.engine.running, `SIGHUP stopped sf-b\n${b.engine.output}`);
   assert.equal((await boardRow(e, 'sf-b'))?.pid, pid, 'sf-b is the same process');
   await carried(e, 'after-v2', group);
@@ -431,7 +453,7 @@ test('rules publish by the owner of admin: a broken file changes nothing on any 
   assert.equal(v2row?.site, 'v2', 'the rules published on SIGHUP are not applied');
   const { status } = await statusOf(e);
   assert.deepEqual(
-    status?.instances.map((i) => [i.instanceId, i.ruleVersion]),
+    status?.instances.map((i) => [i.instanceId, i.ruleVersion]).sort(),
     [
       ['sf-a', v2],
       ['sf-b', v2],

@@ -246,11 +246,14 @@ export interface Backend {
   state: string | null;
   /** the backend's transaction id while it has written in its open transaction */
   xid: string | null;
+  /** what it waits for (ClientWrite: a full socket to a client that does not read) */
+  waitEvent: string | null;
   query: string;
 }
 
 const BACKENDS_SQL = `
-SELECT pid, application_name AS "applicationName", backend_type AS "backendType", state, backend_xid::text AS xid, left(query, 300) AS query
+SELECT pid, application_name AS "applicationName", backend_type AS "backendType", state, backend_xid::text AS xid,
+       wait_event AS "waitEvent", left(query, 300) AS query
   FROM pg_stat_activity
  WHERE datname = current_database() AND pid <> pg_backend_pid()
    AND strpos(application_name, $1) > 0 AND ($2::text IS NULL OR strpos(lower(application_name), lower($2)) > 0)
@@ -298,7 +301,7 @@ export async function walsenders(e: DsoEnv, server = 'sf'): Promise<Backend[]> {
   return e.query<Backend>(
     server,
     `SELECT pid, application_name AS "applicationName", backend_type AS "backendType", state, backend_xid::text AS xid,
-            left(query, 300) AS query
+            wait_event AS "waitEvent", left(query, 300) AS query
        FROM pg_stat_activity WHERE datname = current_database() AND backend_type = 'walsender' ORDER BY pid`,
   );
 }
