@@ -30,7 +30,10 @@ import {
   ranking,
   ruleVersions,
   slotHolders,
+  carry,
+  startGroup,
   startInstance,
+  stopAll,
   statusOf,
   untilBeats,
   untilOnline,
@@ -55,31 +58,6 @@ async function groupEnv(rules: Record<string, unknown> = RULES): Promise<DsoEnv>
     rules,
     config: { group: GROUP, pending: { retry: { firstSeconds: 0.2, maxSeconds: 1 } } },
   });
-}
-
-/** Inserts a request on sf and waits until chicago has it; returns the application_names that wrote it there. */
-async function carried(e: DsoEnv, id: string, instances: readonly Instance[]): Promise<string[]> {
-  await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ($1, 'chair', $1)`, [id]);
-  await waitFor(async () => (await e.query('chicago', 'SELECT 1 FROM repair_request WHERE id = $1', [id])).length === 1, {
-    timeoutMs: 30_000,
-    message: () => `${id} did not reach chicago\n${describeGroup(instances)}`,
-  });
-  const writes = await e.query<{ app: string }>('chicago', 'SELECT app FROM write_audit WHERE id = $1 AND by_engine ORDER BY n', [id]);
-  return writes.map((w) => w.app);
-}
-
-/** sf-a started first (rank 1 for every operation, owning them), then the others, all online. */
-async function startGroup(e: DsoEnv, ids: readonly string[], ranks: readonly (number | undefined)[] = []): Promise<Instance[]> {
-  const first = startInstance(e, ids[0]!, { rank: ranks[0] });
-  const all = [first];
-  for (const operation of OPERATIONS) await untilOwner(e, first.id, all, { operation, timeoutMs: 30_000 });
-  for (const [i, id] of ids.slice(1).entries()) all.push(startInstance(e, id, { rank: ranks[i + 1] }));
-  for (const instance of all) await untilOnline(e, instance, all);
-  return all;
-}
-
-async function stopAll(instances: readonly Instance[]): Promise<(number | null)[]> {
-  return Promise.all(instances.map((i) => i.engine.stop()));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -188,6 +166,13 @@ test('three instances started at once on an empty board, 20 times: one coordinat
       );
       // one rank 1 per operation (the first instance on the board), the owner of it
       const ranks = await ranking(e);
+      const owned = (await waitFor(
+        async () => {
+          const o = await owners(e);
+          return OPERATIONS.every((operation) => o[operation]?.instanceId) ? o : undefined;
+        },
+        { timeoutMs: 5_000, message: `${where}: an operation without an owner` },
+      ))!;
       for (const operation of OPERATIONS) {
         const ranked = ranks.filter((r) => r.operation === operation && r.rank !== null);
         assert.deepEqual(
@@ -195,13 +180,13 @@ test('three instances started at once on an empty board, 20 times: one coordinat
           [1],
           `${where}: ranks of ${operation} (the first instance gets 1, the others none): ${JSON.stringify(ranks)}`,
         );
-        assert.equal(converged![operation]?.instanceId, ranked[0]!.instanceId, `${where}: the owner of ${operation} is its rank 1`);
+        assert.equal(owned[operation]?.instanceId, ranked[0]!.instanceId, `${where}: the owner of ${operation} is its rank 1`);
       }
       // one decoder: the slot streamed by the owner's walsender, and the request carried once, by the owner
       const slots = await slotHolders(e);
       assert.equal(slots.length, 1, JSON.stringify(slots));
       assert.ok(slots[0]!.applicationName?.includes(owner), `${where}: the slot is streamed by ${owner}: ${JSON.stringify(slots)}`);
-      const apps = await carried(e, `round-${round}`, group);
+      const apps = await carry(e, `round-${round}`, group);
       assert.equal(apps.length, 1, `${where}: the request was written ${apps.length} times on chicago: ${JSON.stringify(apps)}`);
       assert.ok(apps[0]!.includes(owner), `${where}: the request was written on chicago by ${apps[0]}, not by the owner ${owner}`);
       const seen = await watch.stop();
@@ -235,7 +220,7 @@ test('SIGTERM of the owner of dso hands it to the next ranked instance within ab
   const before = await statusOf(e);
   assert.equal(before.result.code, 0, `status with every server served\n${show(before.result)}`);
   assert.deepEqual(before.status?.owners, { dso: 'sf-a', escalation: 'sf-a', admin: 'sf-a' }, JSON.stringify(before.status));
-  assert.ok((await carried(e, 'before-stop', all))[0]?.includes('sf-a'), 'sf-a carries requests before it stops');
+  assert.ok((await carry(e, 'before-stop', all))[0]?.includes('sf-a'), 'sf-a carries requests before it stops');
   const firstTerm = (await owners(e)).dso!.term;
   const lastEvent = (await events(e)).reduce((id, ev) => Math.max(id, ev.id), 0);
 
@@ -265,7 +250,7 @@ test('SIGTERM of the owner of dso hands it to the next ranked instance within ab
   const row = await boardRow(e, 'sf-a');
   assert.ok(row === undefined || row.state === 'stopped', `sf-a on the board after its clean stop: ${JSON.stringify(row)}`);
   assert.equal((await boardRow(e, 'sf-c'))?.operations.includes('dso'), false, 'sf-c (rank 3) took dso');
-  const apps = await carried(e, 'after-stop', all);
+  const apps = await carry(e, 'after-stop', all);
   assert.ok(apps.length === 1 && apps[0]!.includes('sf-b'), `after-stop written on chicago by ${JSON.stringify(apps)}, not once by sf-b`);
   t.diagnostic(`owners after the stop: ${JSON.stringify(await owners(e))}`);
 
@@ -409,7 +394,7 @@ test('rules publish by the owner of admin: a broken file changes nothing on any 
     group.every((i) => i.engine.running),
     `an instance stopped on a broken rule file\n${describeGroup(group)}`,
   );
-  assert.ok((await carried(e, 'during-broken', group))[0]?.includes('sf-b'), 'the running rules go on');
+  assert.ok((await carry(e, 'during-broken', group))[0]?.includes('sf-b'), 'the running rules go on');
 
   // a good change: published by the owner of admin, running everywhere within two intervals
   await rm(path.join(e.dir, 'rules/broken.json'));
@@ -425,7 +410,7 @@ test('rules publish by the owner of admin: a broken file changes nothing on any 
   const [set] = await e.query<{ published_by: string }>('sf', 'SELECT published_by FROM pgdso.rule_sets WHERE version = $1', [v1]);
   assert.ok(set?.published_by.includes('sf-a'), `rule set ${v1} published by ${set?.published_by}`);
   assert.ok(reachMs <= 2 * INTERVAL_MS + MARGIN_MS, `rule set ${v1} took ${reachMs} ms to reach every instance`);
-  await carried(e, 'after-v1', group);
+  await carry(e, 'after-v1', group);
   const [v1row] = await e.query<{ site: string | null }>('chicago', `SELECT site FROM repair_request WHERE id = 'after-v1'`);
   assert.equal(v1row?.site, 'v1', 'the owner of dso does not apply the published rules');
 
@@ -448,7 +433,7 @@ test('rules publish by the owner of admin: a broken file changes nothing on any 
   );
   assert.ok(b.engine.running, `SIGHUP stopped sf-b\n${b.engine.output}`);
   assert.equal((await boardRow(e, 'sf-b'))?.pid, pid, 'sf-b is the same process');
-  await carried(e, 'after-v2', group);
+  await carry(e, 'after-v2', group);
   const [v2row] = await e.query<{ site: string | null }>('chicago', `SELECT site FROM repair_request WHERE id = 'after-v2'`);
   assert.equal(v2row?.site, 'v2', 'the rules published on SIGHUP are not applied');
   const { status } = await statusOf(e);

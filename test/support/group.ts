@@ -55,6 +55,24 @@ export function startInstance(e: DsoEnv, id: string, opts: { server?: string; ra
   return { id, server, rank: opts.rank, engine: e.engine(['--server', server, '--instance-id', id, ...rank]) };
 }
 
+/**
+ * Starts the first instance and waits until it owns every operation (on an empty board: rank 1
+ * for all three), then the others; returns once all are online.
+ */
+export async function startGroup(e: DsoEnv, ids: readonly string[], ranks: readonly (number | undefined)[] = []): Promise<Instance[]> {
+  const first = startInstance(e, ids[0]!, { rank: ranks[0] });
+  const all = [first];
+  for (const operation of OPERATIONS) await untilOwner(e, first.id, all, { operation, timeoutMs: 30_000 });
+  for (const [i, id] of ids.slice(1).entries()) all.push(startInstance(e, id, { rank: ranks[i + 1] }));
+  for (const instance of all) await untilOnline(e, instance, all);
+  return all;
+}
+
+/** SIGTERM to each, at once; their exit codes. */
+export async function stopAll(instances: readonly Instance[]): Promise<(number | null)[]> {
+  return Promise.all(instances.map((i) => i.engine.stop()));
+}
+
 /** Starts the instance again (after a kill or a stop), with the same id and rank. */
 export function restartInstance(e: DsoEnv, instance: Instance): Instance {
   instance.engine = startInstance(e, instance.id, { server: instance.server, rank: instance.rank }).engine;
@@ -447,6 +465,20 @@ export async function insertsPerRequest(
       GROUP BY id HAVING count(*) > 1 ORDER BY id LIMIT 20`,
   );
   return { requests: all!.n, twice };
+}
+
+/**
+ * Inserts a request on sf (repair_request) and waits until chicago has it; returns the
+ * application_names of the engine's writes of it on chicago (write_audit), in order.
+ */
+export async function carry(e: DsoEnv, id: string, instances: readonly Instance[]): Promise<string[]> {
+  await e.query('sf', `INSERT INTO repair_request (id, item, description) VALUES ($1, 'chair', $1)`, [id]);
+  await waitFor(async () => (await e.query('chicago', 'SELECT 1 FROM repair_request WHERE id = $1', [id])).length === 1, {
+    timeoutMs: 30_000,
+    message: () => `${id} did not reach chicago\n${describeGroup(instances)}`,
+  });
+  const writes = await e.query<{ app: string }>('chicago', 'SELECT app FROM write_audit WHERE id = $1 AND by_engine ORDER BY n', [id]);
+  return writes.map((w) => w.app);
 }
 
 // ---- the command line ------------------------------------------------------------------------------------
