@@ -5,7 +5,7 @@
 // and chicago's audit (every write with the application_name of the session that made it, which
 // names the instance) shows one writer at a time: never two instances applying at once, never a
 // stale owner writing after the next one took over.
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, settled, type DsoEnv } from '../support/dso.ts';
 import { checksum, compareCopies, Load, queues, rowCount, untilPeersReach, untilSameData, writeSequences } from '../support/faults.ts';
@@ -16,6 +16,7 @@ import {
   GROUP,
   GROUP_AUDIT_SQL,
   HANDOVER_BOUND_MS,
+  INTERVAL_MS,
   RELINQUISH,
   backendsOf,
   boardRow,
@@ -35,6 +36,7 @@ import {
   writerRuns,
   writesBy,
   writingBackendsOf,
+  watchBoard,
   untilBeats,
   oneWriterAtATime,
   type Backend,
@@ -103,6 +105,7 @@ async function assertExactlyOnce(e: DsoEnv, all: readonly Instance[], owner: Ins
   const comparison = await compareCopies(e, 'sf', 'chicago');
   const sequences = await writeSequences(e, 'sf', 'chicago');
   const inserts = await insertsPerRequest(e, 'chicago');
+  const queued = await queues(e, 'sf');
   assert.deepEqual(
     {
       lost: comparison.lost,
@@ -112,7 +115,7 @@ async function assertExactlyOnce(e: DsoEnv, all: readonly Instance[], owner: Ins
       writtenMoreThanChanged: comparison.writtenMoreThanChanged,
     },
     { lost: 0, extra: 0, differing: 0, doubled: 0, writtenMoreThanChanged: 0 },
-    `chicago against sf:\n${comparison.examples.join('\n')}\n${describeGroup(all)}`,
+    `chicago against sf:\n${comparison.examples.join('\n')}\nsf's queue: ${JSON.stringify(queued)}\n${describeGroup(all)}`,
   );
   assert.deepEqual(
     { requests: sequences.requests, inOrder: sequences.same + sequences.coalesced, doubled: sequences.doubled, lost: sequences.lost },
@@ -122,8 +125,23 @@ async function assertExactlyOnce(e: DsoEnv, all: readonly Instance[], owner: Ins
   assert.deepEqual(inserts, { requests, twice: [] }, 'one insert per request on chicago');
   assert.deepEqual(await checksum(e, 'chicago'), await checksum(e, 'sf'), 'checksums of chicago and sf');
   assert.deepEqual(await unattributedWrites(e, 'chicago', IDS), [], 'engine writes on chicago whose application_name names no instance');
-  assert.deepEqual(await queues(e, 'sf'), { pending: [], errors: [] }, "sf's pending and pending_errors");
+  assert.deepEqual(queued, { pending: [], errors: [] }, "sf's pending and pending_errors");
   assert.ok(converged, 'chicago became equal to sf only after the deadline');
+}
+
+/**
+ * sf-b ran throughout: the board never showed it delinquent (its heartbeat never stalled for the
+ * threshold, even while it applied a load). Prints every instance's longest heartbeat gap.
+ */
+async function assertNeverDelinquent(t: TestContext, watch: ReturnType<typeof watchBoard>, id = 'sf-b'): Promise<void> {
+  const seen = await watch.stop();
+  t.diagnostic(`heartbeats on the board: ${JSON.stringify(seen)}`);
+  assert.equal(
+    seen[id]?.delinquent,
+    false,
+    `${id} ran throughout, yet the board showed it delinquent: its heartbeat stalled (longest gap ${seen[id]?.longestGapMs} ms; ` +
+      `delinquent after ${GROUP.delinquentThreshold} × ${INTERVAL_MS} ms)`,
+  );
 }
 
 // Fails if: no instance takes dso over from a dead one, or later than checkInterval × (threshold
@@ -137,6 +155,8 @@ test('kill -9 of the owner of dso during a load: the next ranked instance owns d
 }, async (t) => {
   const e = await groupEnv();
   const { a, b, all, first } = await startPair(e);
+  const heartbeats = watchBoard(e);
+  t.after(() => heartbeats.stop());
   const describe = () => describeGroup(all);
   const load = new Load(e, 'sf', { transactions: 30, perTransaction: 1000, maxAhead: 5000, behind: peerRows(e), describe });
   const atRows = await untilPeersReach(load, 0.3 * load.total, describe, peerRows(e));
@@ -155,13 +175,15 @@ test('kill -9 of the owner of dso during a load: the next ranked instance owns d
     async () => {
       stale = await boardRow(e, 'sf-a');
       status = (await statusOf(e)).status;
-      return stale?.state === 'delinquent' && status?.instances.find((i) => i.instanceId === 'sf-a')?.state === 'delinquent';
+      const shown = status?.instances.find((i) => i.instanceId === 'sf-a')?.state;
+      return stale?.state === 'delinquent' && shown === 'delinquent' && status?.owners.dso === 'sf-b';
     },
     { timeoutMs: HANDOVER_BOUND_MS, intervalMs: 100 },
   ).catch(() => undefined);
 
   await load.done;
   await assertExactlyOnce(e, all, b, load.total + 1);
+  await assertNeverDelinquent(t, heartbeats);
 
   assert.ok(failoverMs <= FAILOVER_BOUND_MS, `sf-b owned dso ${failoverMs} ms after the kill (bound ${FAILOVER_BOUND_MS} ms)`);
   assert.ok(loadGoingOn, 'the load was over before the failover: it did not happen in the middle of it');
@@ -196,6 +218,8 @@ test('the rank-1 instance restarted after a failover takes dso back during a loa
 }, async (t) => {
   const e = await groupEnv();
   const { a, b, all } = await startPair(e);
+  const heartbeats = watchBoard(e);
+  t.after(() => heartbeats.stop());
   const describe = () => describeGroup(all);
   await a.engine.kill9();
   const failedOver = await untilOwner(e, 'sf-b', all, { timeoutMs: FAILOVER_BOUND_MS + 30_000 });
@@ -212,6 +236,7 @@ test('the rank-1 instance restarted after a failover takes dso back during a loa
 
   await load.done;
   await assertExactlyOnce(e, all, a, load.total + 1);
+  await assertNeverDelinquent(t, heartbeats);
 
   assert.ok(loadGoingOn, 'the load was over before the hand-back: it did not happen in the middle of it');
   assert.ok(back.term > failedOver.term, `the term did not rise at the hand-back: ${failedOver.term} then ${back.term}`);
@@ -260,6 +285,8 @@ test('SIGSTOP of the owner in the middle of a 50,000-row batch on the peer: the 
 }, async (t) => {
   const e = await groupEnv();
   const { a, b, all } = await startPair(e);
+  const heartbeats = watchBoard(e);
+  t.after(() => heartbeats.stop());
   const describe = () => describeGroup(all);
   const eventsBefore = await lastEventId(e);
   // two source transactions of 50,000 requests (the second also updates 5,000 of the first's)
@@ -272,12 +299,14 @@ test('SIGSTOP of the owner in the middle of a 50,000-row batch on the peer: the 
     const found = await waitFor(
       async () => {
         const found = await writingBackendsOf(e, 'chicago', 'sf-a');
-        return found.length > 0 || !load.running ? found : undefined;
+        if (found.length > 0) return found;
+        // too late once chicago has everything
+        return !load.running && (await rowCount(e, 'chicago')) > load.total ? found : undefined;
       },
       { timeoutMs: 90_000, intervalMs: 5, message: () => `sf-a never had a batch open on chicago\n${describe()}` },
     );
     const writing = found?.[0];
-    assert.ok(writing, `the load was over before sf-a's batch could be caught open (${attempt} attempts)\n${describe()}`);
+    assert.ok(writing, `chicago had every row before sf-a's batch could be caught open (${attempt} attempts)\n${describe()}`);
     freeze(a);
     // as an xid8 (the epoch of now: no wraparound in a test)
     const [xact] = await e.query<{ xid8: string; status: string | null }>(
@@ -338,6 +367,7 @@ test('SIGSTOP of the owner in the middle of a 50,000-row batch on the peer: the 
     await load.done;
     const owner = (await owners(e)).dso?.instanceId === 'sf-a' ? a : b;
     await assertExactlyOnce(e, all, owner, load.total + 1);
+    await assertNeverDelinquent(t, heartbeats);
 
     assert.ok(failoverMs <= FAILOVER_BOUND_MS, `sf-b owned dso ${failoverMs} ms after the SIGSTOP (bound ${FAILOVER_BOUND_MS} ms)`);
     const [status] = await e.query<{ status: string }>('chicago', 'SELECT pg_xact_status($1::xid8) AS status', [xid8]);
@@ -382,6 +412,8 @@ test("pg_terminate_backend of the owner's control connection during a load: the 
 }, async (t) => {
   const e = await groupEnv();
   const { a, b, all, first } = await startPair(e);
+  const heartbeats = watchBoard(e);
+  t.after(() => heartbeats.stop());
   const describe = () => describeGroup(all);
   const eventsBefore = await lastEventId(e);
   const load = new Load(e, 'sf', { transactions: 30, perTransaction: 1000, maxAhead: 5000, behind: peerRows(e), describe });
@@ -422,6 +454,7 @@ test("pg_terminate_backend of the owner's control connection during a load: the 
   await load.done;
   const final = (await owners(e)).dso!;
   await assertExactlyOnce(e, all, final.instanceId === 'sf-a' ? a : b, load.total + 1);
+  await assertNeverDelinquent(t, heartbeats);
   assert.ok(loadGoingOn, 'the load was over before the outcome: the fault did not happen in the middle of it');
 
   const runs = await writerRuns(e, 'chicago', IDS);

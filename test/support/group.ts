@@ -255,6 +255,50 @@ export async function untilBeats(e: DsoEnv, instance: Instance, beats: number, i
   });
 }
 
+export interface Heartbeats {
+  /** the longest time between two heartbeats seen (last_seen_at, the server's clock) */
+  longestGapMs: number;
+  /** the instance was seen delinquent on the board */
+  delinquent: boolean;
+  heartbeats: number;
+}
+
+/**
+ * Watches a server's board until stopped: each instance's heartbeats (last_seen_at as it
+ * moves), the longest gap between two, and whether the board ever showed it delinquent. A live
+ * instance's heartbeat must not stall for the delinquent threshold, even under load.
+ */
+export function watchBoard(e: DsoEnv, server = 'sf'): { stop: () => Promise<Record<string, Heartbeats>> } {
+  const seen: Record<string, Heartbeats & { last?: number }> = {};
+  let running = true;
+  const loop = (async () => {
+    while (running) {
+      try {
+        for (const row of await board(e, server)) {
+          const h = (seen[row.instanceId] ??= { longestGapMs: 0, delinquent: false, heartbeats: 0 });
+          const at = row.lastSeenAt.getTime();
+          if (h.last !== undefined && at > h.last) {
+            h.longestGapMs = Math.max(h.longestGapMs, at - h.last);
+            h.heartbeats += 1;
+          }
+          h.last = at;
+          if (row.state === 'delinquent') h.delinquent = true;
+        }
+      } catch {
+        // a connection cut by a fault: the next reading tells
+      }
+      await new Promise((resolve) => setTimeout(resolve, 50).unref());
+    }
+  })();
+  return {
+    stop: async () => {
+      running = false;
+      await loop;
+      return Object.fromEntries(Object.entries(seen).map(([id, { last: _, ...h }]) => [id, h]));
+    },
+  };
+}
+
 // ---- backends -----------------------------------------------------------------------------------------
 
 export interface Backend {
