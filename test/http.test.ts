@@ -7,8 +7,9 @@ import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, is } from './support/dso
 
 const suite = dsoSuite(2);
 
-test('a running instance serves /healthz and Prometheus /metrics with pgdso_ names that count what it did', async () => {
-  const e = await suite.env({
+/** sf and chicago, chairs carried from sf to chicago. */
+const chairsEnv = (config?: Record<string, unknown>) =>
+  suite.env({
     servers: ['sf', 'chicago'],
     schemaSql: REPAIR_REQUEST_SQL,
     forms: ['repair_request'],
@@ -16,7 +17,11 @@ test('a running instance serves /healthz and Prometheus /metrics with pgdso_ nam
       mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
       filters: [filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }])],
     },
+    config,
   });
+
+test('a running instance serves /healthz and Prometheus /metrics with pgdso_ names that count what it did', async () => {
+  const e = await chairsEnv();
   const config = JSON.parse(await readFile(e.configPath, 'utf8'));
   await writeFile(e.configPath, JSON.stringify({ ...config, http: { port: 0 } }));
   const engine = e.engine();
@@ -63,16 +68,7 @@ test('two instances of one server on one machine with the same http.port: the se
   '/healthz lists the operations each owns', {
   timeout: 90_000,
 }, async () => {
-  const e = await suite.env({
-    servers: ['sf', 'chicago'],
-    schemaSql: REPAIR_REQUEST_SQL,
-    forms: ['repair_request'],
-    rules: {
-      mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
-      filters: [filter('route-chairs', 'sf', { all: [is('item', 'chair')] }, [{ type: 'transfer', mapping: 'sf-to-chicago' }])],
-    },
-    config: { group: { checkIntervalSeconds: 0.5, delinquentThreshold: 2 } },
-  });
+  const e = await chairsEnv({ group: { checkIntervalSeconds: 0.5, delinquentThreshold: 2 } });
   const config = JSON.parse(await readFile(e.configPath, 'utf8'));
   const first = e.engine(['--server', 'sf', '--instance-id', 'sf-a', '--rank', '1']);
   // the first instance on a free port, then the second on the same one
