@@ -3,6 +3,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import pino from 'pino';
+import pg from 'pg';
+import { setTimeout as delay } from 'node:timers/promises';
 import { dsoSuite, REPAIR_REQUEST_SQL } from './support/dso.ts';
 import { ApplyLane } from '../src/applier/lane.ts';
 import { isFenced } from '../src/sql/fencing.ts';
@@ -91,4 +93,42 @@ test('the term check alone refuses a former owner that still holds its connectio
   );
   await old.close();
   assert.deepEqual(await e.query('sf', `SELECT id FROM repair_request`), []);
+});
+
+test('a new owner waits for the origin while a former owner still holds it (a backend that exits late), then opens the lane', async () => {
+  const e = await suite.env({
+    servers: ['sf'],
+    schemaSql: REPAIR_REQUEST_SQL,
+    forms: ['repair_request'],
+    rules: { mappings: [], filters: [] },
+  });
+  const origin = 'pgdso:test:late:fence';
+  const first = new ApplyLane<never>({
+    connection: { connectionString: e.urls.sf },
+    origin,
+    name: 'test->sf/late',
+    log,
+    fence: { instanceId: 'sf-a', term: 1 },
+  });
+  await first.open();
+  await first.close();
+  // a session the new owner cannot terminate by name keeps the origin active for 400 ms more
+  const holder = new pg.Client({ connectionString: e.urls.sf, application_name: 'not a lane' });
+  await holder.connect();
+  await holder.query('SELECT pg_replication_origin_session_setup($1)', [origin]);
+  const release = delay(400).then(() => holder.end());
+  const fresh = new ApplyLane<never>({
+    connection: { connectionString: e.urls.sf },
+    origin,
+    name: 'test->sf/late',
+    log,
+    fence: { instanceId: 'sf-b', term: 2 },
+  });
+  await fresh.open();
+  await release;
+  await fresh.transaction(40n, new Date(), async (client) => {
+    await client.query(`INSERT INTO repair_request (id, item) VALUES ('H-1', 'chair')`);
+  });
+  await fresh.close();
+  assert.deepEqual(await e.query('sf', `SELECT id FROM repair_request`), [{ id: 'H-1' }]);
 });

@@ -84,8 +84,10 @@ export async function setupOrigin(client: pg.ClientBase, origin: string, lane: s
       await client.query('SELECT pg_replication_origin_session_setup($1)', [origin]);
       return;
     } catch (err) {
-      // 55000: the origin is active in another session (a former owner's lane, exiting or frozen)
-      if (!fence || (err as { code?: string }).code !== '55000' || attempt >= 50) throw err;
+      // 55006 (object in use): the origin is active for another PID, a former owner's lane that is
+      // exiting or frozen; 55000: its replication state is not released yet
+      const code = (err as { code?: string }).code;
+      if (!fence || (code !== '55006' && code !== '55000') || attempt >= 50) throw err;
       await terminateLane(client, lane);
       await delay(100);
     }
