@@ -43,8 +43,10 @@ test('a running instance serves /healthz and Prometheus /metrics with pgdso_ nam
   const text = (await waitFor(
     async () => {
       body = await (await fetch(`${base}/metrics`)).text();
-      // 2 transfers applied on chicago and their 2 bookkeeping operations on sf
-      return /pgdso_operations_applied_total\{server="sf"\} 4\b/.test(body) ? body : undefined;
+      // 2 transfers applied on chicago and their 2 bookkeeping operations on sf; then those
+      // 2 bookkeeping updates read back from the WAL (counted as changes, below)
+      const read = /pgdso_changes_total\{server="sf"\} 5\b/.test(body);
+      return /pgdso_operations_applied_total\{server="sf"\} 4\b/.test(body) && read ? body : undefined;
     },
     {
       message: () =>

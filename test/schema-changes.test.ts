@@ -59,9 +59,13 @@ to do, status and rules check show it, and after REPLICA IDENTITY FULL a retry c
   );
   assert.match(failed!.error, /replica identity/i, failed!.error);
   assert.match(failed!.error, /REPLICA IDENTITY FULL|forms enable/, `the message says what to do: ${failed!.error}`);
-  assert.equal(
-    (await e.query<{ s: string }>('sf', `SELECT dso_transfer_status AS s FROM repair_request WHERE id = 'RI-1'`))[0]!.s,
-    'failure',
+  // the error is recorded before any target commits, the source copy's status in the batch's source transaction after
+  await until(
+    engine,
+    'the transfer status of RI-1 on sf is failure',
+    async () =>
+      (await e.query<{ s: string }>('sf', `SELECT dso_transfer_status AS s FROM repair_request WHERE id = 'RI-1'`))[0]!.s === 'failure',
+    15_000,
   );
   assert.equal((await onChicago('RI-1'))?.status, 'new', 'nothing half-applied on chicago');
 

@@ -66,6 +66,9 @@ export class ServerSupervisor {
   private stopRequested = false;
   private connected = false;
   private justJoined = false;
+  /** the round's slow part (signals, starting and stopping runners), off the heartbeat's path */
+  private busy: Promise<void> | null = null;
+  private readonly signals = new Set<string>();
 
   constructor(private readonly opts: SupervisorOptions) {
     this.server = opts.server;
@@ -202,20 +205,27 @@ export class ServerSupervisor {
     const row = (await client.query(beat.text, beat.values)).rows[0] as { signals: string[] } | undefined;
     if (!row) await this.join(client);
     // a joining instance runs the group's rule set, published before it came
-    const signals = new Set(row?.signals ?? []);
-    if (this.justJoined) signals.add('rules');
+    for (const signal of row?.signals ?? []) this.signals.add(signal);
+    if (this.justJoined) this.signals.add('rules');
     this.justJoined = false;
-    for (const signal of signals) {
-      await this.opts.onSignal(signal).catch((err) => this.log.error({ error: (err as Error).message }, `signal ${signal} failed`));
-    }
     if (!this.coordinator) {
       this.coordinator = await tryCoordinate(client, group, this.log);
       if (this.coordinator) this.log.info('this instance coordinates the server group');
     }
     if (this.coordinator) await coordinate(client, group, this.server, this.log);
     const owners = (await client.query(readOwners.text, readOwners.values)).rows as OwnerRow[];
-    await this.reconcile(owners);
+    // what may wait for a runner to stop runs beside the next heartbeats, one round of it at a time
+    if (!this.busy && this.connected) this.busy = this.background(owners).finally(() => (this.busy = null));
     for (const request of await takeRequests(client, instanceId, this.operations())) void this.serve(client, request);
+  }
+
+  private async background(owners: readonly OwnerRow[]): Promise<void> {
+    const signals = [...this.signals];
+    this.signals.clear();
+    for (const signal of signals) {
+      await this.opts.onSignal(signal).catch((err) => this.log.error({ error: (err as Error).message }, `signal ${signal} failed`));
+    }
+    await this.reconcile(owners).catch((err) => this.log.error({ error: (err as Error).message }, 'the operations were not reconciled'));
   }
 
   private async reconcile(owners: readonly OwnerRow[]): Promise<void> {
@@ -258,6 +268,8 @@ export class ServerSupervisor {
   }
 
   private async stopAll(): Promise<void> {
+    // a round still starting or stopping runners ends first: nothing starts after this
+    while (this.busy) await this.busy;
     for (const r of this.running.values()) r.controller.abort();
     await Promise.all([...this.running.keys()].map((op) => this.stopRunner(op)));
   }

@@ -10,8 +10,8 @@ import { waitFor } from './wait.ts';
 export type Operation = 'dso' | 'escalation' | 'admin';
 export const OPERATIONS: readonly Operation[] = ['dso', 'escalation', 'admin'];
 
-/** The group settings of the tests: a check every half second, delinquent after two missed checks. */
-export const GROUP = Object.freeze({ checkIntervalSeconds: 0.5, delinquentThreshold: 2 });
+/** The group settings of the tests: a check every half second, delinquent after three missed checks. */
+export const GROUP = Object.freeze({ checkIntervalSeconds: 0.5, delinquentThreshold: 3 });
 export const INTERVAL_MS = GROUP.checkIntervalSeconds * 1000;
 /** Slack on every timing bound: a loaded 2-CPU machine, and the tests' own polling. */
 export const MARGIN_MS = 2000;
