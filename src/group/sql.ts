@@ -63,15 +63,17 @@ export function setRank(instanceId: string, operations: readonly Operation[], ra
 
 /**
  * One heartbeat: the interval count rises, the board shows what the instance runs now, and the
- * signals left for it are taken. Null when its row is gone (it joins again).
+ * signals left for it are taken. Null when its row is gone (it joins again). `count`: false while
+ * the heartbeat thread counts the intervals.
  */
-export function heartbeat(instanceId: string, operations: readonly string[], ruleVersion: number | null): Sql {
+export function heartbeat(instanceId: string, operations: readonly string[], ruleVersion: number | null, count = true): Sql {
   return {
     text: `WITH old AS (SELECT instance_id, pending_signals FROM pgdso.servgrp_board WHERE instance_id = $1 FOR UPDATE)
-           UPDATE pgdso.servgrp_board b SET interval_count = b.interval_count + 1, last_seen_at = now(), state = 'online',
+           UPDATE pgdso.servgrp_board b SET interval_count = b.interval_count + CASE WHEN $4 THEN 1 ELSE 0 END,
+                  last_seen_at = now(), state = 'online',
                   operations = $2, rule_version = $3, pending_signals = '{}'
              FROM old WHERE b.instance_id = old.instance_id RETURNING old.pending_signals AS signals`,
-    values: [instanceId, operations, ruleVersion],
+    values: [instanceId, operations, ruleVersion, count],
   };
 }
 

@@ -10,6 +10,7 @@ import type { GroupConfig } from '../config/types.ts';
 import { classifyError } from '../applier/errors.ts';
 import { stopOnRefusal } from '../engine.ts';
 import { controlName, coordinate, tryCoordinate } from './coordinator.ts';
+import { HeartbeatThread } from './heartbeat.ts';
 import { answerRequest, takeRequests, type GroupRequest } from './requests.ts';
 import {
   GROUP_CHANNEL,
@@ -69,6 +70,7 @@ export class ServerSupervisor {
   /** the round's slow part (signals, starting and stopping runners), off the heartbeat's path */
   private busy: Promise<void> | null = null;
   private readonly signals = new Set<string>();
+  private beats: HeartbeatThread | null = null;
 
   constructor(private readonly opts: SupervisorOptions) {
     this.server = opts.server;
@@ -156,10 +158,17 @@ export class ServerSupervisor {
     this.client = client;
     this.connected = true;
     this.coordinator = false;
+    const intervalMs = this.opts.group.checkIntervalSeconds * 1000;
+    const beats = (this.beats = new HeartbeatThread({
+      connection: this.opts.connection,
+      instanceId: this.opts.instanceId,
+      intervalMs,
+      log: this.log,
+    }));
     try {
       await this.join(client);
       await client.query(`LISTEN ${GROUP_CHANNEL}`);
-      const intervalMs = this.opts.group.checkIntervalSeconds * 1000;
+      beats.start();
       while (!signal.aborted && !this.stopRequested) {
         const woken = new Promise<void>((resolve) => (this.wakeUp = resolve));
         const tick = this.tick(client).catch((err: Error) => {
@@ -172,6 +181,7 @@ export class ServerSupervisor {
       }
       if (signal.aborted || this.stopRequested) await this.leave(client);
     } finally {
+      await beats.stop();
       this.connected = false;
       this.client = null;
       this.coordinator = false;
@@ -201,7 +211,7 @@ export class ServerSupervisor {
   /** One interval: heartbeat, coordinate (or try to), then run what this instance owns. */
   private async tick(client: pg.Client): Promise<void> {
     const { instanceId, group } = this.opts;
-    const beat = heartbeat(instanceId, this.operations(), this.opts.ruleVersion());
+    const beat = heartbeat(instanceId, this.operations(), this.opts.ruleVersion(), !this.beats?.running);
     const row = (await client.query(beat.text, beat.values)).rows[0] as { signals: string[] } | undefined;
     if (!row) await this.join(client);
     // a joining instance runs the group's rule set, published before it came
