@@ -32,7 +32,8 @@ async function beat() {
         await client.connect();
       }
       await client.query(
-        "UPDATE pgdso.servgrp_board SET interval_count = interval_count + 1, last_seen_at = now() WHERE instance_id = $1 AND state = 'online'",
+        "UPDATE pgdso.servgrp_board SET interval_count = interval_count + 1, last_seen_at = now() " +
+          "WHERE instance_id = $1 AND state = 'online'",
         [instanceId],
       );
     } catch {
