@@ -4,7 +4,6 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import pino from 'pino';
 import pg from 'pg';
-import { setTimeout as delay } from 'node:timers/promises';
 import { dsoSuite, REPAIR_REQUEST_SQL } from './support/dso.ts';
 import { ApplyLane } from '../src/applier/lane.ts';
 import { isFenced } from '../src/sql/fencing.ts';
@@ -112,16 +111,19 @@ test('a new owner waits for the origin while a former owner still holds it (a ba
   });
   await first.open();
   await first.close();
-  // a session the new owner cannot terminate by name keeps the origin active for 400 ms more
+  // a session the new owner cannot terminate by name keeps the origin active until the new
+  // owner's lane has been refused it once (the lane says so in its log)
   const holder = new pg.Client({ connectionString: e.urls.sf, application_name: 'not a lane' });
   await holder.connect();
   await holder.query('SELECT pg_replication_origin_session_setup($1)', [origin]);
-  const release = delay(400).then(() => holder.end());
+  let refused: () => void = () => {};
+  const release = new Promise<void>((resolve) => (refused = resolve)).then(() => holder.end());
+  const watching = pino({ level: 'debug' }, { write: (line: string) => (line.includes('still active') ? refused() : undefined) });
   const fresh = new ApplyLane<never>({
     connection: { connectionString: e.urls.sf },
     origin,
     name: 'test->sf/late',
-    log,
+    log: watching,
     fence: { instanceId: 'sf-b', term: 2 },
   });
   await fresh.open();

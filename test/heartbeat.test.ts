@@ -4,8 +4,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import pino from 'pino';
 import pg from 'pg';
-import { setTimeout as delay } from 'node:timers/promises';
 import { dsoSuite, REPAIR_REQUEST_SQL } from './support/dso.ts';
+import { waitFor } from './support/wait.ts';
 import { joinBoard } from '../src/group/sql.ts';
 import { HeartbeatThread } from '../src/group/heartbeat.ts';
 
@@ -40,7 +40,9 @@ test('the heartbeat thread beats while the main thread is busy, and stops once i
   });
   beats.start();
   try {
-    await delay(500);
+    // the thread beats (twice, so it is past its connection's start)
+    const started = await count();
+    await waitFor(async () => (await count()) >= started + 2, { message: 'the heartbeat thread never beat' });
     const before = await count();
     busy(1500);
     const during = (await count()) - before;
@@ -58,8 +60,7 @@ test('the heartbeat thread beats while the main thread is busy, and stops once i
     assert.ok(silentFor >= 0.6, `the last beat was ${silentFor} s old: beats went on although the main thread was silent past the limit`);
     const stuck = await count();
     // and beats again once the main thread answers
-    await delay(600);
-    assert.ok((await count()) > stuck, 'no beat after the main thread answered again');
+    await waitFor(async () => (await count()) > stuck, { timeoutMs: 5_000, message: 'no beat after the main thread answered again' });
   } finally {
     await beats.stop();
   }

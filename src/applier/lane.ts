@@ -69,7 +69,7 @@ export class ApplyLane<F = unknown> {
       await raiseLaneTerm(client, origin, name, fence);
       await terminateLane(client, name);
     }
-    await setupOrigin(client, origin, name, fence);
+    await setupOrigin(client, origin, name, fence, this.opts.log);
     const progress = await client.query(`SELECT source_lsn::text AS lsn FROM pgdso.apply_progress WHERE origin = $1`, [origin]);
     this.progress = progress.rowCount ? parseLsn(progress.rows[0].lsn) : 0n;
     this.opts.log.debug({ lane: this.name, origin, progress: formatLsn(this.progress) }, 'apply lane open');

@@ -67,7 +67,9 @@ export class HeartbeatThread {
   private worker: Worker | null = null;
   private timer: NodeJS.Timeout | null = null;
   /** true while the thread beats (the main heartbeat then leaves the interval count to it) */
-  running = false;
+  get running(): boolean {
+    return this.worker !== null;
+  }
 
   constructor(private readonly opts: HeartbeatOptions) {}
 
@@ -85,12 +87,13 @@ export class HeartbeatThread {
       const worker = new Worker(WORKER_SOURCE, { eval: true, workerData });
       worker.unref();
       worker.on('error', (err) => {
-        this.running = false;
+        if (this.worker === worker) this.worker = null;
         log.warn({ error: err.message }, 'the heartbeat thread failed: heartbeats come from the main thread only');
       });
-      worker.on('exit', () => (this.running = false));
+      worker.on('exit', () => {
+        if (this.worker === worker) this.worker = null;
+      });
       this.worker = worker;
-      this.running = true;
       this.timer = setInterval(() => worker.postMessage('alive'), Math.max(100, intervalMs / 2));
       this.timer.unref();
     } catch (err) {
@@ -99,7 +102,6 @@ export class HeartbeatThread {
   }
 
   async stop(): Promise<void> {
-    this.running = false;
     if (this.timer) clearInterval(this.timer);
     this.timer = null;
     const worker = this.worker;

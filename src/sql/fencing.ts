@@ -5,6 +5,7 @@
 // in the database. The new owner also terminates what the former one still holds: its lanes
 // (same lane name), the slot's walsender, the operation's advisory lock.
 import type pg from 'pg';
+import type { Logger } from 'pino';
 import { setTimeout as delay } from 'node:timers/promises';
 import { LOCK_NAMESPACE, LOCKS, type Operation } from './identifiers.ts';
 
@@ -78,7 +79,13 @@ export async function checkLaneTerm(client: pg.ClientBase, origin: string, lane:
 }
 
 /** Sets the replication origin up for this session, waiting for a terminated holder to be gone. */
-export async function setupOrigin(client: pg.ClientBase, origin: string, lane: string, fence: Fence | undefined): Promise<void> {
+export async function setupOrigin(
+  client: pg.ClientBase,
+  origin: string,
+  lane: string,
+  fence: Fence | undefined,
+  log?: Logger,
+): Promise<void> {
   for (let attempt = 1; ; attempt++) {
     try {
       await client.query('SELECT pg_replication_origin_session_setup($1)', [origin]);
@@ -88,6 +95,7 @@ export async function setupOrigin(client: pg.ClientBase, origin: string, lane: s
       // exiting or frozen; 55000: its replication state is not released yet
       const code = (err as { code?: string }).code;
       if (!fence || (code !== '55006' && code !== '55000') || attempt >= 50) throw err;
+      log?.debug({ lane, origin, attempt }, "the lane's origin is still active in a former owner's session: waiting for it");
       await terminateLane(client, lane);
       await delay(100);
     }
