@@ -7,6 +7,7 @@ import * as pendingQueue from './20261123000004_pending_queue.ts';
 import * as deployment from './20261201000005_deployment.ts';
 import * as boardErrors from './20261201000010_board_errors.ts';
 import * as serverGroups from './20261202000011_server_groups.ts';
+import * as scanRuns from './20261203000012_scan_runs.ts';
 
 const migrations: Record<string, Knex.Migration> = {
   '20261123000001_control_schema': controlSchema,
@@ -16,6 +17,7 @@ const migrations: Record<string, Knex.Migration> = {
   '20261201000005_deployment': deployment,
   '20261201000010_board_errors': boardErrors,
   '20261202000011_server_groups': serverGroups,
+  '20261203000012_scan_runs': scanRuns,
 };
 
 export const migrationSource: Knex.MigrationSource<string> = {

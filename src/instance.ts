@@ -16,6 +16,7 @@ import { ServerSupervisor } from './group/supervisor.ts';
 import { AdminRunner, DsoRunner, EscalationRunner, type RuleState } from './group/runners.ts';
 import { digestOf, latestRuleSet, relativeSources } from './group/rulesets.ts';
 import { submitRequest, type GroupRequest } from './group/requests.ts';
+import type { Clock } from './escalation/schedule.ts';
 
 export interface InstanceOptions {
   configPath: string;
@@ -27,6 +28,8 @@ export interface InstanceOptions {
   instanceId?: string;
   rank: number | null;
   log: Logger;
+  /** the clock escalations run by (tests and the demo move it) */
+  clock?: Clock;
 }
 
 interface Served {
@@ -35,6 +38,7 @@ interface Served {
   state: RuleState;
   supervisor: ServerSupervisor;
   dso: DsoRunner;
+  escalation: EscalationRunner;
   admin: AdminRunner;
 }
 
@@ -77,6 +81,7 @@ export class Instance {
     const log = this.log.child({ server: name });
     const served = { name, connection, state: initial } as Served;
     served.dso = new DsoRunner(name, this.instanceId, () => served.state, this.opts.log);
+    served.escalation = new EscalationRunner(name, this.instanceId, connection, () => served.state, log, this.opts.clock);
     served.admin = new AdminRunner({
       server: name,
       instanceId: this.instanceId,
@@ -94,7 +99,7 @@ export class Instance {
       group: this.opts.config.group,
       httpPort: this.opts.config.http.port,
       log: this.opts.log,
-      runners: { dso: served.dso, escalation: new EscalationRunner(), admin: served.admin },
+      runners: { dso: served.dso, escalation: served.escalation, admin: served.admin },
       handle: (request) => this.handle(served, request),
       onSignal: (signal) => (signal === 'rules' ? this.adopt(served) : Promise.resolve()),
       ruleVersion: () => served.state.version,
@@ -142,6 +147,10 @@ export class Instance {
         if (err instanceof ConfigError) return { problems: err.message };
         throw err;
       }
+    }
+    if (request.kind === 'escalate') {
+      const { name } = request.args as { name: string };
+      return served.escalation.runNow(name, new AbortController().signal);
     }
     throw new Error(`unknown request ${String(request.kind)}`);
   }

@@ -111,7 +111,9 @@ export async function preflight(
         } catch (err) {
           if (!(err instanceof FormError)) throw err;
           catalogs.set(`${name}.${s}.${table}`, null);
-          findings.push({ server: name, severity: 'problem', ...whereNamed(config, name, s, table), message: `${name}: ${err.message}` });
+          // said at every rule that names the form, so that each of them can be found
+          for (const where of placesNamed(config, name, s, table))
+            findings.push({ server: name, severity: 'problem', ...where, message: `${name}: ${err.message}` });
         }
       }
       if (toMake && !facts.superuser && !facts.canCreateInDatabase)
@@ -212,31 +214,21 @@ export async function preflight(
 
 /** Where the rules first name a form: the mapping or filter that does, for findings. */
 function whereNamed(config: PgdsoConfig, server: string, schema: string, table: string): { file?: string; pointer?: string } {
-  for (const m of Object.values(config.mappings)) {
-    if (m.from.server === server && m.from.schema === schema && m.from.table === table)
-      return { file: m.source.file, pointer: `${m.source.pointer}/from/form` };
-    if (m.to.server === server && m.to.schema === schema && m.to.table === table)
-      return { file: m.source.file, pointer: `${m.source.pointer}/to/form` };
-  }
-  for (const f of [...config.filters, ...config.escalations]) {
-    if (f.on.server === server && f.on.schema === schema && f.on.table === table)
-      return { file: f.source.file, pointer: `${f.source.pointer}/on/form` };
-  }
-  return {};
+  return placesNamed(config, server, schema, table)[0] ?? {};
 }
 
-/**
- * Options of the contract this version does not carry out yet (escalations). They are refused,
- * with their file and pointer, rather than accepted and ignored.
- */
-export function unsupportedOptions(config: PgdsoConfig): Finding[] {
-  return config.escalations.map((e) => ({
-    server: e.on.server,
-    severity: 'problem' as const,
-    file: e.source.file,
-    pointer: e.source.pointer,
-    message: `escalation "${e.name}" (escalations) is not supported by this version of pgdso yet`,
-  }));
+/** Every place the rules name a form: mappings' from and to, filters and escalations. */
+function placesNamed(config: PgdsoConfig, server: string, schema: string, table: string): { file: string; pointer: string }[] {
+  const places: { file: string; pointer: string }[] = [];
+  const same = (at: { server: string; schema: string; table: string }) =>
+    at.server === server && at.schema === schema && at.table === table;
+  for (const m of Object.values(config.mappings)) {
+    if (same(m.from)) places.push({ file: m.source.file, pointer: `${m.source.pointer}/from/form` });
+    if (same(m.to)) places.push({ file: m.source.file, pointer: `${m.source.pointer}/to/form` });
+  }
+  for (const f of [...config.filters, ...config.escalations])
+    if (same(f.on)) places.push({ file: f.source.file, pointer: `${f.source.pointer}/on/form` });
+  return places;
 }
 
 /** The findings that stop an engine, as the one format bad config and rules are reported in. */

@@ -243,26 +243,43 @@ test('contract guarantee 7: a rule that does not match the live catalog is repor
   );
 });
 
-test('an option this version does not carry out yet (escalations) is refused with its file and pointer, never accepted and \
-ignored', async () => {
-  const { configPath, ruleFile } = await variant({
+test('an escalation with a bad cron expression, or on a form the server lacks, stops rules check and run with exit 2, its file and \
+pointer', async () => {
+  const escalation = (name: string, form: string, schedule: Record<string, unknown>) => ({
+    name,
+    on: { server: 'sf', form },
+    schedule,
+    actions: [{ type: 'transfer', mapping: 'sf-to-chicago' }],
+  });
+  const badCron = await variant({
     'main.json': {
       mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
+      escalations: [escalation('nightly', 'repair_request', { cron: '0 25 * * 1-5', timezone: 'America/Los_Angeles' })],
+    },
+  });
+  const noForm = await variant({
+    'main.json': {
+      mappings: [
+        mapping('sf-to-chicago', 'sf', 'chicago'),
+        { ...mapping('ghost', 'sf', 'chicago'), from: { server: 'sf', form: 'no_such_form' } },
+      ],
       escalations: [
-        {
-          name: 'nightly',
-          on: { server: 'sf', form: 'repair_request' },
-          schedule: { cron: '0 17 * * 1-5' },
-          actions: [{ type: 'transfer', mapping: 'sf-to-chicago' }],
-        },
+        escalation('nightly', 'repair_request', { everySeconds: 60 }),
+        { ...escalation('elsewhere', 'no_such_form', { everySeconds: 60 }), actions: [{ type: 'transfer', mapping: 'ghost' }] },
       ],
     },
   });
-  for (const command of [['rules', 'check'], ['run']]) {
-    const r = await cli(configPath, command);
-    assert.equal(r.code, 2, show(r));
-    assert.ok(r.stderr.includes(`${ruleFile('main.json')}#/escalations/0`), `${command.join(' ')} reports #/escalations/0\n${show(r)}`);
-    assert.match(r.stderr, /not supported by this version/);
+  for (const [{ configPath, ruleFile }, pointer, reason] of [
+    [badCron, '#/escalations/0/schedule/cron', /invalid cron expression "0 25 \* \* 1-5"/],
+    [noForm, '#/escalations/1/on/form', /no_such_form/],
+  ] as const) {
+    for (const command of [['rules', 'check'], ['run']]) {
+      const r = await cli(configPath, command);
+      assert.equal(r.code, 2, show(r));
+      const out = r.stdout + r.stderr;
+      assert.ok(out.includes(`${ruleFile('main.json')}${pointer}`), `${command.join(' ')} reports ${pointer}\n${show(r)}`);
+      assert.match(out, reason);
+    }
   }
 });
 

@@ -391,6 +391,28 @@ test('a cron expression that does not parse, one that never fires, and an unknow
   assert.match(problemAt(problems, 'rules/main.json', '/escalations/3/schedule/timezone').message, /unknown time zone "Europe\/Atlantis"/);
 });
 
+test('a schedule is cron (with a time zone) or everySeconds: both, neither, a zone with everySeconds, 0 seconds are reported', async () => {
+  const rules = structuredClone(validRules);
+  const base = rules.escalations[0]!;
+  rules.escalations.push(
+    { ...structuredClone(base), name: 'both', schedule: { cron: '0 9 * * *', everySeconds: 60 } },
+    { ...structuredClone(base), name: 'zoned', schedule: { everySeconds: 60, timezone: 'UTC' } },
+    { ...structuredClone(base), name: 'zero', schedule: { everySeconds: 0 } },
+    { ...structuredClone(base), name: 'neither', schedule: {} },
+    { ...structuredClone(base), name: 'fine', schedule: { everySeconds: 30 } },
+  );
+  const { problems } = await problemsOf(withRules(rules));
+  assert.match(problemAt(problems, 'rules/main.json', '/escalations/1/schedule').message, /either "cron".*or "everySeconds"/);
+  assert.match(problemAt(problems, 'rules/main.json', '/escalations/2/schedule/timezone').message, /goes with "cron"/);
+  problemAt(problems, 'rules/main.json', '/escalations/3/schedule/everySeconds');
+  problemAt(problems, 'rules/main.json', '/escalations/4/schedule');
+  assert.equal(
+    problems.filter((p) => p.pointer.startsWith('/escalations/5')).length,
+    0,
+    `everySeconds 30 is valid: ${JSON.stringify(problems)}`,
+  );
+});
+
 test('duplicate names across rule files name both places', async () => {
   const dir = await writeTree({
     'pgdso.config.json': validConfig,

@@ -140,6 +140,16 @@ function checkSchedule(entry: RawItem, problems: ProblemList): void {
   const schedule = entry.item.schedule;
   if (!isObject(schedule)) return;
   const { file, pointer } = entry;
+  const hasCron = schedule.cron !== undefined;
+  if (hasCron === (schedule.everySeconds !== undefined)) {
+    problems.add(file, `${pointer}/schedule`, 'a schedule names either "cron" (with an optional "timezone") or "everySeconds", not both');
+    return;
+  }
+  if (!hasCron) {
+    if (schedule.timezone !== undefined)
+      problems.add(file, `${pointer}/schedule/timezone`, '"timezone" goes with "cron"; "everySeconds" counts seconds in UTC');
+    return;
+  }
   let timezone: string | undefined;
   if (typeof schedule.timezone === 'string' && !problems.hasAt(file, `${pointer}/schedule/timezone`)) {
     if (isKnownTimeZone(schedule.timezone)) timezone = schedule.timezone;

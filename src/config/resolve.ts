@@ -55,7 +55,10 @@ export function resolveConfig(
     return {
       name: item.name as string,
       on: { server: on.server as string, ...parseForm(on.form as string)! },
-      schedule: { cron: schedule.cron as string, ...(typeof schedule.timezone === 'string' ? { timezone: schedule.timezone } : {}) },
+      schedule:
+        typeof schedule.everySeconds === 'number'
+          ? { everySeconds: schedule.everySeconds }
+          : { cron: schedule.cron as string, ...(typeof schedule.timezone === 'string' ? { timezone: schedule.timezone } : {}) },
       conditions: (item.conditions as Record<string, unknown> | null | undefined) ?? null,
       actions: (item.actions as JsonObject[]).map(resolveAction),
       source: { file: source, pointer },

@@ -73,10 +73,13 @@ export interface FilterConfig {
   source: { file: string; pointer: string };
 }
 
+/** When an escalation fires: a cron expression in a time zone (default the engine's), or every N seconds. */
+export type EscalationSchedule = { cron: string; timezone?: string } | { everySeconds: number };
+
 export interface EscalationConfig {
   name: string;
   on: { server: string; schema: string; table: string };
-  schedule: { cron: string; timezone?: string };
+  schedule: EscalationSchedule;
   conditions: Conditions | null;
   actions: readonly ActionConfig[];
   source: { file: string; pointer: string };

@@ -26,6 +26,7 @@ export function emptyEngineStats(): EngineStats {
     delivered: 0,
     sourceRetries: 0,
     heartbeats: 0,
+    scanned: 0,
     confirmedLsn: '0/0',
     sessions: 0,
     slotLagBytes: null,

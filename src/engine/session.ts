@@ -16,6 +16,7 @@ import { originName, slotName, writerOfOrigin } from '../sql/identifiers.ts';
 import { DsoActions } from '../dso/actions.ts';
 import { Chain } from '../dso/chain.ts';
 import { Refusals } from '../dso/refusals.ts';
+import { SCAN_PREFIX } from '../scan/message.ts';
 import { Delivery } from '../queue/delivery.ts';
 import { QueuedOperations } from '../queue/rebuild.ts';
 import { Batch } from './batch.ts';
@@ -25,6 +26,7 @@ import { freeSlot } from '../sql/fencing.ts';
 import { GroupOperations } from './operations.ts';
 import { Peers } from './peers.ts';
 import { Router } from './router.ts';
+import { ScannedRequests } from './scanned.ts';
 import { SessionState } from './state.ts';
 import { Timers } from './timers.ts';
 import { Topology } from './topology.ts';
@@ -43,6 +45,7 @@ export class EngineSession implements ChangeSink {
   private readonly actions: DsoActions;
   private readonly delivery: Delivery;
   private readonly timers: Timers;
+  private readonly scanned: ScannedRequests;
   private tx: OpenTransaction | null = null;
 
   constructor(opts: EngineOptions, log: Logger, stats: EngineStats, downPeers: Map<string, PeerDown>) {
@@ -65,6 +68,7 @@ export class EngineSession implements ChangeSink {
     this.actions = new DsoActions(state, topology, batch, router, chain, refusals);
     this.delivery = new Delivery(state, topology, peers, new QueuedOperations(state, topology, groupOps));
     this.timers = new Timers(state, () => this.delivery.due());
+    this.scanned = new ScannedRequests(state, topology, peers, this.actions);
   }
 
   async run(signal: AbortSignal): Promise<void> {
@@ -222,8 +226,12 @@ export class EngineSession implements ChangeSink {
     if (this.delivery.due()) return this.delivery.deliver();
   }
 
-  /** A heartbeat in the source's WAL: with nothing in flight, the slot may move past it. */
-  message(prefix: string, _content: Buffer, lsn: bigint): void {
+  /**
+   * A heartbeat in the source's WAL: with nothing in flight, the slot may move past it. A batch
+   * of scanned requests (inside its transaction): their DSO operations, as a filter's.
+   */
+  message(prefix: string, content: Buffer, lsn: bigint): void | Promise<void> {
+    if (prefix === SCAN_PREFIX && this.tx && this.tx.writer !== this.state.server) return this.scanned.handle(content, lsn, this.tx);
     if (prefix === 'pgdso.heartbeat' && this.caughtUp() && lsn > 0n) this.checkpoint.heartbeat(lsn);
   }
 

@@ -48,6 +48,8 @@ export interface EngineStats {
   sourceRetries: number;
   /** heartbeat messages written into the source's WAL */
   heartbeats: number;
+  /** requests of scan batches (escalations, sync) met in the stream */
+  scanned: number;
   confirmedLsn: string;
   sessions: number;
   /** the slot's lag and the WAL it holds, bytes, at the last check */

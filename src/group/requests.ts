@@ -6,9 +6,13 @@ import type pg from 'pg';
 import { setTimeout as delay } from 'node:timers/promises';
 import { notify, type Operation } from './sql.ts';
 
-export type RequestKind = 'pending-retry' | 'rules-publish';
+export type RequestKind = 'pending-retry' | 'rules-publish' | 'escalate';
 
-export const OPERATION_OF: Readonly<Record<RequestKind, Operation>> = { 'pending-retry': 'dso', 'rules-publish': 'admin' };
+export const OPERATION_OF: Readonly<Record<RequestKind, Operation>> = {
+  'pending-retry': 'dso',
+  'rules-publish': 'admin',
+  escalate: 'escalation',
+};
 
 /** A connection, or the supervisor's control connection. */
 export interface Queryable {

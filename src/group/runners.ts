@@ -1,7 +1,6 @@
 // The operation runners of one served server: `dso` (the engine: decode the slot, apply to the
-// peers), `admin` (validate and publish the rule files), `escalation` (the scheduled rules; none
-// run yet: the config refuses escalations until they are built). Each runs while its instance
-// owns the operation, and stops when the signal aborts.
+// peers), `admin` (validate and publish the rule files), `escalation` (the scheduled rules). Each
+// runs while its instance owns the operation, and stops when the signal aborts.
 import { watch, type FSWatcher } from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
@@ -10,10 +9,13 @@ import { emptyEngineStats, ServerEngine, type EngineStats } from '../engine.ts';
 import { loadConfig, readRuleSources } from '../config/load.ts';
 import type { PgdsoConfig } from '../config/types.ts';
 import { compileRules, type CompiledRules } from '../rules/index.ts';
-import { findingsAsConfigError, preflight, unsupportedOptions } from '../preflight.ts';
+import { findingsAsConfigError, preflight } from '../preflight.ts';
 import { withClient } from '../sql/client.ts';
 import { publishRuleSet, relativeSources } from './rulesets.ts';
 import type { OperationRunner, RunnerEnd } from './supervisor.ts';
+import { Escalations, type RunSummary } from '../escalation/runner.ts';
+import type { Clock } from '../escalation/schedule.ts';
+import type { OwnerGate } from '../scan/runs.ts';
 
 /** The rules a served server runs now (a published set replaces them). */
 export interface RuleState {
@@ -60,11 +62,50 @@ export class DsoRunner implements OperationRunner {
   }
 }
 
-/** Escalations are not built yet (the config refuses them): the owner holds the operation. */
+/**
+ * The owner of `escalation` runs the server's escalations (src/escalation) under its term: a run
+ * is claimed only while this instance owns the operation with that term, so a former owner that
+ * wakes up never takes a run back. `runNow` serves `pgdso escalate` routed here.
+ */
 export class EscalationRunner implements OperationRunner {
-  async run(_term: number, signal: AbortSignal): Promise<RunnerEnd> {
-    if (!signal.aborted) await new Promise<void>((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }));
+  private current: { escalations: Escalations; gate: OwnerGate } | null = null;
+
+  constructor(
+    private readonly server: string,
+    private readonly instanceId: string,
+    private readonly connection: pg.ClientConfig,
+    private readonly state: () => RuleState,
+    private readonly log: Logger,
+    private readonly clock?: Clock,
+  ) {}
+
+  private escalations(): Escalations {
+    return new Escalations({
+      server: this.server,
+      connection: this.connection,
+      instanceId: this.instanceId,
+      log: this.log,
+      rules: () => this.state().rules,
+      ...(this.clock ? { clock: this.clock } : {}),
+    });
+  }
+
+  async run(term: number, signal: AbortSignal): Promise<RunnerEnd> {
+    const current = { escalations: this.escalations(), gate: { instanceId: this.instanceId, term } };
+    this.current = current;
+    try {
+      await current.escalations.run(current.gate, signal);
+    } finally {
+      if (this.current === current) this.current = null;
+    }
     return undefined;
+  }
+
+  /** One escalation now, as the owner (throws when this instance does not own `escalation`). */
+  runNow(name: string, signal: AbortSignal): Promise<RunSummary> {
+    const current = this.current;
+    if (!current) throw new Error(`instance ${this.instanceId} does not run the escalation operation of ${this.server}`);
+    return current.escalations.runNow(name, current.gate, signal);
   }
 }
 
@@ -116,7 +157,7 @@ export class AdminRunner implements OperationRunner {
     const sources = relativeSources(configPath, await readRuleSources(configPath, env));
     const config = await loadConfig(configPath, env, { ruleSources: sources });
     const rules = compileRules(config);
-    const findings = [...unsupportedOptions(config), ...(await preflight(config, rules, Object.keys(config.servers), [server]))];
+    const findings = await preflight(config, rules, Object.keys(config.servers), [server]);
     const invalid = findingsAsConfigError(findings, config.file);
     if (invalid) throw invalid;
     const published = await withClient(connection, (client) => publishRuleSet(client, sources, instanceId, { operation: 'admin', term }));

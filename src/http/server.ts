@@ -54,6 +54,7 @@ function registry(engines: readonly EngineView[]): Registry {
     "Heartbeat messages written into the source's WAL while it was quiet (pending.heartbeatSeconds)",
     (s) => s.heartbeats,
   );
+  counter('pgdso_scanned_requests_total', 'Requests of escalation and sync batches met in the stream and acted on', (s) => s.scanned);
   counter(
     'pgdso_source_transactions_retried_total',
     "Source transactions run again after a lock conflict with the source's users (40P01, 40001)",

@@ -1,7 +1,7 @@
 // The rules, compiled once at load into a frozen structure indexed by server, form and op, so a
 // changed row only meets the filters that can fire on it.
 
-import { ConfigError, type ActionConfig, type ConfigProblem, type Op, type PgdsoConfig } from '../config/types.ts';
+import { ConfigError, type ActionConfig, type ConfigProblem, type EscalationSchedule, type Op, type PgdsoConfig } from '../config/types.ts';
 import { columnsRead, compileConditions, RuleEvaluationError, UnsupportedConditionError, type Predicate } from './compile.ts';
 import type { Facts } from './facts.ts';
 
@@ -22,7 +22,7 @@ export interface CompiledFilter {
 export interface CompiledEscalation {
   readonly name: string;
   readonly on: { readonly server: string; readonly schema: string; readonly table: string };
-  readonly schedule: { readonly cron: string; readonly timezone?: string };
+  readonly schedule: EscalationSchedule;
   /** true when the escalation's actions apply to a request (facts built from the current row) */
   readonly predicate: Predicate;
   readonly actions: readonly ActionConfig[];

@@ -9,7 +9,7 @@ import { compileRules } from '../../rules/index.ts';
 import { ServerEngine } from '../../engine.ts';
 import { migrateServer } from '../../sql/migrate.ts';
 import { enableForm } from '../../sql/forms.ts';
-import { findingsAsConfigError, preflight, unsupportedOptions } from '../../preflight.ts';
+import { findingsAsConfigError, preflight } from '../../preflight.ts';
 import type { Logger } from 'pino';
 import { createLogger } from '../../log.ts';
 import { print, type GlobalOptions } from '../common.ts';
@@ -70,7 +70,7 @@ class DemoUse {
   async start(log: Logger): Promise<void> {
     const config = await loadConfig(path.join(EXAMPLES, this.example, 'pgdso.config.json'), this.env);
     const rules = compileRules(config);
-    const invalid = findingsAsConfigError([...unsupportedOptions(config), ...(await preflight(config, rules))], config.file);
+    const invalid = findingsAsConfigError(await preflight(config, rules), config.file);
     if (invalid) throw invalid;
     for (const server of Object.keys(config.servers)) {
       this.engines.push(new ServerEngine({ config, rules, server, log }).run(this.controller.signal));

@@ -1,12 +1,12 @@
 import { compileRules } from '../../rules/index.ts';
 import type { Facts } from '../../rules/facts.ts';
-import { findingsAsConfigError, preflight, unsupportedOptions } from '../../preflight.ts';
+import { findingsAsConfigError, preflight } from '../../preflight.ts';
 import { configFrom, EXIT, parseForm, print, serverOf, UsageError, type GlobalOptions } from '../common.ts';
 
 export async function rulesCheckCommand(opts: GlobalOptions): Promise<void> {
   const config = await configFrom(opts);
   const rules = compileRules(config);
-  const findings = [...unsupportedOptions(config), ...(await preflight(config, rules))];
+  const findings = await preflight(config, rules);
   const counts =
     `${Object.keys(config.mappings).length} mappings, ${config.filters.length} filters, ` +
     `${config.escalations.length} escalations in ${config.ruleFiles.length} rule files`;

@@ -3,7 +3,7 @@
 import path from 'node:path';
 import { compileRules } from '../../rules/index.ts';
 import { Instance } from '../../instance.ts';
-import { findingsAsConfigError, preflight, unsupportedOptions } from '../../preflight.ts';
+import { findingsAsConfigError, preflight } from '../../preflight.ts';
 import { configFrom, loggerFrom, serverOf, UsageError, type GlobalOptions } from '../common.ts';
 
 export async function runCommand(opts: GlobalOptions, cmd: { server?: string; instanceId?: string; rank?: string }): Promise<void> {
@@ -15,7 +15,7 @@ export async function runCommand(opts: GlobalOptions, cmd: { server?: string; in
   // and its engine confirms what no filter wants, so no slot holds WAL for nothing.
   const servers = cmd.server ? [serverOf(config, cmd.server).name] : Object.keys(config.servers).filter((s) => rules.formsOf(s).length > 0);
   // Bad rules never start an instance: the live catalogs must agree with the mappings.
-  const findings = [...unsupportedOptions(config), ...(await preflight(config, rules, Object.keys(config.servers), servers))];
+  const findings = await preflight(config, rules, Object.keys(config.servers), servers);
   const invalid = findingsAsConfigError(findings, config.file);
   if (invalid) throw invalid;
   for (const f of findings) log.warn({ server: f.server }, f.message);
