@@ -139,6 +139,13 @@ selecting(pending.command('discard'), 'discard')
   .action(lazy('./commands/pending.ts', 'pendingDiscardCommand'));
 
 program
+  .command('escalate')
+  .description('run one escalation now (through the owner of escalation when an instance runs, else in this process)')
+  .requiredOption('--name <escalation>', 'the escalation')
+  .option('--json', 'print the run as JSON')
+  .action(lazy('./commands/escalate.ts', 'escalateCommand'));
+
+program
   .command('demo')
   .description("DSO's use cases on embedded PostgreSQL, narrated")
   .option('--keep', 'keep the clusters running at the end (Ctrl-C stops them)')

@@ -38,10 +38,12 @@ export class ScannedRequests {
     const form = this.topology.forms.get(formKey);
     const known = batch.actions.filter((a) => a.type === 'return' || state.opts.config.mappings[a.mapping] !== undefined);
     if (!form || known.length < batch.actions.length) {
+      const why = !form
+        ? `form ${formKey} is not a form of ${state.server} in the rules this engine runs`
+        : 'a mapping of its actions is not in the rules this engine runs (those actions were skipped)';
       state.log.error(
         { [batch.kind]: batch.name, run: batch.run, form: formKey, lsn: formatLsn(lsn), requests: batch.rows.length },
-        `${batch.kind} "${batch.name}": ${!form ? `form ${formKey} is not a form of ${state.server} in the rules this engine runs` : 'a mapping of its actions is not in the rules this engine runs'}` +
-          ': its matched requests were not carried; run it again once the rules agree',
+        `${batch.kind} "${batch.name}": ${why}: run it again once the rules agree`,
       );
       if (!form) return;
     }

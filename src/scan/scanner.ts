@@ -77,7 +77,8 @@ export async function scanForm(opts: ScanOptions): Promise<ScanProgress> {
       const batch = await retrying(client, async () => {
         await client.query('BEGIN');
         const held = await client.query<{ term: number; lastKey: string | null; finished: boolean }>(
-          `SELECT term::int AS term, last_key AS "lastKey", finished_at IS NOT NULL AS finished FROM pgdso.scan_runs WHERE id = $1 FOR UPDATE`,
+          `SELECT term::int AS term, last_key AS "lastKey", finished_at IS NOT NULL AS finished
+             FROM pgdso.scan_runs WHERE id = $1 FOR UPDATE`,
           [run.id],
         );
         const row = held.rows[0];
