@@ -146,6 +146,16 @@ program
   .action(lazy('./commands/escalate.ts', 'escalateCommand'));
 
 program
+  .command('sync')
+  .description("carry the requests that exist on a mapping's source (the initial load); resumes an unfinished run")
+  .requiredOption('--mapping <name>', 'the mapping whose transfer carries them')
+  .option('--where <json>', 'conditions as in rules, or column equalities such as {"site": "chicago"}')
+  .option('--batch <n>', 'requests per batch (one transaction each; default 1000)')
+  .option('--restart', 'start from the beginning, cancelling an unfinished run')
+  .option('--no-wait', 'do not wait for the engine to carry them')
+  .action(lazy('./commands/sync.ts', 'syncCommand'));
+
+program
   .command('demo')
   .description("DSO's use cases on embedded PostgreSQL, narrated")
   .option('--keep', 'keep the clusters running at the end (Ctrl-C stops them)')

@@ -7,7 +7,7 @@ import type { Facts } from '../rules/facts.ts';
 import { TransferGroup } from '../applier/transfer.ts';
 import type { Router } from '../engine/router.ts';
 import type { SessionState } from '../engine/state.ts';
-import { valuesOf, type Topology } from '../engine/topology.ts';
+import { keptInStep, valuesOf, type Topology } from '../engine/topology.ts';
 import type { ChangeContext, Route } from '../engine/types.ts';
 import { seenOf, type Batch } from '../engine/batch.ts';
 import type { Chain } from './chain.ts';
@@ -139,6 +139,7 @@ export class DsoActions {
       });
     }
     this.router.bookkeeping(ctx, { op: 'transfer' }, mapping, requestId, sent, row);
+    if (keptInStep(mapping) && route.to !== 'skip') this.chain.expect(ctx, mapping, requestId, targetKey);
     // the copies behind this one learn where the master is now
     if (owns) this.chain.relay(ctx, row, 'from', { current: [mapping.to.server, mapping.to.table], values: false });
   }

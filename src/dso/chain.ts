@@ -2,6 +2,7 @@
 // linked to it by mappings that update immediately (relayed on from copy to copy), a deleted
 // master deletes them, and a move of ownership tells the copies behind where the master is now.
 import type { TextRow } from '../change.ts';
+import type { MappingConfig } from '../config/types.ts';
 import { CopyDeleteGroup, CopyUpdateGroup, type CopyDelete, type CopyUpdate, type Link, type UpdateKind } from '../applier/chain.ts';
 import type { RequestGroup } from '../applier/sets.ts';
 import type { PendingEntry } from '../queue/sql.ts';
@@ -12,7 +13,18 @@ import type { ChangeContext, LinkRef, Route } from '../engine/types.ts';
 import { seenOf } from '../engine/batch.ts';
 import { unchangedColumns, type Refusals } from './refusals.ts';
 
+/** transfers remembered at most (the oldest is forgotten first); the WAL shows their bookkeeping within a batch */
+const IN_FLIGHT_LIMIT = 200_000;
+
 export class Chain {
+  /**
+   * Transfers sent by this session whose source bookkeeping (dso_to_*) the WAL has not shown yet:
+   * a user's change of the request committed in between carries no dso_to_*, yet its copy exists
+   * (or is on its way): the change is relayed along the transfer's link all the same. Forgotten
+   * once a change of the request shows that link (the bookkeeping, or a later change).
+   */
+  private readonly inFlight = new Map<string, { mapping: string; targetKey: string; master: readonly [string, string] | null }>();
+
   constructor(
     private readonly state: SessionState,
     private readonly topology: Topology,
@@ -28,8 +40,9 @@ export class Chain {
    */
   keepInStep(ctx: ChangeContext): void {
     const { change, tx } = ctx;
-    const row = change.op === 'delete' ? change.old : change.new;
-    if (!row) return;
+    const image = change.op === 'delete' ? change.old : change.new;
+    if (!image) return;
+    const row = this.withTransferInFlight(ctx, image);
     // dso_master is NOT NULL: without it, the key alone came
     if (change.op === 'delete' && row.dso_master == null) return this.refusals.incompleteDelete(ctx, row);
     if (tx.writer === null && row.dso_master !== 't') return;
@@ -46,6 +59,40 @@ export class Chain {
         });
       }
     }
+  }
+
+  /** A transfer along a mapping that keeps its chain in step was sent for this request. */
+  expect(ctx: ChangeContext, mapping: MappingConfig, requestId: string, targetKey: string): void {
+    if (this.inFlight.size >= IN_FLIGHT_LIMIT) this.inFlight.delete(this.inFlight.keys().next().value!);
+    // with ownership, the master is on the target from now on: the relayed change says so
+    const master = mapping.transferMode === 'data+ownership' ? ([mapping.to.server, mapping.to.table] as const) : null;
+    this.inFlight.set(`${ctx.form.schema}.${ctx.form.table}\u0000${requestId}`, { mapping: mapping.name, targetKey, master });
+  }
+
+  /** A change of a source copy that this engine wrote (its bookkeeping): what it shows needs no memory. */
+  written(ctx: Pick<ChangeContext, 'change' | 'form'>): void {
+    if (this.inFlight.size === 0) return;
+    const row = ctx.change.new;
+    const requestId = row?.[ctx.form.keyColumn];
+    if (!row || !requestId) return;
+    const key = `${ctx.form.schema}.${ctx.form.table}\u0000${requestId}`;
+    if (this.inFlight.get(key)?.mapping === row.dso_to_mapping) this.inFlight.delete(key);
+  }
+
+  /** The row, with the link of a transfer in flight when the row does not show it yet. */
+  private withTransferInFlight(ctx: ChangeContext, row: TextRow): TextRow {
+    if (this.inFlight.size === 0) return row;
+    const requestId = row[ctx.form.keyColumn];
+    if (!requestId) return row;
+    const key = `${ctx.form.schema}.${ctx.form.table}\u0000${requestId}`;
+    const sent = this.inFlight.get(key);
+    if (!sent) return row;
+    if (row.dso_to_mapping === sent.mapping) {
+      this.inFlight.delete(key);
+      return row;
+    }
+    const moved = sent.master ? { dso_current_server: sent.master[0], dso_current_form: sent.master[1] } : {};
+    return { ...row, dso_to_mapping: sent.mapping, dso_to_request_id: sent.targetKey, ...moved };
   }
 
   /** The link on that side of the copy when it keeps the chain in step and is not where the change came from. */

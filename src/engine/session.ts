@@ -181,10 +181,13 @@ export class EngineSession implements ChangeSink {
     stats.changes += 1;
     // The engine's own bookkeeping on this server (dso_* columns of source copies): no rule
     // fires on it, or every transfer would fire its filter again.
-    if (tx.writer === server) return;
     const { schema, table } = change.relation;
     const formKey = `${schema}.${table}`;
     const form = this.topology.forms.get(formKey);
+    if (tx.writer === server) {
+      if (form) this.chain.written({ change, form });
+      return;
+    }
     if (!form) return;
     this.refusals.warnIdentity(change);
     const { rules } = opts;
