@@ -7,7 +7,7 @@ import { REPAIR_REQUEST_SQL, dsoSuite, mapping, settled } from './support/dso.ts
 
 const suite = dsoSuite(2);
 
-const ROWS = 20_000;
+const ROWS = 10_000;
 const WRITE_LOG_SQL = `
 CREATE TABLE write_log (n bigserial PRIMARY KEY, id text NOT NULL, op text NOT NULL);
 CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql AS $$

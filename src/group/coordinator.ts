@@ -8,7 +8,7 @@ import type pg from 'pg';
 import type { Logger } from 'pino';
 import type { GroupConfig } from '../config/types.ts';
 import { decide, type CurrentOwner } from './ownership.ts';
-import { routeRequests } from './requests.ts';
+import { failOrphaned, routeRequests } from './requests.ts';
 import {
   assignOwner,
   candidates,
@@ -71,6 +71,7 @@ export async function coordinate(client: pg.ClientBase, group: GroupConfig, serv
       const term = (await client.query(assign.text, assign.values)).rows[0]?.term;
       log.info({ operation: d.operation, newOwner: d.newOwner, oldOwner: d.oldOwner, term, event: d.type }, eventText(d.type, server));
     }
+    await failOrphaned(client);
     const routed = await routeRequests(client, server);
     if (decisions.length || delinquent.length) await client.query(notify('owners').text, notify('owners').values);
     if (routed) await client.query(notify('request').text, notify('request').values);

@@ -101,6 +101,25 @@ export async function routeRequests(client: pg.ClientBase, server: string): Prom
   return res.rowCount ?? 0;
 }
 
+/**
+ * Requests routed to an instance that is no longer online (delinquent, stopped, gone) fail, so
+ * that the command waiting for them hears it: what that instance had started is taken over by
+ * the operation's next owner (an escalation run resumes after its last batch).
+ */
+export async function failOrphaned(client: pg.ClientBase): Promise<number> {
+  const res = await client.query(
+    `UPDATE pgdso.servgrp_requests r
+        SET state = 'failed', done_at = now(),
+            error = format('instance %s is %s and did not answer (what it had started goes on with the next owner of %s)',
+                           r.routed_to, coalesce(b.state, 'gone'), r.operation)
+       FROM (SELECT r2.id, b2.state FROM pgdso.servgrp_requests r2
+               LEFT JOIN pgdso.servgrp_board b2 ON b2.instance_id = r2.routed_to
+              WHERE r2.state IN ('routed', 'running') AND b2.state IS DISTINCT FROM 'online') b
+      WHERE r.id = b.id`,
+  );
+  return res.rowCount ?? 0;
+}
+
 /** The requests routed to this instance for the operations it runs, taken to be carried out. */
 export async function takeRequests(client: pg.ClientBase, instanceId: string, operations: readonly Operation[]): Promise<GroupRequest[]> {
   if (operations.length === 0) return [];

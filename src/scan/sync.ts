@@ -85,7 +85,7 @@ export async function runSync(opts: SyncOptions): Promise<SyncResult> {
       opts.log.info({ mapping: mapping.name, run: run.id, after: run.lastKey }, 'the unfinished sync run was cancelled (--restart)');
       run = null;
     }
-    if (run && JSON.stringify(run.args.where ?? null) !== JSON.stringify(opts.where)) {
+    if (run && canonical(run.args.where ?? null) !== canonical(opts.where)) {
       throw new SyncUsageError(
         `an unfinished sync of mapping "${mapping.name}" (run ${run.id}, ${run.scanned} requests done) ran with --where ` +
           `${JSON.stringify(run.args.where ?? null)}: run it with the same --where to resume it, or add --restart`,
@@ -112,6 +112,17 @@ export async function runSync(opts: SyncOptions): Promise<SyncResult> {
     ...(opts.onBatch ? { onBatch: opts.onBatch } : {}),
   });
   return { run, progress };
+}
+
+/** JSON with the keys of every object in order (jsonb keeps them in its own order). */
+function canonical(value: unknown): string {
+  if (Array.isArray(value)) return `[${value.map(canonical).join(',')}]`;
+  if (value !== null && typeof value === 'object')
+    return `{${Object.keys(value)
+      .sort()
+      .map((k) => `${JSON.stringify(k)}:${canonical((value as Record<string, unknown>)[k])}`)
+      .join(',')}}`;
+  return JSON.stringify(value);
 }
 
 /** The rows of the form past the run's last key (for the progress bar). */
