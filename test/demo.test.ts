@@ -1,4 +1,5 @@
-// The README's first command: `pgdso demo` runs the routing, knowledge base and archiving uses on embedded PostgreSQL.
+// The README's first command: `pgdso demo` runs DSO's four uses (routing, follow the sun, knowledge base, archiving) on
+// embedded PostgreSQL.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
@@ -6,7 +7,7 @@ import net from 'node:net';
 import { runCli } from './support/dso.ts';
 import { providerName } from './support/servers.ts';
 
-test('pgdso demo narrates routing, knowledge base and archiving on embedded PostgreSQL and cleans up', {
+test('pgdso demo narrates routing, follow the sun, knowledge base and archiving on embedded PostgreSQL and cleans up', {
   skip: providerName() !== 'embedded' && 'the demo always uses embedded PostgreSQL',
 }, async () => {
   const { code, stdout, stderr } = await runCli(['demo']);
@@ -35,6 +36,14 @@ test('pgdso demo narrates routing, knowledge base and archiving on embedded Post
   // sf's own rows, as its query printed them: SF-21 only
   const listing = /sf> SELECT id, status FROM repair_request ORDER BY id\n((?: {2}.*\n)*)/.exec(stdout);
   assert.equal(listing?.[1], '  SF-21  new\n', `sf's rows after the archiving:\n${stdout}`);
+  // use 2, follow the sun: after Tokyo's and Paris's 17:00, the open SF-30 is back on sf with its trip; SF-31, closed in Tokyo, stays
+  assert.match(stdout, /clock: Mon 17:00 in San Francisco, Tue 09:00 in Tokyo, Tue 01:00 in Paris/);
+  assert.match(stdout, /SF-30\s+sf\s+true\s+paris\s+success\s+sf->tokyo, tokyo->paris, paris->sf\n/);
+  assert.match(stdout, /SF-31\s+tokyo\s+true\s+sf\s+sf->tokyo\n(?![\s\S]*SF-31\s+paris)/);
+  assert.match(stdout, /SF-32\s+sf\s+true\s*\n/);
+  assert.match(stdout, /sf\s+follow-the-sun-sf\s+fired Mon 17:00 local, matched 2 of 3\n/);
+  assert.match(stdout, /tokyo\s+follow-the-sun-tokyo\s+fired Tue 17:00 local, matched 1 of 2\n/);
+  assert.match(stdout, /paris\s+follow-the-sun-paris\s+fired Tue 17:00 local, matched 1 of 1\n/);
   // cleaned up: the demo's cluster (as it reported it once started) is gone
   const cluster = /Cluster up: 127\.0\.0\.1:(\d+), postmaster pid (\d+), data directory (\S+)\n/.exec(stdout);
   assert.ok(cluster, `the demo did not say which cluster it started:\n${stdout}`);

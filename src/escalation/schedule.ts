@@ -86,16 +86,19 @@ export class ManualClock implements Clock {
   sleepUntil(until: Date, signal: AbortSignal): Promise<void> {
     if (until.getTime() <= this.at.getTime() || signal.aborted) return Promise.resolve();
     return new Promise<void>((resolve) => {
-      const sleeper = { until: until.getTime(), wake: () => resolve() };
-      this.sleepers.push(sleeper);
-      signal.addEventListener(
-        'abort',
-        () => {
-          this.sleepers = this.sleepers.filter((s) => s !== sleeper);
+      const onAbort = () => {
+        this.sleepers = this.sleepers.filter((s) => s !== sleeper);
+        resolve();
+      };
+      const sleeper = {
+        until: until.getTime(),
+        wake: () => {
+          signal.removeEventListener('abort', onAbort);
           resolve();
         },
-        { once: true },
-      );
+      };
+      this.sleepers.push(sleeper);
+      signal.addEventListener('abort', onAbort, { once: true });
     });
   }
 }

@@ -48,7 +48,8 @@ twice, none missed`, { timeout: 300_000 }, async (t) => {
   });
   await e.query(
     'sf',
-    `INSERT INTO repair_request (id, item, status) SELECT 'E-' || lpad(g::text, 6, '0'), 'chair', CASE WHEN g % 4 = 0 THEN 'closed' ELSE 'open' END
+    `INSERT INTO repair_request (id, item, status) SELECT 'E-' || lpad(g::text, 6, '0'), 'chair',
+            CASE WHEN g % 4 = 0 THEN 'closed' ELSE 'open' END
        FROM generate_series(1, $1) g`,
     [ROWS],
   );
@@ -93,7 +94,8 @@ twice, none missed`, { timeout: 300_000 }, async (t) => {
 
   const [log] = await e.query<{ inserts: string; ids: string; writes: string }>(
     'chicago',
-    `SELECT count(*) FILTER (WHERE op = 'INSERT')::text AS inserts, count(DISTINCT id)::text AS ids, count(*)::text AS writes FROM write_log`,
+    `SELECT count(*) FILTER (WHERE op = 'INSERT')::text AS inserts, count(DISTINCT id)::text AS ids,
+            count(*)::text AS writes FROM write_log`,
   );
   const open = String((ROWS * 3) / 4);
   assert.deepEqual(log, { inserts: open, ids: open, writes: open }, 'every open request written once on chicago');

@@ -34,7 +34,8 @@ arrives once`, { timeout: 300_000 }, async (t) => {
   });
   await e.query(
     'sf',
-    `INSERT INTO repair_request (id, item, site) SELECT 'K-' || lpad(g::text, 6, '0'), 'chair', CASE WHEN g % 2 = 0 THEN 'chicago' ELSE 'sf' END
+    `INSERT INTO repair_request (id, item, site) SELECT 'K-' || lpad(g::text, 6, '0'), 'chair',
+            CASE WHEN g % 2 = 0 THEN 'chicago' ELSE 'sf' END
        FROM generate_series(1, $1) g`,
     [ROWS],
   );
