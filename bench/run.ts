@@ -1,7 +1,9 @@
 // `npm run bench`: pgdso side by side with PostgreSQL's own logical replication, same machine,
 // same run, same clusters. Scenario 1: one transaction inserting N rows (default 200k) on the
 // source; measured from its commit until the last row is visible on the peer.
-// Options (env): BENCH_ROWS (200000), BENCH_RUNS (3). Prints a Markdown table.
+// Scenario 2 (bench/sync.ts): the initial load, BENCH_SYNC_ROWS existing rows (1,000,000) by a
+// subscription's copy_data and by `pgdso sync`. Options (env): BENCH_ROWS (200000), BENCH_RUNS
+// (3), BENCH_SCENARIOS (bulk,sync). Prints Markdown tables.
 import { spawn } from 'node:child_process';
 import { mkdtemp, mkdir, writeFile, rm, readFile } from 'node:fs/promises';
 import os from 'node:os';
@@ -13,6 +15,7 @@ import { withClient } from '../src/sql/client.ts';
 import { startLocalCluster, type LocalCluster } from '../src/embedded/cluster.ts';
 import { migrateServer } from '../src/sql/migrate.ts';
 import { enableForm } from '../src/sql/forms.ts';
+import { benchInitialLoad, SYNC_ROWS } from './sync.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const ROWS = Number(process.env.BENCH_ROWS ?? 200_000);
@@ -181,23 +184,43 @@ async function main(): Promise<void> {
   process.stderr.write(`bench: ${ROWS} rows in one transaction, ${RUNS} runs each, ${os.cpus().length} cores\n`);
   const source = await startLocalCluster({ name: 'bench-src' });
   const target = await startLocalCluster({ name: 'bench-dst' });
+  const scenarios = (process.env.BENCH_SCENARIOS ?? 'bulk,sync').split(',');
   try {
-    const nativeTimes = await native(source, target);
-    const ours = await pgdso(source, target);
-    const rate = (ms: number) => Math.round(ROWS / (ms / 1000)).toLocaleString('en-US');
-    console.log(
-      `\n| ${ROWS.toLocaleString('en-US')}-row single-transaction insert | commit to visible on the peer (median) | runs (ms) ` +
-        '| rows/s (median) | until idle again (median) | engine peak RSS |',
-    );
-    console.log('|---|---|---|---|---|---|');
-    console.log(
-      `| PostgreSQL publication/subscription | ${median(nativeTimes)} ms | ${nativeTimes.join(', ')} ` +
-        `| ${rate(median(nativeTimes))} | ${median(nativeTimes)} ms | (in the server) |`,
-    );
-    console.log(
-      `| pgdso (data-only mapping, one filter) | ${median(ours.times)} ms | ${ours.times.join(', ')} ` +
-        `| ${rate(median(ours.times))} | ${median(ours.settled)} ms (source copies marked) | ${ours.peakRssMb} MB |`,
-    );
+    if (scenarios.includes('bulk')) {
+      const nativeTimes = await native(source, target);
+      const ours = await pgdso(source, target);
+      const rate = (ms: number) => Math.round(ROWS / (ms / 1000)).toLocaleString('en-US');
+      console.log(
+        `\n| ${ROWS.toLocaleString('en-US')}-row single-transaction insert | commit to visible on the peer (median) | runs (ms) ` +
+          '| rows/s (median) | until idle again (median) | engine peak RSS |',
+      );
+      console.log('|---|---|---|---|---|---|');
+      console.log(
+        `| PostgreSQL publication/subscription | ${median(nativeTimes)} ms | ${nativeTimes.join(', ')} ` +
+          `| ${rate(median(nativeTimes))} | ${median(nativeTimes)} ms | (in the server) |`,
+      );
+      console.log(
+        `| pgdso (data-only mapping, one filter) | ${median(ours.times)} ms | ${ours.times.join(', ')} ` +
+          `| ${rate(median(ours.times))} | ${median(ours.settled)} ms (source copies marked) | ${ours.peakRssMb} MB |`,
+      );
+    }
+    if (scenarios.includes('sync')) {
+      const f = await benchInitialLoad(source, target);
+      const rate = (ms: number) => Math.round(SYNC_ROWS / (ms / 1000)).toLocaleString('en-US');
+      console.log(
+        `\n| initial load of ${SYNC_ROWS.toLocaleString('en-US')} existing rows | start to last row on the peer | rows/s ` +
+          '| until idle again | peak RSS |',
+      );
+      console.log('|---|---|---|---|---|');
+      console.log(
+        `| PostgreSQL subscription, copy_data = true | ${f.nativeMs} ms | ${rate(f.nativeMs)} | ${f.nativeMs} ms | (in the server) |`,
+      );
+      console.log(
+        `| pgdso sync (data-only mapping, batches of 5000) | ${f.pgdsoMs} ms | ${rate(f.pgdsoMs)} | ${f.pgdsoIdleMs} ms ` +
+          `(source copies marked) | sync ${f.syncPeakRssMb} MB, engine ${f.enginePeakRssMb} MB |`,
+      );
+      console.log(`\npgdso sync / native copy: ${(f.nativeMs / f.pgdsoMs).toFixed(2)}x (1.0 = as fast as native)`);
+    }
   } finally {
     await source.destroy();
     await target.destroy();

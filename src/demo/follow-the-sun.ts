@@ -37,14 +37,10 @@ export async function followTheSun(cluster: LocalCluster, say: (text?: string) =
   await use.start(log, clock);
   await until(async () => clock.sleeping === SITES.length);
   say(`clock: ${clockLine(clock.now())}`);
-  say(
-    "sf> INSERT INTO repair_request (id, item, status) VALUES ('SF-30', 'laptop', 'open'), ('SF-31', 'phone', 'open'), ('SF-32', 'monitor', 'closed')",
-  );
-  await use
-    .pool('sf')
-    .query(
-      `INSERT INTO repair_request (id, item, status) VALUES ('SF-30', 'laptop', 'open'), ('SF-31', 'phone', 'open'), ('SF-32', 'monitor', 'closed')`,
-    );
+  const insert = `INSERT INTO repair_request (id, item, status) VALUES ('SF-30', 'laptop', 'open'), ('SF-31', 'phone', 'open'),
+    ('SF-32', 'monitor', 'closed')`;
+  say(`sf> ${insert.replace(/\s+/g, ' ')}`);
+  await use.pool('sf').query(insert);
   const master = async (id: string, server: string) => (await use.copy(server, id))?.dso_master === true;
 
   clock.set(new Date('2026-03-10T00:00:00Z'));
@@ -69,7 +65,8 @@ export async function followTheSun(cluster: LocalCluster, say: (text?: string) =
     const runs = await use.pool(server).query('SELECT name, fire_time, scanned, matched FROM pgdso.scan_runs ORDER BY id');
     for (const r of runs.rows)
       say(
-        `  ${server.padEnd(6)} ${String(r.name).padEnd(22)} fired ${local(r.fire_time as Date, zone)} local, matched ${r.matched} of ${r.scanned}`,
+        `  ${server.padEnd(6)} ${String(r.name).padEnd(22)} fired ${local(r.fire_time as Date, zone)} local, ` +
+          `matched ${r.matched} of ${r.scanned}`,
       );
   }
   return use;
