@@ -15,15 +15,12 @@ import { withClient } from '../src/sql/client.ts';
 import { startLocalCluster, type LocalCluster } from '../src/embedded/cluster.ts';
 import { migrateServer } from '../src/sql/migrate.ts';
 import { enableForm } from '../src/sql/forms.ts';
-import { benchInitialLoad, SYNC_ROWS } from './sync.ts';
+import { benchInitialLoad, SYNC_ROWS, TABLE_SQL } from './sync.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const ROWS = Number(process.env.BENCH_ROWS ?? 200_000);
 const RUNS = Number(process.env.BENCH_RUNS ?? 3);
 
-const TABLE_SQL = `CREATE TABLE repair_request (
-  id bigint PRIMARY KEY, item text NOT NULL, quantity int NOT NULL, price numeric(12,2) NOT NULL,
-  created_at timestamptz NOT NULL, description text)`;
 const LOAD_SQL = `INSERT INTO repair_request (id, item, quantity, price, created_at, description)
   SELECT g, CASE WHEN g % 3 = 0 THEN 'chair' ELSE 'desk' END, g % 17, (g % 1000) / 7.0,
          timestamptz '2026-01-01' + g * interval '1 second', md5(g::text)

@@ -18,7 +18,7 @@ import { enableForm } from '../src/sql/forms.ts';
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 export const SYNC_ROWS = Number(process.env.BENCH_SYNC_ROWS ?? 1_000_000);
 
-const TABLE_SQL = `CREATE TABLE repair_request (
+export const TABLE_SQL = `CREATE TABLE repair_request (
   id bigint PRIMARY KEY, item text NOT NULL, quantity int NOT NULL, price numeric(12,2) NOT NULL,
   created_at timestamptz NOT NULL, description text)`;
 const FILL_SQL = `INSERT INTO repair_request (id, item, quantity, price, created_at, description)

@@ -3,20 +3,11 @@
 // ends on the target with its latest value, inserted there once. Bad usage is exit 2.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { REPAIR_REQUEST_SQL, dsoSuite, mapping, settled } from './support/dso.ts';
+import { REPAIR_REQUEST_SQL, dsoSuite, mapping, settled, WRITE_LOG_SQL } from './support/dso.ts';
 
 const suite = dsoSuite(2);
 
 const ROWS = 10_000;
-const WRITE_LOG_SQL = `
-CREATE TABLE write_log (n bigserial PRIMARY KEY, id text NOT NULL, op text NOT NULL);
-CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  INSERT INTO write_log (id, op) VALUES (NEW.id, TG_OP);
-  RETURN NULL;
-END $$;
-CREATE TRIGGER log_write AFTER INSERT OR UPDATE ON repair_request FOR EACH ROW EXECUTE FUNCTION log_write()`;
-
 const show = (r: { code: number | null; stdout: string; stderr: string }) =>
   `exit ${r.code}\n--- stdout\n${r.stdout}\n--- stderr\n${r.stderr}`;
 

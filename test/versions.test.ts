@@ -13,7 +13,18 @@ import path from 'node:path';
 import pg from 'pg';
 import { hasNativeBinaries } from '../src/embedded/binaries.ts';
 import { deployAsDba, type DbaDeployment } from './support/dba.ts';
-import { DsoEnv, REPAIR_REQUEST_SQL, copyOf, filter, is, mapping, settled, until, type EngineProcess } from './support/dso.ts';
+import {
+  DsoEnv,
+  REPAIR_REQUEST_SQL,
+  copyOf,
+  filter,
+  is,
+  mapping,
+  settled,
+  until,
+  type EngineProcess,
+  WRITE_LOG_SQL,
+} from './support/dso.ts';
 import { leakCheck } from './support/leaks.ts';
 import { provideClusters, providerName, type TestCluster } from './support/servers.ts';
 import { waitFor } from './support/wait.ts';
@@ -25,16 +36,6 @@ const PER_TRANSACTION = 50;
 const LOAD_TOTAL = LOAD_TRANSACTIONS * PER_TRANSACTION;
 /** the load waits here until the engine was killed, so the kill always comes mid-load */
 const GATE_AT = 30;
-
-/** On chicago: one row per write of a request, by whom. */
-const WRITE_LOG_SQL = `
-CREATE TABLE write_log (n bigserial PRIMARY KEY, id text NOT NULL, op text NOT NULL, by_role name NOT NULL DEFAULT current_user);
-CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  INSERT INTO write_log (id, op) VALUES (NEW.id, TG_OP);
-  RETURN NULL;
-END $$;
-CREATE TRIGGER log_write AFTER INSERT OR UPDATE ON repair_request FOR EACH ROW EXECUTE FUNCTION log_write()`;
 
 const RULES = {
   mappings: [mapping('sf-to-chicago', 'sf', 'chicago', { transferMode: 'data+ownership' })],

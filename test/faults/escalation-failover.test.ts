@@ -6,21 +6,12 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { PGDSO_COMMAND, REPAIR_REQUEST_SQL, dsoSuite, mapping, settled } from '../support/dso.ts';
+import { PGDSO_COMMAND, REPAIR_REQUEST_SQL, dsoSuite, mapping, settled, WRITE_LOG_SQL } from '../support/dso.ts';
 import { FAILOVER_BOUND_MS, GROUP, describeGroup, startGroup, untilOwner } from '../support/group.ts';
 import { waitFor } from '../support/wait.ts';
 
 const suite = dsoSuite(2);
 const ROWS = 40_000;
-
-const WRITE_LOG_SQL = `
-CREATE TABLE write_log (n bigserial PRIMARY KEY, id text NOT NULL, op text NOT NULL);
-CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  INSERT INTO write_log (id, op) VALUES (NEW.id, TG_OP);
-  RETURN NULL;
-END $$;
-CREATE TRIGGER log_write AFTER INSERT OR UPDATE ON repair_request FOR EACH ROW EXECUTE FUNCTION log_write()`;
 
 const RULES = {
   // data-only: the source copies stay master, so a request scanned twice would be sent twice

@@ -35,6 +35,19 @@ CREATE TABLE repair_request (
   internal_note text
 )`;
 
+/**
+ * A write log of the form: one row per insert or update of a request, by whom. Counting its rows
+ * shows a request written twice, which the form's primary key would hide.
+ */
+export const WRITE_LOG_SQL = `
+CREATE TABLE write_log (n bigserial PRIMARY KEY, id text NOT NULL, op text NOT NULL, by_role name NOT NULL DEFAULT current_user);
+CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO write_log (id, op) VALUES (NEW.id, TG_OP);
+  RETURN NULL;
+END $$;
+CREATE TRIGGER log_write AFTER INSERT OR UPDATE ON repair_request FOR EACH ROW EXECUTE FUNCTION log_write()`;
+
 let counter = 0;
 
 export interface DsoEnvOptions {
