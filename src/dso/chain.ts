@@ -42,7 +42,9 @@ export class Chain {
     const { change, tx } = ctx;
     const image = change.op === 'delete' ? change.old : change.new;
     if (!image) return;
-    const row = this.withTransferInFlight(ctx, image);
+    // a user's change may predate the bookkeeping of a transfer in flight; an engine's write
+    // carries its own news (a return, a relay) and ends what was remembered
+    const row = tx.writer === null ? this.withTransferInFlight(ctx, image) : this.forget(ctx, image);
     // dso_master is NOT NULL: without it, the key alone came
     if (change.op === 'delete' && row.dso_master == null) return this.refusals.incompleteDelete(ctx, row);
     if (tx.writer === null && row.dso_master !== 't') return;
@@ -77,6 +79,12 @@ export class Chain {
     if (!row || !requestId) return;
     const key = `${ctx.form.schema}.${ctx.form.table}\u0000${requestId}`;
     if (this.inFlight.get(key)?.mapping === row.dso_to_mapping) this.inFlight.delete(key);
+  }
+
+  private forget(ctx: ChangeContext, row: TextRow): TextRow {
+    const requestId = row[ctx.form.keyColumn];
+    if (this.inFlight.size > 0 && requestId) this.inFlight.delete(`${ctx.form.schema}.${ctx.form.table}\u0000${requestId}`);
+    return row;
   }
 
   /** The row, with the link of a transfer in flight when the row does not show it yet. */
