@@ -12,6 +12,9 @@ import type { SessionState } from './state.ts';
 import type { Topology } from './topology.ts';
 import type { ChangeContext, OpenTransaction } from './types.ts';
 
+/** The actions read only `master` from the facts: the batch's conditions were evaluated by the scan. */
+const MASTER_ONLY: ReadonlySet<string> = new Set(['dso_master']);
+
 export class ScannedRequests {
   private key: string | null = null;
   private readonly relations = new Map<string, Relation>();
@@ -57,7 +60,7 @@ export class ScannedRequests {
       for (let i = 0; i < batch.columns.length; i++) row[batch.columns[i]![0]] = values[i] ?? null;
       const change: RowChange = { op: 'update', relation, lsn, new: row, old: null };
       const ctx: ChangeContext = { change, form, tx, sentTo: new Set(), ownership: null, waits: [] };
-      const facts = buildFacts(change, null, null, this.topology.baseTypes);
+      const facts = buildFacts(change, null, MASTER_ONLY, this.topology.baseTypes);
       for (const action of known) this.actions.perform(action, label, ctx, facts);
       if (ctx.waits.length > 0) await Promise.all(ctx.waits);
     }

@@ -9,7 +9,7 @@ import { describeFormColumns, type FormCatalog } from '../applier/catalog.ts';
 import { buildColumnPlan, type ColumnPlan } from '../applier/plan.ts';
 import { reversePlan, type Link } from '../applier/chain.ts';
 import { withClient } from '../sql/client.ts';
-import { describeForm, type FormInfo } from '../sql/forms.ts';
+import { describeForm, domainBaseTypes, type FormInfo } from '../sql/forms.ts';
 import type { SessionState } from './state.ts';
 import type { LinkRef } from './types.ts';
 
@@ -221,17 +221,4 @@ export function valuesOf(plan: ColumnPlan, row: TextRow, form: FormInfo): (strin
   if (values.some((v) => v === undefined))
     throw new Error(`form ${form.schema}.${form.table} is not replica identity full: run pgdso forms enable`);
   return values as (string | null)[];
-}
-
-/** Every domain of the database with its (ultimate) base type. */
-async function domainBaseTypes(client: pg.ClientBase): Promise<Map<number, number>> {
-  const res = await client.query(`SELECT oid::int AS oid, typbasetype::int AS base FROM pg_type WHERE typtype = 'd'`);
-  const direct = new Map<number, number>(res.rows.map((r: { oid: number; base: number }) => [r.oid, r.base]));
-  const resolved = new Map<number, number>();
-  for (const oid of direct.keys()) {
-    let base = direct.get(oid)!;
-    for (let depth = 0; direct.has(base) && depth < 32; depth++) base = direct.get(base)!;
-    resolved.set(oid, base);
-  }
-  return resolved;
 }

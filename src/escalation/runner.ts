@@ -65,34 +65,36 @@ export class Escalations {
 
   /** Resumes an interrupted run and starts the due one, for each escalation of the server. */
   async tick(gate: OwnerGate | null, signal: AbortSignal): Promise<RunSummary[]> {
-    const done: RunSummary[] = [];
-    for (const escalation of this.opts.rules().escalationsFor(this.opts.server)) {
-      if (signal.aborted) break;
-      const runs = await withClient(this.opts.connection, async (client) => {
-        const list: ScanRun[] = [];
+    const escalations = this.opts.rules().escalationsFor(this.opts.server);
+    if (escalations.length === 0) return [];
+    // what to run, read on one connection: an interrupted run of each, then its due fire time
+    const todo = await withClient(this.opts.connection, async (client) => {
+      const list: { escalation: CompiledEscalation; run: ScanRun }[] = [];
+      for (const escalation of escalations) {
         const unfinished = await unfinishedRun(client, 'escalation', escalation.name);
-        if (unfinished) list.push(unfinished);
+        if (unfinished) list.push({ escalation, run: unfinished });
         const now = this.clock.now();
         const first = await firstSeen(client, escalation.name, now);
         const last = await lastScheduledFire(client, escalation.name);
-        const after = last && last > first ? last : first;
-        const due = this.timesOf(escalation).lastDue(after, now);
-        if (due)
-          list.push(
-            await createRun(client, {
-              kind: 'escalation',
-              name: escalation.name,
-              fireTime: due,
-              trigger: 'schedule',
-              form: formOf(escalation),
-            }),
-          );
-        return list;
-      });
-      for (const run of runs) {
-        const summary = await this.carryOut(escalation, run, gate, signal);
-        if (summary) done.push(summary);
+        const due = this.timesOf(escalation).lastDue(last && last > first ? last : first, now);
+        if (due) {
+          const run = await createRun(client, {
+            kind: 'escalation',
+            name: escalation.name,
+            fireTime: due,
+            trigger: 'schedule',
+            form: formOf(escalation),
+          });
+          list.push({ escalation, run });
+        }
       }
+      return list;
+    });
+    const done: RunSummary[] = [];
+    for (const { escalation, run } of todo) {
+      if (signal.aborted) break;
+      const summary = await this.carryOut(escalation, run, gate, signal);
+      if (summary) done.push(summary);
     }
     return done;
   }
@@ -140,6 +142,7 @@ export class Escalations {
         schema: escalation.on.schema,
         table: escalation.on.table,
         predicate: escalation.predicate,
+        columns: escalation.columns,
         actions: escalation.actions,
         batchRows: this.opts.batchRows ?? 500,
         log,

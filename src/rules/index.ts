@@ -25,6 +25,8 @@ export interface CompiledEscalation {
   readonly schedule: EscalationSchedule;
   /** true when the escalation's actions apply to a request (facts built from the current row) */
   readonly predicate: Predicate;
+  /** the columns its conditions read (with dso_master), or null for whole rows: build facts with only these */
+  readonly columns: ReadonlySet<string> | null;
   readonly actions: readonly ActionConfig[];
 }
 
@@ -131,6 +133,7 @@ export function compileRules(config: PgdsoConfig): CompiledRules {
       on: escalation.on,
       schedule: escalation.schedule,
       predicate: compile(escalation.name, escalation.conditions, escalation.source),
+      columns: withMaster(columnsRead(escalation.conditions)),
       actions: escalation.actions,
     });
     const list = escalationsByServer.get(escalation.on.server) ?? [];
@@ -182,6 +185,11 @@ function fires(filter: CompiledFilter, facts: Facts): boolean {
   const before = facts.old !== null && filter.predicate({ ...facts, row: facts.old, old: null });
   const seenAs: Op | null = now ? (before ? 'update' : 'insert') : before ? 'delete' : null;
   return seenAs !== null && filter.ops.includes(seenAs);
+}
+
+/** The columns conditions read, with dso_master (the `master` fact), or null for whole rows. */
+export function withMaster(columns: ReadonlySet<string> | null): ReadonlySet<string> | null {
+  return columns === null ? null : new Set([...columns, 'dso_master']);
 }
 
 /** Forms per server, each once, in order of first mention (mappings, then filters, then escalations). */

@@ -12,7 +12,7 @@ import { buildFacts, type Facts } from '../rules/facts.ts';
 import { RuleEvaluationError } from '../rules/compile.ts';
 import { qualified, quoteIdent } from '../sql/identifiers.ts';
 import { withCanonicalText } from '../sql/session.ts';
-import { describeForm } from '../sql/forms.ts';
+import { describeForm, domainBaseTypes } from '../sql/forms.ts';
 import { encodeBatch, SCAN_PREFIX, type ScanBatch, type ScanKind } from './message.ts';
 import { scannerName, type ScanRun } from './runs.ts';
 
@@ -36,6 +36,8 @@ export interface ScanOptions {
   table: string;
   /** true for a request the actions apply to; a RuleEvaluationError counts as an error, not a match */
   predicate: (facts: Facts) => boolean;
+  /** the columns the predicate reads (null: whole rows), converted per row */
+  columns: ReadonlySet<string> | null;
   actions: readonly ActionConfig[];
   batchRows: number;
   log: Logger;
@@ -55,7 +57,7 @@ export async function scanForm(opts: ScanOptions): Promise<ScanProgress> {
   try {
     const form = await describeForm(client, opts.schema, opts.table);
     const columns = await formColumns(client, form.oid);
-    const baseTypes = await domainBases(client);
+    const baseTypes = await domainBaseTypes(client);
     const key = await client.query<{ key: string }>('SELECT key FROM pgdso.scan_key');
     if (!key.rows[0]) throw new Error('pgdso.scan_key is empty: run pgdso migrate');
     const relation: RowChange['relation'] = {
@@ -97,7 +99,7 @@ export async function scanForm(opts: ScanOptions): Promise<ScanProgress> {
           for (let i = 0; i < columns.length; i++) textRow[columns[i]![0]] = values[i] ?? null;
           const change: RowChange = { op: 'update', relation, lsn: 0n, new: textRow, old: null };
           try {
-            if (opts.predicate(buildFacts(change, null, null, baseTypes))) matched.push(values);
+            if (opts.predicate(buildFacts(change, null, opts.columns, baseTypes))) matched.push(values);
           } catch (err) {
             if (!(err instanceof RuleEvaluationError)) throw err;
             errors += 1;
@@ -165,13 +167,4 @@ async function formColumns(client: pg.ClientBase, oid: number): Promise<[string,
     [oid],
   );
   return res.rows.map((r) => [r.name, r.type]);
-}
-
-async function domainBases(client: pg.ClientBase): Promise<Map<number, number>> {
-  const res = await client.query<{ oid: number; base: number }>(
-    `WITH RECURSIVE d(oid, base) AS (SELECT oid, typbasetype FROM pg_type WHERE typtype = 'd'
-       UNION ALL SELECT d.oid, t.typbasetype FROM d JOIN pg_type t ON t.oid = d.base AND t.typtype = 'd')
-     SELECT oid::int AS oid, base::int AS base FROM d WHERE base NOT IN (SELECT oid FROM pg_type WHERE typtype = 'd')`,
-  );
-  return new Map(res.rows.map((r) => [r.oid, r.base]));
 }

@@ -7,7 +7,8 @@ import type { Logger } from 'pino';
 import type pg from 'pg';
 import { toPgClientConfig } from '../config/load.ts';
 import type { Conditions, MappingConfig, PgdsoConfig } from '../config/types.ts';
-import { checkConditions, compileConditions } from '../rules/compile.ts';
+import { checkConditions, columnsRead, compileConditions } from '../rules/compile.ts';
+import { withMaster } from '../rules/index.ts';
 import { qualified, quoteIdent, slotName } from '../sql/identifiers.ts';
 import { describeForm } from '../sql/forms.ts';
 import { withClient } from '../sql/client.ts';
@@ -105,6 +106,7 @@ export async function runSync(opts: SyncOptions): Promise<SyncResult> {
     schema: mapping.from.schema,
     table: mapping.from.table,
     predicate,
+    columns: withMaster(columnsRead(opts.where)),
     actions: [{ type: 'transfer', mapping: mapping.name, overrideLoopDetection: false }],
     batchRows: opts.batchRows,
     log: opts.log,

@@ -386,3 +386,16 @@ export async function ensureSlot(client: pg.ClientBase, slot: string): Promise<b
     throw err;
   }
 }
+
+/** Every domain of the database with its (ultimate) base type. */
+export async function domainBaseTypes(client: pg.ClientBase): Promise<Map<number, number>> {
+  const res = await client.query(`SELECT oid::int AS oid, typbasetype::int AS base FROM pg_type WHERE typtype = 'd'`);
+  const direct = new Map<number, number>(res.rows.map((r: { oid: number; base: number }) => [r.oid, r.base]));
+  const resolved = new Map<number, number>();
+  for (const oid of direct.keys()) {
+    let base = direct.get(oid)!;
+    for (let depth = 0; direct.has(base) && depth < 32; depth++) base = direct.get(base)!;
+    resolved.set(oid, base);
+  }
+  return resolved;
+}
