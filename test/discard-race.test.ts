@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import pg from 'pg';
 import { dsoSuite, REPAIR_REQUEST_SQL, mapping, filter, until } from './support/dso.ts';
 import { restartSkipReason } from './support/servers.ts';
+import { within } from './support/wait.ts';
 import { LOCK_NAMESPACE, LOCKS } from '../src/sql/identifiers.ts';
 
 const suite = dsoSuite(2);
@@ -34,7 +35,7 @@ test('discard --queued of an operation being delivered waits for the delivery, t
     async () => (await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'R-0'`)).length === 1,
   );
 
-  await chicago.stop();
+  await within(chicago.stop(), 30_000, () => 'chicago did not stop');
   await e.query('sf', `INSERT INTO repair_request (id, item) VALUES ('R-1', 'chair')`);
   const [queued] = (await until(engine, 'R-1 was not queued for chicago', async () => {
     const rows = await e.query<{ id: string }>('sf', `SELECT id::text FROM pgdso.pending WHERE request_id = 'R-1'`);
@@ -46,21 +47,24 @@ test('discard --queued of an operation being delivered waits for the delivery, t
   await holder.connect();
   t.after(() => holder.end());
   await holder.query('SELECT pg_advisory_lock($1, $2)', [LOCK_NAMESPACE, LOCKS.queueDelivery]);
-  await chicago.start();
-  const advisoryWaiters = async () =>
+  await within(chicago.start(), 30_000, () => 'chicago did not start again');
+  // the backends waiting for the delivery lock itself (classid, objid: the two keys of the lock)
+  const deliveryWaiters = async () =>
     (
       await e.query<{ n: number }>(
         'sf',
-        `SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database()
-          AND wait_event_type = 'Lock' AND wait_event = 'advisory'`,
+        `SELECT count(*)::int AS n FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+          WHERE d.datname = current_database() AND l.locktype = 'advisory' AND NOT l.granted
+            AND l.classid = $1 AND l.objid = $2 AND l.objsubid = 2`,
+        [LOCK_NAMESPACE, LOCKS.queueDelivery],
       )
     )[0]!.n;
-  await until(engine, 'the engine did not come to deliver R-1', async () => (await advisoryWaiters()) >= 1);
+  await until(engine, 'the engine did not come to deliver R-1', async () => (await deliveryWaiters()) === 1);
   const discard = e.cli(['pending', 'discard', '--queued', '--server', 'sf', '--id', queued!.id]);
-  await until(engine, 'pending discard --queued did not wait for the delivery', async () => (await advisoryWaiters()) >= 2);
+  await until(engine, 'pending discard --queued did not wait for the delivery', async () => (await deliveryWaiters()) === 2);
   await holder.query('SELECT pg_advisory_unlock($1, $2)', [LOCK_NAMESPACE, LOCKS.queueDelivery]);
 
-  const result = await discard;
+  const result = await within(discard, 30_000, () => `pending discard --queued did not end; engine output:\n${engine.output}`);
   // the engine was first: R-1 reached chicago, and the discard found nothing queued to drop
   assert.equal(result.code, 1, `${result.stdout}${result.stderr}`);
   assert.match(result.stdout, /^sf: 0 queued operations dropped$/m);
@@ -71,5 +75,5 @@ test('discard --queued of an operation being delivered waits for the delivery, t
     async () => (await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'R-1'`)).length === 1,
   );
   assert.deepEqual(await e.query('sf', 'SELECT id FROM pgdso.pending'), []);
-  assert.equal(await engine.stop(), 0);
+  assert.equal(await within(engine.stop(), 30_000, () => `the engine did not stop; output:\n${engine.output}`), 0);
 });

@@ -47,3 +47,16 @@ function describeValue(value: unknown): string {
   }
   return text.length > 500 ? `${text.slice(0, 500)}...` : text;
 }
+
+/** Awaits `promise`, or throws with `what()` (for example an engine's output) past `timeoutMs`. */
+export async function within<T>(promise: Promise<T>, timeoutMs: number, what: () => string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const deadline = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`not done within ${timeoutMs} ms: ${what()}`)), timeoutMs);
+  });
+  try {
+    return await Promise.race([promise, deadline]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
