@@ -44,6 +44,34 @@ test('pgdso demo narrates routing, follow the sun, knowledge base and archiving 
   assert.match(stdout, /sf\s+follow-the-sun-sf\s+fired Mon 17:00 local, matched 2 of 3\n/);
   assert.match(stdout, /tokyo\s+follow-the-sun-tokyo\s+fired Tue 17:00 local, matched 1 of 2\n/);
   assert.match(stdout, /paris\s+follow-the-sun-paris\s+fired Tue 17:00 local, matched 1 of 1\n/);
+  // the DBA's side: status names the instance and its operations; the archive stopped, the
+  // transfers wait in sf's queue; once it is back, they are delivered
+  assert.match(
+    stdout,
+    /\nsf: instances demo-archiving \(online\); owners admin demo-archiving, dso demo-archiving, escalation demo-archiving;/,
+  );
+  assert.match(stdout, /\nsf: slot lag \d+ bytes, retained WAL \d+ bytes, pending 0, errors 0, conflicts 0\n/);
+  const queued = /sf> SELECT id, type, mapping, request_id, target_server, attempts FROM pgdso.pending ORDER BY id\n((?: {2}.*\n)*)/.exec(
+    stdout,
+  );
+  assert.match(
+    queued?.[1] ?? '',
+    /^ {2}\d+ \| transfer \| sf-to-archive \| SF-21 \| archive \| \d+\n {2}\d+ \| transfer \| sf-to-archive \| SF-40 \| archive \| \d+\n$/,
+  );
+  assert.match(stdout, /sf> SELECT count\(\*\) AS queued FROM pgdso.pending\n {2}0\n/);
+  // a row the archive refuses: in pending_errors with its reason, sent again once fixed, by the owner
+  assert.match(
+    stdout,
+    /sf> SELECT id, type, request_id, sqlstate, error FROM pgdso.pending_errors\n {2}\d+ \| transfer \| SF-41 \| 23514 \| .*described/,
+  );
+  assert.match(stdout, /\nsf: 1 failed operation sent again\nsf: carried out by instance demo-archiving, the owner of dso\n/);
+  const archived = /archive> SELECT id, status, dso_master FROM repair_request ORDER BY id\n((?: {2}.*\n)*)/.exec(stdout);
+  assert.equal(
+    archived?.[1],
+    ['SF-20', 'SF-21', 'SF-40', 'SF-41', 'SF-42'].map((id) => `  ${id} | closed | true\n`).join(''),
+    `the archive's rows at the end:\n${stdout}`,
+  );
+  assert.match(stdout, /\nsf> SELECT id, status FROM repair_request ORDER BY id\n {2}\(0 rows\)\n/);
   // cleaned up: the demo's cluster (as it reported it once started) is gone
   const cluster = /Cluster up: 127\.0\.0\.1:(\d+), postmaster pid (\d+), data directory (\S+)\n/.exec(stdout);
   assert.ok(cluster, `the demo did not say which cluster it started:\n${stdout}`);
@@ -51,6 +79,9 @@ test('pgdso demo narrates routing, follow the sun, knowledge base and archiving 
   assert.equal(existsSync(dataDir), false, `the demo's data directory ${dataDir} is still there`);
   assert.equal(isPostmasterOf(pid, dataDir), false, `the demo's postmaster ${pid} is still running`);
   assert.equal(await accepts(port), false, `something still listens on the demo's port ${port}`);
+  const archive = /\$ pg_ctl stop -m fast -D (\S+)\n/.exec(stdout);
+  assert.ok(archive, `the demo did not say which cluster the archive runs on:\n${stdout}`);
+  assert.equal(existsSync(archive[1]!), false, `the archive's data directory ${archive[1]} is still there`);
   assert.match(stdout, /Demo done/);
 });
 

@@ -12,10 +12,12 @@ export class UsageError extends Error {}
 export interface GlobalOptions {
   config: string;
   logLevel: string;
+  /** the variables `${env:NAME}` in the config reads (default: the process's; the demo gives its own) */
+  env?: NodeJS.ProcessEnv;
 }
 
 export async function configFrom(opts: GlobalOptions): Promise<PgdsoConfig> {
-  return loadConfig(path.resolve(opts.config), process.env);
+  return loadConfig(path.resolve(opts.config), opts.env ?? process.env);
 }
 
 export function loggerFrom(opts: GlobalOptions) {

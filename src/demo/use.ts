@@ -1,16 +1,17 @@
 // One use case of `pgdso demo`: its own databases on the demo cluster (a slot is per database, so
-// the uses stay independent), the config and rules of examples/<example>/, and the real engine
-// of each configured server (and its escalations, on the demo's clock).
+// the uses stay independent), the config and rules of examples/<example>/, and one instance, the
+// composition root of `pgdso run`, serving every configured server (its escalations on the
+// demo's clock).
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import pg from 'pg';
 import type { Logger } from 'pino';
 import type { LocalCluster } from '../embedded/cluster.ts';
-import { loadConfig, toPgClientConfig } from '../config/load.ts';
+import { loadConfig } from '../config/load.ts';
+import type { PgdsoConfig } from '../config/types.ts';
 import { compileRules } from '../rules/index.ts';
-import { ServerEngine } from '../engine.ts';
-import { Escalations } from '../escalation/runner.ts';
+import { Instance } from '../instance.ts';
 import type { Clock } from '../escalation/schedule.ts';
 import { migrateServer } from '../sql/migrate.ts';
 import { enableForm } from '../sql/forms.ts';
@@ -36,27 +37,37 @@ export type Row = Record<string, unknown>;
 /**
  * One use case: its own databases on the demo cluster (a slot is per database, so the uses stay
  * independent), the config of examples/<example>/ with each server's URL given as the
- * `<SERVER>_URL` variable it names, and one engine per configured server.
+ * `<SERVER>_URL` variable it names, and one instance serving every configured server.
  */
 export class DemoUse {
   readonly pools = new Map<string, pg.Pool>();
   private readonly controller = new AbortController();
-  private readonly engines: Promise<void>[] = [];
+  private readonly engines: Promise<unknown>[] = [];
   /** `<SERVER>_URL` for each server, the variables the example's config names */
-  private env: Record<string, string> = {};
+  env: Record<string, string> = {};
+  /** the example's config, once started */
+  config: PgdsoConfig | null = null;
 
   private constructor(
     readonly example: string,
     readonly databases: Record<string, string>,
   ) {}
 
-  /** Creates the databases (`prefix` + server name), the form, the control schema, and enables the form. */
-  static async create(cluster: LocalCluster, example: string, prefix: string, servers: readonly string[]): Promise<DemoUse> {
+  /**
+   * Creates the databases (`prefix` + server name), the form, the control schema, and enables the
+   * form; a server named in `elsewhere` gets its database on that cluster instead.
+   */
+  static async create(
+    cluster: LocalCluster,
+    example: string,
+    prefix: string,
+    servers: readonly string[],
+    elsewhere: Record<string, LocalCluster> = {},
+  ): Promise<DemoUse> {
     const use = new DemoUse(example, Object.fromEntries(servers.map((s) => [s, `${prefix}${s}`])));
-    const env: Record<string, string> = {};
     for (const server of servers) {
-      const url = await cluster.createDatabase(use.databases[server]!);
-      env[`${server.toUpperCase()}_URL`] = url;
+      const url = await (elsewhere[server] ?? cluster).createDatabase(use.databases[server]!);
+      use.env[`${server.toUpperCase()}_URL`] = url;
       const pool = new pg.Pool({ connectionString: url, max: 2 });
       pool.on('error', () => undefined); // an idle connection cut when the cluster stops at the end
       use.pools.set(server, pool);
@@ -64,27 +75,48 @@ export class DemoUse {
       await migrateServer({ connectionString: url });
       await enableForm({ connectionString: url }, 'public', 'repair_request');
     }
-    use.env = env;
     return use;
   }
 
+  /** examples/<example>/pgdso.config.json, the config the use runs (and `pgdso --config` names). */
+  get configPath(): string {
+    return path.join(EXAMPLES, this.example, 'pgdso.config.json');
+  }
+
   /**
-   * Loads examples/<example>/pgdso.config.json and its rules, checks them as `pgdso run` does,
-   * starts the engines, and, with a clock, each server's escalations on that clock.
+   * Loads the example's config and rules, checks them as `pgdso run` does, and runs one instance
+   * (`pgdso run` without --server) serving every configured server, its escalations on `clock`.
+   * Resolves once the instance runs the `dso` operation of every server.
    */
   async start(log: Logger, clock?: Clock): Promise<void> {
-    const config = await loadConfig(path.join(EXAMPLES, this.example, 'pgdso.config.json'), this.env);
+    const config = await loadConfig(this.configPath, this.env);
     const rules = compileRules(config);
     const invalid = findingsAsConfigError(await preflight(config, rules), config.file);
     if (invalid) throw invalid;
-    for (const server of Object.keys(config.servers)) {
-      this.engines.push(new ServerEngine({ config, rules, server, log }).run(this.controller.signal));
-      if (clock && rules.escalationsFor(server).length > 0) {
-        const connection = toPgClientConfig(config.servers[server]!.connection);
-        const escalations = new Escalations({ server, connection, instanceId: 'demo', log, rules: () => rules, clock });
-        this.engines.push(escalations.run(null, this.controller.signal));
+    this.config = config;
+    const servers = Object.keys(config.servers);
+    const instance = new Instance({
+      configPath: this.configPath,
+      env: this.env,
+      config,
+      rules,
+      servers,
+      instanceId: `demo-${this.example}`,
+      rank: null,
+      log,
+      clock,
+    });
+    this.engines.push(instance.run(this.controller.signal));
+    await until(async () => {
+      for (const server of servers) {
+        const res = await this.pool(server).query(
+          `SELECT 1 FROM pgdso.servgrp_board WHERE instance_id = $1 AND state = 'online' AND 'dso' = ANY (operations)`,
+          [instance.instanceId],
+        );
+        if (res.rowCount === 0) return false;
       }
-    }
+      return true;
+    });
   }
 
   /** Stops the engines (each confirms what it applied and closes its stream), then the pools. */

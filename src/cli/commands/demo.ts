@@ -3,6 +3,7 @@ import { startLocalCluster, type LocalCluster } from '../../embedded/cluster.ts'
 import { createLogger } from '../../log.ts';
 import { DemoUse, until } from '../../demo/use.ts';
 import { followTheSun } from '../../demo/follow-the-sun.ts';
+import { operations } from '../../demo/operations.ts';
 import { print, type GlobalOptions } from '../common.ts';
 
 export async function demoCommand(opts: GlobalOptions, cmd: { keep?: boolean }): Promise<void> {
@@ -10,8 +11,11 @@ export async function demoCommand(opts: GlobalOptions, cmd: { keep?: boolean }):
   say('pgdso demo: DSO on PostgreSQL, with real embedded PostgreSQL servers.\n');
   say('Starting a local PostgreSQL cluster (wal_level=logical); each use case gets its own databases on it.');
   let cluster: LocalCluster | null = null;
+  let archiveCluster: LocalCluster | null = null;
   const uses: DemoUse[] = [];
-  const log = createLogger({ level: opts.logLevel === 'info' ? 'warn' : opts.logLevel });
+  // the narration says what the engines do; their warnings (a peer stopped, a row refused) are
+  // the story's own, so only errors are logged unless --log-level asks for more
+  const log = createLogger({ level: opts.logLevel === 'info' ? 'error' : opts.logLevel });
   /** Without --keep, a use's engines stop before the next use starts. */
   const done = async (use: DemoUse) => {
     if (cmd.keep) return;
@@ -117,7 +121,9 @@ export async function demoCommand(opts: GlobalOptions, cmd: { keep?: boolean }):
     say('production server sf for an archive server (databases ar_sf, ar_archive): a filter fires when');
     say('status is closed, its mapping carries the request with ownership, and afterTransfer delete');
     say('removes the sf copy once the archive has committed its own.\n');
-    const ar = await DemoUse.create(cluster, 'archiving', 'ar_', ['sf', 'archive']);
+    // the archive on a cluster of its own: the DBA's side, at the end, stops it for maintenance
+    archiveCluster = await startLocalCluster({ name: 'demo-archive' });
+    const ar = await DemoUse.create(cluster, 'archiving', 'ar_', ['sf', 'archive'], { archive: archiveCluster });
     uses.push(ar);
     await ar.start(log);
     say("sf> INSERT INTO repair_request (id, item, description) VALUES ('SF-20', 'lamp', 'flickers'), ('SF-21', 'desk', 'drawer stuck')");
@@ -133,25 +139,46 @@ export async function demoCommand(opts: GlobalOptions, cmd: { keep?: boolean }):
     for (const row of (await ar.pool('sf').query('SELECT id, status FROM repair_request ORDER BY id')).rows)
       say(`  ${row.id}  ${row.status}`);
     say('SF-20 is gone from sf: the archive holds the only copy, as master; SF-21, still open, stays.');
-    await done(ar);
 
     // ---------------------------------------------------------------- use 2, follow the sun
     const fts = await followTheSun(cluster, say, log);
     uses.push(fts);
     await done(fts);
 
+    // ---------------------------------------------------------------- the DBA's side
+    await operations(ar, archiveCluster, say, opts.logLevel);
+    await done(ar);
+
     say('\nNext: deploy on your own databases (README, "Deploying against existing databases"), write');
     say('rules (README, "A first rule file"), and `pgdso sync --mapping M` to carry the requests that exist.');
     if (cmd.keep) {
-      say(
-        `\nServers keep running on 127.0.0.1:${cluster.port}, ` +
-          `databases ${uses.flatMap((u) => Object.values(u.databases)).join(', ')}. Ctrl-C stops them.`,
-      );
+      keptRunning(say, [cluster, archiveCluster], uses);
       await new Promise<void>((resolve) => process.once('SIGINT', () => resolve()));
     }
   } finally {
     await Promise.allSettled(uses.map((u) => u.stop()));
     await cluster?.destroy();
+    await archiveCluster?.destroy();
   }
   say('\nDemo done: clusters stopped and removed.');
+}
+
+/** `demo --keep`: how to connect to what keeps running, and what runs there. */
+function keptRunning(say: (text?: string) => void, clusters: LocalCluster[], uses: DemoUse[]): void {
+  say('\nStill running (--keep), until Ctrl-C stops everything and removes the clusters:');
+  for (const c of clusters) say(`  PostgreSQL ${c.host}:${c.port}, user ${c.user}, password ${c.password} (data directory ${c.dataDir})`);
+  for (const use of uses) {
+    const servers = Object.entries(use.env).map(([name, url]) => `${name.replace(/_URL$/, '').toLowerCase()} ${url}`);
+    say(`  use ${use.example}: instance demo-${use.example} serves ${servers.length} servers; connect with psql:`);
+    for (const line of servers) say(`    ${line}`);
+  }
+  say('  pgdso commands need the variables the config names, for example:');
+  const use = uses[0];
+  if (use) {
+    const vars = Object.entries(use.env)
+      .map(([name, url]) => `${name}='${url}'`)
+      .join(' ');
+    say(`    ${vars} pgdso status --config examples/${use.example}/pgdso.config.json`);
+  }
+  say('  The follow-the-sun clock stays where the demo left it: its escalations do not fire again.');
 }

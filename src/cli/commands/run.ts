@@ -23,7 +23,7 @@ export async function runCommand(opts: GlobalOptions, cmd: { server?: string; in
   const controller = new AbortController();
   const instance = new Instance({
     configPath: path.resolve(opts.config),
-    env: process.env,
+    env: opts.env ?? process.env,
     config,
     rules,
     servers,
