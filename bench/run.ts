@@ -3,7 +3,7 @@
 // source; measured from its commit until the last row is visible on the peer.
 // Scenario 2 (bench/sync.ts): the initial load, BENCH_SYNC_ROWS existing rows (1,000,000) by a
 // subscription's copy_data and by `pgdso sync`. Options (env): BENCH_ROWS (200000), BENCH_RUNS
-// (3), BENCH_SCENARIOS (bulk,sync). Prints Markdown tables.
+// (3), BENCH_SCENARIOS (bulk,sync; escalation too, on demand). Prints Markdown tables.
 import { spawn } from 'node:child_process';
 import { mkdtemp, mkdir, writeFile, rm, readFile } from 'node:fs/promises';
 import os from 'node:os';
@@ -16,6 +16,7 @@ import { startLocalCluster, type LocalCluster } from '../src/embedded/cluster.ts
 import { migrateServer } from '../src/sql/migrate.ts';
 import { enableForm } from '../src/sql/forms.ts';
 import { benchInitialLoad, SYNC_ROWS, TABLE_SQL } from './sync.ts';
+import { benchEscalation } from './escalation.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const ROWS = Number(process.env.BENCH_ROWS ?? 200_000);
@@ -217,6 +218,15 @@ async function main(): Promise<void> {
           `(source copies marked) | sync ${f.syncPeakRssMb} MB, engine ${f.enginePeakRssMb} MB |`,
       );
       console.log(`\npgdso sync / native copy: ${(f.nativeMs / f.pgdsoMs).toFixed(2)}x (1.0 = as fast as native)`);
+    }
+    if (scenarios.includes('escalation')) {
+      const f = await benchEscalation(source, target);
+      console.log(
+        `\n| escalation over ${f.rows.toLocaleString('en-US')} rows, ${f.matched.toLocaleString('en-US')} matching, moved with ownership ` +
+          '| request to last row on the peer | until idle again | instance peak RSS |',
+      );
+      console.log('|---|---|---|---|');
+      console.log(`| pgdso escalate (run by the owner of escalation) | ${f.peerMs} ms | ${f.idleMs} ms | ${f.enginePeakRssMb} MB |`);
     }
   } finally {
     await source.destroy();

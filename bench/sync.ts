@@ -21,12 +21,12 @@ export const SYNC_ROWS = Number(process.env.BENCH_SYNC_ROWS ?? 1_000_000);
 export const TABLE_SQL = `CREATE TABLE repair_request (
   id bigint PRIMARY KEY, item text NOT NULL, quantity int NOT NULL, price numeric(12,2) NOT NULL,
   created_at timestamptz NOT NULL, description text)`;
-const FILL_SQL = `INSERT INTO repair_request (id, item, quantity, price, created_at, description)
+export const FILL_SQL = `INSERT INTO repair_request (id, item, quantity, price, created_at, description)
   SELECT g, CASE WHEN g % 3 = 0 THEN 'chair' ELSE 'desk' END, g % 17, (g % 1000) / 7.0,
          timestamptz '2026-01-01' + g * interval '1 second', md5(g::text)
     FROM generate_series(1, $1::bigint) g`;
 
-const sql = (url: string, text: string, params: unknown[] = []) => withClient(url, (client) => client.query(text, params));
+export const sql = (url: string, text: string, params: unknown[] = []) => withClient(url, (client) => client.query(text, params));
 
 async function untilCount(url: string, rows: number, since: number, timeoutMs = 1_800_000): Promise<number> {
   while (Date.now() - since < timeoutMs) {
@@ -85,12 +85,7 @@ export async function benchInitialLoad(source: LocalCluster, target: LocalCluste
     transferMode: 'data-only',
   };
   await writeFile(path.join(dir, 'rules', 'bench.json'), JSON.stringify({ mappings: [mapping] }));
-  const nodeArgs = (process.env.BENCH_ENGINE_NODE_ARGS ?? '').split(' ').filter(Boolean);
-  const pgdso = (args: string[]) =>
-    spawn(process.execPath, [...nodeArgs, path.join(ROOT, 'bin/pgdso'), ...args, '--config', configPath], {
-      stdio: ['ignore', 'ignore', 'pipe'],
-      env: { ...process.env, PGDSO_LOG_LEVEL: 'warn' },
-    });
+  const pgdso = pgdsoCommand(configPath);
   const engine = pgdso(['run', '--server', 'source']);
   const engineRss = peakRss(engine);
   try {
@@ -122,8 +117,18 @@ async function untilBookkept(url: string, rows: number): Promise<void> {
   }
 }
 
+/** Starts `pgdso ARGS --config <configPath>` (BENCH_ENGINE_NODE_ARGS: node options, for a profile). */
+export function pgdsoCommand(configPath: string): (args: string[]) => ChildProcess {
+  const nodeArgs = (process.env.BENCH_ENGINE_NODE_ARGS ?? '').split(' ').filter(Boolean);
+  return (args) =>
+    spawn(process.execPath, [...nodeArgs, path.join(ROOT, 'bin/pgdso'), ...args, '--config', configPath], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+      env: { ...process.env, PGDSO_LOG_LEVEL: 'warn' },
+    });
+}
+
 /** The peak resident set of a child process (VmHWM), sampled until it exits. */
-function peakRss(child: ChildProcess): { mb: () => number } {
+export function peakRss(child: ChildProcess): { mb: () => number } {
   let kb = 0;
   const timer = setInterval(async () => {
     const status = await readFile(`/proc/${child.pid}/status`, 'utf8').catch(() => '');

@@ -39,6 +39,8 @@ export interface RunSummary {
 export class Escalations {
   private readonly clock: Clock;
   private readonly schedules = new Map<string, { key: string; times: FireTimes }>();
+  /** the runs this process carries out now: a tick meanwhile must not take one as interrupted */
+  private readonly active = new Set<number>();
 
   constructor(private readonly opts: EscalationsOptions) {
     this.clock = opts.clock ?? systemClock;
@@ -71,7 +73,8 @@ export class Escalations {
     const todo = await withClient(this.opts.connection, async (client) => {
       const list: { escalation: CompiledEscalation; run: ScanRun }[] = [];
       for (const escalation of escalations) {
-        const unfinished = await unfinishedRun(client, 'escalation', escalation.name);
+        // a run this process carries out now (`pgdso escalate` meanwhile) is not interrupted
+        const unfinished = await unfinishedRun(client, 'escalation', escalation.name, this.active);
         if (unfinished) list.push({ escalation, run: unfinished });
         const now = this.clock.now();
         const first = await firstSeen(client, escalation.name, now);
@@ -113,6 +116,21 @@ export class Escalations {
   }
 
   private async carryOut(
+    escalation: CompiledEscalation,
+    run: ScanRun,
+    gate: OwnerGate | null,
+    signal: AbortSignal,
+  ): Promise<RunSummary | null> {
+    if (this.active.has(run.id)) return null;
+    this.active.add(run.id);
+    try {
+      return await this.claimAndScan(escalation, run, gate, signal);
+    } finally {
+      this.active.delete(run.id);
+    }
+  }
+
+  private async claimAndScan(
     escalation: CompiledEscalation,
     run: ScanRun,
     gate: OwnerGate | null,

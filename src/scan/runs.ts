@@ -31,10 +31,16 @@ const COLUMNS = `id::int AS id, kind, name, fire_time AS "fireTime", trigger, fo
   scanned::float8 AS scanned, matched::float8 AS matched, errors::float8 AS errors, last_error AS "lastError", state`;
 
 /** The run of this scan not finished yet, if any (the one to resume). */
-export async function unfinishedRun(client: pg.ClientBase, kind: ScanKind, name: string): Promise<ScanRun | null> {
+export async function unfinishedRun(
+  client: pg.ClientBase,
+  kind: ScanKind,
+  name: string,
+  except: Iterable<number> = [],
+): Promise<ScanRun | null> {
   const res = await client.query<ScanRun>(
-    `SELECT ${COLUMNS} FROM pgdso.scan_runs WHERE kind = $1 AND name = $2 AND finished_at IS NULL ORDER BY id LIMIT 1`,
-    [kind, name],
+    `SELECT ${COLUMNS} FROM pgdso.scan_runs WHERE kind = $1 AND name = $2 AND finished_at IS NULL
+        AND NOT (id = ANY ($3::bigint[])) ORDER BY id LIMIT 1`,
+    [kind, name, [...except].map(String)],
   );
   return res.rows[0] ?? null;
 }
