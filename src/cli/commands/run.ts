@@ -4,9 +4,10 @@ import path from 'node:path';
 import { compileRules } from '../../rules/index.ts';
 import { Instance } from '../../instance.ts';
 import { findingsAsConfigError, preflight } from '../../preflight.ts';
-import { configFrom, loggerFrom, serverOf, UsageError, type GlobalOptions } from '../common.ts';
+import { boundHeapGrowth, configFrom, loggerFrom, serverOf, UsageError, type GlobalOptions } from '../common.ts';
 
 export async function runCommand(opts: GlobalOptions, cmd: { server?: string; instanceId?: string; rank?: string }): Promise<void> {
+  boundHeapGrowth();
   const rank = rankOf(cmd.rank);
   const config = await configFrom(opts);
   const rules = compileRules(config);

@@ -9,7 +9,7 @@ import { toPgClientConfig } from '../../config/load.ts';
 import { withClient } from '../../sql/client.ts';
 import { liveInstances } from '../../group/requests.ts';
 import { mappingOf, runSync, syncConditions, SyncUsageError, waitCarried } from '../../scan/sync.ts';
-import { configFrom, loggerFrom, print, UsageError, type GlobalOptions } from '../common.ts';
+import { boundHeapGrowth, configFrom, loggerFrom, print, UsageError, type GlobalOptions } from '../common.ts';
 
 export interface SyncCommandOptions {
   mapping: string;
@@ -20,6 +20,7 @@ export interface SyncCommandOptions {
 }
 
 export async function syncCommand(opts: GlobalOptions, cmd: SyncCommandOptions): Promise<void> {
+  boundHeapGrowth();
   const config = await configFrom(opts);
   const batchRows = cmd.batch === undefined ? 1000 : Number(cmd.batch);
   if (!Number.isInteger(batchRows) || batchRows < 1 || batchRows > 100_000)
