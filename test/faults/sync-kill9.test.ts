@@ -1,7 +1,7 @@
 // `pgdso sync` killed with kill -9 in the middle of a 100,000-request initial load, then run
 // again: it resumes after its last batch (by default), a run with another --where is refused
 // until --restart, and every selected request reaches the target exactly once (a write log on
-// the target that a primary key cannot hide), none of the others.
+// the target that a primary key cannot hide) with its values (checksums), none of the others.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -25,8 +25,8 @@ arrives once`, { timeout: 300_000 }, async (t) => {
   });
   await e.query(
     'sf',
-    `INSERT INTO repair_request (id, item, site) SELECT 'K-' || lpad(g::text, 6, '0'), 'chair',
-            CASE WHEN g % 2 = 0 THEN 'chicago' ELSE 'sf' END
+    `INSERT INTO repair_request (id, item, site, description) SELECT 'K-' || lpad(g::text, 6, '0'), 'chair',
+            CASE WHEN g % 2 = 0 THEN 'chicago' ELSE 'sf' END, md5(g::text)
        FROM generate_series(1, $1) g`,
     [ROWS],
   );
@@ -82,6 +82,16 @@ arrives once`, { timeout: 300_000 }, async (t) => {
   assert.deepEqual(log, { inserts: String(ROWS / 2), ids: String(ROWS / 2), others: '0' }, 'chicago: each selected request once, no other');
   const [writes] = await e.query<{ n: string }>('chicago', `SELECT count(*)::text AS n FROM write_log`);
   assert.equal(writes!.n, String(ROWS / 2), 'no request written twice on chicago (no update after its insert)');
+  // the values too: a checksum of every selected request's columns, on sf and on chicago
+  const checksum = async (server: string) =>
+    (
+      await e.query<{ n: string; sum: string }>(
+        server,
+        `SELECT count(*)::text AS n, md5(string_agg(concat_ws('|', id, item, site, status, description, needs_upholstery), ',' ORDER BY id))
+                AS sum FROM repair_request WHERE site = 'chicago'`,
+      )
+    )[0];
+  assert.deepEqual(await checksum('chicago'), await checksum('sf'), 'chicago holds the selected requests with their values');
   const runs = await e.query<{ state: string; scanned: string; matched: string }>(
     'sf',
     'SELECT state, scanned::text, matched::text FROM pgdso.scan_runs',
