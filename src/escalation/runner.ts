@@ -153,6 +153,7 @@ export class Escalations {
     let totals: ScanProgress;
     try {
       totals = await scanForm({
+        server: this.opts.server,
         connection: this.opts.connection,
         run: claimed,
         kind: 'escalation',
@@ -160,6 +161,7 @@ export class Escalations {
         schema: escalation.on.schema,
         table: escalation.on.table,
         predicate: escalation.predicate,
+        origin: escalation.readsOrigin,
         columns: escalation.columns,
         actions: escalation.actions,
         batchRows: this.opts.batchRows ?? 500,

@@ -329,19 +329,8 @@ export function compileConditions(conditions: Conditions | null | undefined): Pr
   return compileNode(conditions);
 }
 
-/**
- * The columns of the `row` and `old` facts that conditions read, or null when a condition reads a
- * whole row (a fact without a path). Lets the engine convert only those columns per change.
- */
-export function columnsRead(conditions: Conditions | null | undefined): Set<string> | null {
-  const columns = new Set<string>();
-  let whole = false;
-  const visitLeaf = (fact: unknown, path: unknown) => {
-    if (fact !== 'row' && fact !== 'old') return;
-    const segments = typeof path === 'string' ? parsePath(path) : null;
-    if (!segments || segments.length === 0) whole = true;
-    else columns.add(segments[0]!);
-  };
+/** Calls `leaf` with the fact and path of every condition, and of every fact a value refers to. */
+function visitLeaves(conditions: Conditions | null | undefined, leaf: (fact: unknown, path: unknown) => void): void {
   const visit = (node: unknown): void => {
     if (!node || typeof node !== 'object') return;
     const n = node as Record<string, unknown>;
@@ -352,9 +341,33 @@ export function columnsRead(conditions: Conditions | null | undefined): Set<stri
       else visit(child);
       return;
     }
-    visitLeaf(n.fact, n.path);
-    if (isFactReference(n.value)) visitLeaf(n.value.fact, n.value.path);
+    leaf(n.fact, n.path);
+    if (isFactReference(n.value)) leaf(n.value.fact, n.value.path);
   };
   visit(conditions);
+}
+
+/**
+ * The columns of the `row` and `old` facts that conditions read, or null when a condition reads a
+ * whole row (a fact without a path). Lets the engine convert only those columns per change.
+ */
+export function columnsRead(conditions: Conditions | null | undefined): Set<string> | null {
+  const columns = new Set<string>();
+  let whole = false;
+  visitLeaves(conditions, (fact, path) => {
+    if (fact !== 'row' && fact !== 'old') return;
+    const segments = typeof path === 'string' ? parsePath(path) : null;
+    if (!segments || segments.length === 0) whole = true;
+    else columns.add(segments[0]!);
+  });
   return whole ? null : columns;
+}
+
+/** The facts (row, old, origin, ...) that conditions read. */
+export function factsRead(conditions: Conditions | null | undefined): Set<string> {
+  const facts = new Set<string>();
+  visitLeaves(conditions, (fact) => {
+    if (typeof fact === 'string') facts.add(fact);
+  });
+  return facts;
 }

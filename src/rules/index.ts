@@ -2,7 +2,7 @@
 // changed row only meets the filters that can fire on it.
 
 import { ConfigError, type ActionConfig, type ConfigProblem, type EscalationSchedule, type Op, type PgdsoConfig } from '../config/types.ts';
-import { columnsRead, compileConditions, RuleEvaluationError, UnsupportedConditionError, type Predicate } from './compile.ts';
+import { columnsRead, compileConditions, factsRead, RuleEvaluationError, UnsupportedConditionError, type Predicate } from './compile.ts';
 import type { Facts } from './facts.ts';
 
 export { RuleEvaluationError } from './compile.ts';
@@ -27,6 +27,8 @@ export interface CompiledEscalation {
   readonly predicate: Predicate;
   /** the columns its conditions read (with dso_master), or null for whole rows: build facts with only these */
   readonly columns: ReadonlySet<string> | null;
+  /** its conditions read `origin`: the scan looks up which engine last wrote each request */
+  readonly readsOrigin: boolean;
   readonly actions: readonly ActionConfig[];
 }
 
@@ -134,6 +136,7 @@ export function compileRules(config: PgdsoConfig): CompiledRules {
       schedule: escalation.schedule,
       predicate: compile(escalation.name, escalation.conditions, escalation.source),
       columns: withMaster(columnsRead(escalation.conditions)),
+      readsOrigin: factsRead(escalation.conditions).has('origin'),
       actions: escalation.actions,
     });
     const list = escalationsByServer.get(escalation.on.server) ?? [];

@@ -10,7 +10,7 @@ import type { ActionConfig } from '../config/types.ts';
 import type { RowChange, TextRow } from '../change.ts';
 import { buildFacts, type Facts } from '../rules/facts.ts';
 import { RuleEvaluationError } from '../rules/compile.ts';
-import { qualified, quoteIdent } from '../sql/identifiers.ts';
+import { qualified, quoteIdent, writerOfOrigin } from '../sql/identifiers.ts';
 import { withCanonicalText } from '../sql/session.ts';
 import { describeForm, domainBaseTypes } from '../sql/forms.ts';
 import { encodeBatch, SCAN_PREFIX, type ScanBatch, type ScanKind } from './message.ts';
@@ -28,6 +28,8 @@ export interface ScanProgress {
 }
 
 export interface ScanOptions {
+  /** the server scanned */
+  server: string;
   connection: pg.ClientConfig;
   run: ScanRun;
   kind: ScanKind;
@@ -38,6 +40,12 @@ export interface ScanOptions {
   predicate: (facts: Facts) => boolean;
   /** the columns the predicate reads (null: whole rows), converted per row */
   columns: ReadonlySet<string> | null;
+  /**
+   * the predicate reads `origin`: the server whose engine last wrote each request here, from the
+   * replication origin of the transaction that wrote its row (known with track_commit_timestamp
+   * on; null otherwise, as for a row last written by a user or by this server's own engine)
+   */
+  origin?: boolean;
   actions: readonly ActionConfig[];
   batchRows: number;
   log: Logger;
@@ -68,10 +76,17 @@ export async function scanForm(opts: ScanOptions): Promise<ScanProgress> {
       columns: columns.map(([name, typeOid]) => ({ name, typeOid, typeMod: -1, isKey: name === form.keyColumn })),
     };
     const keyIndex = columns.findIndex(([name]) => name === form.keyColumn);
-    const select = `SELECT ${columns.map(([name]) => quoteIdent(name)).join(', ')} FROM ${qualified(form.schema, form.table)}`;
-    const order = `ORDER BY ${quoteIdent(form.keyColumn)} LIMIT ${Math.max(1, Math.floor(opts.batchRows))} FOR SHARE`;
+    const origins = opts.origin === true && (await originsKnown(client, opts, log));
+    // the origin's name after the form's columns (not carried in the batch)
+    const originColumn = origins
+      ? `, (SELECT o.roname FROM pg_replication_origin o WHERE o.roident = (pg_xact_commit_timestamp_origin(t.xmin)).roident)`
+      : '';
+    const select =
+      `SELECT ${columns.map(([name]) => `t.${quoteIdent(name)}`).join(', ')}${originColumn} ` +
+      `FROM ${qualified(form.schema, form.table)} t`;
+    const order = `ORDER BY t.${quoteIdent(form.keyColumn)} LIMIT ${Math.max(1, Math.floor(opts.batchRows))} FOR SHARE`;
     const first = `${select} ${order}`;
-    const next = `${select} WHERE ${quoteIdent(form.keyColumn)} > $1 ${order}`;
+    const next = `${select} WHERE t.${quoteIdent(form.keyColumn)} > $1 ${order}`;
     const progress: ScanProgress = { scanned: run.scanned, matched: run.matched, errors: run.errors, lastKey: run.lastKey, done: false };
     while (!progress.done) {
       if (opts.signal?.aborted) throw opts.signal.reason ?? new Error('aborted');
@@ -98,8 +113,10 @@ export async function scanForm(opts: ScanOptions): Promise<ScanProgress> {
           const textRow: TextRow = {};
           for (let i = 0; i < columns.length; i++) textRow[columns[i]![0]] = values[i] ?? null;
           const change: RowChange = { op: 'update', relation, lsn: 0n, new: textRow, old: null };
+          const writer = origins ? writerOfOrigin(values[columns.length]) : null;
+          if (origins) values.length = columns.length;
           try {
-            if (opts.predicate(buildFacts(change, null, opts.columns, baseTypes))) matched.push(values);
+            if (opts.predicate(buildFacts(change, writer === opts.server ? null : writer, opts.columns, baseTypes))) matched.push(values);
           } catch (err) {
             if (!(err instanceof RuleEvaluationError)) throw err;
             errors += 1;
@@ -144,6 +161,18 @@ export async function scanForm(opts: ScanOptions): Promise<ScanProgress> {
   } finally {
     await client.end().catch(() => undefined);
   }
+}
+
+/** Whether this server records the origin of its transactions (track_commit_timestamp); says so once if not. */
+async function originsKnown(client: pg.Client, opts: ScanOptions, log: Logger): Promise<boolean> {
+  const res = await client.query<{ on: string }>(`SELECT current_setting('track_commit_timestamp') AS on`);
+  if (res.rows[0]?.on === 'on') return true;
+  log.warn(
+    { [opts.kind]: opts.name, server: opts.server },
+    `${opts.kind} "${opts.name}" reads the origin fact, but track_commit_timestamp is off on ${opts.server}: ` +
+      'origin is null for every request (ALTER SYSTEM SET track_commit_timestamp = on, and a restart, record it)',
+  );
+  return false;
 }
 
 /** A batch again after a deadlock or a serialization failure with the engine or a user. */

@@ -7,7 +7,7 @@ import type { Logger } from 'pino';
 import type pg from 'pg';
 import { toPgClientConfig } from '../config/load.ts';
 import type { Conditions, MappingConfig, PgdsoConfig } from '../config/types.ts';
-import { checkConditions, columnsRead, compileConditions } from '../rules/compile.ts';
+import { checkConditions, columnsRead, compileConditions, factsRead } from '../rules/compile.ts';
 import { withMaster } from '../rules/index.ts';
 import { qualified, quoteIdent, slotName } from '../sql/identifiers.ts';
 import { describeForm } from '../sql/forms.ts';
@@ -99,6 +99,7 @@ export async function runSync(opts: SyncOptions): Promise<SyncResult> {
   });
   opts.onStart?.(run, remaining);
   const progress = await scanForm({
+    server: mapping.from.server,
     connection,
     run,
     kind: 'sync',
@@ -107,6 +108,7 @@ export async function runSync(opts: SyncOptions): Promise<SyncResult> {
     table: mapping.from.table,
     predicate,
     columns: withMaster(columnsRead(opts.where)),
+    origin: factsRead(opts.where).has('origin'),
     actions: [{ type: 'transfer', mapping: mapping.name, overrideLoopDetection: false }],
     batchRows: opts.batchRows,
     log: opts.log,

@@ -11,7 +11,7 @@ import { migrateServer } from '../../src/sql/migrate.ts';
 import { enableForm } from '../../src/sql/forms.ts';
 import { before, after } from 'node:test';
 import { waitFor } from './wait.ts';
-import { provideClusters, type TestCluster } from './servers.ts';
+import { provideClusters, type ProvideOptions, type TestCluster } from './servers.ts';
 import { leakCheck } from './leaks.ts';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
@@ -221,11 +221,11 @@ export const is = (column: string, value: unknown) => ({ fact: 'row', path: `$.$
  * A test file's clusters and DSO environments: clusters started before the file's tests, every
  * environment and cluster closed after them, and a leak check (no pgdso child process left).
  */
-export function dsoSuite(clusterCount: number) {
+export function dsoSuite(clusterCount: number, provide: ProvideOptions = {}) {
   let clusters: TestCluster[] = [];
   const envs: DsoEnv[] = [];
   before(async () => {
-    clusters = await provideClusters(clusterCount);
+    clusters = await provideClusters(clusterCount, provide);
   });
   after(async () => {
     await Promise.all(envs.map((e) => e.close()));

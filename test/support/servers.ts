@@ -54,6 +54,8 @@ export function restartSkipReason(): string | false {
 export interface ProvideOptions {
   /** PostgreSQL major (embedded provider only: its npm-aliased binaries); default: the provider's own. */
   major?: number;
+  /** postgresql.conf settings of the servers started (embedded, testcontainers); servers given by URL keep theirs */
+  settings?: Record<string, string>;
 }
 
 /** `n` servers from the selected provider; on a failure, those already made are released. */
@@ -65,11 +67,11 @@ export async function provideClusters(n: number, opts: ProvideOptions = {}): Pro
   const makers = Array.from({ length: n }, (_, index) => () => {
     switch (provider) {
       case 'embedded':
-        return embeddedCluster(index, opts.major);
+        return embeddedCluster(index, opts.major, opts.settings);
       case 'urls':
         return urlCluster(index);
       case 'testcontainers':
-        return containerCluster();
+        return containerCluster(opts.settings);
     }
   });
   if (provider === 'testcontainers') await probeContainerRuntime();
@@ -95,8 +97,12 @@ function uniqueNamer(): (name: string) => string {
   };
 }
 
-async function embeddedCluster(index: number, major?: number): Promise<TestCluster> {
-  const local = await startLocalCluster({ name: major === undefined ? `test${index}` : `pg${major}-test${index}`, major });
+async function embeddedCluster(index: number, major?: number, settings?: Record<string, string>): Promise<TestCluster> {
+  const local = await startLocalCluster({
+    name: major === undefined ? `test${index}` : `pg${major}-test${index}`,
+    major,
+    ...(settings ? { settings } : {}),
+  });
   const uniqueName = uniqueNamer();
   return {
     provider: 'embedded',
@@ -132,9 +138,9 @@ async function probeContainerRuntime(): Promise<void> {
   }
 }
 
-async function containerCluster(): Promise<TestCluster> {
+async function containerCluster(extra: Record<string, string> = {}): Promise<TestCluster> {
   const { PostgreSqlContainer } = await import('@testcontainers/postgresql');
-  const settings = Object.entries(REPLICATION_SETTINGS).flatMap(([key, value]) => ['-c', `${key}=${value}`]);
+  const settings = Object.entries({ ...REPLICATION_SETTINGS, ...extra }).flatMap(([key, value]) => ['-c', `${key}=${value}`]);
   const container = await new PostgreSqlContainer(process.env.PGDSO_TEST_IMAGE || 'postgres:18')
     .withUsername('postgres')
     .withPassword(crypto.randomBytes(18).toString('base64url'))
