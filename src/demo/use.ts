@@ -9,7 +9,6 @@ import pg from 'pg';
 import type { Logger } from 'pino';
 import type { LocalCluster } from '../embedded/cluster.ts';
 import { loadConfig } from '../config/load.ts';
-import type { PgdsoConfig } from '../config/types.ts';
 import { compileRules } from '../rules/index.ts';
 import { Instance } from '../instance.ts';
 import type { Clock } from '../escalation/schedule.ts';
@@ -45,8 +44,6 @@ export class DemoUse {
   private readonly engines: Promise<unknown>[] = [];
   /** `<SERVER>_URL` for each server, the variables the example's config names */
   env: Record<string, string> = {};
-  /** the example's config, once started */
-  config: PgdsoConfig | null = null;
 
   private constructor(
     readonly example: string,
@@ -93,7 +90,6 @@ export class DemoUse {
     const rules = compileRules(config);
     const invalid = findingsAsConfigError(await preflight(config, rules), config.file);
     if (invalid) throw invalid;
-    this.config = config;
     const servers = Object.keys(config.servers);
     const instance = new Instance({
       configPath: this.configPath,
