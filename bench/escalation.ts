@@ -4,14 +4,9 @@
 // the `escalation` operation (the scan runs in the instance, the engine carries the batches).
 // Measured: from the request until the last matching row is the peer's master, until the engine
 // is idle again, and the instance's peak RSS (the memory the escalation costs the engine).
-import { mkdtemp, mkdir, writeFile, rm } from 'node:fs/promises';
-import os from 'node:os';
-import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import type { LocalCluster } from '../src/embedded/cluster.ts';
-import { migrateServer } from '../src/sql/migrate.ts';
-import { enableForm } from '../src/sql/forms.ts';
-import { FILL_SQL, TABLE_SQL, peakRss, pgdsoCommand, sql } from './sync.ts';
+import { benchConfig, deployForm, peakRss, pgdsoCommand, ROWS_SQL, sourceToPeer, sql, stopChild } from './support.ts';
 
 export const ESCALATION_ROWS = Number(process.env.BENCH_ESCALATION_ROWS ?? 1_000_000);
 
@@ -26,29 +21,11 @@ export interface EscalationFigures {
 export async function benchEscalation(source: LocalCluster, target: LocalCluster): Promise<EscalationFigures> {
   const src = await source.createDatabase('bench_escalation');
   const dst = await target.createDatabase('bench_escalation');
-  for (const url of [src, dst]) {
-    await sql(url, TABLE_SQL);
-    await migrateServer({ connectionString: url });
-    await enableForm({ connectionString: url }, 'public', 'repair_request');
-  }
-  await sql(src, FILL_SQL, [ESCALATION_ROWS]);
+  for (const url of [src, dst]) await deployForm(url);
+  await sql(src, ROWS_SQL, [1, ESCALATION_ROWS]);
   const matched = Number((await sql(src, `SELECT count(*) AS n FROM repair_request WHERE item = 'chair'`)).rows[0].n);
-  const dir = await mkdtemp(path.join(os.tmpdir(), 'pgdso-bench-escalation-'));
-  await mkdir(path.join(dir, 'rules'));
-  const configPath = path.join(dir, 'pgdso.config.json');
-  await writeFile(
-    configPath,
-    JSON.stringify({ servers: { source: { connection: src }, peer: { connection: dst } }, rules: ['rules/*.json'] }),
-  );
   const rules = {
-    mappings: [
-      {
-        name: 'source-to-peer',
-        from: { server: 'source', form: 'repair_request' },
-        to: { server: 'peer', form: 'repair_request' },
-        transferMode: 'data+ownership',
-      },
-    ],
+    mappings: [sourceToPeer('data+ownership')],
     escalations: [
       {
         name: 'move-chairs',
@@ -60,7 +37,7 @@ export async function benchEscalation(source: LocalCluster, target: LocalCluster
       },
     ],
   };
-  await writeFile(path.join(dir, 'rules', 'bench.json'), JSON.stringify(rules));
+  const { configPath, remove } = await benchConfig(src, dst, rules);
   const pgdso = pgdsoCommand(configPath);
   const engine = pgdso(['run', '--server', 'source']);
   const engineRss = peakRss(engine);
@@ -85,9 +62,8 @@ export async function benchEscalation(source: LocalCluster, target: LocalCluster
     const idleMs = Date.now() - started;
     return { rows: ESCALATION_ROWS, matched, peerMs, idleMs, enginePeakRssMb: engineRss.mb() };
   } finally {
-    engine.kill('SIGTERM');
-    await new Promise((resolve) => (engine.exitCode === null ? engine.once('exit', resolve) : resolve(null)));
-    await rm(dir, { recursive: true, force: true });
+    await stopChild(engine);
+    await remove();
   }
 }
 

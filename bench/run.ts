@@ -4,32 +4,16 @@
 // Scenario 2 (bench/sync.ts): the initial load, BENCH_SYNC_ROWS existing rows (1,000,000) by a
 // subscription's copy_data and by `pgdso sync`. Options (env): BENCH_ROWS (200000), BENCH_RUNS
 // (3), BENCH_SCENARIOS (bulk,sync; escalation too, on demand). Prints Markdown tables.
-import { spawn } from 'node:child_process';
-import { mkdtemp, mkdir, writeFile, rm, readFile } from 'node:fs/promises';
 import os from 'node:os';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { setTimeout as delay } from 'node:timers/promises';
 import pg from 'pg';
-import { withClient } from '../src/sql/client.ts';
 import { startLocalCluster, type LocalCluster } from '../src/embedded/cluster.ts';
-import { migrateServer } from '../src/sql/migrate.ts';
-import { enableForm } from '../src/sql/forms.ts';
-import { benchInitialLoad, SYNC_ROWS, TABLE_SQL } from './sync.ts';
+import { benchConfig, deployForm, peakRss, pgdsoCommand, ROWS_SQL, sourceToPeer, sql, stopChild, TABLE_SQL } from './support.ts';
+import { benchInitialLoad, SYNC_ROWS } from './sync.ts';
 import { benchEscalation } from './escalation.ts';
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const ROWS = Number(process.env.BENCH_ROWS ?? 200_000);
 const RUNS = Number(process.env.BENCH_RUNS ?? 3);
-
-const LOAD_SQL = `INSERT INTO repair_request (id, item, quantity, price, created_at, description)
-  SELECT g, CASE WHEN g % 3 = 0 THEN 'chair' ELSE 'desk' END, g % 17, (g % 1000) / 7.0,
-         timestamptz '2026-01-01' + g * interval '1 second', md5(g::text)
-    FROM generate_series($1::bigint, $2::bigint) g`;
-
-function sql(url: string, text: string, params: unknown[] = []): Promise<pg.QueryResult> {
-  return withClient(url, (client) => client.query(text, params));
-}
 
 /** Polls the peer until the row with `lastId` is there; returns ms since `since`. */
 async function waitVisible(url: string, lastId: number, since: number, timeoutMs = 600_000): Promise<number> {
@@ -49,7 +33,7 @@ async function waitVisible(url: string, lastId: number, since: number, timeoutMs
 
 async function loadOnce(url: string, first: number): Promise<{ committedAt: number; lastId: number }> {
   const lastId = first + ROWS - 1;
-  await sql(url, LOAD_SQL, [first, lastId]);
+  await sql(url, ROWS_SQL, [first, lastId]);
   return { committedAt: Date.now(), lastId };
 }
 
@@ -76,54 +60,23 @@ async function native(source: LocalCluster, target: LocalCluster): Promise<numbe
 async function pgdso(source: LocalCluster, target: LocalCluster): Promise<{ times: number[]; settled: number[]; peakRssMb: number }> {
   const src = await source.createDatabase('bench_pgdso');
   const dst = await target.createDatabase('bench_pgdso');
-  for (const url of [src, dst]) {
-    await sql(url, TABLE_SQL);
-    await migrateServer({ connectionString: url });
-    await enableForm({ connectionString: url }, 'public', 'repair_request');
-  }
-  const dir = await mkdtemp(path.join(os.tmpdir(), 'pgdso-bench-'));
-  await mkdir(path.join(dir, 'rules'));
-  await writeFile(
-    path.join(dir, 'pgdso.config.json'),
-    JSON.stringify({ servers: { source: { connection: src }, peer: { connection: dst } }, rules: ['rules/*.json'] }),
-  );
-  await writeFile(
-    path.join(dir, 'rules', 'bench.json'),
-    JSON.stringify({
-      mappings: [
-        {
-          name: 'source-to-peer',
-          from: { server: 'source', form: 'repair_request' },
-          to: { server: 'peer', form: 'repair_request' },
-          transferMode: 'data-only',
-        },
-      ],
-      filters: [
-        {
-          name: 'every-request',
-          on: { server: 'source', form: 'repair_request', ops: ['insert', 'update'] },
-          actions: [{ type: 'transfer', mapping: 'source-to-peer' }],
-        },
-      ],
-    }),
-  );
-  // BENCH_ENGINE_NODE_ARGS, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof", to profile the engine
-  const nodeArgs = (process.env.BENCH_ENGINE_NODE_ARGS ?? '').split(' ').filter(Boolean);
-  const engine = spawn(
-    process.execPath,
-    [...nodeArgs, path.join(ROOT, 'bin/pgdso'), 'run', '--server', 'source', '--config', path.join(dir, 'pgdso.config.json')],
-    { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, PGDSO_LOG_LEVEL: 'warn' } },
-  );
+  for (const url of [src, dst]) await deployForm(url);
+  const { configPath, remove } = await benchConfig(src, dst, {
+    mappings: [sourceToPeer('data-only')],
+    filters: [
+      {
+        name: 'every-request',
+        on: { server: 'source', form: 'repair_request', ops: ['insert', 'update'] },
+        actions: [{ type: 'transfer', mapping: 'source-to-peer' }],
+      },
+    ],
+  });
+  const engine = pgdsoCommand(configPath)(['run', '--server', 'source']);
+  const rss = peakRss(engine);
   let stderr = '';
-  engine.stderr.on('data', (d) => (stderr += d));
+  engine.stderr!.on('data', (d) => (stderr += d));
   const exited = new Promise<never>((_, reject) => engine.once('exit', (code) => reject(new Error(`the engine exited (${code})`))));
   exited.catch(() => {});
-  let peakRssKb = 0;
-  const sampler = setInterval(async () => {
-    const status = await readFile(`/proc/${engine.pid}/status`, 'utf8').catch(() => '');
-    const hwm = /VmHWM:\s+(\d+)/.exec(status);
-    if (hwm) peakRssKb = Math.max(peakRssKb, Number(hwm[1]));
-  }, 200);
   try {
     const times: number[] = [];
     const settled: number[] = [];
@@ -136,16 +89,12 @@ async function pgdso(source: LocalCluster, target: LocalCluster): Promise<{ time
       await Promise.race([waitSlotIdle(src), exited]);
       settled.push(Date.now() - committedAt);
     }
-    return { times, settled, peakRssMb: Math.round(peakRssKb / 1024) };
+    return { times, settled, peakRssMb: rss.mb() };
   } catch (err) {
     throw new Error(`${(err as Error).message}\nengine stderr:\n${stderr}`);
   } finally {
-    clearInterval(sampler);
-    if (engine.exitCode === null) {
-      engine.kill('SIGTERM');
-      await exited.catch(() => {});
-    }
-    await rm(dir, { recursive: true, force: true });
+    await stopChild(engine);
+    await remove();
   }
 }
 
