@@ -265,7 +265,7 @@ export async function writeOwnedFile(file: string, content: string, runAs: RunAs
  * Removes clusters left by processes that died without destroy() (asking a still-running
  * postmaster of theirs to quit first), and half-built cache entries of dead processes.
  */
-async function sweepStaleEntries(clustersDir: string, versionDir: string): Promise<void> {
+export async function sweepStaleEntries(clustersDir: string, versionDir: string): Promise<void> {
   for (const entry of await fs.readdir(clustersDir)) {
     const dataDir = path.join(clustersDir, entry);
     const owner = await fs.readFile(path.join(dataDir, OWNER_FILE), 'utf8').then(
@@ -273,9 +273,10 @@ async function sweepStaleEntries(clustersDir: string, versionDir: string): Promi
       () => undefined,
     );
     if (owner === undefined) {
-      // Not yet (or never) marked: only remove it once clearly abandoned.
+      // Not yet (or never) marked: only remove it once clearly abandoned. By its ctime: `cp -a`
+      // gives a copy just made of the template the template's old mtime, before its owner marks it
       const stat = await fs.stat(dataDir).catch(() => undefined);
-      if (!stat || Date.now() - stat.mtimeMs < 3_600_000) continue;
+      if (!stat || Date.now() - Math.max(stat.mtimeMs, stat.ctimeMs) < 3_600_000) continue;
     } else if (await isAlive(owner)) {
       continue;
     }
