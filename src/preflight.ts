@@ -9,7 +9,8 @@ import { toPgClientConfig, describeConnection } from './config/load.ts';
 import type { CompiledRules } from './rules/index.ts';
 import { describeFormColumns, type FormCatalog } from './applier/catalog.ts';
 import { buildColumnPlan, PlanError } from './applier/plan.ts';
-import { describeForm, FormError, planForm } from './sql/forms.ts';
+import { planForm } from './sql/forms.ts';
+import { describeForm, FormError } from './sql/form-catalog.ts';
 import { slotName } from './sql/identifiers.ts';
 import { createCheck, describeCheck, formChecks, serverChecks, serverFacts, versionCheck } from './sql/privileges.ts';
 

@@ -10,7 +10,7 @@ import { waitFor } from './support/wait.ts';
 import { ReplicationStream, type ChangeSink } from '../src/decoder/stream.ts';
 import { formatLsn, type RowChange, type TxBegin, type TxCommit } from '../src/change.ts';
 import { migrateServer } from '../src/sql/migrate.ts';
-import { ensureSlot } from '../src/sql/forms.ts';
+import { ensureSlot } from '../src/sql/slot.ts';
 import { slotName } from '../src/sql/identifiers.ts';
 
 let cluster: TestCluster;

@@ -3,7 +3,7 @@
 // record of the operations that could not be applied.
 import type pg from 'pg';
 import type { MappingConfig } from '../config/types.ts';
-import type { FormInfo } from '../sql/forms.ts';
+import type { FormInfo } from '../sql/form-catalog.ts';
 import { qualified, quoteIdent } from '../sql/identifiers.ts';
 import { formatLsn } from '../change.ts';
 import type { OpGroup } from './lane.ts';

@@ -1,6 +1,6 @@
 // What the applier needs to know about a target form, read from the live catalog.
 import type pg from 'pg';
-import { describeForm, type FormInfo } from '../sql/forms.ts';
+import { describeForm, type FormInfo } from '../sql/form-catalog.ts';
 
 export interface ColumnInfo {
   name: string;

@@ -7,7 +7,7 @@
 // ping-pong between two servers.
 import type pg from 'pg';
 import type { MappingConfig } from '../config/types.ts';
-import type { FormInfo } from '../sql/forms.ts';
+import type { FormInfo } from '../sql/form-catalog.ts';
 import { qualified, quoteIdent } from '../sql/identifiers.ts';
 import { classifyError } from './errors.ts';
 import type { ColumnPlan } from './plan.ts';

@@ -1,7 +1,7 @@
 // Which target columns a mapping writes, and from what: computed once per (mapping, source
 // relation), never per row.
 import type { MappingConfig } from '../config/types.ts';
-import { DSO_COLUMN_NAMES } from '../sql/forms.ts';
+import { DSO_COLUMN_NAMES } from '../sql/form-catalog.ts';
 import type { FormCatalog } from './catalog.ts';
 
 export type ColumnSource = { kind: 'column'; column: string } | { kind: 'constant'; text: string | null };

@@ -2,7 +2,7 @@
 // bad rows by bisection under savepoints, and the SQL that recognises the copies of one request.
 import type pg from 'pg';
 import type { MappingConfig } from '../config/types.ts';
-import type { FormInfo } from '../sql/forms.ts';
+import type { FormInfo } from '../sql/form-catalog.ts';
 import { quoteIdent } from '../sql/identifiers.ts';
 import { isolatesRows } from './errors.ts';
 import type { OpGroup } from './lane.ts';

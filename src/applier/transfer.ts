@@ -7,7 +7,7 @@
 // A data error isolates the bad rows by bisection under savepoints; the others are applied.
 import type pg from 'pg';
 import type { MappingConfig } from '../config/types.ts';
-import type { FormInfo } from '../sql/forms.ts';
+import type { FormInfo } from '../sql/form-catalog.ts';
 import { qualified, quoteIdent, quoteLiteral } from '../sql/identifiers.ts';
 import { classifyError, sqlstateOf } from './errors.ts';
 import type { ColumnPlan } from './plan.ts';

@@ -2,7 +2,7 @@
 // first): the hops the engine adds, and what loop detection reads from it.
 import type { TextRow } from '../change.ts';
 import type { MappingConfig } from '../config/types.ts';
-import type { FormInfo } from '../sql/forms.ts';
+import type { FormInfo } from '../sql/form-catalog.ts';
 import type { OpenTransaction } from '../engine/types.ts';
 
 /** The request's mapping history (jsonb text) with one more hop (JSON text). */

@@ -3,7 +3,7 @@
 // a delete that arrived with its key alone, a TRUNCATE.
 import { formatLsn, type Relation, type RowChange, type TextRow } from '../change.ts';
 import type { MappingConfig } from '../config/types.ts';
-import { DSO_COLUMN_NAMES } from '../sql/forms.ts';
+import { DSO_COLUMN_NAMES } from '../sql/form-catalog.ts';
 import { qualified } from '../sql/identifiers.ts';
 import type { PendingEntry, QueuedOp } from '../queue/sql.ts';
 import type { Batch } from '../engine/batch.ts';

@@ -16,7 +16,7 @@ import {
   type SeenState,
 } from '../applier/bookkeeping.ts';
 import { changeKey, type ApplyFailure } from '../applier/sets.ts';
-import type { FormInfo } from '../sql/forms.ts';
+import type { FormInfo } from '../sql/form-catalog.ts';
 import { enqueue } from '../queue/sql.ts';
 import type { Checkpoint } from './checkpoint.ts';
 import { PeerFailedMidBatch, catalogChanged } from './errors.ts';

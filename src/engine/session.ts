@@ -10,7 +10,7 @@ import { ReplicationStream } from '../decoder/stream.ts';
 import { buildFacts } from '../rules/facts.ts';
 import { ApplyLane } from '../applier/lane.ts';
 import { LaneBuffer } from '../applier/buffer.ts';
-import { ensureSlot } from '../sql/forms.ts';
+import { ensureSlot } from '../sql/slot.ts';
 import { formatLsn } from '../change.ts';
 import { originName, slotName, writerOfOrigin } from '../sql/identifiers.ts';
 import { DsoActions } from '../dso/actions.ts';

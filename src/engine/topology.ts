@@ -9,7 +9,7 @@ import { describeFormColumns, type FormCatalog } from '../applier/catalog.ts';
 import { buildColumnPlan, type ColumnPlan } from '../applier/plan.ts';
 import { reversePlan, type Link } from '../applier/chain.ts';
 import { withClient } from '../sql/client.ts';
-import { describeForm, domainBaseTypes, type FormInfo } from '../sql/forms.ts';
+import { describeForm, domainBaseTypes, type FormInfo } from '../sql/form-catalog.ts';
 import type { SessionState } from './state.ts';
 import type { LinkRef } from './types.ts';
 

@@ -9,7 +9,7 @@ import type { Link } from '../applier/chain.ts';
 import type { ApplyFailure } from '../applier/sets.ts';
 import type { ErrorClass } from '../applier/errors.ts';
 import type { Refusal } from '../sql/grants.ts';
-import type { FormInfo } from '../sql/forms.ts';
+import type { FormInfo } from '../sql/form-catalog.ts';
 import type { PendingEntry } from '../queue/sql.ts';
 
 export interface EngineOptions {

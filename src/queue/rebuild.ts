@@ -7,7 +7,7 @@ import { buildColumnPlan, type ColumnPlan } from '../applier/plan.ts';
 import { TransferGroup } from '../applier/transfer.ts';
 import { CopyDeleteGroup, CopyUpdateGroup } from '../applier/chain.ts';
 import type { ApplyFailure } from '../applier/sets.ts';
-import type { FormInfo } from '../sql/forms.ts';
+import type { FormInfo } from '../sql/form-catalog.ts';
 import { errorText } from '../engine/errors.ts';
 import type { GroupOperations } from '../engine/operations.ts';
 import type { SessionState } from '../engine/state.ts';

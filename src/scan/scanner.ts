@@ -12,7 +12,7 @@ import { buildFacts, type Facts } from '../rules/facts.ts';
 import { RuleEvaluationError } from '../rules/compile.ts';
 import { qualified, quoteIdent, writerOfOrigin } from '../sql/identifiers.ts';
 import { withCanonicalText } from '../sql/session.ts';
-import { describeForm, domainBaseTypes } from '../sql/forms.ts';
+import { describeForm, domainBaseTypes } from '../sql/form-catalog.ts';
 import { encodeBatch, SCAN_PREFIX, type ScanBatch, type ScanKind } from './message.ts';
 import { scannerName, type ScanRun } from './runs.ts';
 

@@ -10,7 +10,7 @@ import type { Conditions, MappingConfig, PgdsoConfig } from '../config/types.ts'
 import { checkConditions, columnsRead, compileConditions, factsRead } from '../rules/compile.ts';
 import { withMaster } from '../rules/index.ts';
 import { qualified, quoteIdent, slotName } from '../sql/identifiers.ts';
-import { describeForm } from '../sql/forms.ts';
+import { describeForm } from '../sql/form-catalog.ts';
 import { withClient } from '../sql/client.ts';
 import { cancelRun, claimRun, createRun, unfinishedRun, type ScanRun } from './runs.ts';
 import { scanForm, type ScanProgress } from './scanner.ts';

@@ -6,7 +6,7 @@
 // what it will do before it does it.
 import type pg from 'pg';
 import { PUBLICATION, qualified, quoteIdent, quoteLiteral, slotName } from './identifiers.ts';
-import { DSO_COLUMNS } from './forms.ts';
+import { DSO_COLUMNS } from './form-catalog.ts';
 import { GUARD_TRIGGER_NAMES } from './guards.ts';
 import { formRelations, uninstallChecks, serverFacts, type Check } from './privileges.ts';
 import { withLockTimeout, type LockOptions } from './locking.ts';

@@ -6,47 +6,12 @@
 // timeout (the slot is dropped again when that fails and it was created now). Idempotent: what
 // is already in place is not touched (a form fully enabled takes no lock at all).
 import pg from 'pg';
-import { LOCK_NAMESPACE, LOCKS, PUBLICATION, qualified, quoteIdent, quoteLiteral, slotName } from './identifiers.ts';
+import { LOCK_NAMESPACE, LOCKS, PUBLICATION, qualified, quoteIdent, slotName } from './identifiers.ts';
 import { describeCheck, formChecks, formRelations, serverChecks, serverFacts, versionCheck, type Check } from './privileges.ts';
 import { functionBody, GUARD_FUNCTIONS, guardTriggers } from './guards.ts';
 import { DEFAULT_LOCK, withLockTimeout, type LockOptions } from './locking.ts';
-
-export const DSO_COLUMNS: ReadonlyArray<readonly [string, string]> = [
-  ['dso_master', 'boolean NOT NULL DEFAULT true'],
-  ['dso_transfer_status', 'text'],
-  ['dso_update_status', 'text'],
-  ['dso_current_server', 'text'],
-  ['dso_current_form', 'text'],
-  ['dso_from_server', 'text'],
-  ['dso_from_form', 'text'],
-  ['dso_from_request_id', 'text'],
-  ['dso_from_mapping', 'text'],
-  ['dso_to_server', 'text'],
-  ['dso_to_form', 'text'],
-  ['dso_to_request_id', 'text'],
-  ['dso_to_mapping', 'text'],
-  ['dso_mapping_history', "jsonb NOT NULL DEFAULT '[]'::jsonb"],
-  ['dso_version', 'bigint NOT NULL DEFAULT 1'],
-  ['dso_modified_at', 'timestamptz NOT NULL DEFAULT now()'],
-  // not in DSO: the dso_version this copy had right after the engine last wrote it (null: never
-  // written by the engine). A copy whose dso_version has moved past it changed locally since
-  // the last sync: a conflict for an incoming transfer.
-  ['dso_synced_version', 'bigint'],
-];
-export const DSO_COLUMN_NAMES: ReadonlySet<string> = new Set(DSO_COLUMNS.map(([n]) => n));
-
-const KEY_TYPES = new Set(['text', 'character varying', 'integer', 'bigint', 'smallint', 'uuid']);
-
-export interface FormInfo {
-  oid: number;
-  schema: string;
-  table: string;
-  keyColumn: string;
-  keyType: string;
-}
-
-/** The form itself is wrong (missing, no usable key): bad usage, exit 2. */
-export class FormError extends Error {}
+import { describeForm, DSO_COLUMNS, FormError, type FormInfo } from './form-catalog.ts';
+import { createSlot } from './slot.ts';
 
 /** The server or the role is not ready (privileges, settings): exit 1, nothing was changed. */
 export class PreflightError extends Error {
@@ -59,29 +24,6 @@ export class PreflightError extends Error {
         checks.map((c) => `  - ${describeCheck(c)}`).join('\n'),
     );
   }
-}
-
-export async function describeForm(client: pg.ClientBase, schema: string, table: string): Promise<FormInfo> {
-  const rel = await client.query(
-    `SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-      WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')`,
-    [schema, table],
-  );
-  if (rel.rowCount === 0) throw new FormError(`form ${schema}.${table} does not exist`);
-  const key = await client.query(
-    `SELECT a.attname, format_type(a.atttypid, NULL) AS type
-       FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-      WHERE i.indrelid = $1 AND i.indisprimary`,
-    [rel.rows[0].oid],
-  );
-  if (key.rowCount !== 1) {
-    throw new FormError(`form ${schema}.${table} needs a primary key of one column (the request ID); it has ${key.rowCount}`);
-  }
-  const { attname, type } = key.rows[0];
-  if (!KEY_TYPES.has(type)) {
-    throw new FormError(`form ${schema}.${table}: the request ID column ${attname} is ${type}; use text, varchar, an integer type or uuid`);
-  }
-  return { oid: rel.rows[0].oid as number, schema, table, keyColumn: attname, keyType: type };
 }
 
 /** What a form lacks to be enabled, as the statements that add it and the words that name it. */
@@ -335,67 +277,4 @@ export async function probeGuard(client: pg.ClientBase, schema: string, table: s
     ],
     `form ${schema}.${table}`,
   );
-}
-
-/**
- * Creates the server's slot unless it exists; true when created now. It waits for the
- * transactions running at that moment to end: bounded by `timeoutMs`, and the sessions it
- * waited for are named.
- */
-async function createSlot(client: pg.ClientBase, slot: string, timeoutMs: number): Promise<boolean> {
-  const existing = await client.query('SELECT plugin FROM pg_replication_slots WHERE slot_name = $1', [slot]);
-  if (existing.rowCount) return ensureSlot(client, slot);
-  await client.query(`SET statement_timeout = ${Math.max(1, Math.round(timeoutMs))}`);
-  try {
-    return await ensureSlot(client, slot);
-  } catch (err) {
-    if ((err as { code?: string }).code !== '57014')
-      throw new Error(`creating the replication slot ${slot} failed, nothing was changed: ${(err as Error).message}`, { cause: err });
-    const writers = await client.query(
-      `SELECT pid, usename, application_name, state, xact_start FROM pg_stat_activity
-        WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() ORDER BY xact_start`,
-    );
-    const open = writers.rows.map(
-      (r) =>
-        `pid ${r.pid} (user ${r.usename}, application ${quoteLiteral(r.application_name ?? '')}, ${r.state}, ` +
-        `since ${new Date(r.xact_start).toISOString()})`,
-    );
-    throw new Error(
-      `creating the replication slot ${slot} waits for the transactions running now to end, and ${timeoutMs} ms passed; ` +
-        `nothing was changed. Open transactions: ${open.join('; ') || 'none now'}`,
-      { cause: err },
-    );
-  } finally {
-    await client.query('RESET statement_timeout').catch(() => {});
-  }
-}
-
-/** Creates the server's logical slot (pgoutput) unless it exists. Returns true if created. */
-export async function ensureSlot(client: pg.ClientBase, slot: string): Promise<boolean> {
-  const existing = await client.query('SELECT plugin FROM pg_replication_slots WHERE slot_name = $1', [slot]);
-  if (existing.rowCount) {
-    if (existing.rows[0].plugin !== 'pgoutput')
-      throw new FormError(`replication slot ${slot} exists with plugin ${existing.rows[0].plugin}, not pgoutput`);
-    return false;
-  }
-  try {
-    await client.query(`SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, [slot]);
-    return true;
-  } catch (err) {
-    if ((err as { code?: string }).code === '42710') return false; // created meanwhile by another instance
-    throw err;
-  }
-}
-
-/** Every domain of the database with its (ultimate) base type. */
-export async function domainBaseTypes(client: pg.ClientBase): Promise<Map<number, number>> {
-  const res = await client.query(`SELECT oid::int AS oid, typbasetype::int AS base FROM pg_type WHERE typtype = 'd'`);
-  const direct = new Map<number, number>(res.rows.map((r: { oid: number; base: number }) => [r.oid, r.base]));
-  const resolved = new Map<number, number>();
-  for (const oid of direct.keys()) {
-    let base = direct.get(oid)!;
-    for (let depth = 0; direct.has(base) && depth < 32; depth++) base = direct.get(base)!;
-    resolved.set(oid, base);
-  }
-  return resolved;
 }

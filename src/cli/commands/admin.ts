@@ -1,7 +1,8 @@
 import pg from 'pg';
 import { toPgClientConfig, describeConnection } from '../../config/load.ts';
 import { migrateServer } from '../../sql/migrate.ts';
-import { enableForm, FormError, PreflightError } from '../../sql/forms.ts';
+import { enableForm, PreflightError } from '../../sql/forms.ts';
+import { FormError } from '../../sql/form-catalog.ts';
 import { DEFAULT_LOCK, parseDuration, type LockOptions } from '../../sql/locking.ts';
 import { assertNoEngine, describeUninstall, planFormBackout, planUninstall, runFormBackout, runUninstall } from '../../sql/backout.ts';
 import { describeCheck } from '../../sql/privileges.ts';
