@@ -112,10 +112,8 @@ export async function failOrphaned(client: pg.ClientBase): Promise<number> {
         SET state = 'failed', done_at = now(),
             error = format('instance %s is %s and did not answer (what it had started goes on with the next owner of %s)',
                            r.routed_to, coalesce(b.state, 'gone'), r.operation)
-       FROM (SELECT r2.id, b2.state FROM pgdso.servgrp_requests r2
-               LEFT JOIN pgdso.servgrp_board b2 ON b2.instance_id = r2.routed_to
-              WHERE r2.state IN ('routed', 'running') AND b2.state IS DISTINCT FROM 'online') b
-      WHERE r.id = b.id`,
+       FROM pgdso.servgrp_requests o LEFT JOIN pgdso.servgrp_board b ON b.instance_id = o.routed_to
+      WHERE r.id = o.id AND r.state IN ('routed', 'running') AND b.state IS DISTINCT FROM 'online'`,
   );
   return res.rowCount ?? 0;
 }

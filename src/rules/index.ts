@@ -1,7 +1,15 @@
 // The rules, compiled once at load into a frozen structure indexed by server, form and op, so a
 // changed row only meets the filters that can fire on it.
 
-import { ConfigError, type ActionConfig, type ConfigProblem, type EscalationSchedule, type Op, type PgdsoConfig } from '../config/types.ts';
+import {
+  ConfigError,
+  type ActionConfig,
+  type Conditions,
+  type ConfigProblem,
+  type EscalationSchedule,
+  type Op,
+  type PgdsoConfig,
+} from '../config/types.ts';
 import { columnsRead, compileConditions, factsRead, RuleEvaluationError, UnsupportedConditionError, type Predicate } from './compile.ts';
 import type { Facts } from './facts.ts';
 
@@ -135,8 +143,7 @@ export function compileRules(config: PgdsoConfig): CompiledRules {
       on: escalation.on,
       schedule: escalation.schedule,
       predicate: compile(escalation.name, escalation.conditions, escalation.source),
-      columns: withMaster(columnsRead(escalation.conditions)),
-      readsOrigin: factsRead(escalation.conditions).has('origin'),
+      ...scanReads(escalation.conditions),
       actions: escalation.actions,
     });
     const list = escalationsByServer.get(escalation.on.server) ?? [];
@@ -193,6 +200,14 @@ function fires(filter: CompiledFilter, facts: Facts): boolean {
 /** The columns conditions read, with dso_master (the `master` fact), or null for whole rows. */
 export function withMaster(columns: ReadonlySet<string> | null): ReadonlySet<string> | null {
   return columns === null ? null : new Set([...columns, 'dso_master']);
+}
+
+/**
+ * What a form scan reads for conditions (an escalation's, `pgdso sync --where`): the columns to
+ * convert per request, with dso_master (null: whole rows), and whether `origin` is looked up.
+ */
+export function scanReads(conditions: Conditions | null | undefined): { columns: ReadonlySet<string> | null; readsOrigin: boolean } {
+  return { columns: withMaster(columnsRead(conditions)), readsOrigin: factsRead(conditions).has('origin') };
 }
 
 /** Forms per server, each once, in order of first mention (mappings, then filters, then escalations). */

@@ -45,7 +45,7 @@ export interface ScanOptions {
    * replication origin of the transaction that wrote its row (known with track_commit_timestamp
    * on; null otherwise, as for a row last written by a user or by this server's own engine)
    */
-  origin?: boolean;
+  readsOrigin?: boolean;
   actions: readonly ActionConfig[];
   batchRows: number;
   log: Logger;
@@ -76,7 +76,7 @@ export async function scanForm(opts: ScanOptions): Promise<ScanProgress> {
       columns: columns.map(([name, typeOid]) => ({ name, typeOid, typeMod: -1, isKey: name === form.keyColumn })),
     };
     const keyIndex = columns.findIndex(([name]) => name === form.keyColumn);
-    const origins = opts.origin === true && (await originsKnown(client, opts, log));
+    const origins = opts.readsOrigin === true && (await originsKnown(client, opts, log));
     // the origin's name after the form's columns (not carried in the batch)
     const originColumn = origins
       ? `, (SELECT o.roname FROM pg_replication_origin o WHERE o.roident = (pg_xact_commit_timestamp_origin(t.xmin)).roident)`

@@ -7,8 +7,8 @@ import type { Logger } from 'pino';
 import type pg from 'pg';
 import { toPgClientConfig } from '../config/load.ts';
 import type { Conditions, MappingConfig, PgdsoConfig } from '../config/types.ts';
-import { checkConditions, columnsRead, compileConditions, factsRead } from '../rules/compile.ts';
-import { withMaster } from '../rules/index.ts';
+import { checkConditions, compileConditions } from '../rules/compile.ts';
+import { scanReads } from '../rules/index.ts';
 import { qualified, quoteIdent, slotName } from '../sql/identifiers.ts';
 import { describeForm } from '../sql/form-catalog.ts';
 import { withClient } from '../sql/client.ts';
@@ -107,8 +107,7 @@ export async function runSync(opts: SyncOptions): Promise<SyncResult> {
     schema: mapping.from.schema,
     table: mapping.from.table,
     predicate,
-    columns: withMaster(columnsRead(opts.where)),
-    origin: factsRead(opts.where).has('origin'),
+    ...scanReads(opts.where),
     actions: [{ type: 'transfer', mapping: mapping.name, overrideLoopDetection: false }],
     batchRows: opts.batchRows,
     log: opts.log,
