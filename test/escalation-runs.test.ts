@@ -88,3 +88,51 @@ test("the owner's escalation loop leaves alone a run that pgdso escalate carries
   controller.abort();
   await loop;
 });
+
+test('pgdso escalate run again and again while the owner loop ticks: the loop never takes a manual run as interrupted', async () => {
+  const e = await suite.env({
+    servers: ['sf', 'chicago'],
+    schemaSql: REPAIR_REQUEST_SQL,
+    forms: ['repair_request'],
+    rules: {
+      mappings: [mapping('sf-to-chicago', 'sf', 'chicago')],
+      escalations: [
+        {
+          name: 'desks-to-chicago',
+          on: { server: 'sf', form: 'repair_request' },
+          schedule: { cron: '0 0 1 1 *', timezone: 'UTC' },
+          conditions: { all: [{ fact: 'row', path: '$.item', operator: 'equal', value: 'desk' }] },
+          actions: [{ type: 'transfer', mapping: 'sf-to-chicago' }],
+        },
+      ],
+    },
+  });
+  await e.query('sf', `INSERT INTO repair_request (id, item) VALUES ('D-1', 'chair')`);
+  const config = await loadConfig(e.configPath, {});
+  const rules = compileRules(config);
+  const escalations = new Escalations({
+    server: 'sf',
+    connection: toPgClientConfig(config.servers.sf!.connection),
+    instanceId: 'sf-a',
+    log: createLogger({ level: 'silent' }),
+    rules: () => rules,
+    idleMs: 1,
+  });
+  const controller = new AbortController();
+  const loop = escalations.run(null, controller.signal);
+  try {
+    // the window: a manual run is in the table before this process knows its id
+    for (let i = 0; i < 40; i++) {
+      const summary = await within(escalations.runNow('desks-to-chicago', null, controller.signal), 20_000, () => `run ${i} did not end`);
+      assert.equal(summary.scanned, 1);
+    }
+  } finally {
+    controller.abort();
+    await loop;
+  }
+  const claims = await e.query<{ n: number }>(
+    'sf',
+    `SELECT count(*)::int AS n FROM pgdso.scan_runs WHERE trigger = 'manual' AND term <> 1`,
+  );
+  assert.equal(claims[0]!.n, 0, 'a manual run was claimed twice');
+});

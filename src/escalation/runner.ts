@@ -41,6 +41,8 @@ export class Escalations {
   private readonly schedules = new Map<string, { key: string; times: FireTimes }>();
   /** the runs this process carries out now: a tick meanwhile must not take one as interrupted */
   private readonly active = new Set<number>();
+  /** escalations whose manual run is being created here: visible in the table before its id is known */
+  private readonly creating = new Map<string, number>();
 
   constructor(private readonly opts: EscalationsOptions) {
     this.clock = opts.clock ?? systemClock;
@@ -75,7 +77,8 @@ export class Escalations {
       for (const escalation of escalations) {
         // a run this process carries out now (`pgdso escalate` meanwhile) is not interrupted
         const unfinished = await unfinishedRun(client, 'escalation', escalation.name, this.active);
-        if (unfinished) list.push({ escalation, run: unfinished });
+        if (unfinished && !this.active.has(unfinished.id) && !this.creating.has(escalation.name))
+          list.push({ escalation, run: unfinished });
         const now = this.clock.now();
         const first = await firstSeen(client, escalation.name, now);
         const last = await lastScheduledFire(client, escalation.name);
@@ -107,12 +110,26 @@ export class Escalations {
     const escalation = this.opts.rules().escalation(name);
     if (!escalation || escalation.on.server !== this.opts.server)
       throw new Error(`no escalation "${name}" on server ${this.opts.server} in the rules in force`);
-    const run = await withClient(this.opts.connection, (client) =>
-      createRun(client, { kind: 'escalation', name, fireTime: this.clock.now(), trigger: 'manual', form: formOf(escalation) }),
-    );
-    const summary = await this.carryOut(escalation, run, gate, signal);
-    if (!summary) throw new Error(`escalation "${name}": run ${run.id} was taken over by another instance`);
-    return summary;
+    // the run is in the table before its id is known here: a tick meanwhile must not take it
+    this.creating.set(name, (this.creating.get(name) ?? 0) + 1);
+    let run: ScanRun;
+    try {
+      run = await withClient(this.opts.connection, (client) =>
+        createRun(client, { kind: 'escalation', name, fireTime: this.clock.now(), trigger: 'manual', form: formOf(escalation) }),
+      );
+      this.active.add(run.id);
+    } finally {
+      const n = (this.creating.get(name) ?? 1) - 1;
+      if (n > 0) this.creating.set(name, n);
+      else this.creating.delete(name);
+    }
+    try {
+      const summary = await this.claimAndScan(escalation, run, gate, signal);
+      if (!summary) throw new Error(`escalation "${name}": run ${run.id} was taken over by another instance`);
+      return summary;
+    } finally {
+      this.active.delete(run.id);
+    }
   }
 
   private async carryOut(
