@@ -74,3 +74,12 @@ async function until(url: string, countSql: string, rows: number, since: number,
   }
   throw new Error(`timed out: ${countSql}`);
 }
+
+export function escalationTable(f: EscalationFigures): string {
+  return [
+    `| escalation over ${f.rows.toLocaleString('en-US')} rows, ${f.matched.toLocaleString('en-US')} matching, moved with ownership ` +
+      '| request to last row on the peer | until idle again | instance peak RSS |',
+    '|---|---|---|---|',
+    `| pgdso escalate (run by the owner of escalation) | ${f.peerMs} ms | ${f.idleMs} ms | ${f.enginePeakRssMb} MB |`,
+  ].join('\n');
+}

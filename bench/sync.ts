@@ -6,7 +6,21 @@
 // command and of the engine.
 import { setTimeout as delay } from 'node:timers/promises';
 import type { LocalCluster } from '../src/embedded/cluster.ts';
-import { benchConfig, deployForm, peakRss, pgdsoCommand, ROWS_SQL, sourceToPeer, sql, stopChild, TABLE_SQL } from './support.ts';
+import { subscribe, unsubscribe } from './native.ts';
+import {
+  benchConfig,
+  deployForm,
+  fmt,
+  peakRss,
+  pgdsoCommand,
+  rate,
+  ROWS_SQL,
+  sourceToPeer,
+  sql,
+  stopChild,
+  TABLE_SQL,
+  until,
+} from './support.ts';
 
 export const SYNC_ROWS = Number(process.env.BENCH_SYNC_ROWS ?? 1_000_000);
 
@@ -20,6 +34,7 @@ async function untilCount(url: string, rows: number, since: number, timeoutMs = 
 }
 
 export interface SyncFigures {
+  rows: number;
   nativeMs: number;
   pgdsoMs: number;
   pgdsoIdleMs: number;
@@ -35,14 +50,13 @@ export async function benchInitialLoad(source: LocalCluster, target: LocalCluste
   await sql(nsrc, ROWS_SQL, [1, SYNC_ROWS]);
   await sql(ndst, TABLE_SQL);
   await sql(nsrc, 'CREATE PUBLICATION bench FOR TABLE repair_request');
-  const conn = `host=${source.host} port=${source.port} dbname=bench_copy_native user=${source.user} password=${source.password}`;
   const nativeStart = Date.now();
-  await sql(ndst, `CREATE SUBSCRIPTION bench_copy CONNECTION '${conn.replace(/'/g, "''")}' PUBLICATION bench WITH (copy_data = true)`);
-  const nativeMs = await untilCount(ndst, SYNC_ROWS, nativeStart);
-  await sql(ndst, 'ALTER SUBSCRIPTION bench_copy DISABLE');
-  await sql(ndst, 'ALTER SUBSCRIPTION bench_copy SET (slot_name = NONE)');
-  await sql(ndst, 'DROP SUBSCRIPTION bench_copy');
-  await sql(nsrc, `SELECT pg_drop_replication_slot('bench_copy')`).catch(() => {});
+  // measured until the rows are there; subscribe() returns later, once the table is ready (state r)
+  const [nativeMs, sub] = await Promise.all([
+    untilCount(ndst, SYNC_ROWS, nativeStart),
+    subscribe(source, 'bench_copy_native', ndst, 'bench_copy', 'bench', true),
+  ]);
+  await unsubscribe(sub);
 
   // pgdso: the rows exist before any rule; `pgdso sync` with the engine running
   const src = await source.createDatabase('bench_copy_pgdso');
@@ -54,7 +68,11 @@ export async function benchInitialLoad(source: LocalCluster, target: LocalCluste
   const engine = pgdso(['run', '--server', 'source']);
   const engineRss = peakRss(engine);
   try {
-    await delay(3000); // the engine's start (its group and stream), outside the measure
+    // the engine's start (its group and stream), outside the measure: the instance runs dso
+    await until('the instance to run dso', async () => {
+      const board = await sql(src, `SELECT 1 FROM pgdso.servgrp_board WHERE state = 'online' AND 'dso' = ANY (operations)`);
+      return board.rowCount === 1;
+    });
     const started = Date.now();
     const sync = pgdso(['sync', '--mapping', 'source-to-peer', '--no-wait', '--batch', '5000']);
     const syncRss = peakRss(sync);
@@ -66,7 +84,7 @@ export async function benchInitialLoad(source: LocalCluster, target: LocalCluste
     if (code !== 0) throw new Error(`pgdso sync exited ${code}: ${syncErr}`);
     await untilBookkept(src, SYNC_ROWS);
     const pgdsoIdleMs = Date.now() - started;
-    return { nativeMs, pgdsoMs, pgdsoIdleMs, syncPeakRssMb: syncRss.mb(), enginePeakRssMb: engineRss.mb() };
+    return { rows: SYNC_ROWS, nativeMs, pgdsoMs, pgdsoIdleMs, syncPeakRssMb: syncRss.mb(), enginePeakRssMb: engineRss.mb() };
   } finally {
     await stopChild(engine);
     await remove();
@@ -79,4 +97,16 @@ async function untilBookkept(url: string, rows: number): Promise<void> {
     if (r.rows[0].n >= rows) return;
     await delay(200);
   }
+}
+
+export function syncTable(f: SyncFigures): string {
+  return [
+    `| initial load of ${fmt(f.rows)} existing rows | start to last row on the peer | rows/s | until idle again | peak RSS |`,
+    '|---|---|---|---|---|',
+    `| PostgreSQL subscription, copy_data = true | ${f.nativeMs} ms | ${rate(f.rows, f.nativeMs)} | ${f.nativeMs} ms | (in the server) |`,
+    `| pgdso sync (data-only mapping, batches of 5000) | ${f.pgdsoMs} ms | ${rate(f.rows, f.pgdsoMs)} | ${f.pgdsoIdleMs} ms ` +
+      `(source copies marked) | sync ${f.syncPeakRssMb} MB, engine ${f.enginePeakRssMb} MB |`,
+    '',
+    `pgdso sync / native copy: ${(f.nativeMs / f.pgdsoMs).toFixed(2)}x (1.0 = as fast as native)`,
+  ].join('\n');
 }

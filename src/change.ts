@@ -46,6 +46,8 @@ export interface RowChange {
   new: TextRow | null;
   /** values before the change (replica identity full), or the key only, or null */
   old: TextRow | null;
+  /** one value of `new`, read without decoding the others (when the change can) */
+  newValue?(column: string): TextValue;
 }
 
 /** A non-transactional or transactional logical message (pg_logical_emit_message). */

@@ -1,11 +1,12 @@
-// pgoutput message parsing, using pg-logical-replication's parser for the wire format only.
-// Every column keeps PostgreSQL's text (identity parsers): values are cast on the target, so
-// nothing is lost to JS numbers or Dates. The stream, acknowledgements, keepalives and flow
+// pgoutput message parsing: pg-logical-replication's parser for the wire format of the rare
+// messages (begin, commit, origin, relation, truncate, logical messages); row changes are read by
+// ./tuple.ts, their values kept as PostgreSQL's text and decoded only when read. The stream, acknowledgements, keepalives and flow
 // control are ours (src/decoder/stream.ts): the library's versions of those lose transactions
 // (see ../shared/DEPENDENCIES.md).
 import parserModule from 'pg-logical-replication/dist/output-plugins/pgoutput/pgoutput-parser.js';
-import type { Relation, RowChange, TextRow } from '../change.ts';
+import type { Relation, RowChange } from '../change.ts';
 import { parseLsn } from '../change.ts';
+import { WireChange } from './tuple.ts';
 
 const { PgoutputParser } = parserModule as unknown as { PgoutputParser: new () => LibraryParser };
 
@@ -22,69 +23,11 @@ type LibraryMessage =
   | { tag: 'origin'; originLsn: string | null; originName: string }
   | ({ tag: 'relation' } & LibraryRelation)
   | { tag: 'type' }
-  | { tag: 'insert'; relation: LibraryRelation; new: TextRow }
-  | { tag: 'update'; relation: LibraryRelation; key: TextRow | null; old: TextRow | null; new: TextRow }
-  | { tag: 'delete'; relation: LibraryRelation; key: TextRow | null; old: TextRow | null }
   | { tag: 'truncate'; relations: LibraryRelation[] }
   | { tag: 'message'; transactional: boolean; messageLsn: string | null; prefix: string; content: Uint8Array };
 
 interface LibraryParser {
   parse(buf: Buffer): LibraryMessage;
-  readRelationColumn(reader: unknown): LibraryRelation['columns'][number];
-}
-
-const keepText = (raw: unknown) => raw;
-
-/** The library's reader: its buffer and position (read directly on the per-value path). */
-interface LibraryReader {
-  _b: Buffer;
-  _p: number;
-}
-
-/**
- * Parser that keeps the text PostgreSQL sent, read straight from the message buffer: the
- * library decodes each value through a subarray and TextDecoder, which is slower and drops a
- * leading U+FEFF from a value (TextDecoder consumes a byte order mark).
- */
-class TextPgoutputParser extends PgoutputParser {
-  override readRelationColumn(reader: unknown) {
-    const column = super.readRelationColumn(reader);
-    column.parser = keepText;
-    return column;
-  }
-
-  readTuple(reader: LibraryReader, relation: LibraryRelation, unchangedToastFallback?: TextRow | null): TextRow {
-    const b = reader._b;
-    let p = reader._p;
-    const end = (n: number) => {
-      if (p + n > b.length) throw new Error('unexpected end of message');
-      return p + n;
-    };
-    const fields = b.readUInt16BE(p);
-    p += 2;
-    const tuple: TextRow = Object.create(null);
-    const { columns } = relation;
-    for (let i = 0; i < fields; i++) {
-      const name = columns[i]!.name;
-      const kind = b[p++];
-      if (kind === 0x74 /* t: text */) {
-        const length = b.readInt32BE(p);
-        p += 4;
-        const stop = end(length);
-        tuple[name] = b.toString('utf8', p, stop);
-        p = stop;
-      } else if (kind === 0x6e /* n: null */) {
-        tuple[name] = null;
-      } else if (kind === 0x75 /* u: unchanged TOAST value, not sent */) {
-        tuple[name] = unchangedToastFallback?.[name];
-      } else {
-        // 'b' (binary) is never requested
-        throw new Error(`unexpected tuple value kind ${String.fromCharCode(kind ?? 0)}`);
-      }
-    }
-    reader._p = p;
-    return tuple;
-  }
 }
 
 export type DecodedMessage =
@@ -106,11 +49,15 @@ function timeOf(micros: bigint): Date {
 }
 
 export class PgoutputDecoder {
-  private readonly parser: LibraryParser = new TextPgoutputParser();
+  private readonly parser: LibraryParser = new PgoutputParser();
   private readonly relations = new Map<number, Relation>();
 
   /** Decodes one XLogData payload; `lsn` is the message's WAL position. */
   decode(payload: Buffer, lsn: bigint): DecodedMessage {
+    const tag = payload[0];
+    // row changes, the bulk of the stream: read here, their values when the engine reads them
+    if (tag === 0x49 /* I */ || tag === 0x55 /* U */ || tag === 0x44 /* D */)
+      return { kind: 'change', change: WireChange.of(payload, lsn, this.knownRelation) };
     const msg = this.parser.parse(payload);
     switch (msg.tag) {
       case 'begin':
@@ -123,18 +70,6 @@ export class PgoutputDecoder {
         const relation = this.toRelation(msg);
         return { kind: 'relation', relation };
       }
-      case 'insert':
-        return { kind: 'change', change: { op: 'insert', relation: this.relationOf(msg.relation), lsn, new: msg.new, old: null } };
-      case 'update':
-        return {
-          kind: 'change',
-          change: { op: 'update', relation: this.relationOf(msg.relation), lsn, new: msg.new, old: msg.old ?? msg.key },
-        };
-      case 'delete':
-        return {
-          kind: 'change',
-          change: { op: 'delete', relation: this.relationOf(msg.relation), lsn, new: null, old: msg.old ?? msg.key },
-        };
       case 'truncate':
         return { kind: 'truncate', relations: msg.relations.map((r) => this.relationOf(r)) };
       case 'message':
@@ -149,6 +84,12 @@ export class PgoutputDecoder {
         return { kind: 'ignored' };
     }
   }
+
+  private readonly knownRelation = (oid: number): Relation => {
+    const relation = this.relations.get(oid);
+    if (!relation) throw new Error(`a change of relation ${oid}, not announced by a relation message`);
+    return relation;
+  };
 
   private relationOf(lib: LibraryRelation): Relation {
     return this.relations.get(lib.relationOid) ?? this.toRelation(lib);

@@ -1,6 +1,7 @@
 // The chain of a request's copies kept in step: a change of the master copy reaches the copies
 // linked to it by mappings that update immediately (relayed on from copy to copy), a deleted
 // master deletes them, and a move of ownership tells the copies behind where the master is now.
+import { InFlight } from './in-flight.ts';
 import type { TextRow } from '../change.ts';
 import type { MappingConfig } from '../config/types.ts';
 import { CopyDeleteGroup, CopyUpdateGroup, type CopyDelete, type CopyUpdate, type Link, type UpdateKind } from '../applier/chain.ts';
@@ -23,7 +24,7 @@ export class Chain {
    * (or is on its way): the change is relayed along the transfer's link all the same. Forgotten
    * once a change of the request shows that link (the bookkeeping, or a later change).
    */
-  private readonly inFlight = new Map<string, { mapping: string; targetKey: string; master: readonly [string, string] | null }>();
+  private readonly inFlight = new InFlight(IN_FLIGHT_LIMIT);
 
   constructor(
     private readonly state: SessionState,
@@ -65,25 +66,26 @@ export class Chain {
 
   /** A transfer along a mapping that keeps its chain in step was sent for this request. */
   expect(ctx: ChangeContext, mapping: MappingConfig, requestId: string, targetKey: string): void {
-    if (this.inFlight.size >= IN_FLIGHT_LIMIT) this.inFlight.delete(this.inFlight.keys().next().value!);
     // with ownership, the master is on the target from now on: the relayed change says so
     const master = mapping.transferMode === 'data+ownership' ? ([mapping.to.server, mapping.to.table] as const) : null;
-    this.inFlight.set(`${ctx.form.schema}.${ctx.form.table}\u0000${requestId}`, { mapping: mapping.name, targetKey, master });
+    this.inFlight.set(ctx.form, requestId, { mapping: mapping.name, targetKey, master });
   }
 
   /** A change of a source copy that this engine wrote (its bookkeeping): what it shows needs no memory. */
   written(ctx: Pick<ChangeContext, 'change' | 'form'>): void {
     if (this.inFlight.size === 0) return;
-    const row = ctx.change.new;
-    const requestId = row?.[ctx.form.keyColumn];
-    if (!row || !requestId) return;
-    const key = `${ctx.form.schema}.${ctx.form.table}\u0000${requestId}`;
-    if (this.inFlight.get(key)?.mapping === row.dso_to_mapping) this.inFlight.delete(key);
+    const { change } = ctx;
+    // two columns of the row (the others are not decoded)
+    const value = (column: string) => (change.newValue ? change.newValue(column) : change.new?.[column]);
+    const requestId = value(ctx.form.keyColumn);
+    if (!requestId) return;
+    const sent = this.inFlight.get(ctx.form, requestId);
+    if (sent && sent.mapping === value('dso_to_mapping')) this.inFlight.delete(ctx.form, requestId);
   }
 
   private forget(ctx: ChangeContext, row: TextRow): TextRow {
     const requestId = row[ctx.form.keyColumn];
-    if (this.inFlight.size > 0 && requestId) this.inFlight.delete(`${ctx.form.schema}.${ctx.form.table}\u0000${requestId}`);
+    if (this.inFlight.size > 0 && requestId) this.inFlight.delete(ctx.form, requestId);
     return row;
   }
 
@@ -92,11 +94,10 @@ export class Chain {
     if (this.inFlight.size === 0) return row;
     const requestId = row[ctx.form.keyColumn];
     if (!requestId) return row;
-    const key = `${ctx.form.schema}.${ctx.form.table}\u0000${requestId}`;
-    const sent = this.inFlight.get(key);
+    const sent = this.inFlight.get(ctx.form, requestId);
     if (!sent) return row;
     if (row.dso_to_mapping === sent.mapping) {
-      this.inFlight.delete(key);
+      this.inFlight.delete(ctx.form, requestId);
       return row;
     }
     const moved = sent.master ? { dso_current_server: sent.master[0], dso_current_form: sent.master[1] } : {};

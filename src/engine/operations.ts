@@ -7,8 +7,8 @@ import { changeKey, type ApplyFailure } from '../applier/sets.ts';
 import { withOp, type PendingEntry } from '../queue/sql.ts';
 
 export class GroupOperations {
-  /** each open or running group's operations (by changeKey) */
-  private readonly byGroup = new WeakMap<object, Map<string, PendingEntry>>();
+  /** each open or running group's operations, in order (keyed only when one of them fails) */
+  private readonly byGroup = new WeakMap<object, PendingEntry[]>();
 
   /**
    * The operation just added to the open group `groupKey` is noted on that group (see the
@@ -17,15 +17,17 @@ export class GroupOperations {
   added(buffer: LaneBuffer<ApplyFailure>, groupKey: string, entry: PendingEntry): void {
     const group = buffer.openGroup(groupKey)!;
     let ops = this.byGroup.get(group);
-    if (!ops) this.byGroup.set(group, (ops = new Map()));
-    ops.set(entryKey(entry), entry);
+    if (!ops) this.byGroup.set(group, (ops = []));
+    ops.push(entry);
     buffer.added(groupKey);
   }
 
   /** Failures of a group with the operation each one is. */
   annotate(group: OpGroup<ApplyFailure>, failures: ApplyFailure[]): ApplyFailure[] {
-    const byKey = this.byGroup.get(group);
-    if (failures.length === 0 || !byKey) return failures;
+    const ops = this.byGroup.get(group);
+    if (failures.length === 0 || !ops) return failures;
+    // a request's later operation in the group is the one that ran
+    const byKey = new Map(ops.map((entry) => [entryKey(entry), entry]));
     return failures.map((f) => withOp(f, byKey.get(changeKey(f.type, f.mapping.name, f.requestId, f.lsn))));
   }
 }
