@@ -141,10 +141,9 @@ export class ApplyLane<F = unknown> {
   }
 
   private async begin(client: pg.Client): Promise<void> {
-    await client.query('BEGIN');
     // a deferred constraint must fail its statement (where the bad row can be isolated), not
-    // the commit
-    await client.query('SET CONSTRAINTS ALL IMMEDIATE');
+    // the commit (one round trip for both)
+    await client.query('BEGIN; SET CONSTRAINTS ALL IMMEDIATE');
     this.inTransaction = true;
   }
 
