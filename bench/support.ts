@@ -103,10 +103,13 @@ export async function serversConfig(servers: Record<string, string>, rules: Reco
 /** Starts `pgdso ARGS --config <configPath>` (BENCH_ENGINE_NODE_ARGS: node options, for a profile). */
 export function pgdsoCommand(configPath: string): (args: string[]) => ChildProcess {
   // BENCH_ENGINE_NODE_ARGS, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof", to profile the engine
+  // (BENCH_ENGINE_STDOUT=1 shows its stdout, for --trace-gc); BENCH_BUILT=1 runs the output of
+  // `npm run build` instead of bin/pgdso (tsx), to compare the two
   const nodeArgs = (process.env.BENCH_ENGINE_NODE_ARGS ?? '').split(' ').filter(Boolean);
+  const main = process.env.BENCH_BUILT ? path.join(ROOT, 'build/src/cli/main.js') : path.join(ROOT, 'bin/pgdso');
   return (args) =>
-    spawn(process.execPath, [...nodeArgs, path.join(ROOT, 'bin/pgdso'), ...args, '--config', configPath], {
-      stdio: ['ignore', 'ignore', 'pipe'],
+    spawn(process.execPath, [...nodeArgs, main, ...args, '--config', configPath], {
+      stdio: ['ignore', process.env.BENCH_ENGINE_STDOUT ? 'inherit' : 'ignore', 'pipe'],
       env: { ...process.env, PGDSO_LOG_LEVEL: 'warn' },
     });
 }

@@ -9,15 +9,6 @@ import { formatLsn } from '../change.ts';
 import type { OpGroup } from './lane.ts';
 import { KEEP_SYNC, boolArrayLiteral, changeKey, textArrayLiteral, type ApplyFailure, type OpType } from './sets.ts';
 
-interface SourceChange {
-  requestId: string;
-  lsn: bigint;
-  /** applied by a lane in this session (its outcome is known); else replayed past a lane's progress */
-  ran: boolean;
-  /** what the source copy said in the change: the hops of its history, where the master was */
-  seen: SeenState;
-}
-
 /** The source copy as the change showed it. */
 export interface SeenState {
   /** its dso_version: the values the operation sent */
@@ -51,7 +42,15 @@ export type Outcome =
  * are removed.
  */
 export class SourceBookkeeping implements OpGroup<never> {
-  private readonly changes: SourceChange[] = [];
+  // one entry per change, in columns (a batch can be one huge source transaction: no object per change)
+  private rids: string[] = [];
+  private lsns: bigint[] = [];
+  /** applied by a lane in this session (its outcome is known); else replayed past a lane's progress */
+  private ran: boolean[] = [];
+  /** what the source copy said in the change (SeenState) */
+  private versions: (string | null)[] = [];
+  private hops: number[] = [];
+  private currents: (string | null)[] = [];
   private readonly requests = new Set<string>();
   private readonly table: string;
 
@@ -66,11 +65,16 @@ export class SourceBookkeeping implements OpGroup<never> {
   }
 
   get size(): number {
-    return this.changes.length;
+    return this.rids.length;
   }
 
   add(requestId: string, lsn: bigint, ran: boolean, seen: SeenState): void {
-    this.changes.push({ requestId, lsn, ran, seen });
+    this.rids.push(requestId);
+    this.lsns.push(lsn);
+    this.ran.push(ran);
+    this.versions.push(seen.version);
+    this.hops.push(seen.hops);
+    this.currents.push(seen.current);
     this.requests.add(requestId);
   }
 
@@ -81,13 +85,20 @@ export class SourceBookkeeping implements OpGroup<never> {
   /** Forgets the changes whose operation failed on the target in this session. */
   dropFailed(failed: ReadonlySet<string>): void {
     if (failed.size === 0) return;
-    const kept = this.changes.filter((c) => !(c.ran && failed.has(changeKey(this.outcome.op, this.mapping.name, c.requestId, c.lsn))));
-    this.changes.length = 0;
-    for (const change of kept) this.changes.push(change);
+    const { op } = this.outcome;
+    const name = this.mapping.name;
+    const keep = this.rids.map((rid, i) => !(this.ran[i] && failed.has(changeKey(op, name, rid, this.lsns[i]!))));
+    const kept = <T>(column: T[]) => column.filter((_, i) => keep[i]);
+    this.rids = kept(this.rids);
+    this.lsns = kept(this.lsns);
+    this.ran = kept(this.ran);
+    this.versions = kept(this.versions);
+    this.hops = kept(this.hops);
+    this.currents = kept(this.currents);
   }
 
   async execute(client: pg.ClientBase): Promise<never[]> {
-    if (this.changes.length === 0) return [];
+    if (this.rids.length === 0) return [];
     const { mapping, form } = this;
     const key = quoteIdent(form.keyColumn);
     const table = qualified(form.schema, form.table);
@@ -99,16 +110,17 @@ export class SourceBookkeeping implements OpGroup<never> {
                       WHERE c.ran OR NOT EXISTS (SELECT 1 FROM pgdso.pending_errors e
                                                   WHERE e.source_lsn = c.lsn AND e.mapping = $5 AND e.type = $6 AND e.request_id = c.rid)
                       ORDER BY c.rid, c.lsn DESC)`;
+    const { assigned } = this;
     const params: unknown[] = [
-      textArrayLiteral(this.changes.map((c) => c.requestId)),
-      textArrayLiteral(this.changes.map((c) => formatLsn(c.lsn))),
-      boolArrayLiteral(this.changes.map((c) => c.ran)),
-      textArrayLiteral(this.changes.map((c) => this.assigned?.get(c.requestId) ?? null)),
+      textArrayLiteral(this.rids),
+      textArrayLiteral(this.lsns.map(formatLsn)),
+      boolArrayLiteral(this.ran),
+      textArrayLiteral(assigned?.size ? this.rids.map((rid) => assigned.get(rid) ?? null) : new Array(this.rids.length).fill(null)),
       mapping.name,
       this.outcome.op,
-      `{${this.changes.map((c) => c.seen.hops).join(',')}}`,
-      textArrayLiteral(this.changes.map((c) => c.seen.current)),
-      `{${this.changes.map((c) => c.seen.version ?? 'NULL').join(',')}}`,
+      `{${this.hops.join(',')}}`,
+      textArrayLiteral(this.currents),
+      `{${this.versions.map((v) => v ?? 'NULL').join(',')}}`,
     ];
     // A sync point: the copy holds what the operation sent (no change since), so it is in sync
     // with the other side; a copy changed since keeps its local changes flagged.
@@ -158,7 +170,7 @@ export class SourceBookkeeping implements OpGroup<never> {
     // A replay past a lane's progress (ran = false) of a change whose operation had failed: its
     // error is recorded, and the copy says so (the session that recorded it may have ended
     // before it marked the copy).
-    if (this.changes.some((c) => !c.ran)) {
+    if (this.ran.includes(false)) {
       const column = STATUS_COLUMN[this.outcome.op]!;
       await client.query(
         `WITH change AS (SELECT * FROM unnest($1::text[], $2::pg_lsn[], $3::boolean[]) AS c(rid, lsn, ran)),

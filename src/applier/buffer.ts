@@ -19,7 +19,7 @@ export class LaneBuffer<F> {
   /** groups closed in order but not submitted, in a buffer that holds everything until flush */
   private readonly held: OpGroup<F>[] = [];
   /** the operations of the change being staged (see stage()) */
-  private staged: { table: string; requestId: string; token: string; ops: Staged<OpGroup<F>>[] } | null = null;
+  private staged: { table: string; requestId: string; token: string | bigint; ops: Staged<OpGroup<F>>[] } | null = null;
 
   constructor(
     readonly lane: ApplyLane<F>,
@@ -51,7 +51,7 @@ export class LaneBuffer<F> {
    * first. So a change sent to several targets (a broadcast) does not split the groups.
    */
   stage<G extends OpGroup<F>>(
-    token: string,
+    token: string | bigint,
     groupKey: string,
     table: string,
     requestId: string,
@@ -70,6 +70,12 @@ export class LaneBuffer<F> {
     const s = this.staged;
     if (!s) return;
     this.staged = null;
+    if (s.ops.length === 1) {
+      // one operation joining the group opened last: nothing runs after that group, the order holds
+      const op = s.ops[0]!;
+      const group = this.open.get(op.key);
+      if (group && this.rank.get(op.key) === this.opened - 1) return op.add(group);
+    }
     const keys = s.ops.map((op) => op.key);
     let last = -1;
     let fits = true;

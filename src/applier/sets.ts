@@ -60,6 +60,9 @@ export function parseJsonOr(text: string): unknown {
   }
 }
 
+/** The savepoint `apply` of applyIsolating runs under (it may roll back to it and go on). */
+export const GROUP_SAVEPOINT = 'pgdso_group';
+
 /**
  * Applies rows under a savepoint; on a data error (or an unknown SQLSTATE), splits them in halves until each bad row is
  * alone, so the good rows are applied and each bad one becomes a failure.
@@ -72,7 +75,7 @@ export async function applyIsolating<R, F>(
 ): Promise<F[]> {
   if (rows.length === 0) return [];
   try {
-    return await underSavepoint(client, 'pgdso_group', () => apply(rows));
+    return await underSavepoint(client, GROUP_SAVEPOINT, () => apply(rows));
   } catch (err) {
     if (!isolatesRows(err)) throw err;
     if (rows.length === 1) return [fail(rows[0]!, err)];

@@ -1,5 +1,5 @@
-// The transfer operation, set-based. On the target, per group: a plain INSERT ... SELECT FROM
-// unnest(...) when every request is new; otherwise one statement that finds each request's copy
+// The transfer operation, set-based. On the target, per group: a plain COPY (src/applier/copy.ts)
+// when every request is new; otherwise one statement that finds each request's copy
 // (by request ID and mapping history, by the match fields, or by ID alone under overwrite),
 // logs and settles conflicts (a copy changed locally since the last sync) by the mapping's
 // policy, updates the copies it found and inserts the others. A request ID held by a different
@@ -11,7 +11,8 @@ import type { FormInfo } from '../sql/form-catalog.ts';
 import { qualified, quoteIdent, quoteLiteral } from '../sql/identifiers.ts';
 import { classifyError, sqlstateOf } from './errors.ts';
 import type { ColumnPlan } from './plan.ts';
-import { RequestGroup, applyIsolating, parseJsonOr, sameRequestSql, textArrayLiteral, underSavepoint, type ApplyFailure } from './sets.ts';
+import { copyField, copyIn } from './copy.ts';
+import { GROUP_SAVEPOINT, RequestGroup, applyIsolating, parseJsonOr, sameRequestSql, textArrayLiteral, type ApplyFailure } from './sets.ts';
 
 /** One request carried by a mapping, as text values aligned with plan.columns. */
 export interface TransferRow {
@@ -28,8 +29,8 @@ export interface TransferRow {
 }
 
 interface TransferStatements {
-  /** INSERT only: the fast path when none of the requests is on the target yet */
-  insert: string;
+  /** COPY into the form: the fast path when none of the requests is on the target yet */
+  copy: string;
   /** INSERT with the target's own key (new-id); returns the keys it took */
   insertNewId: string;
   /** find, settle conflicts, update, insert; returns the request IDs found or inserted */
@@ -78,8 +79,9 @@ SELECT ${[...(withKey ? [`u.rid::${target.keyType}`] : []), ...casts, ...dso.map
   const plainDso = dsoValues((k) => `$${n + 2 + k}`);
   const unnestPlain = `unnest(${[...arrays, `$${n + 1}::text[]`, `$${n + 2}::text[]`].join(', ')})
          AS u(${[...cols, 'rid', 'hist'].join(', ')})`;
-  const insert = `${insertInto(true, plainDso)}
-  FROM ${unnestPlain}`;
+  // COPY: the plain INSERT's columns (TransferGroup.tryCopy writes the values)
+  const copied = [key, ...dataColumns, ...plainDso.map(([name]) => quoteIdent(name)), 'dso_synced_version'];
+  const copy = `COPY ${table} (${copied.join(', ')}) FROM STDIN`;
   const insertNewId = `${insertInto(false, plainDso)}
   FROM ${unnestPlain}
 RETURNING t.${key}::text AS key, t.dso_from_request_id AS rid`;
@@ -158,14 +160,14 @@ ins AS (${insertInto(true, upsertDso)}
         ON CONFLICT (${key}) DO NOTHING
         RETURNING t.${key}::text AS rid)
 SELECT rid, key FROM f UNION ALL SELECT rid, rid FROM ins`;
-  const built = { insert, insertNewId, upsert };
+  const built = { copy, insertNewId, upsert };
   statements.set(plan, built);
   return built;
 }
 
 /** Transfers of one mapping into the lane of its target; one row per request (last wins). */
 export class TransferGroup extends RequestGroup<TransferRow> {
-  /** every request came from a source insert: try a plain INSERT before the upsert */
+  /** every request came from a source insert: try a plain COPY before the upsert */
   private plainInsert = true;
 
   /**
@@ -207,9 +209,6 @@ export class TransferGroup extends RequestGroup<TransferRow> {
     const { plan } = this;
     const { mapping } = plan;
     const ownsTarget = mapping.transferMode !== 'data-only';
-    const arrays = this.columnArrays(rows);
-    const ids = textArrayLiteral(rows.map((r) => r.requestId));
-    const histories = textArrayLiteral(rows.map((r) => r.history));
     const scalars = [
       ownsTarget,
       ownsTarget ? mapping.to.server : mapping.from.server,
@@ -220,12 +219,10 @@ export class TransferGroup extends RequestGroup<TransferRow> {
     ];
     const sql = transferStatements(plan);
     // (matched by fields, a new request may still have a copy under another ID: no fast path)
-    if (
-      this.plainInsert &&
-      mapping.match === 'request-id' &&
-      (await this.tryInsert(client, sql.insert, [...arrays, ids, histories, ...scalars]))
-    )
-      return [];
+    if (this.plainInsert && mapping.match === 'request-id' && (await this.tryCopy(client, sql.copy, rows, scalars))) return [];
+    const arrays = this.columnArrays(rows);
+    const ids = textArrayLiteral(rows.map((r) => r.requestId));
+    const histories = textArrayLiteral(rows.map((r) => r.history));
     const result = await client.query(sql.upsert, [
       ...arrays,
       ids,
@@ -274,14 +271,33 @@ export class TransferGroup extends RequestGroup<TransferRow> {
     return new Map(res.rows.map((r: { key: string; root: string }) => [r.key, r.root]));
   }
 
-  /** A plain INSERT under a savepoint; false (and nothing written) if a request is already there. */
-  private async tryInsert(client: pg.ClientBase, sql: string, params: unknown[]): Promise<boolean> {
+  /**
+   * The rows COPied in, run under the group's savepoint (applyIsolating); false, and the
+   * savepoint rolled back to, when a request is already there (then the upsert runs instead).
+   */
+  private async tryCopy(client: pg.ClientBase, sql: string, rows: TransferRow[], scalars: readonly (string | boolean)[]): Promise<boolean> {
+    const [master, ...texts] = scalars;
+    // the columns after the data: dso_master .. dso_from_form, then per row dso_from_request_id,
+    // then dso_from_mapping, then per row the history; dso_to_* NULL; dso_synced_version 1
+    const middle = `${master ? 't' : 'f'}\t${texts
+      .slice(0, 4)
+      .map((v) => copyField(String(v)))
+      .join('\t')}`;
+    const mappingName = copyField(String(texts[4]));
+    let data = '';
+    for (const row of rows) {
+      const rid = copyField(row.requestId);
+      let line = rid;
+      for (const value of row.values) line += `\t${copyField(value)}`;
+      data += `${line}\t${middle}\t${rid}\t${mappingName}\t${copyField(row.history)}\t\\N\t\\N\t\\N\t\\N\t1\n`;
+    }
     try {
-      await underSavepoint(client, 'pgdso_insert', () => client.query(sql, params));
+      await copyIn(client, sql, data);
       return true;
     } catch (err) {
-      if (sqlstateOf(err) === '23505') return false;
-      throw err;
+      if (sqlstateOf(err) !== '23505') throw err;
+      await client.query(`ROLLBACK TO SAVEPOINT ${GROUP_SAVEPOINT}`);
+      return false;
     }
   }
 

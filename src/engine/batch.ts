@@ -171,7 +171,7 @@ export function stageBookkeeping(
   assigned: ReadonlyMap<string, ReadonlyMap<string, string>>,
 ): void {
   buffer.stage(
-    String(lsn),
+    lsn,
     `${outcome.op}:${mapping.name}`,
     `${form.schema}.${form.table}`,
     requestId,
