@@ -19,6 +19,7 @@
 // - src/engine/peers.ts          the neighbours: their lanes, their reachability and backoff
 // - src/engine/router.ts         where an operation goes: skipped, a lane, or the queue
 // - src/engine/batch.ts          the open batch and its flush (targets commit, then the source's bookkeeping)
+// - src/engine/source-tail.ts    the batches' source transactions, pipelined, each confirmed after its own
 // - src/engine/checkpoint.ts     the only code that confirms WAL positions
 // - src/dso/                     DSO's operations (actions), the chain kept in step, the mapping history,
 //                                changes that cannot be carried whole (refusals)

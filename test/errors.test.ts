@@ -291,17 +291,17 @@ test('a request applied early in a batch and refused later in it: ownership move
   const e = await chairsToChicago();
   await e.query('chicago', 'ALTER TABLE repair_request ALTER COLUMN description TYPE varchar(10)');
   const engine = e.engine();
-  // one source transaction: R-1 fits, 6,000 other rows (more than one statement's worth), then
-  // R-1 changes to a value chicago refuses
+  // one source transaction: R-1 fits, 12,000 other rows (more than a group takes in one
+  // transaction: 2 x 5,000), then R-1 changes to a value chicago refuses
   await e.query(
     'sf',
     `BEGIN;
     INSERT INTO repair_request (id, item, description) VALUES ('R-1', 'chair', 'fits');
-    INSERT INTO repair_request (id, item, description) SELECT 'B-' || g, 'chair', 'ok' FROM generate_series(1, 6000) g;
+    INSERT INTO repair_request (id, item, description) SELECT 'B-' || g, 'chair', 'ok' FROM generate_series(1, 12000) g;
     UPDATE repair_request SET description = 'this one is far too long' WHERE id = 'R-1';
     COMMIT`,
   );
-  await waitFor(async () => (await e.query('sf', `SELECT 1 FROM repair_request WHERE dso_transfer_status IS NOT NULL`)).length === 6001, {
+  await waitFor(async () => (await e.query('sf', `SELECT 1 FROM repair_request WHERE dso_transfer_status IS NOT NULL`)).length === 12001, {
     timeoutMs: 60_000,
     message: () => engine.output,
   });
@@ -313,6 +313,100 @@ test('a request applied early in a batch and refused later in it: ownership move
   assert.equal((await e.query<{ d: string }>('chicago', `SELECT description AS d FROM repair_request WHERE id = 'R-1'`))[0]?.d, 'fits');
   assert.equal((await e.query('sf', `SELECT 1 FROM pgdso.pending_errors WHERE request_id = 'R-1'`)).length, 1);
   await engine.stop();
+});
+
+test('a request inserted and then changed in one transaction to a value the target refuses: the source copy stays the master', async () => {
+  const e = await chairsToChicago();
+  await e.query('chicago', 'ALTER TABLE repair_request ALTER COLUMN description TYPE varchar(10)');
+  const engine = e.engine();
+  // the two changes of R-2 reach chicago as one write (its latest values), which fails: the
+  // insert was not applied either, so ownership must not move
+  await e.query(
+    'sf',
+    `BEGIN;
+    INSERT INTO repair_request (id, item, description) VALUES ('R-2', 'chair', 'fits');
+    UPDATE repair_request SET description = 'this one is far too long' WHERE id = 'R-2';
+    INSERT INTO repair_request (id, item, description) VALUES ('R-3', 'chair', 'fits');
+    COMMIT`,
+  );
+  await waitFor(async () => (await e.query('sf', `SELECT 1 FROM repair_request WHERE dso_transfer_status IS NOT NULL`)).length === 2, {
+    message: () => engine.output,
+  });
+  assert.deepEqual(await e.query('sf', `SELECT id, dso_master, dso_transfer_status FROM repair_request ORDER BY id`), [
+    { id: 'R-2', dso_master: true, dso_transfer_status: 'failure' },
+    { id: 'R-3', dso_master: false, dso_transfer_status: 'success' },
+  ]);
+  assert.deepEqual(
+    (await e.query<{ id: string }>('chicago', 'SELECT id FROM repair_request ORDER BY id')).map((r) => r.id),
+    ['R-3'],
+  );
+  assert.equal((await e.query('sf', `SELECT 1 FROM pgdso.pending_errors WHERE request_id = 'R-2'`)).length, 1);
+  await engine.stop();
+});
+
+test('kill -9 before the source bookkeeping, then the replay: an insert and a refused update as one write keep it master', async () => {
+  const e = await chairsToChicago();
+  await e.query('chicago', 'ALTER TABLE repair_request ALTER COLUMN description TYPE varchar(10)');
+  // the engine's bookkeeping of source copies waits while the test holds this advisory lock
+  const HOLD = 7_310_044;
+  await e.query(
+    'sf',
+    `CREATE FUNCTION hold_engine_updates() RETURNS trigger LANGUAGE plpgsql AS $$
+       BEGIN
+         IF pg_replication_origin_session_is_setup() THEN PERFORM pg_advisory_xact_lock_shared(${HOLD}); END IF;
+         RETURN NEW;
+       END $$;
+     CREATE TRIGGER hold_engine_updates BEFORE UPDATE ON repair_request FOR EACH ROW EXECUTE FUNCTION hold_engine_updates()`,
+  );
+  await e.query(
+    'sf',
+    `BEGIN;
+    INSERT INTO repair_request (id, item, description) VALUES ('R-2', 'chair', 'fits');
+    UPDATE repair_request SET description = 'this one is far too long' WHERE id = 'R-2';
+    INSERT INTO repair_request (id, item, description) VALUES ('R-3', 'chair', 'fits');
+    COMMIT`,
+  );
+  const holder = new pg.Client({ connectionString: e.urls.sf });
+  await holder.connect();
+  try {
+    await holder.query('SELECT pg_advisory_lock($1)', [HOLD]);
+    const first = e.engine();
+    // chicago committed R-3 and R-2's failure is recorded; the source's bookkeeping waits
+    await waitFor(
+      async () =>
+        (await e.query('chicago', `SELECT 1 FROM repair_request WHERE id = 'R-3'`)).length === 1 &&
+        (await e.query('sf', `SELECT 1 FROM pgdso.pending_errors WHERE request_id = 'R-2'`)).length === 1 &&
+        (
+          await e.query(
+            'sf',
+            `SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory'`,
+          )
+        ).length > 0,
+      { message: () => first.output },
+    );
+    await first.kill9();
+    await holder.query('SELECT pg_advisory_unlock($1)', [HOLD]);
+    assert.deepEqual(await e.query('sf', `SELECT id, dso_master, dso_transfer_status FROM repair_request ORDER BY id`), [
+      { id: 'R-2', dso_master: true, dso_transfer_status: null },
+      { id: 'R-3', dso_master: true, dso_transfer_status: null },
+    ]);
+    const engine = e.engine();
+    await waitFor(async () => (await e.query('sf', `SELECT 1 FROM repair_request WHERE dso_transfer_status IS NOT NULL`)).length === 2, {
+      message: () => engine.output,
+    });
+    // the replay found the insert among the changes the failed write carried: no ownership moved
+    assert.deepEqual(await e.query('sf', `SELECT id, dso_master, dso_transfer_status FROM repair_request ORDER BY id`), [
+      { id: 'R-2', dso_master: true, dso_transfer_status: 'failure' },
+      { id: 'R-3', dso_master: false, dso_transfer_status: 'success' },
+    ]);
+    assert.deepEqual(
+      (await e.query<{ id: string }>('chicago', 'SELECT id FROM repair_request ORDER BY id')).map((r) => r.id),
+      ['R-3'],
+    );
+    await engine.stop();
+  } finally {
+    await holder.end();
+  }
 });
 
 test('a deferred constraint on the target fails its row, not the whole batch', async () => {

@@ -3,7 +3,7 @@
 // ends on the target with its latest value, inserted there once. Bad usage is exit 2.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { REPAIR_REQUEST_SQL, dsoSuite, mapping, settled, WRITE_LOG_SQL } from './support/dso.ts';
+import { REPAIR_REQUEST_SQL, dsoSuite, mapping, settled, until, WRITE_LOG_SQL } from './support/dso.ts';
 
 const suite = dsoSuite(2);
 
@@ -26,6 +26,12 @@ running it again carries nothing twice`, { timeout: 240_000 }, async (t) => {
     [ROWS],
   );
   const engine = e.engine();
+  // online before the sync ends (else it leaves the requests to a later engine and returns)
+  await until(
+    engine,
+    'the engine of sf online on its board',
+    async () => (await e.query('sf', `SELECT 1 FROM pgdso.servgrp_board WHERE state = 'online'`)).length > 0,
+  );
   // the users: small transactions that update random requests, for as long as the sync runs
   let writing = true;
   let updates = 0;

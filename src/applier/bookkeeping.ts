@@ -106,9 +106,13 @@ export class SourceBookkeeping implements OpGroup<never> {
                                                    $7::int[], $8::text[], $9::bigint[]) AS c(rid, lsn, ran, tid, hops, cur, ver)),
             stale AS (DELETE FROM pgdso.pending_errors e USING change c
                        WHERE c.ran AND e.source_lsn = c.lsn AND e.mapping = $5 AND e.type = $6 AND e.request_id = c.rid),
+            carried AS MATERIALIZED (SELECT e.request_id AS rid, x.lsn::pg_lsn AS lsn
+                                       FROM pgdso.pending_errors e, jsonb_array_elements_text(e.payload -> 'coalescedLsns') AS x(lsn)
+                                      WHERE e.mapping = $5 AND e.type = $6 AND e.payload ? 'coalescedLsns'),
             done AS (SELECT DISTINCT ON (c.rid) c.rid, c.tid, c.hops, c.cur, c.ver FROM change c
-                      WHERE c.ran OR NOT EXISTS (SELECT 1 FROM pgdso.pending_errors e
-                                                  WHERE e.source_lsn = c.lsn AND e.mapping = $5 AND e.type = $6 AND e.request_id = c.rid)
+                      WHERE c.ran OR (NOT EXISTS (SELECT 1 FROM pgdso.pending_errors e
+                                                   WHERE e.source_lsn = c.lsn AND e.mapping = $5 AND e.type = $6 AND e.request_id = c.rid)
+                                      AND NOT EXISTS (SELECT 1 FROM carried k WHERE k.rid = c.rid AND k.lsn = c.lsn))
                       ORDER BY c.rid, c.lsn DESC)`;
     const { assigned } = this;
     const params: unknown[] = [
@@ -209,7 +213,8 @@ export async function recordErrors(client: pg.ClientBase, failures: readonly App
     target_server: f.targetServer,
     target_form: f.payload.targetForm ?? null,
     target_key: f.payload.targetKey ?? null,
-    payload: f.payload,
+    // a replay finds the earlier changes the failed write carried by these (SourceBookkeeping)
+    payload: f.coalesced?.length ? { ...f.payload, coalescedLsns: f.coalesced.map(formatLsn) } : f.payload,
     error: f.error,
     sqlstate: f.sqlstate,
     source_lsn: formatLsn(f.lsn),

@@ -5,6 +5,9 @@
 // only a request's latest operation (its statements pick the latest change per request).
 import type { ApplyLane, OpGroup } from './lane.ts';
 
+/** How many times its chunk a group may grow to within one source transaction (see added()). */
+const OVERFULL = 2;
+
 interface Staged<G> {
   key: string;
   create: () => G;
@@ -114,15 +117,28 @@ export class LaneBuffer<F> {
     return this.open.get(groupKey);
   }
 
-  /** Submits the group if it is full (unless this buffer holds everything until flush). */
+  /**
+   * Submits the group if it is far past full (unless this buffer holds everything until flush):
+   * a full group waits for the end of its source transaction (endOfTransaction), so a request
+   * that a transaction changes twice is written once, with its latest values, not first with a
+   * state the source never committed. Only a transaction larger than OVERFULL groups splits.
+   */
   added(groupKey: string): void {
     if (this.hold) return;
     const group = this.open.get(groupKey);
-    if (group && group.size >= this.chunkRows) {
-      this.open.delete(groupKey);
-      this.rank.delete(groupKey);
-      this.lane.submit(group);
-    }
+    if (group && group.size >= this.chunkRows * OVERFULL) this.submitOpen(groupKey, group);
+  }
+
+  /** A source transaction ended: its full groups go. */
+  endOfTransaction(): void {
+    if (this.hold) return;
+    for (const [key, group] of this.open) if (group.size >= this.chunkRows) this.submitOpen(key, group);
+  }
+
+  private submitOpen(groupKey: string, group: OpGroup<F>): void {
+    this.open.delete(groupKey);
+    this.rank.delete(groupKey);
+    this.lane.submit(group);
   }
 
   /** Closes the open groups in order: submitted now, or kept in order until flush. */

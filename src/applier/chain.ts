@@ -58,6 +58,8 @@ export interface CopyUpdate {
   /** the copy's new mapping history, when it changes (a return) */
   newHistory: string | null;
   lsn: bigint;
+  /** positions of the request's earlier changes this row replaced in its group */
+  coalesced?: bigint[];
 }
 
 /**
@@ -184,6 +186,7 @@ export class CopyUpdateGroup extends RequestGroup<CopyUpdate> {
       targetServer: this.link.server,
       requestId: row.requestId,
       lsn: row.lsn,
+      coalesced: row.coalesced,
       payload: {
         target,
         values,
@@ -204,6 +207,8 @@ export interface CopyDelete {
   targetKey: string;
   history: string;
   lsn: bigint;
+  /** positions of the request's earlier changes this row replaced in its group */
+  coalesced?: bigint[];
 }
 
 /** Deletes of copies along one link (a copy already gone is not an error). */
@@ -249,6 +254,7 @@ export class CopyDeleteGroup extends RequestGroup<CopyDelete> {
           targetServer: this.link.server,
           requestId: row.requestId,
           lsn: row.lsn,
+          coalesced: row.coalesced,
           payload: { target: where, values: { [target.keyColumn]: row.targetKey } },
           error: `mapping "${this.link.mapping.name}": delete of request ${row.requestId} on ${where}: ${classified.message}`,
           sqlstate: classified.sqlstate,

@@ -43,6 +43,8 @@ export class ApplyLane<F = unknown> {
   private failures: F[] = [];
   private queued = 0;
   private readonly inFlight: Promise<void>[] = [];
+  /** the last use of the connection on its own (runAlone, transaction, outside); never rejects */
+  private turn: Promise<unknown> = Promise.resolve();
 
   constructor(private readonly opts: LaneOptions<F>) {
     this.name = opts.name;
@@ -197,10 +199,12 @@ export class ApplyLane<F = unknown> {
   }
 
   /** Runs reads on the lane's connection outside any transaction. */
-  async outside<T>(work: (client: pg.ClientBase) => Promise<T>): Promise<T> {
-    await this.settle();
-    if (this.inTransaction) throw new Error(`lane ${this.name}: outside() inside an open transaction`);
-    return work(this.connection());
+  outside<T>(work: (client: pg.ClientBase) => Promise<T>): Promise<T> {
+    return this.exclusively(async () => {
+      await this.settle();
+      if (this.inTransaction) throw new Error(`lane ${this.name}: outside() inside an open transaction`);
+      return work(this.connection());
+    });
   }
 
   /**
@@ -208,10 +212,19 @@ export class ApplyLane<F = unknown> {
    * deadlock or serialization failure (40P01, 40001: the source's own users lock the same rows)
    * rolls it back and runs it again, up to `attempts` times; `work` must be safe to run again.
    */
-  async transaction(finalLsn: bigint, commitTime: Date, work: (client: pg.ClientBase) => Promise<void>, attempts = 5): Promise<number> {
+  transaction(finalLsn: bigint, commitTime: Date, work: (client: pg.ClientBase) => Promise<void>, attempts = 5): Promise<number> {
+    return this.exclusively(() => this.retried(finalLsn, commitTime, work, attempts));
+  }
+
+  private async retried(
+    finalLsn: bigint,
+    commitTime: Date,
+    work: (client: pg.ClientBase) => Promise<void>,
+    attempts: number,
+  ): Promise<number> {
     for (let attempt = 1; ; attempt++) {
       try {
-        await this.runAlone(async (client) => {
+        await this.alone(async (client) => {
           await work(client);
           await this.recordProgress(client, finalLsn, commitTime);
         });
@@ -229,7 +242,21 @@ export class ApplyLane<F = unknown> {
   }
 
   /** Runs one statement batch in a transaction of its own (no origin progress recorded). */
-  async runAlone<T>(work: (client: pg.ClientBase) => Promise<T>): Promise<T> {
+  runAlone<T>(work: (client: pg.ClientBase) => Promise<T>): Promise<T> {
+    return this.exclusively(() => this.alone(work));
+  }
+
+  /**
+   * Runs `work` once every earlier runAlone, transaction and outside has finished: the source
+   * lane serves the batches' source transactions in the background (SourceTail) and others.
+   */
+  private exclusively<T>(work: () => Promise<T>): Promise<T> {
+    const run = this.turn.then(work);
+    this.turn = run.catch(() => undefined);
+    return run;
+  }
+
+  private async alone<T>(work: (client: pg.ClientBase) => Promise<T>): Promise<T> {
     await this.settle();
     if (this.inTransaction) throw new Error(`lane ${this.name}: runAlone inside an open transaction`);
     const client = this.connection();

@@ -19,6 +19,11 @@ export interface ApplyFailure {
   targetServer: string;
   requestId: string;
   lsn: bigint;
+  /**
+   * the positions of earlier changes of the request that the failed write carried (a group keeps
+   * a request's latest change): none of them was applied
+   */
+  coalesced?: bigint[];
   payload: Record<string, unknown>;
   error: string;
   sqlstate: string | null;
@@ -130,7 +135,9 @@ export const KEEP_SYNC = `dso_synced_version = CASE WHEN s.dso_synced_version = 
  * The requests of one set-based group: one row per request (a later change replaces the
  * earlier: one statement), found by the target copy's request ID for the lane's ordering.
  */
-export abstract class RequestGroup<R extends { requestId: string; targetKey: string }> implements OpGroup<ApplyFailure> {
+export abstract class RequestGroup<R extends { requestId: string; targetKey: string; lsn: bigint; coalesced?: bigint[] }>
+  implements OpGroup<ApplyFailure>
+{
   protected readonly rows = new Map<string, R>();
   private readonly targetKeys = new Set<string>();
 
@@ -145,7 +152,10 @@ export abstract class RequestGroup<R extends { requestId: string; targetKey: str
     return table === this.table && this.targetKeys.has(targetKey);
   }
 
+  /** A request's row; one it had in the group is replaced (its position kept in `coalesced`). */
   add(row: R): void {
+    const earlier = this.rows.get(row.requestId);
+    if (earlier) row.coalesced = [...(earlier.coalesced ?? []), earlier.lsn];
     this.rows.set(row.requestId, row);
     this.targetKeys.add(row.targetKey);
   }

@@ -26,6 +26,8 @@ export interface TransferRow {
   modifiedAt: string | null;
   /** WAL position of the source change */
   lsn: bigint;
+  /** positions of the request's earlier changes this row replaced in its group */
+  coalesced?: bigint[];
 }
 
 interface TransferStatements {
@@ -315,6 +317,7 @@ export class TransferGroup extends RequestGroup<TransferRow> {
       targetServer: mapping.to.server,
       requestId: row.requestId,
       lsn: row.lsn,
+      coalesced: row.coalesced,
       payload: {
         target: `${mapping.to.server}.${mapping.to.schema}.${mapping.to.table}`,
         values: payload,

@@ -110,22 +110,24 @@ export class DsoActions {
       const history = withHop(historyText, `${before}${JSON.stringify(requestId)}${after}`);
       const modifiedAt = row.dso_modified_at ?? null;
       const link = this.topology.links.get(`${mapping.name}>`)!;
-      const entry = this.router.entry(
-        link,
-        {
-          group: 'transfer',
-          form: `${form.schema}.${form.table}`,
-          requestId,
-          targetKey,
-          history,
-          row,
-          modifiedAt,
-          bookkeeping: { op: 'transfer', seen: seenOf(row) },
-        },
-        change.lsn,
-      );
+      // the operation as queued: built when it goes to the queue, or fails (not for every row)
+      const entry = () =>
+        this.router.entry(
+          link,
+          {
+            group: 'transfer',
+            form: `${form.schema}.${form.table}`,
+            requestId,
+            targetKey,
+            history,
+            row,
+            modifiedAt,
+            bookkeeping: { op: 'transfer', seen: seenOf(row) },
+          },
+          change.lsn,
+        );
       const missing = unchangedColumns(change, link);
-      if (missing) return this.refusals.refuseIncomplete(ctx, entry, missing);
+      if (missing) return this.refusals.refuseIncomplete(ctx, entry(), missing);
       sent = this.router.dispatch(ctx, route, entry, (buffer) => {
         const plan = this.topology.planFor(change.relation, mapping, form);
         const groupKey = `transfer:${mapping.name}:${this.topology.planId(plan)}`;

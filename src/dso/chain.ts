@@ -200,7 +200,7 @@ export class Chain {
   }
 
   /** Sends an operation on a copy on a link's server: to its lane, or to the queue. */
-  private onLink<R extends { requestId: string; targetKey: string }>(
+  private onLink<R extends { requestId: string; targetKey: string; lsn: bigint; coalesced?: bigint[] }>(
     ctx: ChangeContext,
     link: LinkRef,
     entry: PendingEntry,

@@ -2,7 +2,8 @@
 // the peers' shares of the queue, and here (changes refused before reaching a lane, source copies
 // whose operation waits in the queue). The flush ends the batch: target lanes apply and commit
 // (recording the source position), then the source lane writes the queue's share, the statuses
-// and the bookkeeping with its progress, and only then is the batch confirmed.
+// and the bookkeeping with its progress, and only then is the batch confirmed. That source
+// transaction runs while the next batch is decoded and applied (SourceTail, in order).
 import type { TextRow, TxCommit } from '../change.ts';
 import type { MappingConfig } from '../config/types.ts';
 import type { LaneBuffer } from '../applier/buffer.ts';
@@ -18,7 +19,7 @@ import {
 import { changeKey, type ApplyFailure } from '../applier/sets.ts';
 import type { FormInfo } from '../sql/form-catalog.ts';
 import { enqueue } from '../queue/sql.ts';
-import type { Checkpoint } from './checkpoint.ts';
+import type { SourceTail } from './source-tail.ts';
 import { PeerFailedMidBatch, catalogChanged } from './errors.ts';
 import type { Peers } from './peers.ts';
 import type { SessionState } from './state.ts';
@@ -40,7 +41,7 @@ export class Batch {
   constructor(
     private readonly state: SessionState,
     private readonly peers: Peers,
-    private readonly checkpoint: Checkpoint,
+    readonly sourceTail: SourceTail,
   ) {}
 
   /** A change refused before reaching a lane. */
@@ -62,7 +63,8 @@ export class Batch {
    * the peer then go to the queue). Rows that
    * could not be applied are recorded in pending_errors (before any target commits: a replay
    * must find them). The targets commit, then the source lane writes the queue's share, the
-   * statuses and the bookkeeping with its progress, and only then is the batch confirmed.
+   * statuses and the bookkeeping with its progress, and only then is the batch confirmed: that
+   * part is queued on the SourceTail, and the flush returns once the previous batch's is done.
    */
   async flush(): Promise<void> {
     const last = this.last;
@@ -93,9 +95,12 @@ export class Batch {
     const failures = [...this.rejected, ...lanes.flatMap(({ buffer }) => buffer.lane.takeFailures())];
     this.rejected = [];
     const source = state.source;
+    this.sourceTail.check();
     state.assertHeld();
     if (failures.length) {
-      await source.runAlone((client) => recordErrors(client, failures));
+      // on the control connection (it holds the server's lock), not the source lane: that one
+      // may still run an earlier batch's source transaction, which the lanes must not wait for
+      await recordErrors(state.control, failures);
       for (const f of failures) log.warn({ mapping: f.mapping.name, type: f.type, requestId: f.requestId, sqlstate: f.sqlstate }, f.error);
     }
     // Targets commit first, then the source copies' bookkeeping: no transaction of this engine
@@ -112,44 +117,47 @@ export class Batch {
           peer.progress.set(pool, buffer.lane.progress);
         }),
     );
-    const dropped = new Set(failures.map((f) => changeKey(f.type, f.mapping.name, f.requestId, f.lsn)));
+    // a failed write fails the earlier changes of its request that it carried too
+    const dropped = new Set(
+      failures.flatMap((f) => [f.lsn, ...(f.coalesced ?? [])].map((lsn) => changeKey(f.type, f.mapping.name, f.requestId, lsn))),
+    );
     const sourceBuffer = state.sourceBuffer!;
     for (const group of sourceBuffer.pendingGroups()) if (group instanceof SourceBookkeeping) group.dropFailed(dropped);
-    const queued = peers.filter((p) => p.batch.length > 0);
-    const waiting = this.waiting;
-    this.waiting = [];
-    // One source transaction with the source's progress: the queue's share and the failures'
-    // statuses, the bookkeeping, then the statuses of copies with an operation still waiting
-    // (after the bookkeeping: they show it until delivered). Run again on a lock conflict.
-    const bookkeeping = sourceBuffer.takeAll();
-    if (bookkeeping.length || queued.length || waiting.length || failures.length) {
-      state.assertHeld();
-      stats.sourceRetries += await source.transaction(last.finalLsn, last.commitTime, async (client) => {
-        for (const peer of queued)
-          await enqueue(client, peer.batch, {
-            nextAttemptAt: new Date(Math.max(Date.now(), peer.nextAttemptAt)),
-            lastError: peer.lastError,
-          });
-        await markStatus(
-          client,
-          failures.filter((f) => !f.noStatus),
-          'failure',
-        );
-        for (const group of bookkeeping) await group.execute(client);
-        await markStatus(client, waiting, 'retry');
-      });
-    }
-    for (const peer of queued) {
+    const queued = peers
+      .filter((p) => p.batch.length > 0)
+      .map((p) => ({ entries: p.batch, nextAttemptAt: new Date(Math.max(Date.now(), p.nextAttemptAt)), lastError: p.lastError }));
+    for (const peer of peers) {
       stats.queued += peer.batch.length;
       peer.batch = [];
       peer.lastInBatch.clear();
     }
+    const waiting = this.waiting;
+    this.waiting = [];
+    const bookkeeping = sourceBuffer.takeAll();
     stats.applied += this.unflushed;
     stats.failed += failures.length;
     this.unflushed = 0;
     this.pinned.clear();
-    for (const ids of this.assigned.values()) ids.clear();
-    this.checkpoint.commit(last.endLsn);
+    this.assigned.clear(); // the batch's groups keep theirs
+    // One source transaction with the source's progress: the queue's share and the failures'
+    // statuses, the bookkeeping, then the statuses of copies with an operation still waiting
+    // (after the bookkeeping: they show it until delivered). Run again on a lock conflict. It
+    // runs while the next batch is decoded and applied (SourceTail); the batch is confirmed after it.
+    if (bookkeeping.length || queued.length || waiting.length || failures.length) {
+      await this.sourceTail.transaction(async () => {
+        state.assertHeld();
+        stats.sourceRetries += await source.transaction(last.finalLsn, last.commitTime, async (client) => {
+          for (const { entries, ...attempt } of queued) await enqueue(client, entries, attempt);
+          await markStatus(
+            client,
+            failures.filter((f) => !f.noStatus),
+            'failure',
+          );
+          for (const group of bookkeeping) await group.execute(client);
+          await markStatus(client, waiting, 'retry');
+        });
+      }, last.endLsn);
+    } else this.sourceTail.confirm(last.endLsn);
     for (const { peer, buffer } of lanes) if (buffer.lane.progress >= last.finalLsn) await this.peers.peerHealthy(peer);
     await this.peers.refreshPeers(failures.filter(catalogChanged).map((f) => f.targetServer));
   }

@@ -8,13 +8,13 @@ import { withOp, type PendingEntry } from '../queue/sql.ts';
 
 export class GroupOperations {
   /** each open or running group's operations, in order (keyed only when one of them fails) */
-  private readonly byGroup = new WeakMap<object, PendingEntry[]>();
+  private readonly byGroup = new WeakMap<object, (PendingEntry | (() => PendingEntry))[]>();
 
   /**
    * The operation just added to the open group `groupKey` is noted on that group (see the
-   * lanes' `annotate`); the group goes if full.
+   * lanes' `annotate`), or what builds it should it fail; the group goes if full.
    */
-  added(buffer: LaneBuffer<ApplyFailure>, groupKey: string, entry: PendingEntry): void {
+  added(buffer: LaneBuffer<ApplyFailure>, groupKey: string, entry: PendingEntry | (() => PendingEntry)): void {
     const group = buffer.openGroup(groupKey)!;
     let ops = this.byGroup.get(group);
     if (!ops) this.byGroup.set(group, (ops = []));
@@ -27,7 +27,8 @@ export class GroupOperations {
     const ops = this.byGroup.get(group);
     if (failures.length === 0 || !ops) return failures;
     // a request's later operation in the group is the one that ran
-    const byKey = new Map(ops.map((entry) => [entryKey(entry), entry]));
+    const entries = ops.map((op) => (typeof op === 'function' ? op() : op));
+    const byKey = new Map(entries.map((entry) => [entryKey(entry), entry]));
     return failures.map((f) => withOp(f, byKey.get(changeKey(f.type, f.mapping.name, f.requestId, f.lsn))));
   }
 }

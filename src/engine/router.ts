@@ -57,10 +57,16 @@ export class Router {
     return buffer;
   }
 
-  /** Sends an operation where its route says. */
-  dispatch(ctx: ChangeContext, route: Route, entry: PendingEntry, add: (buffer: LaneBuffer<ApplyFailure>) => string): Route['to'] {
+  /** Sends an operation where its route says (`operation`: the entry, or what builds it when needed). */
+  dispatch(
+    ctx: ChangeContext,
+    route: Route,
+    operation: PendingEntry | (() => PendingEntry),
+    add: (buffer: LaneBuffer<ApplyFailure>) => string,
+  ): Route['to'] {
     if (route.to === 'skip') return 'skip';
     if (route.to === 'queue') {
+      const entry = typeof operation === 'function' ? operation() : operation;
       if (route.unsure) entry.op = { ...entry.op, unsure: { pool: entry.mapping.pool, finalLsn: formatLsn(ctx.tx.finalLsn) } } as QueuedOp;
       this.queue(route.peer, entry);
       const bk = entry.op.bookkeeping;
@@ -68,7 +74,7 @@ export class Router {
       return 'queue';
     }
     const { buffer } = route;
-    this.groupOps.added(buffer, add(buffer), entry);
+    this.groupOps.added(buffer, add(buffer), operation);
     this.batch.unflushed += 1;
     if (buffer.lane.backlog > 2) ctx.waits.push(buffer.lane.drainTo(1));
     return 'lane';

@@ -21,6 +21,7 @@ import { Delivery } from '../queue/delivery.ts';
 import { QueuedOperations } from '../queue/rebuild.ts';
 import { Batch } from './batch.ts';
 import { Checkpoint } from './checkpoint.ts';
+import { SourceTail } from './source-tail.ts';
 import { ControlConnection } from './control.ts';
 import { freeSlot } from '../sql/fencing.ts';
 import { GroupOperations } from './operations.ts';
@@ -55,7 +56,9 @@ export class EngineSession implements ChangeSink {
     const groupOps = new GroupOperations();
     const peers = new Peers(state, topology, groupOps, downPeers);
     const checkpoint = new Checkpoint(state);
-    const batch = new Batch(state, peers, checkpoint);
+    // a failed source transaction: the stream's next turn ends the session (see idle)
+    const sourceTail = new SourceTail(checkpoint, () => state.stream?.wake());
+    const batch = new Batch(state, peers, sourceTail);
     const router = new Router(state, peers, batch, groupOps);
     const refusals = new Refusals(state, topology, batch);
     const chain = new Chain(state, topology, router, refusals);
@@ -214,19 +217,29 @@ export class EngineSession implements ChangeSink {
     this.batch.last = commit;
     this.state.stats.transactions += 1;
     this.timers.activity();
+    for (const peer of this.peers.values()) for (const buffer of peer.lanes.values()) buffer.endOfTransaction();
     if (this.batch.unflushed === 0) {
-      this.checkpoint.commit(commit.endLsn);
-      if (this.delivery.due()) return this.delivery.deliver();
-      return;
+      this.batch.sourceTail.confirm(commit.endLsn);
+      return this.deliverDue();
     }
-    if (this.batch.unflushed >= this.state.batchRows)
-      return this.batch.flush().then(() => (this.delivery.due() ? this.delivery.deliver() : undefined));
+    if (this.batch.unflushed >= this.state.batchRows) return this.batch.flush().then(() => this.deliverDue());
   }
 
   idle(): void | Promise<void> {
     if (this.tx !== null) return;
+    this.batch.sourceTail.check();
     if (this.batch.unflushed > 0) return this.batch.flush();
-    if (this.delivery.due()) return this.delivery.deliver();
+    return this.deliverDue();
+  }
+
+  /**
+   * The queue's delivery, when due: after the source transactions of the batches before it (the
+   * peer's lane then never waits for them while it holds its locks).
+   */
+  private deliverDue(): void | Promise<void> {
+    if (!this.delivery.due()) return;
+    if (!this.batch.sourceTail.busy) return this.delivery.deliver();
+    return this.batch.sourceTail.drain().then(() => this.delivery.deliver());
   }
 
   /**
@@ -239,11 +252,13 @@ export class EngineSession implements ChangeSink {
   }
 
   caughtUp(): boolean {
-    return this.batch.unflushed === 0 && this.tx === null;
+    return this.batch.unflushed === 0 && this.tx === null && !this.batch.sourceTail.busy;
   }
 
   async close(): Promise<void> {
     this.timers.stop();
+    // the source transaction under way commits (a failure was the session's end, or will replay)
+    await this.batch.sourceTail.drain().catch(() => undefined);
     await this.state.stream?.stop();
     await this.peers.closeAll();
     await this.state.sourceLane?.close();
