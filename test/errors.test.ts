@@ -21,6 +21,40 @@ function chairsToChicago() {
   });
 }
 
+/** chairsToChicago, with chicago refusing descriptions longer than 10 characters. */
+async function shortDescriptionsOnChicago() {
+  const e = await chairsToChicago();
+  await e.query('chicago', 'ALTER TABLE repair_request ALTER COLUMN description TYPE varchar(10)');
+  return e;
+}
+
+/** Each request on sf: whether it is the master copy, its transfer status. */
+function sfCopies(e: Awaited<ReturnType<typeof chairsToChicago>>) {
+  return e.query('sf', 'SELECT id, dso_master, dso_transfer_status FROM repair_request ORDER BY id');
+}
+
+/** R-2 inserted, then changed to a description chicago refuses, and R-3, in one transaction. */
+const ONE_WRITE_REFUSED = `BEGIN;
+  INSERT INTO repair_request (id, item, description) VALUES ('R-2', 'chair', 'fits');
+  UPDATE repair_request SET description = 'this one is far too long' WHERE id = 'R-2';
+  INSERT INTO repair_request (id, item, description) VALUES ('R-3', 'chair', 'fits');
+  COMMIT`;
+
+/** After ONE_WRITE_REFUSED: R-2 failed and is still the master on sf, only R-3 moved to chicago. */
+async function assertOneWriteRefused(e: Awaited<ReturnType<typeof chairsToChicago>>, engine: { output: string }): Promise<void> {
+  await waitFor(async () => (await e.query('sf', `SELECT 1 FROM repair_request WHERE dso_transfer_status IS NOT NULL`)).length === 2, {
+    message: () => engine.output,
+  });
+  assert.deepEqual(await sfCopies(e), [
+    { id: 'R-2', dso_master: true, dso_transfer_status: 'failure' },
+    { id: 'R-3', dso_master: false, dso_transfer_status: 'success' },
+  ]);
+  assert.deepEqual(
+    (await e.query<{ id: string }>('chicago', 'SELECT id FROM repair_request ORDER BY id')).map((r) => r.id),
+    ['R-3'],
+  );
+}
+
 interface PendingError {
   mapping: string;
   request_id: string;
@@ -32,8 +66,7 @@ interface PendingError {
 }
 
 test('a value the target cannot take goes to pending_errors with its payload and reason; the rows around it arrive', async () => {
-  const e = await chairsToChicago();
-  await e.query('chicago', 'ALTER TABLE repair_request ALTER COLUMN description TYPE varchar(10)');
+  const e = await shortDescriptionsOnChicago();
   const engine = e.engine();
   await e.query(
     'sf',
@@ -84,8 +117,7 @@ test('a value the target cannot take goes to pending_errors with its payload and
 
 test('a failure recorded before its source position is confirmed: kill -9, the restart replays that change, the failure is recorded \
 once', async (_t) => {
-  const e = await chairsToChicago();
-  await e.query('chicago', 'ALTER TABLE repair_request ALTER COLUMN description TYPE varchar(10)');
+  const e = await shortDescriptionsOnChicago();
   // The engine's source transaction (statuses, bookkeeping, progress) comes after the failures are
   // recorded and the targets commit, and the slot is confirmed after it. A user-side trigger holds
   // the engine's UPDATE of the source copies while the test holds an advisory lock: the engine is
@@ -288,8 +320,7 @@ on', async () => {
 });
 
 test('a request applied early in a batch and refused later in it: ownership moved, so the source copy is not a second master', async () => {
-  const e = await chairsToChicago();
-  await e.query('chicago', 'ALTER TABLE repair_request ALTER COLUMN description TYPE varchar(10)');
+  const e = await shortDescriptionsOnChicago();
   const engine = e.engine();
   // one source transaction: R-1 fits, 12,000 other rows (more than a group takes in one
   // transaction: 2 x 5,000), then R-1 changes to a value chicago refuses
@@ -316,37 +347,18 @@ test('a request applied early in a batch and refused later in it: ownership move
 });
 
 test('a request inserted and then changed in one transaction to a value the target refuses: the source copy stays the master', async () => {
-  const e = await chairsToChicago();
-  await e.query('chicago', 'ALTER TABLE repair_request ALTER COLUMN description TYPE varchar(10)');
+  const e = await shortDescriptionsOnChicago();
   const engine = e.engine();
   // the two changes of R-2 reach chicago as one write (its latest values), which fails: the
   // insert was not applied either, so ownership must not move
-  await e.query(
-    'sf',
-    `BEGIN;
-    INSERT INTO repair_request (id, item, description) VALUES ('R-2', 'chair', 'fits');
-    UPDATE repair_request SET description = 'this one is far too long' WHERE id = 'R-2';
-    INSERT INTO repair_request (id, item, description) VALUES ('R-3', 'chair', 'fits');
-    COMMIT`,
-  );
-  await waitFor(async () => (await e.query('sf', `SELECT 1 FROM repair_request WHERE dso_transfer_status IS NOT NULL`)).length === 2, {
-    message: () => engine.output,
-  });
-  assert.deepEqual(await e.query('sf', `SELECT id, dso_master, dso_transfer_status FROM repair_request ORDER BY id`), [
-    { id: 'R-2', dso_master: true, dso_transfer_status: 'failure' },
-    { id: 'R-3', dso_master: false, dso_transfer_status: 'success' },
-  ]);
-  assert.deepEqual(
-    (await e.query<{ id: string }>('chicago', 'SELECT id FROM repair_request ORDER BY id')).map((r) => r.id),
-    ['R-3'],
-  );
+  await e.query('sf', ONE_WRITE_REFUSED);
+  await assertOneWriteRefused(e, engine);
   assert.equal((await e.query('sf', `SELECT 1 FROM pgdso.pending_errors WHERE request_id = 'R-2'`)).length, 1);
   await engine.stop();
 });
 
 test('kill -9 before the source bookkeeping, then the replay: an insert and a refused update as one write keep it master', async () => {
-  const e = await chairsToChicago();
-  await e.query('chicago', 'ALTER TABLE repair_request ALTER COLUMN description TYPE varchar(10)');
+  const e = await shortDescriptionsOnChicago();
   // the engine's bookkeeping of source copies waits while the test holds this advisory lock
   const HOLD = 7_310_044;
   await e.query(
@@ -358,14 +370,7 @@ test('kill -9 before the source bookkeeping, then the replay: an insert and a re
        END $$;
      CREATE TRIGGER hold_engine_updates BEFORE UPDATE ON repair_request FOR EACH ROW EXECUTE FUNCTION hold_engine_updates()`,
   );
-  await e.query(
-    'sf',
-    `BEGIN;
-    INSERT INTO repair_request (id, item, description) VALUES ('R-2', 'chair', 'fits');
-    UPDATE repair_request SET description = 'this one is far too long' WHERE id = 'R-2';
-    INSERT INTO repair_request (id, item, description) VALUES ('R-3', 'chair', 'fits');
-    COMMIT`,
-  );
+  await e.query('sf', ONE_WRITE_REFUSED);
   const holder = new pg.Client({ connectionString: e.urls.sf });
   await holder.connect();
   try {
@@ -386,23 +391,13 @@ test('kill -9 before the source bookkeeping, then the replay: an insert and a re
     );
     await first.kill9();
     await holder.query('SELECT pg_advisory_unlock($1)', [HOLD]);
-    assert.deepEqual(await e.query('sf', `SELECT id, dso_master, dso_transfer_status FROM repair_request ORDER BY id`), [
+    assert.deepEqual(await sfCopies(e), [
       { id: 'R-2', dso_master: true, dso_transfer_status: null },
       { id: 'R-3', dso_master: true, dso_transfer_status: null },
     ]);
     const engine = e.engine();
-    await waitFor(async () => (await e.query('sf', `SELECT 1 FROM repair_request WHERE dso_transfer_status IS NOT NULL`)).length === 2, {
-      message: () => engine.output,
-    });
     // the replay found the insert among the changes the failed write carried: no ownership moved
-    assert.deepEqual(await e.query('sf', `SELECT id, dso_master, dso_transfer_status FROM repair_request ORDER BY id`), [
-      { id: 'R-2', dso_master: true, dso_transfer_status: 'failure' },
-      { id: 'R-3', dso_master: false, dso_transfer_status: 'success' },
-    ]);
-    assert.deepEqual(
-      (await e.query<{ id: string }>('chicago', 'SELECT id FROM repair_request ORDER BY id')).map((r) => r.id),
-      ['R-3'],
-    );
+    await assertOneWriteRefused(e, engine);
     await engine.stop();
   } finally {
     await holder.end();
@@ -425,7 +420,7 @@ test('a deferred constraint on the target fails its row, not the whole batch', a
     (await e.query<{ id: string }>('chicago', 'SELECT id FROM repair_request ORDER BY id')).map((r) => r.id),
     ['LOCAL-1', 'X-2'],
   );
-  assert.deepEqual(await e.query('sf', `SELECT id, dso_master, dso_transfer_status FROM repair_request ORDER BY id`), [
+  assert.deepEqual(await sfCopies(e), [
     { id: 'X-1', dso_master: true, dso_transfer_status: 'failure' },
     { id: 'X-2', dso_master: false, dso_transfer_status: 'success' },
   ]);

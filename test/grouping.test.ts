@@ -10,7 +10,7 @@ import { AUDIT_SQL } from './support/faults.ts';
 
 const suite = dsoSuite(2);
 
-test('a transaction inserting 6,000 requests and then updating some of them writes each once on the peer, with its latest values', async () => {
+test('a transaction inserting 6,000 requests, then updating some, writes each once on the peer, with its latest values', async () => {
   const e = await suite.env({
     servers: ['sf', 'chicago'],
     schemaSql: `${REPAIR_REQUEST_SQL}; ${AUDIT_SQL}`,

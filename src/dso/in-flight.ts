@@ -1,7 +1,7 @@
 // Transfers sent in this session along a mapping that keeps its chain in step, per request of
 // a source form, until the source copy's bookkeeping (coming back through the WAL) shows them.
 // Keyed form by form (no key built per row); bounded: past `limit` requests, the oldest of the
-// form goes first.
+// form go first, a sixteenth of the limit at a time.
 
 export interface SentTransfer {
   mapping: string;
@@ -9,6 +9,9 @@ export interface SentTransfer {
   /** with ownership: where the master is from now on */
   master: readonly [string, string] | null;
 }
+
+/** a full set forgets 1/EVICTED_PART of its limit at once (see evict) */
+const EVICTED_PART = 16;
 
 interface FormRef {
   schema: string;
@@ -35,13 +38,24 @@ export class InFlight {
     let requests = tables.get(form.table);
     if (!requests) tables.set(form.table, (requests = new Map()));
     if (!requests.has(requestId)) {
-      if (this.count >= this.limit && requests.size > 0) {
-        requests.delete(requests.keys().next().value!);
-        this.count -= 1;
-      }
+      if (this.count >= this.limit && requests.size > 0) this.evict(requests);
       this.count += 1;
     }
     requests.set(requestId, sent);
+  }
+
+  /**
+   * Forgets the form's oldest sixteenth of the limit in one pass. One at a time would cost a walk
+   * over every entry deleted before it (a Map keeps them until it is rebuilt): quadratic once a
+   * large backlog keeps the set full.
+   */
+  private evict(requests: Map<string, SentTransfer>): void {
+    let n = Math.min(requests.size, Math.max(1, Math.ceil(this.limit / EVICTED_PART)));
+    for (const key of requests.keys()) {
+      if (n-- <= 0) break;
+      requests.delete(key);
+      this.count -= 1;
+    }
   }
 
   delete(form: FormRef, requestId: string): void {
