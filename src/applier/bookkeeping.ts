@@ -102,24 +102,30 @@ export class SourceBookkeeping implements OpGroup<never> {
     const { mapping, form } = this;
     const key = quoteIdent(form.keyColumn);
     const table = qualified(form.schema, form.table);
+    // changes replayed past a lane's progress: their outcome is in pending_errors, under their own
+    // position or among the earlier changes a failed write carried (read only then: a scan)
+    const replayed = this.ran.includes(false);
+    const carried = replayed
+      ? `carried AS MATERIALIZED (SELECT e.request_id AS rid, x.lsn::pg_lsn AS lsn
+                                    FROM pgdso.pending_errors e, jsonb_array_elements_text(e.payload -> 'coalescedLsns') AS x(lsn)
+                                   WHERE e.mapping = $5 AND e.type = $6 AND e.payload ? 'coalescedLsns'),`
+      : '';
+    const failedBefore = `NOT EXISTS (SELECT 1 FROM pgdso.pending_errors e
+                                        WHERE e.source_lsn = c.lsn AND e.mapping = $5 AND e.type = $6 AND e.request_id = c.rid)
+                           AND NOT EXISTS (SELECT 1 FROM carried k WHERE k.rid = c.rid AND k.lsn = c.lsn)`;
     const done = `WITH change AS (SELECT * FROM unnest($1::text[], $2::pg_lsn[], $3::boolean[], $4::text[],
                                                    $7::int[], $8::text[], $9::bigint[]) AS c(rid, lsn, ran, tid, hops, cur, ver)),
             stale AS (DELETE FROM pgdso.pending_errors e USING change c
                        WHERE c.ran AND e.source_lsn = c.lsn AND e.mapping = $5 AND e.type = $6 AND e.request_id = c.rid),
-            carried AS MATERIALIZED (SELECT e.request_id AS rid, x.lsn::pg_lsn AS lsn
-                                       FROM pgdso.pending_errors e, jsonb_array_elements_text(e.payload -> 'coalescedLsns') AS x(lsn)
-                                      WHERE e.mapping = $5 AND e.type = $6 AND e.payload ? 'coalescedLsns'),
+            ${carried}
             done AS (SELECT DISTINCT ON (c.rid) c.rid, c.tid, c.hops, c.cur, c.ver FROM change c
-                      WHERE c.ran OR (NOT EXISTS (SELECT 1 FROM pgdso.pending_errors e
-                                                   WHERE e.source_lsn = c.lsn AND e.mapping = $5 AND e.type = $6 AND e.request_id = c.rid)
-                                      AND NOT EXISTS (SELECT 1 FROM carried k WHERE k.rid = c.rid AND k.lsn = c.lsn))
+                      WHERE ${replayed ? `c.ran OR (${failedBefore})` : 'true'}
                       ORDER BY c.rid, c.lsn DESC)`;
-    const { assigned } = this;
     const params: unknown[] = [
       textArrayLiteral(this.rids),
       textArrayLiteral(this.lsns.map(formatLsn)),
       boolArrayLiteral(this.ran),
-      textArrayLiteral(assigned?.size ? this.rids.map((rid) => assigned.get(rid) ?? null) : new Array(this.rids.length).fill(null)),
+      textArrayLiteral(this.rids.map((rid) => this.assigned?.get(rid) ?? null)),
       mapping.name,
       this.outcome.op,
       `{${this.hops.join(',')}}`,
@@ -174,7 +180,7 @@ export class SourceBookkeeping implements OpGroup<never> {
     // A replay past a lane's progress (ran = false) of a change whose operation had failed: its
     // error is recorded, and the copy says so (the session that recorded it may have ended
     // before it marked the copy).
-    if (this.ran.includes(false)) {
+    if (replayed) {
       const column = STATUS_COLUMN[this.outcome.op]!;
       await client.query(
         `WITH change AS (SELECT * FROM unnest($1::text[], $2::pg_lsn[], $3::boolean[]) AS c(rid, lsn, ran)),
