@@ -210,14 +210,14 @@ function checkPath(path: unknown, pointer: string, problems: ConditionProblem[])
 }
 
 /** json-rules-engine treats any object value with an own "fact" property as a fact reference. */
-function isFactReference(value: unknown): value is Record<string, unknown> & { fact: unknown } {
+export function isFactReference(value: unknown): value is Record<string, unknown> & { fact: unknown } {
   return typeof value === 'object' && value !== null && Object.hasOwn(value, 'fact');
 }
 
 // ---------------------------------------------------------------------------------------------
 // Compilation
 
-type ValueGetter = (facts: Facts) => unknown;
+export type ValueGetter = (facts: Facts) => unknown;
 type Comparison = (factValue: unknown, value: unknown) => boolean;
 
 /** json-rules-engine's numberValidator, verbatim in effect. */
@@ -243,7 +243,7 @@ const COMPARISONS: Readonly<Record<SupportedOperator, Comparison>> = {
 };
 
 /** Reads a fact, then follows the path as JSONPath does for plain property access. */
-function factGetter(fact: FactName, path: string | undefined): ValueGetter {
+export function factGetter(fact: FactName, path: string | undefined): ValueGetter {
   const segments = path === undefined ? [] : parsePath(path);
   if (segments === null) throw new UnsupportedConditionError([{ pointer: '', message: `unsupported path ${JSON.stringify(path)}` }]);
   if (segments.length === 0) return (facts) => facts[fact];

@@ -11,6 +11,7 @@ import {
   type PgdsoConfig,
 } from '../config/types.ts';
 import { columnsRead, compileConditions, factsRead, RuleEvaluationError, UnsupportedConditionError, type Predicate } from './compile.ts';
+import { discriminatorOf, FilterDispatch, type Discriminator } from './dispatch.ts';
 import type { Facts } from './facts.ts';
 
 export { RuleEvaluationError } from './compile.ts';
@@ -109,7 +110,7 @@ export function compileRules(config: PgdsoConfig): CompiledRules {
     }
   };
 
-  const filtersByKey = new Map<string, CompiledFilter[]>();
+  const filtersByKey = new Map<string, { filters: CompiledFilter[]; discriminators: (Discriminator | null)[] }>();
   const columnsByKey = new Map<string, Set<string> | null>();
   for (const filter of config.filters) {
     const read = columnsRead(filter.conditions);
@@ -127,10 +128,13 @@ export function compileRules(config: PgdsoConfig): CompiledRules {
       ops: filter.on.ops,
       transitions: filter.on.transitions,
     });
+    // a filter with transitions is also tested on the old row: not indexed by the new one
+    const discriminator = filter.on.transitions ? null : discriminatorOf(filter.conditions);
     for (const op of indexedOps) {
       const key = filterKey(filter.on.server, filter.on.schema, filter.on.table, op);
-      const list = filtersByKey.get(key) ?? [];
-      list.push(compiled);
+      const list = filtersByKey.get(key) ?? { filters: [], discriminators: [] };
+      list.filters.push(compiled);
+      list.discriminators.push(discriminator);
       filtersByKey.set(key, list);
     }
   }
@@ -154,11 +158,13 @@ export function compileRules(config: PgdsoConfig): CompiledRules {
   if (problems.length > 0) throw new ConfigError(problems);
 
   const formsByServer = collectForms(config);
-  const frozenFilters = new Map([...filtersByKey].map(([key, list]) => [key, Object.freeze(list)] as const));
+  const dispatches = new Map(
+    [...filtersByKey].map(([key, list]) => [key, new FilterDispatch(Object.freeze(list.filters), list.discriminators)] as const),
+  );
   const frozenEscalations = new Map([...escalationsByServer].map(([server, list]) => [server, Object.freeze(list)] as const));
 
   const filtersFor = (server: string, schema: string, table: string, op: Op): readonly CompiledFilter[] =>
-    frozenFilters.get(filterKey(server, schema, table, op)) ?? NO_FILTERS;
+    dispatches.get(filterKey(server, schema, table, op))?.filters ?? NO_FILTERS;
 
   return Object.freeze({
     filtersFor,
@@ -166,7 +172,8 @@ export function compileRules(config: PgdsoConfig): CompiledRules {
       columnsByKey.get(filterKey(server, schema, table, op)) ?? null,
     evaluate(server: string, schema: string, table: string, facts: Facts, onError?: (err: RuleEvaluationError) => void): FilterMatch[] {
       const matches: FilterMatch[] = [];
-      for (const filter of filtersFor(server, schema, table, facts.op)) {
+      // only the filters that can fire on these facts (see dispatch.ts), in definition order
+      dispatches.get(filterKey(server, schema, table, facts.op))?.forCandidates(facts, (filter) => {
         try {
           if (fires(filter, facts)) matches.push({ filter: filter.name, actions: filter.actions });
         } catch (err) {
@@ -175,7 +182,7 @@ export function compileRules(config: PgdsoConfig): CompiledRules {
           if (!onError || !(err instanceof RuleEvaluationError)) throw err;
           onError(err);
         }
-      }
+      });
       return matches;
     },
     formsOf: (server: string): readonly FormKey[] => formsByServer.get(server) ?? NO_FORMS,

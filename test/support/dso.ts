@@ -10,7 +10,7 @@ import pg from 'pg';
 import { migrateServer } from '../../src/sql/migrate.ts';
 import { enableForm } from '../../src/sql/forms.ts';
 import { before, after } from 'node:test';
-import { waitFor } from './wait.ts';
+import { waitFor, within } from './wait.ts';
 import { provideClusters, type ProvideOptions, type TestCluster } from './servers.ts';
 import { leakCheck } from './leaks.ts';
 
@@ -155,10 +155,18 @@ export class EngineProcess {
     return this.child.exitCode === null && this.child.signalCode === null;
   }
 
-  /** SIGTERM and wait for a clean exit. */
-  async stop(): Promise<number | null> {
+  /**
+   * SIGTERM and wait for a clean exit. An engine that does not exit within `timeoutMs` is a
+   * failure (a shutdown that hangs), reported with its output; it is then killed.
+   */
+  async stop(timeoutMs = 60_000): Promise<number | null> {
     if (this.running) this.child.kill('SIGTERM');
-    return this.exited;
+    try {
+      return await within(this.exited, timeoutMs, () => `the engine did not exit after SIGTERM; its output:\n${this.out}`);
+    } catch (err) {
+      await this.kill9();
+      throw err;
+    }
   }
 
   async kill9(): Promise<void> {

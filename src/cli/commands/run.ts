@@ -47,7 +47,16 @@ export async function runCommand(opts: GlobalOptions, cmd: { server?: string; in
   if (stoppedOnError) process.exitCode = 1;
   log.info('stopped');
   log.flush();
+  // Everything was closed; a handle left open by mistake must not keep a stopped engine alive
+  // (a service manager would wait for it, then kill it): say what it was, and exit.
+  setTimeout(() => {
+    log.warn({ resources: process.getActiveResourcesInfo() }, `still running ${LINGER_MS} ms after stopping: exiting`);
+    log.flush();
+    process.exit();
+  }, LINGER_MS).unref();
 }
+
+const LINGER_MS = 5_000;
 
 function rankOf(text: string | undefined): number | null {
   if (text === undefined) return null;
