@@ -48,6 +48,17 @@ export interface RowChange {
   old: TextRow | null;
   /** one value of `new`, read without decoding the others (when the change can) */
   newValue?(column: string): TextValue;
+  /** `new`, to be decoded again when needed (from the message's bytes, when the change can) */
+  newLater?(): RowSource;
+}
+
+/**
+ * A row kept for a rare later use (a failure's record, the queue): decoding it again from bytes
+ * keeps it off the JS heap meanwhile, where a decoded row (a dictionary of strings per column)
+ * would be copied by every garbage collection until the use passes.
+ */
+export interface RowSource {
+  row(): TextRow | null;
 }
 
 /** A non-transactional or transactional logical message (pg_logical_emit_message). */

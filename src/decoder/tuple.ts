@@ -3,7 +3,7 @@
 // and its tuples are decoded into text rows only when something reads them. The engine's own
 // writes that come back through the WAL (its bookkeeping on source copies) are mostly never
 // read, so they cost a copy of their bytes instead of one string per column.
-import type { ChangeOp, Relation, RowChange, TextRow, TextValue } from '../change.ts';
+import type { ChangeOp, Relation, RowChange, RowSource, TextRow, TextValue } from '../change.ts';
 
 const KIND_TEXT = 0x74; // t
 const KIND_NULL = 0x6e; // n
@@ -70,7 +70,7 @@ function keyOnly(row: TextRow, relation: Relation): TextRow {
 
 /** A row change whose tuples are decoded on first read. */
 export class WireChange implements RowChange {
-  private raw: Buffer | null;
+  private readonly raw: Buffer;
   private decodedNew: TextRow | null = null;
   private decodedOld: TextRow | null = null;
 
@@ -125,8 +125,7 @@ export class WireChange implements RowChange {
     if (!this.decodedNew) {
       // an unchanged TOAST value is taken from the old row when the whole old row was sent
       const fallback = this.oldAt >= 0 && !this.oldIsKey ? this.old : null;
-      this.decodedNew = readTuple(this.raw!, this.newAt, this.relation, fallback)[0];
-      this.release();
+      this.decodedNew = readTuple(this.raw, this.newAt, this.relation, fallback)[0];
     }
     return this.decodedNew;
   }
@@ -135,17 +134,21 @@ export class WireChange implements RowChange {
   get old(): TextRow | null {
     if (this.oldAt < 0) return null;
     if (!this.decodedOld) {
-      const [row] = readTuple(this.raw!, this.oldAt, this.relation, null);
+      const [row] = readTuple(this.raw, this.oldAt, this.relation, null);
       this.decodedOld = this.oldIsKey ? keyOnly(row, this.relation) : row;
-      this.release();
     }
     return this.decodedOld;
+  }
+
+  /** The new row, decoded again from the message's bytes when a failure or the queue needs it. */
+  newLater(): RowSource {
+    return new WireRow(this.raw, this.relation, this.oldAt, this.oldIsKey, this.newAt);
   }
 
   /** One value of the new row, read without decoding the others. */
   newValue(column: string): TextValue {
     if (this.newAt < 0) return undefined;
-    if (this.decodedNew || !this.raw) return this.new?.[column];
+    if (this.decodedNew) return this.new?.[column];
     const index = this.relation.columns.findIndex((c) => c.name === column);
     if (index < 0) return undefined;
     const b = this.raw;
@@ -166,9 +169,21 @@ export class WireChange implements RowChange {
     }
     return undefined;
   }
+}
 
-  /** The bytes go once every tuple is decoded. */
-  private release(): void {
-    if ((this.newAt < 0 || this.decodedNew) && (this.oldAt < 0 || this.decodedOld)) this.raw = null;
+/** A change's new row kept as the message's bytes (see RowSource). */
+class WireRow implements RowSource {
+  constructor(
+    private readonly raw: Buffer,
+    private readonly relation: Relation,
+    private readonly oldAt: number,
+    private readonly oldIsKey: boolean,
+    private readonly newAt: number,
+  ) {}
+
+  row(): TextRow | null {
+    if (this.newAt < 0) return null;
+    const fallback = this.oldAt >= 0 && !this.oldIsKey ? readTuple(this.raw, this.oldAt, this.relation, null)[0] : null;
+    return readTuple(this.raw, this.newAt, this.relation, fallback)[0];
   }
 }

@@ -1,14 +1,17 @@
 // DSO's four operations as filter actions on a change: transfer (with loop detection and the
 // request's new hop), update (the master's values now), return (ownership back where the request
 // came from) and delete (the copy on a mapping's target).
-import type { TextRow } from '../change.ts';
+import type { RowChange, RowSource, TextRow } from '../change.ts';
 import type { ActionConfig, MappingConfig } from '../config/types.ts';
 import type { Facts } from '../rules/facts.ts';
 import { TransferGroup } from '../applier/transfer.ts';
 import type { Router } from '../engine/router.ts';
 import type { SessionState } from '../engine/state.ts';
 import { keptInStep, valuesOf, type Topology } from '../engine/topology.ts';
-import type { ChangeContext, Route } from '../engine/types.ts';
+import type { ChangeContext, LinkRef, Route } from '../engine/types.ts';
+import type { LazyEntry } from '../engine/operations.ts';
+import type { PendingEntry } from '../queue/sql.ts';
+import type { FormInfo } from '../sql/form-catalog.ts';
 import { seenOf, type Batch } from '../engine/batch.ts';
 import type { Chain } from './chain.ts';
 import { HopTemplates, returnedBefore, targetKeyOf, visitedServers, withHop } from './history.ts';
@@ -111,23 +114,19 @@ export class DsoActions {
       const modifiedAt = row.dso_modified_at ?? null;
       const link = this.topology.links.get(`${mapping.name}>`)!;
       // the operation as queued: built when it goes to the queue, or fails (not for every row)
-      const entry = () =>
-        this.router.entry(
-          link,
-          {
-            group: 'transfer',
-            form: `${form.schema}.${form.table}`,
-            requestId,
-            targetKey,
-            history,
-            row,
-            modifiedAt,
-            bookkeeping: { op: 'transfer', seen: seenOf(row) },
-          },
-          change.lsn,
-        );
+      const entry = new TransferEntry(
+        this.router,
+        link,
+        form,
+        requestId,
+        targetKey,
+        history,
+        rowSource(change, row),
+        modifiedAt,
+        change.lsn,
+      );
       const missing = unchangedColumns(change, link);
-      if (missing) return this.refusals.refuseIncomplete(ctx, entry(), missing);
+      if (missing) return this.refusals.refuseIncomplete(ctx, entry.build(), missing);
       sent = this.router.dispatch(ctx, route, entry, (buffer) => {
         const plan = this.topology.planFor(change.relation, mapping, form);
         const groupKey = `transfer:${mapping.name}:${this.topology.planId(plan)}`;
@@ -249,4 +248,31 @@ export class DsoActions {
       history: row.dso_mapping_history ?? '[]',
     });
   }
+}
+
+/** A transfer's queued form, built when needed (see LazyEntry): only what it is built from. */
+class TransferEntry implements LazyEntry {
+  constructor(
+    private readonly router: Router,
+    private readonly link: LinkRef,
+    private readonly form: FormInfo,
+    private readonly requestId: string,
+    private readonly targetKey: string,
+    private readonly history: string,
+    private readonly source: RowSource,
+    private readonly modifiedAt: string | null,
+    private readonly lsn: bigint,
+  ) {}
+
+  build(): PendingEntry {
+    const { form, requestId, targetKey, history, modifiedAt } = this;
+    const row = this.source.row()!;
+    const op = { group: 'transfer', form: `${form.schema}.${form.table}`, requestId, targetKey, history, row, modifiedAt } as const;
+    return this.router.entry(this.link, { ...op, bookkeeping: { op: 'transfer', seen: seenOf(row) } }, this.lsn);
+  }
+}
+
+/** The change's new row as a RowSource: its bytes when it has them, else the row itself. */
+function rowSource(change: RowChange, row: TextRow): RowSource {
+  return change.newLater?.() ?? { row: () => row };
 }

@@ -8,7 +8,7 @@ import type { Outcome } from '../applier/bookkeeping.ts';
 import type { ApplyFailure } from '../applier/sets.ts';
 import { opType, requestKey, supersedes, type PendingEntry, type QueuedOp } from '../queue/sql.ts';
 import { stageBookkeeping, seenOf, type Batch } from './batch.ts';
-import type { GroupOperations } from './operations.ts';
+import { entryOf, type GroupOperations, type Operation } from './operations.ts';
 import type { Peers } from './peers.ts';
 import type { SessionState } from './state.ts';
 import type { ChangeContext, LinkRef, Peer, Route } from './types.ts';
@@ -58,15 +58,10 @@ export class Router {
   }
 
   /** Sends an operation where its route says (`operation`: the entry, or what builds it when needed). */
-  dispatch(
-    ctx: ChangeContext,
-    route: Route,
-    operation: PendingEntry | (() => PendingEntry),
-    add: (buffer: LaneBuffer<ApplyFailure>) => string,
-  ): Route['to'] {
+  dispatch(ctx: ChangeContext, route: Route, operation: Operation, add: (buffer: LaneBuffer<ApplyFailure>) => string): Route['to'] {
     if (route.to === 'skip') return 'skip';
     if (route.to === 'queue') {
-      const entry = typeof operation === 'function' ? operation() : operation;
+      const entry = entryOf(operation);
       if (route.unsure) entry.op = { ...entry.op, unsure: { pool: entry.mapping.pool, finalLsn: formatLsn(ctx.tx.finalLsn) } } as QueuedOp;
       this.queue(route.peer, entry);
       const bk = entry.op.bookkeeping;

@@ -1,0 +1,61 @@
+// A change's new row kept as the message's bytes (RowSource, src/decoder/tuple.ts) decodes to the
+// row the change showed: what a failed or queued transfer records, long after the change.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import type { Relation } from '../src/change.ts';
+import { WireChange } from '../src/decoder/tuple.ts';
+
+const relation: Relation = {
+  oid: 16384,
+  schema: 'public',
+  table: 'repair_request',
+  replicaIdentity: 'full',
+  columns: [
+    { name: 'id', typeOid: 25, typeMod: -1, isKey: true },
+    { name: 'description', typeOid: 25, typeMod: -1, isKey: false },
+    { name: 'note', typeOid: 25, typeMod: -1, isKey: false },
+  ],
+};
+
+type Value = string | null | 'unchanged';
+
+/** pgoutput TupleData: per column 't' + length + text, 'n' (NULL) or 'u' (unchanged TOAST). */
+function tuple(values: Value[]): Buffer {
+  const parts: Buffer[] = [Buffer.from([0, values.length])];
+  for (const v of values) {
+    if (v === null) parts.push(Buffer.from('n'));
+    else if (v === 'unchanged') parts.push(Buffer.from('u'));
+    else {
+      const text = Buffer.from(v, 'utf8');
+      const length = Buffer.alloc(4);
+      length.writeInt32BE(text.length);
+      parts.push(Buffer.from('t'), length, text);
+    }
+  }
+  return Buffer.concat(parts);
+}
+
+function message(tag: 'I' | 'U', oldValues: Value[] | null, newValues: Value[]): Buffer {
+  const oid = Buffer.alloc(4);
+  oid.writeUInt32BE(relation.oid);
+  const old = oldValues ? [Buffer.from('O'), tuple(oldValues)] : [];
+  return Buffer.concat([Buffer.from(tag), oid, ...old, Buffer.from('N'), tuple(newValues)]);
+}
+
+// Fails if: the kept bytes decode to another row than the change showed (an unchanged TOAST
+// value not taken from the old row, a value of the old row instead of the new one), or they are
+// the connection's buffer, which it reuses, rather than a copy.
+test("a change's new row kept as its message's bytes decodes later to the row the change showed, unchanged TOAST values included", () => {
+  const wire = message('U', ['R-1', 'a long description', 'old note'], ['R-1', 'unchanged', 'new note']);
+  const change = WireChange.of(wire, 10n, () => relation);
+  const later = change.newLater();
+  const shown = { ...change.new };
+  assert.deepEqual(shown, { id: 'R-1', description: 'a long description', note: 'new note' });
+  wire.fill(0); // the connection reuses its buffer for the next message
+  assert.deepEqual({ ...later.row() }, shown);
+
+  const insert = WireChange.of(message('I', null, ['R-2', null, 'é ✓']), 11n, () => relation);
+  const insertLater = insert.newLater();
+  assert.deepEqual({ ...insertLater.row() }, { id: 'R-2', description: null, note: 'é ✓' });
+  assert.deepEqual({ ...insert.new }, { ...insertLater.row() });
+});
