@@ -14,6 +14,7 @@ import { withClient } from '../src/sql/client.ts';
 import { migrateServer } from '../src/sql/migrate.ts';
 import { enableForm } from '../src/sql/forms.ts';
 import { qualified, quoteIdent } from '../src/sql/identifiers.ts';
+import { NODE_FLAGS } from '../src/cli/node-flags.ts';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 
@@ -108,7 +109,7 @@ export function pgdsoCommand(configPath: string): (args: string[]) => ChildProce
   const nodeArgs = (process.env.BENCH_ENGINE_NODE_ARGS ?? '').split(' ').filter(Boolean);
   const main = process.env.BENCH_BUILT ? path.join(ROOT, 'build/src/cli/main.js') : path.join(ROOT, 'bin/pgdso');
   return (args) =>
-    spawn(process.execPath, [...nodeArgs, main, ...args, '--config', configPath], {
+    spawn(process.execPath, [...NODE_FLAGS, ...nodeArgs, main, ...args, '--config', configPath], {
       stdio: ['ignore', process.env.BENCH_ENGINE_STDOUT ? 'inherit' : 'ignore', 'pipe'],
       env: { ...process.env, PGDSO_LOG_LEVEL: 'warn' },
     });

@@ -73,6 +73,7 @@ export class WireChange implements RowChange {
   private readonly raw: Buffer;
   private decodedNew: TextRow | null = null;
   private decodedOld: TextRow | null = null;
+  private later: WireRow | null = null;
 
   private constructor(
     readonly op: ChangeOp,
@@ -142,7 +143,9 @@ export class WireChange implements RowChange {
 
   /** The new row, decoded again from the message's bytes when a failure or the queue needs it. */
   newLater(): RowSource {
-    return new WireRow(this.raw, this.relation, this.oldAt, this.oldIsKey, this.newAt);
+    // one per change, whatever number of transfers keep it (a broadcast)
+    this.later ??= new WireRow(this.raw, this.relation, this.oldAt, this.oldIsKey, this.newAt);
+    return this.later;
   }
 
   /** One value of the new row, read without decoding the others. */

@@ -9,6 +9,7 @@ import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import { migrateServer } from '../../src/sql/migrate.ts';
 import { enableForm } from '../../src/sql/forms.ts';
+import { NODE_FLAGS } from '../../src/cli/node-flags.ts';
 import { before, after } from 'node:test';
 import { waitFor, within } from './wait.ts';
 import { provideClusters, type ProvideOptions, type TestCluster } from './servers.ts';
@@ -138,7 +139,7 @@ export class EngineProcess {
   constructor(args: readonly string[]) {
     // PGDSO_TEST_ENGINE_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the engines of a test
     const nodeArgs = (process.env.PGDSO_TEST_ENGINE_NODE_ARGS ?? '').split(' ').filter(Boolean);
-    this.child = spawn(process.execPath, [...nodeArgs, ...PGDSO_COMMAND, 'run', ...args], {
+    this.child = spawn(process.execPath, [...NODE_FLAGS, ...nodeArgs, ...PGDSO_COMMAND, 'run', ...args], {
       env: { ...process.env, PGDSO_LOG_LEVEL: process.env.PGDSO_LOG_LEVEL ?? 'info' },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
