@@ -59,3 +59,23 @@ test("a change's new row kept as its message's bytes decodes later to the row th
   assert.deepEqual({ ...insertLater.row() }, { id: 'R-2', description: null, note: 'é ✓' });
   assert.deepEqual({ ...insert.new }, { ...insertLater.row() });
 });
+
+// Fails if: decoded rows inherit anything (a column named constructor or __proto__ would read
+// as Object.prototype's, or set the row's prototype instead of a value).
+test('a decoded row holds columns named __proto__ and constructor as plain values, and inherits nothing', () => {
+  const odd: Relation = {
+    ...relation,
+    columns: [
+      { name: 'id', typeOid: 25, typeMod: -1, isKey: true },
+      { name: '__proto__', typeOid: 25, typeMod: -1, isKey: false },
+    ],
+  };
+  const oid = Buffer.alloc(4);
+  oid.writeUInt32BE(odd.oid);
+  const row = WireChange.of(Buffer.concat([Buffer.from('I'), oid, Buffer.from('N'), tuple(['R-3', 'x'])]), 12n, () => odd).new!;
+  assert.deepEqual(Object.keys(row), ['id', '__proto__']);
+  assert.equal(row['__proto__' as string], 'x');
+  assert.equal(row.constructor, undefined);
+  assert.equal(row.toString, undefined);
+  assert.equal(JSON.stringify(row), '{"id":"R-3","__proto__":"x"}');
+});

@@ -13,6 +13,16 @@ const TUPLE_KEY = 0x4b; // K: the replica identity key only
 const TUPLE_OLD = 0x4f; // O: the whole old row (replica identity full)
 
 /**
+ * A decoded row: an object whose prototype has no properties at all (so a column named
+ * `__proto__` or `constructor` is an ordinary own value, as with Object.create(null)), made by a
+ * constructor so that it has fast properties: the rows of one relation share their hidden
+ * class, where Object.create(null) makes each row a hash table (about three times the memory,
+ * and slower to build).
+ */
+const Row = function Row() {} as unknown as new () => TextRow;
+Row.prototype = Object.create(null);
+
+/**
  * Reads one TupleData at `at`: every column keeps PostgreSQL's text (values are cast on the
  * target, so nothing is lost to JS numbers or Dates). Returns the row and where it ends.
  */
@@ -20,7 +30,7 @@ export function readTuple(b: Buffer, at: number, relation: Relation, unchangedTo
   let p = at;
   const fields = b.readUInt16BE(p);
   p += 2;
-  const tuple: TextRow = Object.create(null);
+  const tuple = new Row();
   const { columns } = relation;
   if (fields > columns.length)
     throw new Error(`a tuple of ${fields} columns for ${relation.schema}.${relation.table} of ${columns.length}`);
@@ -63,7 +73,7 @@ function skipTuple(b: Buffer, at: number): number {
 
 /** A key tuple ('K'): the key columns only (the others are sent as placeholders). */
 function keyOnly(row: TextRow, relation: Relation): TextRow {
-  const key: TextRow = Object.create(null);
+  const key = new Row();
   for (const column of relation.columns) if (column.isKey) key[column.name] = row[column.name] ?? undefined;
   return key;
 }
