@@ -74,7 +74,7 @@ test('a decoded row holds columns named __proto__ and constructor as plain value
   oid.writeUInt32BE(odd.oid);
   const row = WireChange.of(Buffer.concat([Buffer.from('I'), oid, Buffer.from('N'), tuple(['R-3', 'x'])]), 12n, () => odd).new!;
   assert.deepEqual(Object.keys(row), ['id', '__proto__']);
-  assert.equal(row['__proto__' as string], 'x');
+  assert.equal(Object.getOwnPropertyDescriptor(row, '__proto__')?.value, 'x');
   assert.equal(row.constructor, undefined);
   assert.equal(row.toString, undefined);
   assert.equal(JSON.stringify(row), '{"id":"R-3","__proto__":"x"}');
