@@ -47,6 +47,12 @@ import {
 const suite = dsoSuite(2);
 
 const IDS = ['sf-a', 'sf-b'];
+/**
+ * Transactions of 1,000 rows in the loads that a fault must fall in the middle of: enough that the
+ * load still runs when the outcome is known (a takeover, a hand-back, a recovery take a few
+ * intervals), however fast the engine applies it (30 were over too soon once the engine sped up).
+ */
+const LOAD_TRANSACTIONS = 90;
 
 // updates too go by the filter (not only by whenToUpdate's chain): the load updates requests right
 // after inserting them, before the source copy records where its transfer went
@@ -158,7 +164,7 @@ test('kill -9 of the owner of dso during a load: the next ranked instance owns d
   const heartbeats = watchBoard(e);
   t.after(() => heartbeats.stop());
   const describe = () => describeGroup(all);
-  const load = new Load(e, 'sf', { transactions: 30, perTransaction: 1000, maxAhead: 5000, behind: peerRows(e), describe });
+  const load = new Load(e, 'sf', { transactions: LOAD_TRANSACTIONS, perTransaction: 1000, maxAhead: 5000, behind: peerRows(e), describe });
   const atRows = await untilPeersReach(load, 0.3 * load.total, describe, peerRows(e));
   if (atRows < 0) await load.done; // the load failed: it says why
 
@@ -224,7 +230,7 @@ test('the rank-1 instance restarted after a failover takes dso back during a loa
   await a.engine.kill9();
   const failedOver = await untilOwner(e, 'sf-b', all, { timeoutMs: FAILOVER_BOUND_MS + 30_000 });
 
-  const load = new Load(e, 'sf', { transactions: 30, perTransaction: 1000, maxAhead: 5000, behind: peerRows(e), describe });
+  const load = new Load(e, 'sf', { transactions: LOAD_TRANSACTIONS, perTransaction: 1000, maxAhead: 5000, behind: peerRows(e), describe });
   const atRows = await untilPeersReach(load, 0.3 * load.total, describe, peerRows(e));
   if (atRows < 0) await load.done;
   const restartedAt = Date.now();
@@ -416,7 +422,7 @@ test("pg_terminate_backend of the owner's control connection during a load: the 
   t.after(() => heartbeats.stop());
   const describe = () => describeGroup(all);
   const eventsBefore = await lastEventId(e);
-  const load = new Load(e, 'sf', { transactions: 30, perTransaction: 1000, maxAhead: 5000, behind: peerRows(e), describe });
+  const load = new Load(e, 'sf', { transactions: LOAD_TRANSACTIONS, perTransaction: 1000, maxAhead: 5000, behind: peerRows(e), describe });
   const atRows = await untilPeersReach(load, 0.3 * load.total, describe, peerRows(e));
   if (atRows < 0) await load.done;
 
