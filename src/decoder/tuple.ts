@@ -71,6 +71,15 @@ function skipTuple(b: Buffer, at: number): number {
   return p;
 }
 
+const columnIndexes = new WeakMap<Relation, Map<string, number>>();
+
+/** The place of a column in a relation's tuples, -1 if it has none (looked up once per relation). */
+function columnIndex(relation: Relation, column: string): number {
+  let indexes = columnIndexes.get(relation);
+  if (!indexes) columnIndexes.set(relation, (indexes = new Map(relation.columns.map((c, i) => [c.name, i]))));
+  return indexes.get(column) ?? -1;
+}
+
 /** A key tuple ('K'): the key columns only (the others are sent as placeholders). */
 function keyOnly(row: TextRow, relation: Relation): TextRow {
   const key = new Row();
@@ -162,7 +171,7 @@ export class WireChange implements RowChange {
   newValue(column: string): TextValue {
     if (this.newAt < 0) return undefined;
     if (this.decodedNew) return this.new?.[column];
-    const index = this.relation.columns.findIndex((c) => c.name === column);
+    const index = columnIndex(this.relation, column);
     if (index < 0) return undefined;
     const b = this.raw;
     let p = this.newAt;
