@@ -22,3 +22,23 @@ test('a full set forgets its oldest transfers first and stays within its limit',
   assert.equal(inFlight.get(form, 'R-9999'), undefined);
   assert.equal(10_000 - first - 1, inFlight.size);
 });
+
+// Fails if: a transfer to the request's own ID comes back with another target key or master, one
+// to another ID loses its key, or mappingOf disagrees with get.
+test('a transfer kept under the request ID and one under another ID read back as they were set', () => {
+  const inFlight = new InFlight(100);
+  const owned = { mapping: 'to-chicago', targetKey: 'R-1', master: ['chicago', 'repair_request'] as const };
+  inFlight.set(form, 'R-1', owned);
+  inFlight.set(form, 'R-2', { ...owned, targetKey: 'R-2' });
+  inFlight.set(form, 'R-3', { mapping: 'copy', targetKey: 'C-3', master: null });
+  inFlight.set(form, 'R-4', { mapping: 'copy', targetKey: 'R-4', master: null });
+  assert.deepEqual(inFlight.get(form, 'R-1'), owned);
+  assert.deepEqual(inFlight.get(form, 'R-2'), { ...owned, targetKey: 'R-2' });
+  assert.deepEqual(inFlight.get(form, 'R-3'), { mapping: 'copy', targetKey: 'C-3', master: null });
+  assert.deepEqual(inFlight.get(form, 'R-4'), { mapping: 'copy', targetKey: 'R-4', master: null });
+  assert.deepEqual(
+    ['R-1', 'R-3', 'R-4', 'R-5'].map((id) => inFlight.mappingOf(form, id)),
+    ['to-chicago', 'copy', 'copy', undefined],
+  );
+  assert.equal(inFlight.size, 4);
+});

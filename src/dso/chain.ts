@@ -79,8 +79,8 @@ export class Chain {
     const value = (column: string) => (change.newValue ? change.newValue(column) : change.new?.[column]);
     const requestId = value(ctx.form.keyColumn);
     if (!requestId) return;
-    const sent = this.inFlight.get(ctx.form, requestId);
-    if (sent && sent.mapping === value('dso_to_mapping')) this.inFlight.delete(ctx.form, requestId);
+    const mapping = this.inFlight.mappingOf(ctx.form, requestId);
+    if (mapping !== undefined && mapping === value('dso_to_mapping')) this.inFlight.delete(ctx.form, requestId);
   }
 
   private forget(ctx: ChangeContext, row: TextRow): TextRow {

@@ -18,8 +18,23 @@ interface FormRef {
   table: string;
 }
 
+/**
+ * A transfer whose target copy has the request's own ID (the common case): one record per
+ * mapping and master, shared by all such requests, not an object per request (200,000 of them
+ * in a large transaction, each kept until its bookkeeping comes back, so every full collection
+ * marks them).
+ */
+interface SameKey {
+  readonly sameKey: true;
+  readonly mapping: string;
+  readonly master: readonly [string, string] | null;
+}
+
+type Kept = SentTransfer | SameKey;
+
 export class InFlight {
-  private readonly forms = new Map<string, Map<string, Map<string, SentTransfer>>>();
+  private readonly forms = new Map<string, Map<string, Map<string, Kept>>>();
+  private readonly shared = new Map<string, SameKey>();
   private count = 0;
 
   constructor(private readonly limit: number) {}
@@ -29,7 +44,14 @@ export class InFlight {
   }
 
   get(form: FormRef, requestId: string): SentTransfer | undefined {
-    return this.forms.get(form.schema)?.get(form.table)?.get(requestId);
+    const kept = this.forms.get(form.schema)?.get(form.table)?.get(requestId);
+    if (!kept || !('sameKey' in kept)) return kept;
+    return { mapping: kept.mapping, targetKey: requestId, master: kept.master };
+  }
+
+  /** The mapping of the transfer in flight for that request, if any (no record built). */
+  mappingOf(form: FormRef, requestId: string): string | undefined {
+    return this.forms.get(form.schema)?.get(form.table)?.get(requestId)?.mapping;
   }
 
   set(form: FormRef, requestId: string, sent: SentTransfer): void {
@@ -41,7 +63,14 @@ export class InFlight {
       if (this.count >= this.limit && requests.size > 0) this.evict(requests);
       this.count += 1;
     }
-    requests.set(requestId, sent);
+    requests.set(requestId, sent.targetKey === requestId ? this.sharedFor(sent) : sent);
+  }
+
+  private sharedFor(sent: SentTransfer): SameKey {
+    const key = sent.master ? `${sent.mapping}\u0000${sent.master[0]}\u0000${sent.master[1]}` : sent.mapping;
+    let shared = this.shared.get(key);
+    if (!shared) this.shared.set(key, (shared = { sameKey: true, mapping: sent.mapping, master: sent.master }));
+    return shared;
   }
 
   /**
@@ -49,7 +78,7 @@ export class InFlight {
    * over every entry deleted before it (a Map keeps them until it is rebuilt): quadratic once a
    * large backlog keeps the set full.
    */
-  private evict(requests: Map<string, SentTransfer>): void {
+  private evict(requests: Map<string, Kept>): void {
     let n = Math.min(requests.size, Math.max(1, Math.ceil(this.limit / EVICTED_PART)));
     for (const key of requests.keys()) {
       if (n-- <= 0) break;
