@@ -5,29 +5,21 @@ import assert from 'node:assert/strict';
 import { compileRules, type RuleEvaluationError } from '../src/rules/index.ts';
 import { discriminatorOf, FilterDispatch } from '../src/rules/dispatch.ts';
 import type { PgdsoConfig } from '../src/config/types.ts';
-import { engineVerdict, pick, prng, randomCondition, randomFacts, randomTopLevel, SCALARS } from './support/conditions.ts';
+import { configWith, engineVerdict, pick, prng, randomCondition, randomFacts, randomTopLevel, SCALARS } from './support/conditions.ts';
 
 const ON = { server: 'sf', schema: 'public', table: 'repair_request', ops: ['insert', 'update', 'delete'] as const, transitions: false };
 // paths the generated rows have (and some they do not), so equalities hold on some rows
 const PATHS = ['$.a', '$.b', '$.n', '$.status', '$.missing', '$.j.k'];
 
 function config(filters: { name: string; conditions: Record<string, unknown> }[]): PgdsoConfig {
-  return {
-    file: '/pgdso.config.json',
-    servers: {},
-    ruleFiles: [],
-    mappings: {},
+  return configWith({
     filters: filters.map((f) => ({
       ...f,
       on: { ...ON, ops: [...ON.ops] },
       actions: [{ type: 'transfer', mapping: 'm', overrideLoopDetection: false }],
       source: { file: '/rules.json', pointer: '' },
     })),
-    escalations: [],
-    group: { checkIntervalSeconds: 2, delinquentThreshold: 3 },
-    pending: { retry: { kind: 'backoff', firstMs: 1000, maxMs: 60_000 }, heartbeatMs: 10_000, retainedWalWarnBytes: 1024 ** 3 },
-    http: { port: null },
-  };
+  });
 }
 
 /** An `all` that requires row (or old) at a path to equal a scalar, beside random conditions. */

@@ -7,8 +7,8 @@ import { buildFacts, factValue, TypeOid, type Facts } from '../src/rules/facts.t
 import { checkConditions, compileConditions, parsePath, RuleEvaluationError } from '../src/rules/compile.ts';
 import { compileRules } from '../src/rules/index.ts';
 import { loadConfig } from '../src/config/load.ts';
-import type { PgdsoConfig } from '../src/config/types.ts';
 import type { Relation, RowChange } from '../src/change.ts';
+import { compiledVerdict, configWith, engineVerdict, prng, randomFacts, randomTopLevel, type Outcome } from './support/conditions.ts';
 
 // ---------------------------------------------------------------------------------------------
 // factValue and buildFacts
@@ -117,8 +117,6 @@ test('buildFacts for a delete uses the old values as the row; master defaults to
 
 // ---------------------------------------------------------------------------------------------
 // The compiled predicate agrees with json-rules-engine
-
-import { compiledVerdict, engineVerdict, prng, randomFacts, randomTopLevel, type Outcome } from './support/conditions.ts';
 
 test('compiled predicates agree with json-rules-engine on thousands of generated conditions and rows', async () => {
   const random = prng(20260517);
@@ -291,21 +289,6 @@ test('parsePath accepts the simple JSONPath forms only', () => {
 // The indexed rule set
 
 const source = { file: '/rules.json', pointer: '' };
-
-function configWith(partial: Partial<PgdsoConfig>): PgdsoConfig {
-  return {
-    file: '/pgdso.config.json',
-    servers: {},
-    ruleFiles: [],
-    mappings: {},
-    filters: [],
-    escalations: [],
-    group: { checkIntervalSeconds: 2, delinquentThreshold: 3 },
-    pending: { retry: { kind: 'backoff', firstMs: 1000, maxMs: 60_000 }, heartbeatMs: 10_000, retainedWalWarnBytes: 1024 ** 3 },
-    http: { port: null },
-    ...partial,
-  };
-}
 
 const baseFacts: Facts = { row: {}, old: null, op: 'insert', changed: [], origin: null, master: true };
 

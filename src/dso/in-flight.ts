@@ -44,14 +44,18 @@ export class InFlight {
   }
 
   get(form: FormRef, requestId: string): SentTransfer | undefined {
-    const kept = this.forms.get(form.schema)?.get(form.table)?.get(requestId);
+    const kept = this.requestsOf(form)?.get(requestId);
     if (!kept || !('sameKey' in kept)) return kept;
     return { mapping: kept.mapping, targetKey: requestId, master: kept.master };
   }
 
   /** The mapping of the transfer in flight for that request, if any (no record built). */
   mappingOf(form: FormRef, requestId: string): string | undefined {
-    return this.forms.get(form.schema)?.get(form.table)?.get(requestId)?.mapping;
+    return this.requestsOf(form)?.get(requestId)?.mapping;
+  }
+
+  private requestsOf(form: FormRef): Map<string, Kept> | undefined {
+    return this.forms.get(form.schema)?.get(form.table);
   }
 
   set(form: FormRef, requestId: string, sent: SentTransfer): void {
@@ -88,7 +92,6 @@ export class InFlight {
   }
 
   delete(form: FormRef, requestId: string): void {
-    const requests = this.forms.get(form.schema)?.get(form.table);
-    if (requests?.delete(requestId)) this.count -= 1;
+    if (this.requestsOf(form)?.delete(requestId)) this.count -= 1;
   }
 }

@@ -56,7 +56,8 @@ function mayThrow(node: Record<string, unknown>): boolean {
     if (Object.hasOwn(node, kind)) return (node[kind] as Record<string, unknown>[]).some(mayThrow);
   }
   if (Object.hasOwn(node, 'not')) return mayThrow(node.not as Record<string, unknown>);
-  return (node.operator === 'in' || node.operator === 'notIn') && (isFactReference(node.value) || !Array.isArray(node.value));
+  // (a constant value of in/notIn is an array: anything else is refused at load)
+  return (node.operator === 'in' || node.operator === 'notIn') && isFactReference(node.value);
 }
 
 interface Group {

@@ -1,6 +1,8 @@
 // Generated conditions and facts, and json-rules-engine's own verdict: the reference the
-// compiled rules are checked against (test/rules.test.ts, test/filter-index.test.ts).
+// compiled rules are checked against (test/rules.test.ts, test/filter-index.test.ts); a config
+// to compile rules from.
 import { Engine } from 'json-rules-engine';
+import type { PgdsoConfig } from '../../src/config/types.ts';
 import type { Facts } from '../../src/rules/facts.ts';
 import { compileConditions, SUPPORTED_OPERATORS } from '../../src/rules/compile.ts';
 
@@ -163,4 +165,20 @@ export function randomTopLevel(random: () => number): Record<string, unknown> {
   if (r < 0.15) return { not: randomCondition(random, 3) };
   const children = Array.from({ length: Math.floor(random() * 5) }, () => randomCondition(random, 3));
   return r < 0.6 ? { all: children } : { any: children };
+}
+
+/** A loaded config with these parts and defaults for the rest (for compileRules). */
+export function configWith(partial: Partial<PgdsoConfig>): PgdsoConfig {
+  return {
+    file: '/pgdso.config.json',
+    servers: {},
+    ruleFiles: [],
+    mappings: {},
+    filters: [],
+    escalations: [],
+    group: { checkIntervalSeconds: 2, delinquentThreshold: 3 },
+    pending: { retry: { kind: 'backoff', firstMs: 1000, maxMs: 60_000 }, heartbeatMs: 10_000, retainedWalWarnBytes: 1024 ** 3 },
+    http: { port: null },
+    ...partial,
+  };
 }
