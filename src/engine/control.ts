@@ -7,6 +7,7 @@ import pg from 'pg';
 import type { Logger } from 'pino';
 import { assertOwner, takeOperationLock, waitForOperationLock, type Fence } from '../sql/fencing.ts';
 import { ControlConnectionLost, errorText } from './errors.ts';
+import { endClient } from '../sql/client.ts';
 
 export class ControlConnection {
   readonly client: pg.Client;
@@ -59,7 +60,7 @@ export class ControlConnection {
 
   async end(): Promise<void> {
     this.ending = true;
-    await this.client.end().catch(() => {});
+    await endClient(this.client);
   }
 
   private lose(reason: string): void {
