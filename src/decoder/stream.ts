@@ -50,9 +50,8 @@ const PG_EPOCH_MS = 946_684_800_000;
 const STATUS_THROTTLE_MS = 100;
 /**
  * Bytes of messages that may wait for the sink before the socket pauses (it resumes below a
- * quarter of it): a flush's worth of changes at 1,000 transactions a second. Larger bounds (1 to
- * 8 MB) carried them sooner over a slow link, but raised the engine's peak RSS on an initial
- * load (pgdso sync's large messages) from about 210 to 330 MB or more.
+ * quarter of it): a flush's worth of changes at 1,000 transactions a second. (Larger bounds, up
+ * to 8 MB, were no faster over a slow link.)
  */
 const QUEUE_HIGH_BYTES = 1024 * 1024;
 
