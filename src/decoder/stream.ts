@@ -51,7 +51,7 @@ const STATUS_THROTTLE_MS = 100;
 /**
  * Bytes of messages that may wait for the sink before the socket pauses (it resumes below a
  * quarter of it): a flush's worth of changes at 1,000 transactions a second. (Larger bounds, up
- * to 8 MB, were no faster over a slow link.)
+ * to 8 MB, made no clear difference over a slow link.)
  */
 const QUEUE_HIGH_BYTES = 1024 * 1024;
 
