@@ -101,6 +101,14 @@ class Items implements OpGroup<Failure> {
 const rows = (prefix: string, n: number, extra: Partial<Row> = {}): Row[] =>
   Array.from({ length: n }, (_, i) => ({ id: `${prefix}${i + 1}`, qty: i + 1, ...extra }));
 
+/** A user's uncommitted insert of L: a lane's insert of L waits on it until the user ends. */
+async function holdingL(url: string): Promise<pg.Client> {
+  const user = new pg.Client({ connectionString: url });
+  await user.connect();
+  await user.query(`BEGIN; INSERT INTO item (id, qty) VALUES ('L', 1)`);
+  return user;
+}
+
 let lanes = 0;
 async function setup(opts: { fence?: boolean; namedStatements?: boolean } = {}) {
   const e = await suite.env({ servers: ['sf'], schemaSql: ITEM_SQL, rules: { mappings: [], filters: [] } });
@@ -245,10 +253,7 @@ test('without pipelining (COPY groups), a bad row rolls the optimistic transacti
 
 test('the backend terminated while pipelined statements wait (57P01): the commit fails, nothing is written, the lane closes', async () => {
   const { lane, ids, progress, e } = await setup();
-  // a user's uncommitted insert of L: the lane's insert of L waits on it
-  const user = new pg.Client({ connectionString: e.urls.sf });
-  await user.connect();
-  await user.query(`BEGIN; INSERT INTO item (id, qty) VALUES ('L', 1)`);
+  const user = await holdingL(e.urls.sf!);
   try {
     lane.submit(new Items(rows('a', 1)));
     lane.submit(new Items([{ id: 'L', qty: 2 }]));
@@ -284,9 +289,7 @@ test('the backend terminated while pipelined statements wait (57P01): the commit
 
 test('a lane closed while its pipelined statement waits on a lock closes at once; its transaction is rolled back', async () => {
   const { lane, ids, e } = await setup();
-  const user = new pg.Client({ connectionString: e.urls.sf });
-  await user.connect();
-  await user.query(`BEGIN; INSERT INTO item (id, qty) VALUES ('L', 1)`);
+  const user = await holdingL(e.urls.sf!);
   try {
     lane.submit(new Items(rows('a', 1)));
     lane.submit(new Items([{ id: 'L', qty: 2 }]));
