@@ -15,7 +15,7 @@ export interface Subscription {
 
 /**
  * CREATE SUBSCRIPTION `name` on `peer` to the publication `publication` of `database` on
- * `cluster` (through `via`, a link, if given), with `copyData` (the initial copy of the tables) or not, and waits until its apply
+ * `cluster`, with `copyData` (the initial copy of the tables) or not, and waits until its apply
  * worker runs and every table is ready (state r).
  */
 export async function subscribe(
@@ -25,10 +25,8 @@ export async function subscribe(
   name: string,
   publication: string,
   copyData = false,
-  via?: { host: string; port: number },
 ): Promise<Subscription> {
-  const { host, port } = via ?? cluster;
-  const conn = `host=${host} port=${port} dbname=${database} user=${cluster.user} password=${cluster.password}`;
+  const conn = `host=${cluster.host} port=${cluster.port} dbname=${database} user=${cluster.user} password=${cluster.password}`;
   await sql(
     peer,
     `CREATE SUBSCRIPTION ${quoteIdent(name)} CONNECTION ${quoteLiteral(conn)} PUBLICATION ${quoteIdent(publication)}

@@ -23,7 +23,6 @@ import type { SyncFigures } from './sync.ts';
 export interface Workloads {
   bulk?: BulkFigures;
   steady?: SteadyFigures;
-  link?: SteadyFigures;
   backlog?: BacklogFigures;
   fanout?: FanoutFigures;
   filters?: FilterFigures;
@@ -80,11 +79,6 @@ export function summaryRows(w: Workloads): SummaryRow[] {
     const s = w.steady;
     rows.push({ workload: `steady: pgbench -N ${s.rate}/s, latency p50`, ...pick(s.native.p50Ms, null, s.pgdso.p50Ms) });
     rows.push({ workload: `steady: pgbench -N ${s.rate}/s, latency p99`, ...pick(s.native.p99Ms, null, s.pgdso.p99Ms) });
-  }
-  if (w.link) {
-    const s = w.link;
-    rows.push({ workload: `steady, sites ${s.rttMs} ms apart: latency p50`, ...pick(s.native.p50Ms, null, s.pgdso.p50Ms) });
-    rows.push({ workload: `steady, sites ${s.rttMs} ms apart: latency p99`, ...pick(s.native.p99Ms, null, s.pgdso.p99Ms) });
   }
   if (w.backlog) {
     const b = w.backlog;

@@ -3,7 +3,6 @@
 // pgoutput, bench/decode.ts), on this machine, in one run, on the same two embedded clusters:
 //   bulk      BENCH_ROWS rows (200,000) in one transaction, commit to last row on the peer (bulk.ts)
 //   steady    pgbench -N at 1000/s for BENCH_STEADY_SECONDS (20), probe latency (steady.ts)
-//   link      the same between two sites BENCH_LINK_RTT_MS (10) apart, both through one link (link.ts)
 //   backlog   BENCH_BACKLOG_ROWS (1,000,000) in 10 transactions committed while stopped (backlog.ts)
 //   fanout    BENCH_FANOUT_ROWS (100,000) in one transaction to 3 peers (fanout.ts)
 //   filters   the bulk with 100 filters loaded, 2 matching, against one (filters.ts)
@@ -19,12 +18,12 @@ import { benchEscalation, ESCALATION_ROWS, escalationTable } from './escalation.
 import { benchFanout, FANOUT_ROWS, fanoutTable } from './fanout.ts';
 import { benchFilters, filtersTable } from './filters.ts';
 import { caption, machine, summaryRows, summaryTable, writeChart, writeResults, type Workloads } from './report.ts';
-import { benchSteady, benchSteadyLink, LINK_RTT_MS, STEADY_RATE, STEADY_SCALE, STEADY_SECONDS, steadyTable } from './steady.ts';
+import { benchSteady, STEADY_RATE, STEADY_SCALE, STEADY_SECONDS, steadyTable } from './steady.ts';
 import { RUNS, sql } from './support.ts';
 import { benchInitialLoad, SYNC_ROWS, syncTable } from './sync.ts';
 
-const ALL = ['bulk', 'steady', 'link', 'backlog', 'fanout', 'filters', 'sync', 'escalation'];
-const DEFAULT = 'bulk,steady,link,backlog,fanout,filters,sync';
+const ALL = ['bulk', 'steady', 'backlog', 'fanout', 'filters', 'sync', 'escalation'];
+const DEFAULT = 'bulk,steady,backlog,fanout,filters,sync';
 
 async function main(): Promise<void> {
   const scenarios = (process.env.BENCH_SCENARIOS ?? DEFAULT)
@@ -40,7 +39,6 @@ async function main(): Promise<void> {
     steadySeconds: STEADY_SECONDS,
     steadyRate: STEADY_RATE,
     steadyScale: STEADY_SCALE,
-    linkRttMs: LINK_RTT_MS,
     backlogRows: BACKLOG_ROWS,
     fanoutRows: FANOUT_ROWS,
     syncRows: SYNC_ROWS,
@@ -60,7 +58,6 @@ async function main(): Promise<void> {
       const started = Date.now();
       if (scenario === 'bulk') show(bulkTable((w.bulk = await benchBulk(source, target))));
       if (scenario === 'steady') show(steadyTable((w.steady = await benchSteady(source, target))));
-      if (scenario === 'link') show(steadyTable((w.link = await benchSteadyLink(source, target))));
       if (scenario === 'backlog') show(backlogTable((w.backlog = await benchBacklog(source, target))));
       if (scenario === 'fanout') show(fanoutTable((w.fanout = await benchFanout(source, target))));
       if (scenario === 'filters') show(filtersTable((w.filters = await benchFilters(source, target, w.bulk))));

@@ -29,7 +29,6 @@ import os from 'node:os';
 import path from 'node:path';
 import type { LocalCluster } from '../src/embedded/cluster.ts';
 import { quoteIdent } from '../src/sql/identifiers.ts';
-import { type Link, startLink } from './link.ts';
 import { subscribe, unsubscribe } from './native.ts';
 import {
   clientProgram,
@@ -47,8 +46,6 @@ import {
 export const STEADY_SECONDS = Number(process.env.BENCH_STEADY_SECONDS ?? 20);
 export const STEADY_RATE = Number(process.env.BENCH_STEADY_RATE ?? 1000);
 export const STEADY_SCALE = Number(process.env.BENCH_STEADY_SCALE ?? 10);
-/** workload `link`: the round-trip time between the two sites */
-export const LINK_RTT_MS = Number(process.env.BENCH_LINK_RTT_MS ?? 10);
 const PGBENCH = clientProgram('pgbench', process.env.BENCH_PGBENCH);
 const CLIENTS = 8;
 /** simple-update's weight against the probe script's 1 */
@@ -86,8 +83,6 @@ export interface SteadyFigures {
   seconds: number;
   rate: number;
   scale: number;
-  /** workload `link`: the round-trip time between the sites */
-  rttMs?: number;
   native: SteadyRun;
   pgdso: SteadyRun;
 }
@@ -193,27 +188,23 @@ async function measure(cluster: LocalCluster, database: string, peer: string): P
   }
 }
 
-/** The subscription on the peer, through the link to the source when there is one (the subscriber's side of it). */
-async function native(source: LocalCluster, target: LocalCluster, link?: Link): Promise<SteadyRun> {
-  const database = link ? 'bench_link_native' : 'bench_steady_native';
-  const src = await createTables(source, database, false);
-  const dst = await createTables(target, database, true);
+async function native(source: LocalCluster, target: LocalCluster): Promise<SteadyRun> {
+  const src = await createTables(source, 'bench_steady_native', false);
+  const dst = await createTables(target, 'bench_steady_native', true);
   await sql(src, `CREATE PUBLICATION bench FOR TABLE ${TABLES.join(', ')}`);
-  const sub = await subscribe(source, database, dst, link ? 'bench_link' : 'bench_steady', 'bench', false, link);
+  const sub = await subscribe(source, 'bench_steady_native', dst, 'bench_steady', 'bench');
   try {
     await fillSource(src);
     await waitFilled(dst);
-    return await measure(source, database, dst);
+    return await measure(source, 'bench_steady_native', dst);
   } finally {
     await unsubscribe(sub);
   }
 }
 
-/** The engine beside the source, reaching the peer through the link when there is one. */
-async function pgdso(source: LocalCluster, target: LocalCluster, link?: Link): Promise<SteadyRun> {
-  const database = link ? 'bench_link_pgdso' : 'bench_steady_pgdso';
-  const src = await createTables(source, database, false);
-  const dst = await createTables(target, database, true);
+async function pgdso(source: LocalCluster, target: LocalCluster): Promise<SteadyRun> {
+  const src = await createTables(source, 'bench_steady_pgdso', false);
+  const dst = await createTables(target, 'bench_steady_pgdso', true);
   for (const url of [src, dst]) await enableForms(url, TABLES);
   // a data-only mapping and a filter per table
   const mappings = TABLES.map((table) => ({
@@ -227,14 +218,14 @@ async function pgdso(source: LocalCluster, target: LocalCluster, link?: Link): P
     on: { server: 'source', form: table, ops: ['insert', 'update'] },
     actions: [{ type: 'transfer', mapping: `source-to-peer-${table}` }],
   }));
-  const { configPath, remove } = await serversConfig({ source: src, peer: link ? link.through(dst) : dst }, { mappings, filters });
+  const { configPath, remove } = await serversConfig({ source: src, peer: dst }, { mappings, filters });
   const engine = startEngine(configPath);
   try {
     await fillSource(src);
     await engine.race(waitFilled(dst));
     await engine.race(waitBookkept(src, STEADY_SCALE * 100_000, 'pgbench_accounts'));
     await engine.race(waitSlotIdle(src));
-    const run = await engine.race(measure(source, database, dst));
+    const run = await engine.race(measure(source, 'bench_steady_pgdso', dst));
     const pendingErrors = Number((await sql(src, 'SELECT count(*) AS n FROM pgdso.pending_errors')).rows[0].n);
     return { ...run, peakRssMb: engine.rssMb(), pendingErrors };
   } finally {
@@ -249,35 +240,14 @@ export async function benchSteady(source: LocalCluster, target: LocalCluster): P
   return { seconds: STEADY_SECONDS, rate: STEADY_RATE, scale: STEADY_SCALE, native: nativeRun, pgdso: pgdsoRun };
 }
 
-/**
- * Workload `link`: the steady workload between two sites BENCH_LINK_RTT_MS apart (round trip),
- * for both systems through the same link (link.ts): the source's site and the peer's.
- */
-export async function benchSteadyLink(source: LocalCluster, target: LocalCluster): Promise<SteadyFigures> {
-  // the link leads to the far end of each system's connections: the source for a subscription, the peer for pgdso
-  const over = async (far: LocalCluster, run: (link: Link) => Promise<SteadyRun>) => {
-    const link = await startLink(far.host, far.port, LINK_RTT_MS);
-    try {
-      return await run(link);
-    } finally {
-      await link.close();
-    }
-  };
-  const nativeRun = await over(source, (link) => native(source, target, link));
-  const pgdsoRun = await over(target, (link) => pgdso(source, target, link));
-  return { seconds: STEADY_SECONDS, rate: STEADY_RATE, scale: STEADY_SCALE, rttMs: LINK_RTT_MS, native: nativeRun, pgdso: pgdsoRun };
-}
-
 export function steadyTable(f: SteadyFigures): string {
   const ms = (x: number) => `${Math.round(x * 10) / 10} ms`;
   const probes = (r: SteadyRun) => (r.probes === r.probesSent ? `${r.probes}` : `${r.probes} of ${r.probesSent}`);
   const row = (name: string, r: SteadyRun, rss: string) =>
     `| ${name} | ${Math.round(r.tps)} | ${probes(r)} | ${ms(r.p50Ms)} | ${ms(r.p99Ms)} | ${ms(r.maxMs)} | ${r.catchUpMs} ms ` +
     `| ${r.accountsIdentical ? 'yes' : 'NO'} | ${rss} |`;
-  const sites = f.rttMs ? `, sites ${f.rttMs} ms apart (RTT)` : '';
   return [
-    `| pgbench -N at ${f.rate}/s for ${f.seconds} s (scale ${f.scale})${sites}, probes in the run ` +
-      '| simple-update tps | probes ' +
+    `| pgbench -N at ${f.rate}/s for ${f.seconds} s (scale ${f.scale}), probes in the run | simple-update tps | probes ` +
       '| commit to visible p50 | p99 | max | catch-up after the run | pgbench_accounts identical | engine peak RSS |',
     '|---|---|---|---|---|---|---|---|---|',
     row('PostgreSQL publication/subscription', f.native, '(in the server)'),

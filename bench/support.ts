@@ -2,7 +2,7 @@
 // pgdso with its mappings, the pgdso command line and a running engine, a child's peak RSS, and
 // the conditions the scenarios poll for (a row visible, the bookkeeping done, the slot idle).
 import { spawn, type ChildProcess } from 'node:child_process';
-import { createWriteStream, existsSync, readdirSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import { mkdtemp, mkdir, writeFile, rm, readFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -111,7 +111,7 @@ export function pgdsoCommand(configPath: string): (args: string[]) => ChildProce
   return (args) =>
     spawn(process.execPath, [...NODE_FLAGS, ...nodeArgs, main, ...args, '--config', configPath], {
       stdio: ['ignore', process.env.BENCH_ENGINE_STDOUT ? 'inherit' : 'ignore', 'pipe'],
-      env: { ...process.env, PGDSO_LOG_LEVEL: process.env.BENCH_ENGINE_LOG_LEVEL ?? 'warn' },
+      env: { ...process.env, PGDSO_LOG_LEVEL: 'warn' },
     });
 }
 
@@ -150,8 +150,6 @@ export function startEngine(configPath: string, server = 'source'): Engine {
   const rss = peakRss(child);
   let stderr = '';
   child.stderr!.on('data', (d) => (stderr += d));
-  // BENCH_ENGINE_LOG=FILE: its log (stderr) appended to FILE too, at BENCH_ENGINE_LOG_LEVEL
-  if (process.env.BENCH_ENGINE_LOG) child.stderr!.pipe(createWriteStream(process.env.BENCH_ENGINE_LOG, { flags: 'a' }));
   const exited = new Promise<never>((_, reject) =>
     child.once('exit', (code, signal) => reject(new Error(`the engine exited (${code ?? signal})\nengine stderr:\n${stderr}`))),
   );

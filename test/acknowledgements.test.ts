@@ -1,17 +1,27 @@
 // The acknowledgement traps of ../shared/DEPENDENCIES.md, against the real stream:
 // exact commit-end confirmations, a new stream after a drop replays what was not confirmed,
 // keepalives answered.
-import { test } from 'node:test';
+import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import pg from 'pg';
 import pino from 'pino';
+import { provideClusters, type TestCluster } from './support/servers.ts';
 import { waitFor } from './support/wait.ts';
 import { ReplicationStream, type ChangeSink } from '../src/decoder/stream.ts';
 import { formatLsn, type RowChange, type TxBegin, type TxCommit } from '../src/change.ts';
-import { streamCluster, streamDatabase } from './support/stream.ts';
+import { migrateServer } from '../src/sql/migrate.ts';
+import { ensureSlot } from '../src/sql/slot.ts';
+import { slotName } from '../src/sql/identifiers.ts';
 
-const cluster = streamCluster();
+let cluster: TestCluster;
 const log = pino({ level: 'silent' });
+
+before(async () => {
+  [cluster] = (await provideClusters(1)) as [TestCluster];
+});
+after(async () => {
+  await cluster.destroy();
+});
 
 interface Received {
   finalLsn: bigint;
@@ -42,7 +52,18 @@ class RecordingSink implements ChangeSink {
   }
 }
 
-const database = (name: string) => streamDatabase(cluster(), name);
+async function database(name: string): Promise<{ url: string; slot: string; admin: pg.Client }> {
+  const url = await cluster.createDatabase(`${name}_${process.pid}_${Date.now() % 100000}`);
+  await migrateServer({ connectionString: url });
+  const admin = new pg.Client({ connectionString: url });
+  await admin.connect();
+  await admin.query('CREATE TABLE t (id text PRIMARY KEY, v text)');
+  await admin.query('ALTER PUBLICATION pgdso ADD TABLE t');
+  const db = (await admin.query('SELECT current_database() AS db')).rows[0].db;
+  const slot = slotName(db);
+  await ensureSlot(admin, slot);
+  return { url, slot, admin };
+}
 
 function startStream(url: string, slot: string, sink: RecordingSink): { stream: ReplicationStream; done: Promise<unknown> } {
   const stream = new ReplicationStream({ connection: { connectionString: url }, slot, log, statusIntervalMs: 200 });

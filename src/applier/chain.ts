@@ -12,7 +12,6 @@ import { qualified, quoteIdent } from '../sql/identifiers.ts';
 import { classifyError } from './errors.ts';
 import type { ColumnPlan } from './plan.ts';
 import type { FormCatalog } from './catalog.ts';
-import type { PipedStatement } from './lane.ts';
 import {
   RequestGroup,
   applyIsolating,
@@ -133,50 +132,33 @@ export class CopyUpdateGroup extends RequestGroup<CopyUpdate> {
     super(`${link.plan.target.schema}.${link.plan.target.table}`);
   }
 
-  async execute(client: pg.ClientBase, isolated = true): Promise<ApplyFailure[]> {
+  async execute(client: pg.ClientBase): Promise<ApplyFailure[]> {
     return applyIsolating(
       client,
       [...this.rows.values()],
       (rows) => this.applyRows(client, rows),
       (row, err) => this.failure(row, classifyError(err)),
-      isolated,
     );
   }
 
-  piped(): PipedStatement<ApplyFailure> {
-    const rows = [...this.rows.values()];
-    return { query: this.statement(rows), check: (result) => this.missing(rows, result) };
-  }
-
   private async applyRows(client: pg.ClientBase, rows: CopyUpdate[]): Promise<ApplyFailure[]> {
-    return this.missing(rows, await client.query(this.statement(rows)));
-  }
-
-  private statement(rows: CopyUpdate[]): pg.QueryConfig {
     const columns = this.withValues ? this.link.plan.columns : [];
     const arrays: (string | null)[][] = columns.map(() => new Array(rows.length));
     rows.forEach((row, r) => {
       for (let c = 0; c < arrays.length; c++) arrays[c]![r] = row.values[c]!;
     });
-    return {
-      text: updateStatement(this.link.plan, this.withValues),
-      values: [
-        ...arrays.map(textArrayLiteral),
-        textArrayLiteral(rows.map((r) => r.targetKey)),
-        textArrayLiteral(rows.map((r) => r.requestId)),
-        textArrayLiteral(rows.map((r) => r.history)),
-        textArrayLiteral(rows.map((r) => r.current?.[0] ?? null)),
-        textArrayLiteral(rows.map((r) => r.current?.[1] ?? null)),
-        boolArrayLiteral(rows.map((r) => r.master)),
-        textArrayLiteral(rows.map((r) => r.newHistory)),
-        this.sourceServer,
-        this.link.server,
-      ],
-    };
-  }
-
-  /** Failures for the copies the update did not find (an update or a return needs its copy). */
-  private missing(rows: CopyUpdate[], result: pg.QueryResult): ApplyFailure[] {
+    const result = await client.query(updateStatement(this.link.plan, this.withValues), [
+      ...arrays.map(textArrayLiteral),
+      textArrayLiteral(rows.map((r) => r.targetKey)),
+      textArrayLiteral(rows.map((r) => r.requestId)),
+      textArrayLiteral(rows.map((r) => r.history)),
+      textArrayLiteral(rows.map((r) => r.current?.[0] ?? null)),
+      textArrayLiteral(rows.map((r) => r.current?.[1] ?? null)),
+      boolArrayLiteral(rows.map((r) => r.master)),
+      textArrayLiteral(rows.map((r) => r.newHistory)),
+      this.sourceServer,
+      this.link.server,
+    ]);
     if (this.kind === 'chain' || result.rowCount === rows.length) return [];
     const found = new Set(result.rows.map((r: { rid: string }) => r.rid));
     const { target } = this.link.plan;
@@ -239,36 +221,27 @@ export class CopyDeleteGroup extends RequestGroup<CopyDelete> {
     super(`${link.plan.target.schema}.${link.plan.target.table}`);
   }
 
-  piped(): PipedStatement<ApplyFailure> {
-    return { query: this.statement([...this.rows.values()]), check: () => [] };
-  }
-
-  private statement(rows: CopyDelete[]): pg.QueryConfig {
+  async execute(client: pg.ClientBase): Promise<ApplyFailure[]> {
     const { target } = this.link.plan;
     const key = quoteIdent(target.keyColumn);
-    return {
-      text: `WITH u AS (SELECT u.*, coalesce(u.h::jsonb -> 0 ->> 'fromServer', $4::text) AS rs,
-                               coalesce(u.h::jsonb -> 0 ->> 'fromRequestId', u.rid) AS ri
-                          FROM unnest($1::text[], $2::text[], $3::text[]) AS u(k, rid, h))
-             DELETE FROM ${qualified(target.schema, target.table)} t USING u
-              WHERE t.${key} = u.k::${target.keyType} AND ${sameRequestSql(target.keyColumn, '$5', 'u.rs', 'u.ri')}`,
-      values: [
-        textArrayLiteral(rows.map((r) => r.targetKey)),
-        textArrayLiteral(rows.map((r) => r.requestId)),
-        textArrayLiteral(rows.map((r) => r.history)),
-        this.sourceServer,
-        this.link.server,
-      ],
-    };
-  }
-
-  async execute(client: pg.ClientBase, isolated = true): Promise<ApplyFailure[]> {
-    const { target } = this.link.plan;
     return applyIsolating(
       client,
       [...this.rows.values()],
       async (rows) => {
-        await client.query(this.statement(rows));
+        await client.query(
+          `WITH u AS (SELECT u.*, coalesce(u.h::jsonb -> 0 ->> 'fromServer', $4::text) AS rs,
+                             coalesce(u.h::jsonb -> 0 ->> 'fromRequestId', u.rid) AS ri
+                        FROM unnest($1::text[], $2::text[], $3::text[]) AS u(k, rid, h))
+           DELETE FROM ${qualified(target.schema, target.table)} t USING u
+            WHERE t.${key} = u.k::${target.keyType} AND ${sameRequestSql(target.keyColumn, '$5', 'u.rs', 'u.ri')}`,
+          [
+            textArrayLiteral(rows.map((r) => r.targetKey)),
+            textArrayLiteral(rows.map((r) => r.requestId)),
+            textArrayLiteral(rows.map((r) => r.history)),
+            this.sourceServer,
+            this.link.server,
+          ],
+        );
         return [];
       },
       (row, err) => {
@@ -287,7 +260,6 @@ export class CopyDeleteGroup extends RequestGroup<CopyDelete> {
           sqlstate: classified.sqlstate,
         };
       },
-      isolated,
     );
   }
 }

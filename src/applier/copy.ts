@@ -15,7 +15,7 @@ export function copyField(value: string | null | undefined): string {
   return NEEDS_ESCAPE.test(value) ? value.replace(/[\\\t\n\r]/g, (ch) => ESCAPED[ch]!) : value;
 }
 
-/** Runs `sql` (COPY ... FROM STDIN) with `data` (whole rows, each ending in a newline); the rows it wrote. */
+/** Runs `COPY <sql> FROM STDIN` with `data` (whole rows, each ending in a newline); the rows it wrote. */
 export function copyIn(client: pg.ClientBase, sql: string, data: string): Promise<number> {
   return new Promise<number>((resolve, reject) => {
     const stream = client.query(copyFrom(sql));

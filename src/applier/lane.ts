@@ -7,17 +7,19 @@
 // PostgreSQL advances it even when the transaction aborts.)
 import pg from 'pg';
 import type { Logger } from 'pino';
-import { formatLsn } from '../change.ts';
+import { formatLsn, parseLsn } from '../change.ts';
 import { describeFormColumns, type FormCatalog } from './catalog.ts';
 import { forApplying } from '../sql/session.ts';
-import { endClient } from '../sql/client.ts';
-import { isolatesRows, sqlstateOf } from './errors.ts';
-import { checkLaneTerm, laneApplicationName, FencedError, type Fence } from '../sql/fencing.ts';
-import type { OpGroup, PipedStatement } from './op-group.ts';
-import { TransactionGroups } from './lane-groups.ts';
-import { BEGIN, commitChecked, named, openLaneSession, progressStatement, retryingLockConflicts, setPipeline } from './lane-sql.ts';
+import { sqlstateOf } from './errors.ts';
+import { checkLaneTerm, laneApplicationName, raiseLaneTerm, setupOrigin, terminateLane, FencedError, type Fence } from '../sql/fencing.ts';
 
-export type { OpGroup, PipedStatement } from './op-group.ts';
+/** A set of operations applied by one statement (or a few), in the lane's open transaction. */
+export interface OpGroup<F = unknown> {
+  readonly size: number;
+  /** true when the group holds an operation on that request of that table (schema.table) */
+  has(table: string, requestId: string): boolean;
+  execute(client: pg.ClientBase): Promise<F[]>;
+}
 
 export interface LaneOptions<F = unknown> {
   connection: pg.ClientConfig;
@@ -26,8 +28,6 @@ export interface LaneOptions<F = unknown> {
   log: Logger;
   /** the owner's term: the lane's writes fail once a newer owner has written (server groups) */
   fence?: Fence;
-  /** pipelined statements are named: parsed once per connection (a peer's lanes) */
-  namedStatements?: boolean;
   /** adds what the caller knows about a group's operations to its failures (the group is gone after it ran) */
   annotate?: (group: OpGroup<F>, failures: F[]) => F[];
 }
@@ -40,39 +40,40 @@ export class ApplyLane<F = unknown> {
   private inTransaction = false;
   private tail: Promise<void> = Promise.resolve();
   private failure: Error | null = null;
+  private failures: F[] = [];
   private queued = 0;
   private readonly inFlight: Promise<void>[] = [];
   /** the last use of the connection on its own (runAlone, transaction, outside); never rejects */
   private turn: Promise<unknown> = Promise.resolve();
-  /** what the open transaction ran (to run again isolated), the failures its groups reported */
-  private readonly groups: TransactionGroups<F>;
-  /** transactions rolled back and run again isolated, since the lane opened */
-  rerun = 0;
-  /** the open transaction's statements are sent without waiting for the results before them */
-  private pipelining = false;
-  /** a pipelined statement failed or needs more: the transaction runs again, isolated */
-  private rerunNeeded = false;
-  /** uses of the connection on its own under way (exclusively) */
-  private alones = 0;
-  /** the source position recorded by a pipelined statement in the open transaction */
-  private progressSent: bigint | null = null;
 
   constructor(private readonly opts: LaneOptions<F>) {
     this.name = opts.name;
-    this.groups = new TransactionGroups(opts.annotate);
   }
 
   async open(): Promise<void> {
     const { fence, name } = this.opts;
-    const config = forApplying(this.opts.connection, this.opts.namedStatements);
-    const client = new pg.Client({ ...config, application_name: laneApplicationName(name, fence) });
+    const client = new pg.Client({ ...forApplying(this.opts.connection), application_name: laneApplicationName(name, fence) });
     client.on('error', (err) => {
       this.failure ??= err;
     });
     await client.connect();
     this.client = client;
     const { origin } = this.opts;
-    this.progress = await openLaneSession(client, origin, name, fence, this.opts.log);
+    const exists = await client.query('SELECT 1 FROM pg_replication_origin WHERE roname = $1', [origin]);
+    if (exists.rowCount === 0) {
+      await client.query('SELECT pg_replication_origin_create($1)', [origin]).catch((err) => {
+        if ((err as { code?: string }).code !== '23505') throw err; // created meanwhile
+      });
+    }
+    if (fence) {
+      // the term first (an older one is refused here, before it disturbs anything): from now on a
+      // former owner's commits fail; then its connections go, freeing the origin
+      await raiseLaneTerm(client, origin, name, fence);
+      await terminateLane(client, name);
+    }
+    await setupOrigin(client, origin, name, fence, this.opts.log);
+    const progress = await client.query(`SELECT source_lsn::text AS lsn FROM pgdso.apply_progress WHERE origin = $1`, [origin]);
+    this.progress = progress.rowCount ? parseLsn(progress.rows[0].lsn) : 0n;
     this.opts.log.debug({ lane: this.name, origin, progress: formatLsn(this.progress) }, 'apply lane open');
   }
 
@@ -98,18 +99,15 @@ export class ApplyLane<F = unknown> {
   /** Runs a group in the open transaction, after every group submitted before it. */
   submit(group: OpGroup<F>): void {
     this.queued += 1;
-    const piped = this.pipeable(group);
-    if (piped) return this.pipe(group, piped);
-    if (this.pipelining) this.endPipeline();
     const done = this.tail.then(async () => {
       try {
         if (this.failure) return;
         const client = this.connection();
         if (!this.inTransaction) {
           await this.begin(client);
-          this.groups.begin();
         }
-        await this.run(client, group);
+        const failed = await group.execute(client);
+        if (failed.length) for (const f of this.opts.annotate ? this.opts.annotate(group, failed) : failed) this.failures.push(f);
       } catch (err) {
         this.failure ??= err instanceof Error ? err : new Error(String(err));
       } finally {
@@ -119,123 +117,6 @@ export class ApplyLane<F = unknown> {
     });
     this.inFlight.push(done);
     this.tail = done;
-  }
-
-  /**
-   * Runs a group in the open transaction: without a savepoint while the transaction's groups are
-   * kept (two round trips fewer per group), else isolated. A data error then rolls the
-   * transaction back and runs its groups again, isolated: the good rows are applied, the bad
-   * ones become failures, as if they had run isolated from the start.
-   */
-  private async run(client: pg.Client, group: OpGroup<F>): Promise<void> {
-    const groups = this.groups;
-    if (!groups.optimistic) return groups.record(group, await group.execute(client, true));
-    groups.keep(group);
-    let failed: F[];
-    try {
-      failed = await group.execute(client, false);
-    } catch (err) {
-      if (!isolatesRows(err)) throw err; // a data error (23505 included) or an unknown code
-      this.opts.log.debug(
-        { lane: this.name, sqlstate: sqlstateOf(err) },
-        'a group failed without a savepoint: its transaction runs again, isolated',
-      );
-      return this.runAgain(client);
-    }
-    groups.record(group, failed);
-    groups.ran();
-  }
-
-  /**
-   * The group's statement, when it can be sent now without waiting: at the start of a
-   * transaction with nothing else under way, or in a transaction whose statements all were.
-   */
-  private pipeable(group: OpGroup<F>): PipedStatement<F> | null {
-    if (this.failure || this.alones > 0 || !group.piped) return null;
-    if (!this.groups.fits(group.size)) return null;
-    if (!this.pipelining && (this.inTransaction || this.queued > 1 || this.groups.isolating)) return null;
-    return group.piped();
-  }
-
-  /**
-   * Sends the group's statement now (pipeline mode: one round trip for the whole transaction).
-   * Its result is read as it comes; one that failed or needs more makes the transaction run
-   * again, isolated, when the pipeline ends (endPipeline).
-   */
-  private pipe(group: OpGroup<F>, statement: PipedStatement<F>): void {
-    const client = this.connection();
-    if (!this.pipelining) {
-      setPipeline(client, true);
-      this.pipelining = true;
-      this.rerunNeeded = false;
-      this.inTransaction = true;
-      this.groups.begin();
-      this.progressSent = null;
-      this.watch(client.query(BEGIN), () => undefined);
-    }
-    this.groups.keep(group);
-    const done = this.watch(client.query(this.opts.namedStatements ? named(statement.query) : statement.query), (result) => {
-      const failed = statement.check(result);
-      if (failed === null) this.rerunNeeded = true;
-      else this.groups.record(group, failed);
-    }).finally(() => {
-      this.queued -= 1;
-      this.inFlight.shift();
-    });
-    this.inFlight.push(done);
-  }
-
-  /** Reads a pipelined statement's result in order; a data error makes the transaction run again. */
-  private watch(sent: Promise<pg.QueryResult>, read: (result: pg.QueryResult) => void): Promise<void> {
-    const done = sent.then(read, (err) => {
-      // a data error, or an unknown code (25P02 included: a statement after the one that failed)
-      if (isolatesRows(err)) this.rerunNeeded = true;
-      else this.failure ??= err instanceof Error ? err : new Error(String(err));
-    });
-    this.tail = this.tail.then(() => done);
-    return done;
-  }
-
-  /**
-   * Sends the transaction's source position with its pipelined statements (a fenced lane's
-   * position is written only under its term: a newer owner's makes the lane fail). commit()
-   * then only commits.
-   */
-  recordPipelined(finalLsn: bigint, commitTime: Date): void {
-    if (!this.pipelining || this.failure) return;
-    const sent = this.connection().query(this.progressStatement(finalLsn, commitTime));
-    this.progressSent = finalLsn;
-    this.watch(sent, (result) => {
-      if (this.opts.fence && !result.rowCount) this.failure ??= new FencedError(`lane ${this.name} (term ${this.opts.fence.term})`);
-    });
-  }
-
-  /** Ends the pipeline (after its results are read): a transaction that needs it runs again, isolated. */
-  private endPipeline(): void {
-    this.pipelining = false;
-    this.tail = this.tail.then(async () => {
-      const client = this.connection();
-      setPipeline(client, false);
-      if (this.failure || !this.rerunNeeded) return;
-      this.rerunNeeded = false;
-      try {
-        await this.runAgain(client);
-      } catch (err) {
-        this.failure ??= err instanceof Error ? err : new Error(String(err));
-      }
-    });
-  }
-
-  /** Rolls the open transaction back and runs the groups it kept again, isolated. */
-  private async runAgain(client: pg.Client): Promise<void> {
-    const groups = this.groups.again();
-    this.rerun += 1;
-    this.opts.log.debug({ lane: this.name, groups: groups.length, rerun: this.rerun }, 'the transaction runs again, isolated');
-    this.progressSent = null;
-    await client.query('ROLLBACK');
-    this.inTransaction = false;
-    await this.begin(client);
-    for (const group of groups) this.groups.record(group, await group.execute(client, true));
   }
 
   /** Waits until at most `n` submitted groups are unfinished (backpressure; a failure shows at settle). */
@@ -250,18 +131,21 @@ export class ApplyLane<F = unknown> {
 
   /** Waits for the submitted groups; throws the first failure (the transaction is then lost). */
   async settle(): Promise<void> {
-    if (this.pipelining) this.endPipeline();
     await this.tail;
     if (this.failure) throw this.failure;
   }
 
   /** Failures (rows that could not be applied) collected since the last call. */
   takeFailures(): F[] {
-    return this.groups.take();
+    const taken = this.failures;
+    this.failures = [];
+    return taken;
   }
 
   private async begin(client: pg.Client): Promise<void> {
-    await client.query(BEGIN);
+    // a deferred constraint must fail its statement (where the bad row can be isolated), not
+    // the commit (one round trip for both)
+    await client.query('BEGIN; SET CONSTRAINTS ALL IMMEDIATE');
     this.inTransaction = true;
   }
 
@@ -270,11 +154,9 @@ export class ApplyLane<F = unknown> {
     await this.settle();
     if (!this.inTransaction) return;
     const client = this.connection();
-    if (this.progressSent !== finalLsn) await this.recordProgress(client, finalLsn, commitTime);
-    await commitChecked(client);
+    await this.recordProgress(client, finalLsn, commitTime);
+    await client.query('COMMIT');
     this.inTransaction = false;
-    this.groups.end();
-    this.progressSent = null;
     if (finalLsn > this.progress) this.progress = finalLsn;
   }
 
@@ -284,12 +166,22 @@ export class ApplyLane<F = unknown> {
   }
 
   private async recordProgress(client: pg.ClientBase, finalLsn: bigint, commitTime: Date): Promise<void> {
-    const res = await client.query(this.progressStatement(finalLsn, commitTime));
-    if (this.opts.fence && !res.rowCount) throw new FencedError(`lane ${this.name} (term ${this.opts.fence.term})`);
-  }
-
-  private progressStatement(finalLsn: bigint, commitTime: Date): pg.QueryConfig {
-    return progressStatement(this.opts.origin, this.opts.fence, finalLsn, commitTime);
+    if (this.opts.fence) {
+      // the row exists (open() raised its term): a former owner's term updates nothing
+      const res = await client.query(
+        `UPDATE pgdso.apply_progress SET source_lsn = $2::text::pg_lsn, source_commit_time = $3, updated_at = now()
+          WHERE origin = $1 AND term = $4`,
+        [this.opts.origin, formatLsn(finalLsn), commitTime, this.opts.fence.term],
+      );
+      if (!res.rowCount) throw new FencedError(`lane ${this.name} (term ${this.opts.fence.term})`);
+      return;
+    }
+    await client.query(
+      `INSERT INTO pgdso.apply_progress (origin, source_lsn, source_commit_time, updated_at) VALUES ($1, $2::text::pg_lsn, $3, now())
+       ON CONFLICT (origin) DO UPDATE
+          SET source_lsn = EXCLUDED.source_lsn, source_commit_time = EXCLUDED.source_commit_time, updated_at = now()`,
+      [this.opts.origin, formatLsn(finalLsn), commitTime],
+    );
   }
 
   /**
@@ -304,7 +196,6 @@ export class ApplyLane<F = unknown> {
     await this.checkTerm(client);
     await client.query('COMMIT');
     this.inTransaction = false;
-    this.groups.end();
   }
 
   /** Runs reads on the lane's connection outside any transaction. */
@@ -322,16 +213,32 @@ export class ApplyLane<F = unknown> {
    * rolls it back and runs it again, up to `attempts` times; `work` must be safe to run again.
    */
   transaction(finalLsn: bigint, commitTime: Date, work: (client: pg.ClientBase) => Promise<void>, attempts = 5): Promise<number> {
-    return this.exclusively(async () => {
-      const once = () =>
-        this.alone(async (client) => {
+    return this.exclusively(() => this.retried(finalLsn, commitTime, work, attempts));
+  }
+
+  private async retried(
+    finalLsn: bigint,
+    commitTime: Date,
+    work: (client: pg.ClientBase) => Promise<void>,
+    attempts: number,
+  ): Promise<number> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.alone(async (client) => {
           await work(client);
           await this.recordProgress(client, finalLsn, commitTime);
         });
-      const retries = await retryingLockConflicts(once, attempts, this.opts.log, this.name);
-      if (finalLsn > this.progress) this.progress = finalLsn;
-      return retries;
-    });
+        if (finalLsn > this.progress) this.progress = finalLsn;
+        return attempt - 1;
+      } catch (err) {
+        const sqlstate = sqlstateOf(err);
+        if ((sqlstate !== '40P01' && sqlstate !== '40001') || attempt >= attempts) throw err;
+        this.opts.log.info(
+          { lane: this.name, sqlstate, attempt },
+          'transaction rolled back by a lock conflict (deadlock or serialization failure): running it again',
+        );
+      }
+    }
   }
 
   /** Runs one statement batch in a transaction of its own (no origin progress recorded). */
@@ -344,10 +251,7 @@ export class ApplyLane<F = unknown> {
    * lane serves the batches' source transactions in the background (SourceTail) and others.
    */
   private exclusively<T>(work: () => Promise<T>): Promise<T> {
-    this.alones += 1;
-    const run = this.turn.then(work).finally(() => {
-      this.alones -= 1;
-    });
+    const run = this.turn.then(work);
     this.turn = run.catch(() => undefined);
     return run;
   }
@@ -370,11 +274,10 @@ export class ApplyLane<F = unknown> {
     }
   }
 
-  /** Closes the connection; a statement still under way (waiting on a lock, say) is cut, its transaction lost. */
   async close(): Promise<void> {
     const client = this.client;
     this.client = null;
-    if (client) await endClient(client, this.pipelining || this.inFlight.length > 0);
+    if (client) await client.end().catch(() => {});
   }
 
   private connection(): pg.Client {

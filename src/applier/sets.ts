@@ -70,19 +70,15 @@ export const GROUP_SAVEPOINT = 'pgdso_group';
 
 /**
  * Applies rows under a savepoint; on a data error (or an unknown SQLSTATE), splits them in halves until each bad row is
- * alone, so the good rows are applied and each bad one becomes a failure. Not `isolated`: one
- * attempt without a savepoint, an error ends the transaction (the lane runs the group again
- * isolated, see ApplyLane).
+ * alone, so the good rows are applied and each bad one becomes a failure.
  */
 export async function applyIsolating<R, F>(
   client: pg.ClientBase,
   rows: R[],
   apply: (rows: R[]) => Promise<F[]>,
   fail: (row: R, err: unknown) => F,
-  isolated = true,
 ): Promise<F[]> {
   if (rows.length === 0) return [];
-  if (!isolated) return apply(rows);
   try {
     return await underSavepoint(client, GROUP_SAVEPOINT, () => apply(rows));
   } catch (err) {
@@ -164,5 +160,5 @@ export abstract class RequestGroup<R extends { requestId: string; targetKey: str
     this.targetKeys.add(row.targetKey);
   }
 
-  abstract execute(client: pg.ClientBase, isolated?: boolean): Promise<ApplyFailure[]>;
+  abstract execute(client: pg.ClientBase): Promise<ApplyFailure[]>;
 }

@@ -12,7 +12,6 @@ import { qualified, quoteIdent, quoteLiteral } from '../sql/identifiers.ts';
 import { classifyError, sqlstateOf } from './errors.ts';
 import type { ColumnPlan } from './plan.ts';
 import { copyField, copyIn } from './copy.ts';
-import type { PipedStatement } from './lane.ts';
 import { GROUP_SAVEPOINT, RequestGroup, applyIsolating, parseJsonOr, sameRequestSql, textArrayLiteral, type ApplyFailure } from './sets.ts';
 
 /** One request carried by a mapping, as text values aligned with plan.columns. */
@@ -41,9 +40,6 @@ interface TransferStatements {
 }
 
 const statements = new WeakMap<ColumnPlan, TransferStatements>();
-
-/** A group of new requests up to this size is inserted by the pipelined upsert, not COPY. */
-const PIPED_INSERT_ROWS = 100;
 
 // The plain INSERT's parameters after the column arrays: +1 ids, +2 histories, +3 master,
 // +4 current server, +5 current form, +6 from server, +7 from form, +8 mapping.
@@ -194,13 +190,12 @@ export class TransferGroup extends RequestGroup<TransferRow> {
     this.add(row);
   }
 
-  async execute(client: pg.ClientBase, isolated = true): Promise<ApplyFailure[]> {
+  async execute(client: pg.ClientBase): Promise<ApplyFailure[]> {
     return applyIsolating(
       client,
       [...this.rows.values()],
-      (rows) => this.applyRows(client, rows, isolated),
+      (rows) => this.applyRows(client, rows),
       (row, err) => this.failure(row, err),
-      isolated,
     );
   }
 
@@ -212,26 +207,11 @@ export class TransferGroup extends RequestGroup<TransferRow> {
     return arrays.map(textArrayLiteral);
   }
 
-  /**
-   * One upsert, pipelined; a group of new requests big enough for COPY to pay runs on its own
-   * (execute). Duplicates need more statements: the group then runs again, isolated.
-   */
-  piped(): PipedStatement<ApplyFailure> | null {
-    if (this.copyPays()) return null;
-    const rows = [...this.rows.values()];
-    return { query: this.upsert(rows), check: (result) => (this.notWritten(rows, result).length ? null : []) };
-  }
-
-  /** Every request is new (COPY, when it succeeds), and enough of them that COPY pays. */
-  private copyPays(): boolean {
-    // (matched by fields, a new request may still have a copy under another ID: no fast path)
-    return this.plainInsert && this.plan.mapping.match === 'request-id' && this.rows.size > PIPED_INSERT_ROWS;
-  }
-
-  private scalars(): (string | boolean)[] {
-    const { mapping } = this.plan;
+  private async applyRows(client: pg.ClientBase, rows: TransferRow[]): Promise<ApplyFailure[]> {
+    const { plan } = this;
+    const { mapping } = plan;
     const ownsTarget = mapping.transferMode !== 'data-only';
-    return [
+    const scalars = [
       ownsTarget,
       ownsTarget ? mapping.to.server : mapping.from.server,
       ownsTarget ? mapping.to.table : mapping.from.table,
@@ -239,45 +219,32 @@ export class TransferGroup extends RequestGroup<TransferRow> {
       mapping.from.table,
       mapping.name,
     ];
-  }
-
-  private upsert(rows: TransferRow[]): pg.QueryConfig {
-    const { plan } = this;
-    return {
-      text: transferStatements(plan).upsert,
-      values: [
-        ...this.columnArrays(rows),
-        textArrayLiteral(rows.map((r) => r.requestId)),
-        textArrayLiteral(rows.map((r) => r.history)),
-        textArrayLiteral(rows.map((r) => r.targetKey)),
-        textArrayLiteral(rows.map((r) => r.modifiedAt)),
-        ...this.scalars(),
-        plan.mapping.to.server,
-        `${plan.target.schema}.${plan.target.table}`,
-        textArrayLiteral(plan.columns.map((c) => c.target)),
-      ],
-    };
-  }
-
-  /** The rows the upsert did not write (the target holds their ID for a different request). */
-  private notWritten(rows: TransferRow[], result: pg.QueryResult): TransferRow[] {
+    const sql = transferStatements(plan);
+    // (matched by fields, a new request may still have a copy under another ID: no fast path)
+    if (this.plainInsert && mapping.match === 'request-id' && (await this.tryCopy(client, sql.copy, rows, scalars))) return [];
+    const arrays = this.columnArrays(rows);
+    const ids = textArrayLiteral(rows.map((r) => r.requestId));
+    const histories = textArrayLiteral(rows.map((r) => r.history));
+    const result = await client.query(sql.upsert, [
+      ...arrays,
+      ids,
+      histories,
+      textArrayLiteral(rows.map((r) => r.targetKey)),
+      textArrayLiteral(rows.map((r) => r.modifiedAt)),
+      ...scalars,
+      mapping.to.server,
+      `${plan.target.schema}.${plan.target.table}`,
+      textArrayLiteral(plan.columns.map((c) => c.target)),
+    ]);
     const written = new Set<string>();
     for (const { rid, key } of result.rows as { rid: string; key: string }[]) {
       written.add(rid);
       // a copy found under another ID (match by fields, new-id): the source copy learns it
       if (key !== rid) this.assigned.set(rid, key);
     }
-    return written.size === rows.length ? [] : rows.filter((row) => !written.has(row.requestId));
-  }
-
-  private async applyRows(client: pg.ClientBase, rows: TransferRow[], isolated: boolean): Promise<ApplyFailure[]> {
-    const { plan } = this;
-    const { mapping } = plan;
-    const scalars = this.scalars();
-    const sql = transferStatements(plan);
-    if (this.plainInsert && mapping.match === 'request-id' && (await this.tryCopy(client, sql.copy, rows, scalars, isolated))) return [];
-    const duplicates = this.notWritten(rows, await client.query(this.upsert(rows)));
-    if (duplicates.length === 0) return [];
+    if (written.size === rows.length) return [];
+    // not written: the target holds that ID for a different request
+    const duplicates = rows.filter((row) => !written.has(row.requestId));
     if (mapping.duplicateRequestId !== 'new-id') {
       const holders = await this.holders(client, duplicates);
       return duplicates.map((row) => this.failure(row, duplicateError(mapping, row, holders.get(row.targetKey))));
@@ -309,15 +276,8 @@ export class TransferGroup extends RequestGroup<TransferRow> {
   /**
    * The rows COPied in, run under the group's savepoint (applyIsolating); false, and the
    * savepoint rolled back to, when a request is already there (then the upsert runs instead).
-   * Not isolated (no savepoint), that error ends the transaction: the lane runs the group again.
    */
-  private async tryCopy(
-    client: pg.ClientBase,
-    sql: string,
-    rows: TransferRow[],
-    scalars: readonly (string | boolean)[],
-    isolated: boolean,
-  ): Promise<boolean> {
+  private async tryCopy(client: pg.ClientBase, sql: string, rows: TransferRow[], scalars: readonly (string | boolean)[]): Promise<boolean> {
     const [master, ...texts] = scalars;
     // the columns after the data: dso_master .. dso_from_form, then per row dso_from_request_id,
     // then dso_from_mapping, then per row the history; dso_to_* NULL; dso_synced_version 1
@@ -337,7 +297,7 @@ export class TransferGroup extends RequestGroup<TransferRow> {
       await copyIn(client, sql, data);
       return true;
     } catch (err) {
-      if (sqlstateOf(err) !== '23505' || !isolated) throw err;
+      if (sqlstateOf(err) !== '23505') throw err;
       await client.query(`ROLLBACK TO SAVEPOINT ${GROUP_SAVEPOINT}`);
       return false;
     }

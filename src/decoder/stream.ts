@@ -5,11 +5,8 @@
 // - It confirms only what the sink says is applied (`confirm(endLsn)`), exactly that commit-end
 //   LSN, never more, monotonic.
 // - Keepalives are answered with the confirmed position.
-// - Flow control: messages are handled one at a time, in order. The socket is read while the
-//   sink works on earlier ones, a flush included, so the next batch is on hand (and the
-//   walsender never waits) while the current one applies; the messages that wait are kept as
-//   bytes and decoded in turn. Past queueHighBytes of them the socket pauses, so a slow peer
-//   bounds memory instead of growing it.
+// - Flow control: messages are handled one at a time; while the sink's promise is pending the
+//   socket is paused, so a slow peer bounds memory instead of growing it.
 import pg from 'pg';
 import type { Logger } from 'pino';
 import type { RowChange, TxBegin, TxCommit, Relation } from '../change.ts';
@@ -17,7 +14,6 @@ import { formatLsn } from '../change.ts';
 import { PgoutputDecoder, type DecodedMessage } from './pgoutput.ts';
 import { PUBLICATION, quoteIdent } from '../sql/identifiers.ts';
 import { withCanonicalText } from '../sql/session.ts';
-import { endClient } from '../sql/client.ts';
 
 /** What the stream feeds. Declared here, implemented by the engine. */
 export interface ChangeSink {
@@ -42,32 +38,17 @@ export interface StreamOptions {
   applicationName?: string;
   /** Interval of unsolicited status updates, ms (the server drops silent receivers). */
   statusIntervalMs?: number;
-  /** wire bytes of messages waiting for the sink past which the socket pauses (QUEUE_HIGH_BYTES) */
-  queueHighBytes?: number;
 }
 
 const PG_EPOCH_MS = 946_684_800_000;
 const STATUS_THROTTLE_MS = 100;
-/**
- * Bytes of messages that may wait for the sink before the socket pauses (it resumes below a
- * quarter of it): a flush's worth of changes at 1,000 transactions a second. (Larger bounds, up
- * to 8 MB, made no clear difference over a slow link.)
- */
-const QUEUE_HIGH_BYTES = 1024 * 1024;
 
 export class ReplicationStream {
   private client: pg.Client | null = null;
   private confirmed = 0n;
-  /** Messages waiting for the sink, in order: decoded, or as bytes (copied) when they wait. */
+  /** Decoded messages waiting for the sink. Decoded on arrival: pg's parser reuses its buffer. */
   private readonly queue: QueueItem[] = [];
-  /** the wire size of each queued message, and their sum */
-  private readonly sizes: number[] = [];
-  private queuedBytes = 0;
   private head = 0;
-  /** the socket is paused: the queue is past QUEUE_HIGH_BYTES */
-  private socketPaused = false;
-  private connection: PgConnection | null = null;
-  private readonly highBytes: number;
   private draining = false;
   private pendingBegin: (TxBegin & { origin: string | null }) | null = null;
   private inTransaction = false;
@@ -79,14 +60,7 @@ export class ReplicationStream {
   private stopped = false;
   private wakeUp: (() => void) | null = null;
 
-  constructor(private readonly opts: StreamOptions) {
-    this.highBytes = opts.queueHighBytes ?? QUEUE_HIGH_BYTES;
-  }
-
-  /** Messages read, waiting for the sink (their bytes); paused: the socket is not read. */
-  get waiting(): { messages: number; bytes: number; paused: boolean } {
-    return { messages: this.queued, bytes: this.queuedBytes, paused: this.socketPaused };
-  }
+  constructor(private readonly opts: StreamOptions) {}
 
   /**
    * Streams into `sink` until `stop()` (resolves) or a failure (rejects). One call per object:
@@ -107,34 +81,19 @@ export class ReplicationStream {
     client.on('error', (err) => this.fail(err));
     await client.connect();
     const connection = (client as unknown as { connection: PgConnection }).connection;
-    this.connection = connection;
     connection.on('copyData', ({ chunk }: { chunk: Buffer }) => {
-      if (this.stopped) return;
       try {
-        // a keepalive asking for a reply is answered at once, whatever the sink is doing (the
-        // reply is the confirmed position)
-        if (chunk[0] === 0x6b && chunk[17] === 1) this.sendStatus();
-        if (!this.draining && this.queued === 0) {
-          // handled in this event: decoded now
-          const item = this.read(chunk);
-          if (item) this.push(item, 0);
-        } else {
-          // waits for the sink: kept as bytes (pg's parser reuses its buffer), decoded when its
-          // turn comes, so a long wait holds bytes, not objects the collector has to carry
-          this.push({ kind: 'raw', chunk: Buffer.from(chunk) }, chunk.length);
-        }
-        if (this.queuedBytes > this.highBytes && !this.socketPaused) {
-          this.socketPaused = true;
-          connection.stream.pause();
-        }
+        const item = this.read(chunk);
+        if (!item) return;
+        this.queue.push(item);
       } catch (err) {
         this.fail(err instanceof Error ? err : new Error(String(err)));
         return;
       }
-      if (!this.draining) void this.drain(sink);
+      if (!this.draining) void this.drain(sink, connection);
     });
     this.wakeUp = () => {
-      if (!this.draining && !this.stopped) void this.drain(sink);
+      if (!this.draining && !this.stopped) void this.drain(sink, connection);
     };
     log.debug({ slot: this.opts.slot }, 'starting replication from the confirmed position');
     const publication = this.opts.publication ?? PUBLICATION;
@@ -184,10 +143,7 @@ export class ReplicationStream {
     this.stopped = true;
     const client = this.client;
     this.cleanup();
-    // a paused socket never reads the server's goodbye: end() would wait for ever
-    if (this.socketPaused) this.connection?.stream.resume();
-    this.socketPaused = false;
-    if (client) await endClient(client);
+    if (client) await client.end().catch(() => {});
   }
 
   private cleanup(): void {
@@ -197,8 +153,6 @@ export class ReplicationStream {
     if (this.statusDue) clearTimeout(this.statusDue);
     this.statusDue = null;
     this.queue.length = 0;
-    this.sizes.length = 0;
-    this.queuedBytes = 0;
     this.head = 0;
   }
 
@@ -206,34 +160,21 @@ export class ReplicationStream {
     return this.queue.length - this.head;
   }
 
-  private push(item: QueueItem, bytes: number): void {
-    this.queue.push(item);
-    this.sizes.push(bytes);
-    this.queuedBytes += bytes;
-  }
-
   private shift(): QueueItem {
     const item = this.queue[this.head]!;
-    this.queuedBytes -= this.sizes[this.head]!;
     this.head += 1;
     if (this.head === this.queue.length) {
       this.queue.length = 0;
-      this.sizes.length = 0;
       this.head = 0;
     } else if (this.head > 4096) {
       this.queue.splice(0, this.head);
-      this.sizes.splice(0, this.head);
       this.head = 0;
-    }
-    if (this.socketPaused && this.queuedBytes < this.highBytes / 4 && !this.stopped) {
-      this.socketPaused = false;
-      this.connection?.stream.resume();
     }
     return item;
   }
 
-  /** Decodes one CopyData message. */
-  private read(chunk: Buffer): Decoded | null {
+  /** Decodes one CopyData message at once (its buffer is only valid during the event). */
+  private read(chunk: Buffer): QueueItem | null {
     const type = chunk[0];
     if (type === 0x6b /* k: primary keepalive */) {
       return { kind: 'keepalive', walEnd: chunk.readBigUInt64BE(1), replyRequested: chunk[17] === 1 };
@@ -243,49 +184,59 @@ export class ReplicationStream {
     return msg.kind === 'ignored' || msg.kind === 'relation' ? null : msg;
   }
 
-  private async drain(sink: ChangeSink): Promise<void> {
+  private async drain(sink: ChangeSink, connection: PgConnection): Promise<void> {
     this.draining = true;
-    // the socket had a turn since the last message was handled
-    let looked = false;
+    let paused = false;
+    const pause = () => {
+      if (!paused) connection.stream.pause();
+      paused = true;
+    };
     try {
       while (!this.stopped) {
         if (this.queued > 0) {
-          looked = false;
-          const item = this.shift();
-          const msg = item.kind === 'raw' ? this.read(item.chunk) : item;
-          const result = msg && this.handle(msg, sink);
-          if (result) await result;
+          const result = this.handle(this.shift(), sink);
+          if (result) {
+            pause();
+            await result;
+          }
           continue;
         }
-        if (this.inTransaction) break;
-        if (!looked) {
-          // let the socket deliver what it holds before declaring the stream idle
-          looked = true;
+        if (paused) {
+          // let the socket deliver what it has before declaring the stream idle
+          connection.stream.resume();
+          paused = false;
           await new Promise<void>((resolve) => setImmediate(resolve));
           continue;
         }
-        // the socket keeps being read while the sink flushes (up to queueHighBytes)
-        const idle = sink.idle();
-        if (!idle) break;
-        await idle;
-        looked = false;
+        if (!this.inTransaction) {
+          const idle = sink.idle();
+          if (idle) {
+            // the socket stays paused while the sink flushes: memory stays bounded
+            pause();
+            await idle;
+            continue;
+          }
+        }
+        break;
       }
     } catch (err) {
       this.fail(err instanceof Error ? err : new Error(String(err)));
     } finally {
+      if (paused && !this.stopped) connection.stream.resume();
       this.draining = false;
     }
   }
 
   /** Handles one message; returns a promise only when the sink returned one. */
-  private handle(msg: Decoded, sink: ChangeSink): void | Promise<void> {
+  private handle(msg: QueueItem, sink: ChangeSink): void | Promise<void> {
     if (msg.kind === 'keepalive') {
       // Nothing in flight and everything handed over is applied: the sender has nothing
       // before walEnd that we still need, so the slot may move on (keeps quiet slots moving).
       if (!this.inTransaction && this.queued === 0 && sink.caughtUp() && msg.walEnd > this.confirmed) {
         this.confirmed = msg.walEnd;
       }
-      return; // a reply requested was sent when it arrived
+      if (msg.replyRequested) this.sendStatus();
+      return;
     }
     switch (msg.kind) {
       case 'begin':
@@ -344,11 +295,9 @@ export class ReplicationStream {
   }
 }
 
-type Decoded =
+type QueueItem =
   | Exclude<DecodedMessage, { kind: 'ignored' } | { kind: 'relation' }>
   | { kind: 'keepalive'; walEnd: bigint; replyRequested: boolean };
-/** A message decoded, or its bytes, waiting for the sink */
-type QueueItem = Decoded | { kind: 'raw'; chunk: Buffer };
 
 interface PgConnection {
   on(event: 'copyData', listener: (msg: { chunk: Buffer }) => void): void;

@@ -73,11 +73,7 @@ export class Batch {
     const { stats, log } = state;
     const peers = [...this.peers.values()];
     const all = peers.flatMap((p) => [...p.lanes.values()]);
-    for (const buffer of all) {
-      buffer.submitAll();
-      // with the batch's statements when they are pipelined: one round trip fewer
-      buffer.lane.recordPipelined(last.finalLsn, last.commitTime);
-    }
+    for (const buffer of all) buffer.submitAll();
     await Promise.allSettled(all.map((b) => b.lane.settle()));
     // A lane that failed before its commit committed nothing of the batch, nor did any other
     // (targets commit below): the peer is down until its next attempt, and the batch is replayed

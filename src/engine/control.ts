@@ -7,7 +7,6 @@ import pg from 'pg';
 import type { Logger } from 'pino';
 import { assertOwner, takeOperationLock, waitForOperationLock, type Fence } from '../sql/fencing.ts';
 import { ControlConnectionLost, errorText } from './errors.ts';
-import { endClient } from '../sql/client.ts';
 
 export class ControlConnection {
   readonly client: pg.Client;
@@ -60,7 +59,7 @@ export class ControlConnection {
 
   async end(): Promise<void> {
     this.ending = true;
-    await endClient(this.client);
+    await this.client.end().catch(() => {});
   }
 
   private lose(reason: string): void {

@@ -108,7 +108,6 @@ export class Peers {
     try {
       for (const pool of peer.pools) {
         const lane = new ApplyLane<ApplyFailure>({
-          namedStatements: true,
           connection,
           origin: originName(server, pool, database),
           name: `${server}->${peer.name}/${pool}`,

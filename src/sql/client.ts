@@ -11,26 +11,3 @@ export async function withClient<T>(config: pg.ClientConfig | string, use: (clie
     await client.end().catch(() => undefined);
   }
 }
-
-/**
- * Ends a client's connection: at once when statements are still under way (pg's end() waits for
- * pipelined ones, and one may wait on a lock for ever), else gracefully, and cut all the same
- * if the goodbye has not completed within `ms` (a half-open socket). The server rolls back
- * whatever was left open.
- */
-export async function endClient(client: pg.Client, now = false, ms = 5000): Promise<void> {
-  const cut = () => (client as unknown as { connection: { stream: { destroy(): void } } }).connection.stream.destroy();
-  if (now) cut();
-  let timer: NodeJS.Timeout | undefined;
-  const late = new Promise<void>((resolve) => {
-    timer = setTimeout(() => {
-      cut();
-      resolve();
-    }, ms);
-  });
-  try {
-    await Promise.race([client.end().catch(() => undefined), late]);
-  } finally {
-    clearTimeout(timer);
-  }
-}

@@ -16,10 +16,7 @@ export function withCanonicalText(config: pg.ClientConfig): pg.ClientConfig {
   return withOptions(config, CANONICAL_TEXT);
 }
 
-/**
- * For connections that apply changes: canonical text and durable commits; `named`: named
- * statements are still planned for each run's values (see named() in src/applier/lane-sql.ts).
- */
-export function forApplying(config: pg.ClientConfig, named = false): pg.ClientConfig {
-  return withOptions(config, `${CANONICAL_TEXT} ${DURABLE}${named ? ' -c plan_cache_mode=force_custom_plan' : ''}`);
+/** For connections that apply changes: canonical text and durable commits. */
+export function forApplying(config: pg.ClientConfig): pg.ClientConfig {
+  return withOptions(config, `${CANONICAL_TEXT} ${DURABLE}`);
 }
